@@ -1,0 +1,22 @@
+"""lamina: serial 2D spatial-omics sections -> 3D single-cell atlas, out of core, on Dask.
+
+Python API::
+
+    import lamina
+    client = lamina.connect()                         # local cluster sized to this machine
+    atlas = lamina.ingest("cells.parquet", "my.lamina.zarr", x="x", y="y", section="slice", genes="rest")
+    lamina.section_stats(atlas)
+    ds = atlas.to_xarray()                            # lazy, dask-backed
+"""
+from . import datasets
+from ._version import __version__
+from .cluster import connect
+from .errors import (ClusterError, ConfigError, FormatVersionError, InputError, LaminaError, StoreError,
+                     TooLargeError)
+from .ingest import IngestSpec, ingest
+from .stages import section_stats
+from .store import FORMAT_VERSION, Atlas
+
+__all__ = ["Atlas", "FORMAT_VERSION", "IngestSpec", "connect", "datasets", "ingest", "section_stats",
+           "LaminaError", "InputError", "ConfigError", "StoreError", "FormatVersionError", "ClusterError",
+           "TooLargeError", "__version__"]

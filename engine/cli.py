@@ -1,0 +1,184 @@
+"""The ``lamina`` command line: demo, build, info, export, phantom."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import LaminaError
+
+
+def _client(args, cfg_cluster: dict | None = None):
+    from .cluster import connect
+
+    cfg_cluster = cfg_cluster or {}
+    address = getattr(args, "scheduler", None) or cfg_cluster.get("scheduler")
+    return connect(address=address, gpu=cfg_cluster.get("gpu") or None,
+                   n_workers=getattr(args, "workers", None) or cfg_cluster.get("n_workers"),
+                   threads_per_worker=cfg_cluster.get("threads_per_worker"))
+
+
+def cmd_demo(args) -> int:
+    from .datasets import phantom
+    from .ingest import ingest
+    from .report import write_report
+    from .stages import section_stats
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ph = phantom(n_cells=args.cells, n_sections=args.sections, n_genes=args.genes, seed=args.seed)
+    print(ph.describe())
+    client = _client(args)
+    try:
+        print(f"dask: {client.dashboard_link or client.scheduler.address}")
+        steps = []
+        t = time.perf_counter()
+        atlas = ingest(ph, out / "demo.lamina.zarr", overwrite=True, client=client)
+        steps.append(("ingest", time.perf_counter() - t))
+        t = time.perf_counter()
+        truth = ph.write_truth(out / "demo.truth.zarr")
+        steps.append(("ground truth", time.perf_counter() - t))
+        t = time.perf_counter()
+        section_stats(atlas, client=client)
+        steps.append(("section_stats", time.perf_counter() - t))
+        t = time.perf_counter()
+        pictures = write_report(atlas, out)
+        steps.append(("pictures", time.perf_counter() - t))
+    finally:
+        client.close()
+    print(atlas.info())
+    print("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in steps)
+          + f"; total {time.perf_counter() - t0:.1f}s")
+    print(f"ground truth: {truth}")
+    for p in pictures:
+        print(f"picture: {p}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .config import ingest_spec, load_config
+    from .ingest import ingest
+    from .report import write_report
+    from .stages import section_stats
+
+    cfg = load_config(args.config)
+    client = _client(args, cfg["cluster"])
+    try:
+        inp = cfg["input"]
+        atlas = ingest(inp["path"], cfg["store"], ingest_spec(cfg), paste=inp["paste"] or None,
+                       pattern=inp["pattern"], overwrite=args.overwrite or cfg["overwrite"], client=client)
+        if cfg["stages"]["section_stats"]:
+            section_stats(atlas, client=client)
+    finally:
+        client.close()
+    if cfg["report"]["enabled"]:
+        folder = cfg["report"]["out"] or str(Path(cfg["store"]).with_suffix("")) + "-report"
+        for p in write_report(atlas, folder):
+            print(f"picture: {p}")
+    print(atlas.info())
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .store import Atlas
+
+    print(Atlas.open(args.store).info())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+    from .store import Atlas
+
+    atlas = Atlas.open(args.store)
+    sections = args.sections.split(",") if args.sections else None
+    genes = args.genes.split(",") if args.genes else None
+    default = {"csv": ".csv.gz", "parquet": ".parquet", "anndata": ".h5ad"}[args.format]
+    out = args.out or str(Path(args.store).with_suffix("")) + default
+    print(f"wrote {export(atlas, args.format, out, sections, genes)}")
+    return 0
+
+
+def cmd_phantom(args) -> int:
+    from .datasets import phantom
+
+    ph = phantom(n_cells=args.cells, n_sections=args.sections, n_genes=args.genes, seed=args.seed)
+    print(ph.describe())
+    paths = ph.write_parquet(args.out)
+    print(f"wrote {len(paths)} Parquet files to {args.out}")
+    if args.truth:
+        print(f"ground truth: {ph.write_truth(args.truth)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    p = argparse.ArgumentParser(prog="lamina", description="3D single-cell atlases from serial sections, on Dask")
+    p.add_argument("--version", action="version", version=f"lamina {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def scheduler(sp):
+        sp.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler (tcp://host:port); default: local cluster")
+        sp.add_argument("--workers", type=int, help="worker processes of the local cluster (default: per core)")
+
+    d = sub.add_parser("demo", help="synthetic phantom -> atlas store -> every stage -> summary and pictures")
+    d.add_argument("--out", default="lamina-demo", help="output folder (default: ./lamina-demo)")
+    d.add_argument("--cells", type=int, default=200_000)
+    d.add_argument("--sections", type=int, default=12)
+    d.add_argument("--genes", type=int, default=100)
+    d.add_argument("--seed", type=int, default=0)
+    scheduler(d)
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("build", help="build an atlas from a YAML config")
+    b.add_argument("config")
+    b.add_argument("--overwrite", action="store_true", help="replace a store built from other input")
+    scheduler(b)
+    b.set_defaults(func=cmd_build)
+
+    i = sub.add_parser("info", help="summary of a store: sections, cells, genes, stages, sizes")
+    i.add_argument("store")
+    i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("export", help="export cells (and expression) to csv, parquet or anndata")
+    e.add_argument("store")
+    e.add_argument("--format", required=True, choices=["csv", "parquet", "anndata"])
+    e.add_argument("--out", help="output file (default: beside the store)")
+    e.add_argument("--sections", help="comma-separated section ids")
+    e.add_argument("--genes", help="comma-separated gene names")
+    e.set_defaults(func=cmd_export)
+
+    ph = sub.add_parser("phantom", help="write a synthetic phantom as Parquet files (one per section)")
+    ph.add_argument("out")
+    ph.add_argument("--cells", type=int, default=100_000)
+    ph.add_argument("--sections", type=int, default=10)
+    ph.add_argument("--genes", type=int, default=50)
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--truth", help="also write the ground truth Zarr here")
+    ph.set_defaults(func=cmd_phantom)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from .cluster import set_progress
+
+    set_progress(sys.stderr.isatty())
+    try:
+        return args.func(args)
+    except LaminaError as exc:
+        print(f"lamina: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lamina: interrupted; completed stages are kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

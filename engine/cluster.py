@@ -1,0 +1,141 @@
+"""Dask cluster: ``connect()`` and the one place where graphs are computed (``compute``)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import dask
+from distributed import Client, LocalCluster, WorkerPlugin, get_client, progress
+
+from .errors import ClusterError
+
+log = logging.getLogger("lamina")
+_PROGRESS = {"on": False}
+
+
+def set_progress(on: bool) -> None:
+    """Show text progress bars for computations (the CLI turns this on when stderr is a terminal)."""
+    _PROGRESS["on"] = bool(on)
+
+
+class TorchThreads(WorkerPlugin):
+    """Set torch's intra-op threads on every worker so that worker threads do not oversubscribe cores.
+
+    Each worker thread runs one task at a time; a task that calls torch would otherwise spawn one
+    OpenMP thread per core, and N worker threads x N cores threads make torch-in-Dask several times slower.
+    """
+
+    name = "lamina-torch-threads"
+
+    def __init__(self, threads: int = 1):
+        self.threads = int(threads)
+
+    def setup(self, worker):
+        import torch
+
+        torch.set_num_threads(self.threads)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_layout(cores: int | None = None) -> tuple[int, int]:
+    """(workers, threads per worker) for this machine: processes for the GIL-bound parts, 1-2 threads each."""
+    cores = cores or _cores()
+    threads = 1 if cores <= 4 else 2
+    return max(1, cores // threads), threads
+
+
+def connect(address: str | None = None, gpu: bool | None = None, n_workers: int | None = None,
+            threads_per_worker: int | None = None, memory_limit: str | int = "auto",
+            dashboard_address: str | None = "127.0.0.1:0", processes: bool = True,
+            timeout: float = 30.0) -> Client:
+    """A ``distributed.Client`` for lamina's stages.
+
+    * ``address`` given: connect to that scheduler (``tcp://host:port``), nothing is started.
+    * ``gpu=True``: a ``dask_cuda.LocalCUDACluster`` (one worker per GPU); a clear error when there is no
+      usable GPU or dask-cuda is not installed (``pip install lamina[gpu]``).
+    * otherwise: a ``LocalCluster`` of worker processes sized to this machine, scheduler and dashboard bound
+      to 127.0.0.1 (pass ``dashboard_address="0.0.0.0:8787"`` to expose the dashboard on purpose).
+
+    Every worker gets torch threads = 1 per worker thread (:class:`TorchThreads`).
+    """
+    if address:
+        try:
+            client = Client(address, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(f"cannot reach a Dask scheduler at {address}: {exc}; start one with "
+                               f"`dask scheduler` and workers with `dask worker {address}`, or omit --scheduler "
+                               f"to use a local cluster") from exc
+    elif gpu:
+        client = _connect_gpu(n_workers, memory_limit, dashboard_address)
+    else:
+        auto_workers, auto_threads = default_layout()
+        cluster = LocalCluster(n_workers=n_workers or auto_workers,
+                               threads_per_worker=threads_per_worker or auto_threads,
+                               processes=processes, memory_limit=memory_limit, host="127.0.0.1",
+                               dashboard_address=dashboard_address)
+        client = Client(cluster)
+    client.register_plugin(TorchThreads(1))
+    link = getattr(client, "dashboard_link", None)
+    if link:
+        log.info("Dask dashboard: %s", link)
+    return client
+
+
+def _connect_gpu(n_workers, memory_limit, dashboard_address) -> Client:
+    usable = False
+    try:
+        import torch
+
+        usable = torch.cuda.is_available()
+    except ImportError:
+        pass
+    if not usable:
+        try:
+            import cupy
+
+            usable = cupy.is_available()
+        except ImportError:
+            pass
+    if not usable:
+        raise ClusterError("gpu=True but no usable CUDA device was found (torch.cuda.is_available() and "
+                           "cupy.is_available() are both false); run without --gpu to use CPU workers")
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as exc:
+        raise ClusterError("gpu=True needs dask-cuda: pip install 'lamina[gpu]'") from exc
+    cluster = LocalCUDACluster(n_workers=n_workers, memory_limit=memory_limit, ip="127.0.0.1",
+                               dashboard_address=dashboard_address, rmm_pool_size="0.5",
+                               rmm_allocator_external_lib_list=["cupy", "torch"])
+    return Client(cluster)
+
+
+def active_client(client: Client | None = None) -> Client | None:
+    """The client to compute on: the one given, else the current default client, else None (threads)."""
+    if client is not None:
+        return client
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+def compute(*collections, client: Client | None = None):
+    """Compute dask collections together on ``client`` (or the default client / local threads).
+
+    Shows a progress bar when enabled with :func:`set_progress`. Returns a tuple of results.
+    """
+    client = active_client(client)
+    if client is None:
+        return dask.compute(*collections, scheduler="threads")
+    futures = client.compute(list(collections))
+    if _PROGRESS["on"]:
+        progress(futures, notebook=False)
+        sys.stdout.write("\n")
+    return tuple(client.gather(futures))

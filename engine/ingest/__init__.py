@@ -1,0 +1,211 @@
+"""Streaming ingest of cell tables into an atlas store.
+
+Data flow::
+
+    source -> read units (files / phantom sections) --pass 1, one task per unit--> section-sorted fragments
+           -> layout (validate, order sections by z)  --pass 2, one task per cell chunk--> /cells, /X, ...
+
+Neither pass holds more than one read chunk (pass 1) or one cell chunk (pass 2) per task. The new store is
+built beside the target (``NAME.tmp-XXXX``) and renamed into place only when complete, so a failure never
+touches an existing store; re-running with the same input and parameters is a no-op.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import dask
+import numpy as np
+
+from .._version import __version__
+from ..cluster import compute
+from ..errors import ConfigError, InputError, StoreError
+from ..stages.runner import _jsonable, params_hash
+from ..store import arrays
+from ..store.atlas import Atlas, _is_url, now_iso
+from .assemble import Layout, layout_sections, plan_pieces, resolve_genes
+from .readers import H5AD_SUFFIXES, SUPPORTED, H5adFile, PhantomSection, ReadUnit, TableFile, natural_key, stem
+from .spec import IngestSpec
+from .staging import stage_unit
+from .write import pieces_for_rows, write_block
+
+log = logging.getLogger("lamina")
+INGEST_VERSION = 1
+
+__all__ = ["ingest", "IngestSpec", "read_units"]
+
+
+def _unit_for(path: Path, spec: IngestSpec, paste, default_section=None) -> ReadUnit:
+    if path.name.lower().endswith(H5AD_SUFFIXES):
+        return H5adFile(path, spatial_key=spec.spatial_key, default_section=default_section)
+    if not path.name.lower().endswith(SUPPORTED):
+        raise InputError(f"{path}: unsupported file type; lamina reads {', '.join(SUPPORTED)}")
+    return TableFile(path, paste=list(paste or []), default_section=default_section)
+
+
+def read_units(source, spec: IngestSpec, paste=None, pattern: str | None = None) -> tuple[list[ReadUnit], bool]:
+    """Turn ``source`` into read units; returns (units, folder_mode).
+
+    ``source``: a file; a folder (one file per section, natural name order, ``pattern`` to filter); a list of
+    files (one per section); or a :class:`lamina.datasets.Phantom`.
+    """
+    from ..datasets.phantom import Phantom
+
+    if isinstance(source, Phantom):
+        import dataclasses
+
+        spec_dict = dataclasses.asdict(source.spec)
+        return [PhantomSection(spec_dict, s) for s in range(source.spec.n_sections)], False
+    if isinstance(source, (list, tuple)):
+        files = [Path(p) for p in source]
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"input {path} does not exist; check the path")
+        if path.is_file():
+            return [_unit_for(path, spec, paste)], False
+        files = sorted((p for p in path.glob(pattern or "*") if p.is_file() and p.name.lower().endswith(SUPPORTED)),
+                       key=natural_key)
+        if not files:
+            raise InputError(f"folder {path} has no readable files ({', '.join(SUPPORTED)})"
+                             + (f" matching {pattern!r}" if pattern else ""))
+    if paste:
+        raise ConfigError("paste files apply to a single input file, not to a folder or list of files")
+    return [_unit_for(p, spec, None, default_section=stem(p)) for p in files], True
+
+
+def phantom_spec(ph) -> IngestSpec:
+    """The :class:`IngestSpec` that reads a phantom's columns (z from the phantom's section depths)."""
+    return IngestSpec(cell_type="cell_type", cell_id="cell_id", genes="rest",
+                      section_z={sid: float(z) for sid, z in zip(ph.section_ids, ph.z)})
+
+
+def _clean_stale(path: Path) -> None:
+    for old in path.parent.glob(path.name + ".tmp-*"):
+        if (old / "zarr.json").exists() or (old / "_staging").exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def ingest(source, store, spec: IngestSpec | None = None, *, paste=None, pattern: str | None = None,
+           overwrite: bool = False, client=None, **spec_kwargs) -> Atlas:
+    """Stream ``source`` into the atlas store ``store`` and return it (see the module docstring).
+
+    Column mapping and options come from ``spec`` or keyword arguments of :class:`IngestSpec`
+    (``x=``, ``y=``, ``section=``, ``z=``, ``cell_type=``, ``genes=``, ``units=`` ...). ``paste`` lists
+    files whose rows correspond 1:1 to ``source`` (e.g. MERFISH positions + metadata). ``overwrite``
+    replaces a store that was ingested from other input; the old one stays until the new one is complete.
+    """
+    from ..datasets.phantom import Phantom
+
+    if spec is None:
+        spec = phantom_spec(source) if isinstance(source, Phantom) and not spec_kwargs else IngestSpec(**spec_kwargs)
+    elif spec_kwargs:
+        raise ConfigError("pass either spec= or keyword options to ingest(), not both")
+    if _is_url(str(store)):
+        raise ConfigError(f"ingest writes to a local or shared filesystem path; {store} is a URL. Ingest to a "
+                          f"shared path, then copy the store to object storage")
+    path = Path(store)
+    units, folder_mode = read_units(source, spec, paste, pattern)
+    digest = params_hash("ingest", INGEST_VERSION, spec.to_dict(), [u.fingerprint() for u in units])
+    if path.exists():
+        existing = Atlas.open(path, mode="r")
+        rec = existing.stage_records().get("ingest", {})
+        if rec.get("complete") and rec.get("hash") == digest:
+            log.info("ingest: %s is up to date, skipped", path)
+            return existing
+        if not overwrite:
+            raise StoreError(f"{path} already holds an atlas from other input or options; pass overwrite=True "
+                             f"(CLI: --overwrite) to replace it, or choose another store path")
+    _clean_stale(path)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    t0 = time.perf_counter()
+    try:
+        staged = Atlas.create(tmp)
+        staging = tmp / "_staging"
+        genes, _ = resolve_genes(units, spec)
+        tasks = [dask.delayed(stage_unit, pure=False)(u, spec, genes, str(staging), i) for i, u in enumerate(units)]
+        summaries = list(compute(*tasks, client=client))
+        t_stage = time.perf_counter() - t0
+        layout = layout_sections(summaries, spec, folder_mode)
+        _write_store(staged, layout, summaries, spec, genes, str(staging), client)
+        shutil.rmtree(staging)
+        seconds = time.perf_counter() - t0
+        record = {"complete": True, "hash": digest, "params": _jsonable(spec.to_dict()), "group": "/",
+                  "source": [u.label for u in units][:50], "n_units": len(units), "finished": now_iso(),
+                  "seconds": round(seconds, 3), "seconds_pass1": round(t_stage, 3), "version": __version__}
+        staged.root.attrs["stages"] = {"ingest": record}
+        if path.exists():
+            trash = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
+            path.rename(trash)
+            tmp.rename(path)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Atlas.open(path, mode="r+")
+
+
+def _write_store(atlas: Atlas, layout: Layout, summaries: list[dict], spec: IngestSpec, genes: list[str],
+                 staging: str, client) -> None:
+    root = atlas.root
+    n_total = int(layout.n.sum())
+    chunk = arrays.cell_chunk_rows(len(genes), spec.gene_chunk, spec.cell_chunk)
+    cells = root.create_group("cells")
+    um = {"units": "um"}
+    arrays.create(cells, "section", (n_total,), np.int32, (chunk,), ("cell",),
+                  {"description": "position of the cell's section in /sections"})
+    arrays.create(cells, "x", (n_total,), np.float32, (chunk,), ("cell",), um)
+    arrays.create(cells, "y", (n_total,), np.float32, (chunk,), ("cell",), um)
+    plan = {"cats": {}, "texts": [], "nums": {}, "genes": bool(genes), "chunk": chunk}
+    for col, kind in layout.kinds.items():
+        if kind == "cat":
+            cats = layout.categories.get(col, [])
+            dtype = np.int16 if len(cats) < 2**15 else np.int32
+            arrays.create(cells, col, (n_total,), dtype, (chunk,), ("cell",),
+                          {"categories": cats, "encoding": "categorical"}, fill_value=-1)
+            plan["cats"][col] = cats
+        elif kind == "text":
+            arrays.create(cells, col, (n_total,), str, (chunk,), ("cell",))
+            plan["texts"].append(col)
+        else:
+            dtype = np.float32 if kind == "num:f" else np.int64
+            arrays.create(cells, col, (n_total,), dtype, (chunk,), ("cell",))
+            plan["nums"][col] = np.dtype(dtype).str
+    starts = np.concatenate([[0], np.cumsum(layout.n)])
+    sec = root.create_group("sections")
+    arrays.write_small(sec, "id", np.array(layout.ids, dtype=str), ("section",))
+    arrays.write_small(sec, "z", layout.z.astype(np.float32), ("section",), {"units": "um", "source": layout.z_source})
+    arrays.write_small(sec, "cell_start", starts[:-1].astype(np.int64), ("section",))
+    arrays.write_small(sec, "cell_stop", starts[1:].astype(np.int64), ("section",))
+    arrays.write_small(sec, "source", np.array(layout.source, dtype=str), ("section",))
+    gene_group = root.create_group("genes")
+    arrays.write_small(gene_group, "name", np.array(genes, dtype=str), ("gene",))
+    if genes:
+        gc = min(spec.gene_chunk, len(genes))
+        arrays.create(root, "X", (n_total, len(genes)), np.float32, (chunk, gc), ("cell", "gene"),
+                      {"normalization": spec.normalize, "gene_join": spec.gene_join, "dtype": "float32"})
+        if spec.gene_join == "union":
+            pos = {g: i for i, g in enumerate(genes)}
+            measured = np.zeros((len(layout.ids), len(genes)), dtype=bool)
+            rank = {sid: i for i, sid in enumerate(layout.ids)}
+            for s in summaries:
+                cols = [pos[g] for g in s["genes"] if g in pos]
+                for sid in s["sections"]:
+                    measured[rank[sid], cols] = True
+            arrays.write_small(sec, "gene_measured", measured, ("section", "gene"),
+                               {"description": "false where the section's file lacked the gene (stored as 0)"})
+    pieces = plan_pieces(summaries, layout)
+    lengths = np.array([hi - lo for _, lo, hi, _ in pieces], dtype=np.int64)
+    pstarts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
+    store = str(atlas.path)
+    tasks = [dask.delayed(write_block, pure=False)(store, staging, a, min(a + chunk, n_total),
+                                                    pieces_for_rows(pieces, pstarts, a, min(a + chunk, n_total)), plan)
+             for a in range(0, n_total, chunk)]
+    written = sum(compute(*tasks, client=client))
+    if written != n_total:
+        raise AssertionError(f"ingest wrote {written} rows, expected {n_total}")

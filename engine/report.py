@@ -1,0 +1,95 @@
+"""QC pictures: a grid of sections (PNG) and a 3D view of the stack (self-contained plotly HTML).
+
+Only a bounded subsample per section is read (strided rows), so pictures cost the same at any atlas size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .store.atlas import Atlas
+
+
+def _sample(atlas: Atlas, i: int, max_cells: int, use_aligned: bool = False) -> dict:
+    sec = atlas.sections
+    lo, hi = int(sec.cell_start.iloc[i]), int(sec.cell_stop.iloc[i])
+    step = max(1, (hi - lo) // max_cells)
+    root = atlas.root
+    if use_aligned:
+        x, y = (np.asarray(root[f"aligned/{k}"][lo:hi:step]) for k in ("x", "y"))
+        z = np.asarray(root["aligned/z"][lo:hi:step])
+    else:
+        x, y = (np.asarray(root[f"cells/{k}"][lo:hi:step]) for k in ("x", "y"))
+        z = np.full(len(x), float(sec.z.iloc[i]), dtype=np.float32)
+    out = {"x": x, "y": y, "z": z}
+    if "cell_type" in atlas.cell_columns:
+        out["type"] = np.asarray(root["cells/cell_type"][lo:hi:step]).astype(np.int64)
+    return out
+
+
+def section_grid(atlas: Atlas, path: str | Path, max_cells: int = 4000) -> Path:
+    """Small multiples of every section in its own (raw) coordinates, coloured by cell type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    S = atlas.n_sections
+    cols = min(6, S)
+    rows = int(np.ceil(S / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    cats = atlas.categories("cell_type") if "cell_type" in atlas.cell_columns else None
+    cmap = plt.get_cmap("tab10" if len(cats or []) <= 10 else "tab20")
+    sec = atlas.sections
+    for i, ax in enumerate(axes.ravel()):
+        ax.set_axis_off()
+        if i >= S:
+            continue
+        d = _sample(atlas, i, max_cells)
+        color = cmap(d["type"] % cmap.N) if "type" in d else "k"
+        ax.scatter(d["x"], d["y"], s=0.5, c=color, linewidths=0)
+        ax.set_aspect("equal")
+        ax.set_title(f"{sec.id.iloc[i]}  z={sec.z.iloc[i]:g} um\n{sec.n_cells.iloc[i]:,} cells", fontsize=8)
+    if cats:
+        handles = [plt.Line2D([], [], marker="o", ls="", color=cmap(k % cmap.N), label=c) for k, c in enumerate(cats[:20])]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
+    fig.suptitle(f"{Path(atlas.path).name}: sections as acquired (raw coordinates, um)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def stack_html(atlas: Atlas, path: str | Path, max_points: int = 60_000) -> Path:
+    """Interactive 3D scatter of the stack (aligned coordinates when registration has run, raw otherwise)."""
+    import plotly.graph_objects as go
+
+    aligned = "aligned" in atlas.root and atlas.group_is_complete("aligned")
+    S = atlas.n_sections
+    parts = [_sample(atlas, i, max(1, max_points // S), aligned) for i in range(S)]
+    d = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    cats = atlas.categories("cell_type") if "type" in d else None
+    traces = []
+    if cats:
+        for k, name in enumerate(cats):
+            m = d["type"] == k
+            traces.append(go.Scatter3d(x=d["x"][m], y=d["y"][m], z=d["z"][m], mode="markers", name=name,
+                                       marker={"size": 1.5}))
+    else:
+        traces.append(go.Scatter3d(x=d["x"], y=d["y"], z=d["z"], mode="markers", marker={"size": 1.5}))
+    title = "aligned atlas" if aligned else "stack before registration (raw x, y; section z)"
+    fig = go.Figure(traces, layout={"title": f"{Path(atlas.path).name}: {title}",
+                                    "scene": {"aspectmode": "data", "xaxis_title": "x (um)", "yaxis_title": "y (um)",
+                                              "zaxis_title": "z (um)"}})
+    path = Path(path)
+    fig.write_html(path, include_plotlyjs=True)
+    return path
+
+
+def write_report(atlas: Atlas, folder: str | Path) -> list[Path]:
+    """All pictures that apply to the stages done so far, into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [section_grid(atlas, folder / "sections.png"), stack_html(atlas, folder / "stack3d.html")]

@@ -1,0 +1,57 @@
+"""Zarr helpers: typed, chunk-aligned array creation and writes (the only place that touches zarr codecs)."""
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+#: Rows per cell chunk are chosen so that one chunk of a [cell, gene] float32 block stays near this size.
+TARGET_CHUNK_BYTES = 32 * 2**20
+MAX_CELL_CHUNK = 65536
+MIN_CELL_CHUNK = 1024
+
+
+def cell_chunk_rows(n_genes: int, gene_chunk: int, requested: int | None = None) -> int:
+    """Rows per cell chunk: a power of two so that a [rows, gene_chunk] float32 block is ~32 MiB."""
+    if requested:
+        return int(requested)
+    width = max(1, min(n_genes, gene_chunk))
+    rows = TARGET_CHUNK_BYTES // (4 * width)
+    rows = 1 << int(np.floor(np.log2(max(rows, 1))))
+    return int(np.clip(rows, MIN_CELL_CHUNK, MAX_CELL_CHUNK))
+
+
+def create(group: zarr.Group, name: str, shape, dtype, chunks, dims, attrs: dict | None = None,
+           fill_value=None) -> zarr.Array:
+    """Create (or replace) ``group[name]`` with xarray-readable dimension names."""
+    chunks = tuple(max(1, int(min(c, s))) if s else 1 for c, s in zip(chunks, shape))
+    if fill_value is None:
+        fill_value = "" if dtype is str else 0
+    arr = group.create_array(name, shape=tuple(int(s) for s in shape), dtype=dtype, chunks=chunks,
+                             dimension_names=tuple(dims), fill_value=fill_value, overwrite=True)
+    if attrs:
+        arr.attrs.update(attrs)
+    return arr
+
+
+def write_small(group: zarr.Group, name: str, values, dims, attrs: dict | None = None) -> zarr.Array:
+    """Write a provably small array (per-section tables, gene names) in one chunk."""
+    values = np.asarray(values)
+    dtype = str if values.dtype.kind in "UOT" else values.dtype
+    if dtype is str:
+        values = values.astype(str)
+    arr = create(group, name, values.shape, dtype, values.shape or (1,), dims, attrs)
+    if values.size:
+        arr[...] = values
+    return arr
+
+
+def assert_aligned(region_start: int, region_stop: int, chunk: int, length: int, what: str) -> None:
+    """Refuse a parallel write that would share a chunk with another task (silent corruption in Zarr)."""
+    if region_start % chunk or (region_stop % chunk and region_stop != length):
+        raise AssertionError(f"misaligned write to {what}: rows [{region_start}, {region_stop}) vs chunk {chunk}")
+
+
+def as_text(values) -> np.ndarray:
+    """Zarr text (numpy StringDType) -> object array of Python str (what pandas/anndata expect)."""
+    values = np.asarray(values)
+    return values.astype(object) if values.dtype.kind == "T" else values.astype(str).astype(object)

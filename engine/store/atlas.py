@@ -1,0 +1,299 @@
+"""`Atlas`: one Zarr v3 store holding everything about one 3D atlas, read lazily as xarray.
+
+Layout (see DESIGN.md): ``/cells/<column>`` over [cell] sorted by section; ``/sections/<field>`` over
+[section]; ``/genes/name`` over [gene]; ``/X`` [cell, gene] float32; further groups are written by stages.
+Categorical cell columns are integer codes with their labels in the array's ``categories`` attr.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import psutil
+import xarray as xr
+import zarr
+
+from .._version import __version__
+from ..errors import StoreError, TooLargeError
+from .arrays import as_text
+from .format import FORMAT_NAME, FORMAT_VERSION, UNITS, check_format
+
+CELL_GROUPS = ("cells", "sections", "genes", "X")
+
+
+def _is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Atlas:
+    """Handle on an atlas store. Create with :meth:`create`, open with :meth:`open`."""
+
+    def __init__(self, path: str | os.PathLike, root: zarr.Group):
+        self.path = str(path)
+        self.root = root
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(cls, path: str | os.PathLike, overwrite: bool = False) -> "Atlas":
+        """Create an empty store at ``path`` (a directory ``NAME.lamina.zarr`` or an fsspec URL)."""
+        path = str(path)
+        if not _is_url(path) and Path(path).exists() and not overwrite:
+            raise StoreError(f"{path} already exists; open it with lamina.Atlas.open() or pass overwrite=True")
+        root = zarr.open_group(path, mode="w", zarr_format=3)
+        root.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "units": UNITS,
+                           "created_by": f"lamina {__version__}", "created": now_iso(), "stages": {}})
+        return cls(path, root)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> "Atlas":
+        """Open an existing store; refuses stores of a newer format version."""
+        path = str(path)
+        if not _is_url(path) and not (Path(path) / "zarr.json").exists():
+            raise StoreError(f"no atlas store at {path} (no zarr.json); build one with `lamina build` or lamina.ingest()")
+        try:
+            root = zarr.open_group(path, mode=mode, zarr_format=3)
+        except Exception as exc:  # zarr raises several types for unreadable metadata
+            raise StoreError(f"cannot open {path} as a Zarr v3 group: {exc}") from exc
+        check_format(dict(root.attrs), path)
+        return cls(path, root)
+
+    def __repr__(self) -> str:
+        if not self.has_cells:
+            return f"<lamina.Atlas {self.path} (empty)>"
+        return (f"<lamina.Atlas {self.path}: {self.n_cells:,} cells, {self.n_sections} sections, "
+                f"{self.n_genes} genes; stages: {', '.join(self.completed_stages()) or 'none'}>")
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def attrs(self) -> dict:
+        return dict(self.root.attrs)
+
+    @property
+    def has_cells(self) -> bool:
+        return "cells" in self.root and "sections" in self.root
+
+    def _require_cells(self):
+        if not self.has_cells:
+            raise StoreError(f"{self.path} has no cells yet; run lamina.ingest() (or `lamina build`) first")
+
+    @property
+    def n_cells(self) -> int:
+        self._require_cells()
+        return int(self.root["cells/x"].shape[0])
+
+    @property
+    def n_sections(self) -> int:
+        self._require_cells()
+        return int(self.root["sections/id"].shape[0])
+
+    @property
+    def genes(self) -> pd.Index:
+        if "genes" not in self.root:
+            return pd.Index([], name="gene", dtype=object)
+        return pd.Index(as_text(self.root["genes/name"][...]), name="gene", dtype=object)
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.root["genes/name"].shape[0]) if "genes" in self.root else 0
+
+    @property
+    def sections(self) -> pd.DataFrame:
+        """Per-section table (small): id, z (um), cell_start, cell_stop, n_cells; index = position along z."""
+        self._require_cells()
+        g = self.root["sections"]
+        df = pd.DataFrame({k: np.asarray(g[k][...]) for k in ("z", "cell_start", "cell_stop")})
+        df.insert(0, "id", as_text(g["id"][...]))
+        df["n_cells"] = df["cell_stop"] - df["cell_start"]
+        df.index.name = "section"
+        return df
+
+    @property
+    def cell_columns(self) -> list[str]:
+        self._require_cells()
+        return sorted(self.root["cells"].array_keys())
+
+    def categories(self, column: str) -> list[str] | None:
+        """Labels of a categorical cell column (None if the column is numeric)."""
+        cats = self.root[f"cells/{column}"].attrs.get("categories")
+        return None if cats is None else list(cats)
+
+    @property
+    def cell_chunk(self) -> int:
+        return int(self.root["cells/x"].chunks[0])
+
+    # ------------------------------------------------------------------ stages
+    def stage_records(self) -> dict:
+        return dict(self.root.attrs.get("stages", {}))
+
+    def completed_stages(self) -> list[str]:
+        return [k for k, v in self.stage_records().items() if v.get("complete")]
+
+    def group_is_complete(self, group: str) -> bool:
+        return group in self.root and bool(self.root[group].attrs.get("complete"))
+
+    # ------------------------------------------------------------------ lazy views
+    def _lazy(self, name: str) -> da.Array:
+        arr = self.root[name]
+        return da.from_zarr(arr, chunks=arr.chunks)
+
+    def to_xarray(self) -> xr.Dataset:
+        """The cells, sections and expression as one lazy, dask-backed ``xarray.Dataset``.
+
+        Dims: ``cell``, ``gene``, ``section``; the per-cell section index is ``cell_section``. Categorical columns hold int codes with their labels in
+        ``ds[col].attrs['categories']`` (decode with :meth:`obs`). Nothing is read until computed.
+        """
+        self._require_cells()
+        data_vars = {}
+        for col in self.cell_columns:
+            arr = self.root[f"cells/{col}"]
+            # the per-cell section index cannot share its name with the "section" dimension
+            data_vars["cell_section" if col == "section" else col] = xr.DataArray(self._lazy(f"cells/{col}"), dims=("cell",), attrs=dict(arr.attrs))
+        if "X" in self.root:
+            data_vars["X"] = xr.DataArray(self._lazy("X"), dims=("cell", "gene"), attrs=dict(self.root["X"].attrs))
+        sec = self.sections
+        for k in ("z", "cell_start", "cell_stop"):
+            data_vars[f"section_{k}"] = xr.DataArray(sec[k].to_numpy(), dims=("section",))
+        coords = {"section_id": ("section", sec["id"].to_numpy()), "cell": np.arange(self.n_cells)}
+        if self.n_genes:
+            coords["gene"] = self.genes.to_numpy()
+        attrs = {k: v for k, v in self.attrs.items() if k != "stages"}
+        return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+    def section_index(self, section) -> int:
+        """Position of a section given its id (str) or position (int)."""
+        sec = self.sections
+        if isinstance(section, (int, np.integer)):
+            if not 0 <= section < len(sec):
+                raise KeyError(f"section position {section} out of range [0, {len(sec)})")
+            return int(section)
+        hits = np.flatnonzero(sec["id"].to_numpy() == str(section))
+        if not len(hits):
+            raise KeyError(f"no section {section!r} in {self.path}; sections are {list(sec['id'])[:10]}...")
+        return int(hits[0])
+
+    def section(self, section) -> xr.Dataset:
+        """Lazy view of one section's cells (by id or position)."""
+        i = self.section_index(section)
+        row = self.sections.iloc[i]
+        ds = self.to_xarray()
+        return ds.isel(cell=slice(int(row.cell_start), int(row.cell_stop)))
+
+    def _rows_for(self, sections) -> np.ndarray:
+        sec = self.sections
+        if sections is None:
+            return np.arange(self.n_cells)
+        idx = [self.section_index(s) for s in (sections if isinstance(sections, (list, tuple)) else [sections])]
+        return np.concatenate([np.arange(sec.cell_start.iloc[i], sec.cell_stop.iloc[i]) for i in idx])
+
+    def obs(self, sections=None, columns=None) -> pd.DataFrame:
+        """Cell table (categoricals decoded) for the given sections; loads those rows into memory."""
+        rows = self._rows_for(sections)
+        cols = columns or self.cell_columns
+        sl = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) and np.all(np.diff(rows) == 1) else rows
+        out = {}
+        for col in cols:
+            values = np.asarray(self.root[f"cells/{col}"][sl] if isinstance(sl, slice)
+                                else self.root[f"cells/{col}"].get_orthogonal_selection(sl))
+            if values.dtype.kind == "T":
+                values = as_text(values)
+            cats = self.categories(col)
+            if col == "section":
+                out[col] = pd.Categorical.from_codes(values, categories=self.sections["id"].tolist())
+            elif cats is not None:
+                out[col] = pd.Categorical.from_codes(values.astype(np.int64), categories=cats)
+            else:
+                out[col] = values
+        return pd.DataFrame(out, index=pd.RangeIndex(len(rows)) if len(rows) else None)
+
+    def to_anndata(self, sections=None, genes=None, max_bytes: int | None = None):
+        """An in-memory ``anndata.AnnData`` of the chosen sections / genes.
+
+        ``obs`` holds the cell columns, ``obsm['spatial']`` the raw (x, y) and ``obsm['aligned']`` the
+        aligned (x, y, z) when registration has run. Refuses (``TooLargeError``) when the result would
+        exceed ``max_bytes`` (default: a quarter of available memory); select fewer sections/genes or
+        stream with ``lamina export --format parquet`` instead.
+        """
+        import anndata as ad
+
+        rows = self._rows_for(sections)
+        gene_idx = np.arange(self.n_genes)
+        if genes is not None:
+            names = self.genes
+            missing = [g for g in genes if g not in set(names)]
+            if missing:
+                raise KeyError(f"genes not in {self.path}: {missing[:10]}")
+            gene_idx = names.get_indexer(list(genes))
+        need = len(rows) * (4 * len(gene_idx) + 8 * (len(self.cell_columns) + 3))
+        limit = max_bytes if max_bytes is not None else psutil.virtual_memory().available // 4
+        if need > limit:
+            raise TooLargeError(
+                f"to_anndata of {len(rows):,} cells x {len(gene_idx)} genes needs ~{need / 2**30:.2f} GiB, "
+                f"over the limit of {limit / 2**30:.2f} GiB; pass sections=[...] or genes=[...], raise max_bytes, "
+                f"or stream with `lamina export {self.path} --format parquet`.")
+        obs = self.obs(sections)
+        obs.index = obs.index.astype(str)
+        if "X" in self.root and len(gene_idx):
+            lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+            contiguous = len(rows) == hi - lo
+            xs = self._lazy("X")[lo:hi] if contiguous else self._lazy("X")[rows]
+            X = np.asarray(xs[:, gene_idx].compute(), dtype=np.float32)
+        else:
+            X = np.zeros((len(rows), 0), dtype=np.float32)
+        var = pd.DataFrame(index=pd.Index(self.genes[gene_idx], name=None).astype(str))
+        adata = ad.AnnData(X=X, obs=obs, var=var)
+        adata.obsm["spatial"] = np.stack([obs.pop("x").to_numpy(), obs.pop("y").to_numpy()], axis=1)
+        adata.obs = obs
+        if "aligned" in self.root and self.group_is_complete("aligned"):
+            al = self.root["aligned"]
+            adata.obsm["aligned"] = np.stack([np.asarray(al[k].get_orthogonal_selection(rows))
+                                              for k in ("x", "y", "z")], axis=1)
+        adata.uns["lamina"] = {"store": self.path, "format_version": self.attrs.get("format_version")}
+        return adata
+
+    # ------------------------------------------------------------------ summary
+    def disk_bytes(self) -> dict[str, int]:
+        """Bytes on disk per top-level group (local stores only; empty dict for URLs)."""
+        if _is_url(self.path):
+            return {}
+        out = {}
+        for child in sorted(Path(self.path).iterdir()):
+            if child.is_dir():
+                out[child.name] = sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
+        return out
+
+    def info(self) -> str:
+        """Human-readable summary: sections, cells, genes, stages done, sizes."""
+        lines = [f"lamina atlas  {self.path}",
+                 f"  format {self.attrs.get('format_version')}  units {self.attrs.get('units')}  "
+                 f"created by {self.attrs.get('created_by')}"]
+        if not self.has_cells:
+            lines.append("  (no cells yet)")
+        else:
+            sec = self.sections
+            lines.append(f"  cells {self.n_cells:,}   sections {len(sec)}   genes {self.n_genes:,}")
+            lines.append(f"  cell columns: {', '.join(self.cell_columns)}")
+            show = sec if len(sec) <= 12 else pd.concat([sec.head(6), sec.tail(6)])
+            lines.append("  section            z(um)      cells")
+            for _, r in show.iterrows():
+                lines.append(f"  {r['id']:<16} {r['z']:>8.1f} {r['n_cells']:>10,}")
+            if len(sec) > 12:
+                lines.append(f"  ... ({len(sec) - 12} more)")
+        recs = self.stage_records()
+        lines.append("  stages:" + ("" if recs else " none"))
+        for name, rec in recs.items():
+            state = "complete" if rec.get("complete") else "INCOMPLETE"
+            lines.append(f"    {name:<14} {state:<10} {rec.get('finished', '')}  hash {str(rec.get('hash', ''))[:12]}"
+                         f"  {rec.get('seconds', 0):.1f}s")
+        sizes = self.disk_bytes()
+        if sizes:
+            lines.append("  on disk: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items())
+                         + f"  (total {sum(sizes.values()) / 2**20:.1f} MiB)")
+        return "\n".join(lines)

@@ -23,7 +23,8 @@ def soft_bins(values: np.ndarray, edges: np.ndarray, width: float) -> np.ndarray
     logistic ``sigma``; rows sum to 1 and ``m`` tends to the hard one-hot as ``width -> 0``. Returns ``[n, K+1]``.
     """
     values = np.asarray(values, dtype=np.float64)
-    cdf = 1.0 / (1.0 + np.exp(-(values[:, None] - np.asarray(edges)[None, :]) / width))
+    # logistic written with tanh: no overflow for values far from an edge
+    cdf = 0.5 * (1.0 + np.tanh((values[:, None] - np.asarray(edges)[None, :]) / (2.0 * width)))
     upper = np.concatenate([np.ones((len(values), 1)), cdf], axis=1)
     lower = np.concatenate([cdf, np.zeros((len(values), 1))], axis=1)
     return upper - lower

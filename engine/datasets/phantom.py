@@ -145,7 +145,7 @@ class Phantom:
         tx = 0.35 * self.width + 0.30 * self.width * t
         ty = 0.55 * self.height + 0.12 * self.height * np.sin(np.pi * t)
         radius = 0.07 * self.width
-        tube = 1.0 / (1.0 + np.exp(-(radius - np.hypot(xyz[:, 0] - tx, xyz[:, 1] - ty)) / 8.0))
+        tube = 0.5 * (1.0 + np.tanh((radius - np.hypot(xyz[:, 0] - tx, xyz[:, 1] - ty)) / 16.0))
         return np.concatenate([layers * (1 - tube)[:, None], tube[:, None]], axis=1)
 
     def field(self, xyz: np.ndarray) -> np.ndarray:

@@ -77,10 +77,11 @@ def read_units(source, spec: IngestSpec, paste=None, pattern: str | None = None)
     return [_unit_for(p, spec, None, default_section=stem(p)) for p in files], True
 
 
-def phantom_spec(ph) -> IngestSpec:
+def phantom_spec(ph, **overrides) -> IngestSpec:
     """The :class:`IngestSpec` that reads a phantom's columns (z from the phantom's section depths)."""
-    return IngestSpec(cell_type="cell_type", cell_id="cell_id", genes="rest",
-                      section_z={sid: float(z) for sid, z in zip(ph.section_ids, ph.z)})
+    options = {"cell_type": "cell_type", "cell_id": "cell_id", "genes": "rest",
+               "section_z": {sid: float(z) for sid, z in zip(ph.section_ids, ph.z)}}
+    return IngestSpec(**{**options, **overrides})
 
 
 def _clean_stale(path: Path) -> None:
@@ -101,7 +102,7 @@ def ingest(source, store, spec: IngestSpec | None = None, *, paste=None, pattern
     from ..datasets.phantom import Phantom
 
     if spec is None:
-        spec = phantom_spec(source) if isinstance(source, Phantom) and not spec_kwargs else IngestSpec(**spec_kwargs)
+        spec = phantom_spec(source, **spec_kwargs) if isinstance(source, Phantom) else IngestSpec(**spec_kwargs)
     elif spec_kwargs:
         raise ConfigError("pass either spec= or keyword options to ingest(), not both")
     if _is_url(str(store)):

@@ -95,6 +95,10 @@ def _finite(values: np.ndarray, name: str, unit: ReadUnit, row0: int) -> None:
 
 def _text(values) -> np.ndarray:
     s = pd.Series(values)
+    if pd.api.types.is_float_dtype(s):
+        finite = s.dropna()
+        if len(finite) and np.all(np.mod(finite.to_numpy(), 1) == 0):
+            s = s.astype("Int64")  # labels such as cluster 3.0 read as "3"
     out = s.astype(str).to_numpy(dtype=object)
     out[s.isna().to_numpy()] = MISSING
     return out

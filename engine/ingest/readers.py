@@ -119,7 +119,10 @@ class TableFile(ReadUnit):
             if self._is_parquet(p):
                 import pyarrow.parquet as pq
 
-                return list(pq.ParquetFile(p).schema_arrow.names)
+                schema = pq.ParquetFile(p).schema_arrow
+                # pandas stores a non-default index as a column; it is row labels, not data
+                index = {c for c in ((schema.pandas_metadata or {}).get("index_columns") or []) if isinstance(c, str)}
+                return [c for c in schema.names if c not in index]
             return list(pd.read_csv(p, sep=_sep(p), nrows=0).columns)
         except _READ_ERRORS + (Exception,) as exc:
             raise InputError(f"{p}: cannot read the header: {type(exc).__name__}: {exc}. Is it a CSV/TSV/Parquet "
@@ -142,7 +145,7 @@ class TableFile(ReadUnit):
             import pyarrow.parquet as pq
 
             for batch in pq.ParquetFile(p).iter_batches(batch_size=rows, columns=have):
-                yield batch.to_pandas()
+                yield batch.to_pandas().reset_index(drop=True)
         else:
             yield from pd.read_csv(p, sep=_sep(p), usecols=have, chunksize=rows, low_memory=False)
 

@@ -106,11 +106,16 @@ class Atlas:
 
     @property
     def sections(self) -> pd.DataFrame:
-        """Per-section table (small): id, z (um), cell_start, cell_stop, n_cells; index = position along z."""
+        """Per-section table (small): id, z (um), cell_start, cell_stop, n_cells, source (the file it came
+        from) and any other 1-D per-section array; index = position along z."""
         self._require_cells()
         g = self.root["sections"]
         df = pd.DataFrame({k: np.asarray(g[k][...]) for k in ("z", "cell_start", "cell_stop")})
         df.insert(0, "id", as_text(g["id"][...]))
+        for k in sorted(set(g.array_keys()) - {"id", "z", "cell_start", "cell_stop"}):
+            if g[k].ndim == 1:
+                v = g[k][...]
+                df[k] = as_text(v) if np.asarray(v).dtype.kind in "TUO" else np.asarray(v)
         df["n_cells"] = df["cell_stop"] - df["cell_start"]
         df.index.name = "section"
         return df

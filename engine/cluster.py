@@ -19,14 +19,22 @@ def set_progress(on: bool) -> None:
     _PROGRESS["on"] = bool(on)
 
 
-class TorchThreads(WorkerPlugin):
-    """Set torch's intra-op threads on every worker so that worker threads do not oversubscribe cores.
+class _DropComputeFailed(logging.Filter):
+    def filter(self, record):
+        return not str(record.msg).startswith("Compute Failed")
 
-    Each worker thread runs one task at a time; a task that calls torch would otherwise spawn one
-    OpenMP thread per core, and N worker threads x N cores threads make torch-in-Dask several times slower.
+
+class WorkerSetup(WorkerPlugin):
+    """Per-worker settings lamina relies on.
+
+    * torch intra-op threads = ``threads``: each worker thread runs one task at a time; a task that calls
+      torch would otherwise start one OpenMP thread per core, and N worker threads x N cores threads make
+      torch-in-Dask several times slower.
+    * the worker's "Compute Failed" log of a task error is dropped: the client re-raises the same error
+      with its traceback, and for bad input the message is the whole story (the CLI prints just that).
     """
 
-    name = "lamina-torch-threads"
+    name = "lamina-worker-setup"
 
     def __init__(self, threads: int = 1):
         self.threads = int(threads)
@@ -35,6 +43,7 @@ class TorchThreads(WorkerPlugin):
         import torch
 
         torch.set_num_threads(self.threads)
+        logging.getLogger("distributed.worker").addFilter(_DropComputeFailed())
 
 
 def _cores() -> int:
@@ -63,7 +72,7 @@ def connect(address: str | None = None, gpu: bool | None = None, n_workers: int 
     * otherwise: a ``LocalCluster`` of worker processes sized to this machine, scheduler and dashboard bound
       to 127.0.0.1 (pass ``dashboard_address="0.0.0.0:8787"`` to expose the dashboard on purpose).
 
-    Every worker gets torch threads = 1 per worker thread (:class:`TorchThreads`).
+    Every worker gets torch threads = 1 per worker thread (:class:`WorkerSetup`).
     """
     if address:
         try:
@@ -81,7 +90,7 @@ def connect(address: str | None = None, gpu: bool | None = None, n_workers: int 
                                processes=processes, memory_limit=memory_limit, host="127.0.0.1",
                                dashboard_address=dashboard_address)
         client = Client(cluster)
-    client.register_plugin(TorchThreads(1))
+    client.register_plugin(WorkerSetup(1))
     link = getattr(client, "dashboard_link", None)
     if link:
         log.info("Dask dashboard: %s", link)

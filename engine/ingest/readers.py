@@ -124,7 +124,11 @@ class TableFile(ReadUnit):
                 index = {c for c in ((schema.pandas_metadata or {}).get("index_columns") or []) if isinstance(c, str)}
                 return [c for c in schema.names if c not in index]
             return list(pd.read_csv(p, sep=_sep(p), nrows=0).columns)
-        except _READ_ERRORS + (Exception,) as exc:
+        except InputError:
+            raise
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise _corrupt(str(p), 0, exc) from exc
+        except Exception as exc:  # pandas and pyarrow raise many types for files that are not tables
             raise InputError(f"{p}: cannot read the header: {type(exc).__name__}: {exc}. Is it a CSV/TSV/Parquet "
                              f"table with a header row?") from exc
 

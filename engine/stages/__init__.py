@@ -1,6 +1,6 @@
 """Stages: functions ``stage(atlas, ..., client=None)`` that build a lazy Dask graph over the store,
 compute it once, and commit one output group atomically (see :mod:`lamina.stages.runner`)."""
 from .runner import StageResult, run_stage
-from .section_stats import section_stats
+from .qc import section_stats
 
 __all__ = ["StageResult", "run_stage", "section_stats"]

@@ -20,8 +20,8 @@ def _per_chunk(*blocks, fn, **kw):
     return fn(*blocks, **kw)[None]
 
 
-def section_stats(atlas: Atlas, client=None) -> StageResult:
-    """Compute the per-section QC table into ``/qc`` (skipped when already complete)."""
+def section_stats(atlas: Atlas, client=None, force: bool = False) -> StageResult:
+    """Compute the per-section QC table into ``/qc`` (skipped when already complete unless ``force``)."""
     S = atlas.n_sections
     has_types = "cell_type" in atlas.cell_columns
 
@@ -59,4 +59,5 @@ def section_stats(atlas: Atlas, client=None) -> StageResult:
                                {"categories": cats})
         return {"n_sections": S}
 
-    return run_stage(atlas, "section_stats", "qc", {"n_sections": S}, build, inputs=("ingest",))
+    return run_stage(atlas, "section_stats", "qc", {"n_sections": S}, build, inputs=("ingest",),
+                     force=force)

@@ -8,7 +8,7 @@ Python API::
     lamina.section_stats(atlas)
     ds = atlas.to_xarray()                            # lazy, dask-backed
 """
-from . import datasets
+from . import config, datasets
 from ._version import __version__
 from .cluster import connect
 from .errors import (ClusterError, ConfigError, FormatVersionError, InputError, LaminaError, StoreError,

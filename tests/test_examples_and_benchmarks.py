@@ -1,0 +1,32 @@
+"""The shipped examples and benchmark scripts keep working (smoke sizes)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lamina
+from conftest import need
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["merfish.yaml", "dlpfc.yaml"])
+def test_example_configs_build(tmp_path, name, data_dir):
+    from lamina.config import load_config
+
+    need(data_dir)
+    cfg = load_config(ROOT / "examples" / name)
+    spec = lamina.config.ingest_spec(cfg)
+    atlas = lamina.ingest(cfg["input"]["path"], tmp_path / "e.lamina.zarr", spec, paste=cfg["input"]["paste"] or None)
+    assert atlas.n_sections == 12 and atlas.n_cells > 40_000
+
+
+def test_ingest_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ingest.py"), "--smoke", "--work", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| 20,000 |")][0]
+    cells = row.split("|")
+    assert float(cells[-2]) < 4.0  # peak RSS (GiB) of the whole process tree
+    assert not list(tmp_path.glob("*.lamina.zarr"))  # cleaned up

@@ -1,7 +1,10 @@
 """Synthetic serial-section phantom with exact ground truth.
 
-A 3D tissue (lobed, curving outline; curved layers drifting with depth; a tube winding through z) carries a
-smooth low-rank expression field over G genes. It is cut into S sections; every section is deformed by a
+A 3D tissue (a lobed outline; curved, wavy layers; a tube winding through z) carries a smooth low-rank
+expression field over G genes. The outline and the layers do not move with depth: an image-based
+registration cannot tell a tissue that shifts with z from a misaligned section, so ground-truth errors are
+only meaningful when the bulk stays put. What is curved along z is the tube (``tube_travel_um`` from the
+first section to the last), so "a curved structure stays curved" can be checked. It is cut into S sections; every section is deformed by a
 known smooth non-linear warp and a known affine (rotation, scale, translation, optional reflection), loses
 cells to random dropout and a tear, and gets expression noise.
 
@@ -52,6 +55,7 @@ class PhantomSpec:
     tear_fraction: float = 0.05            # up to this share of each section's area lost to one tear
     noise: float = 0.3                     # sd of expression noise
     type_noise: float = 0.03               # share of cells whose type label is random
+    tube_travel_um: float = 300.0          # lateral travel of the tube from the first section to the last
     seed: int = 0
     chunk_rows: int = 200_000
 
@@ -78,11 +82,9 @@ class Phantom:
         self.type_names = [f"L{k + 1}" for k in range(K - 1)] + ["tube"]
         self.gene_names = [f"g{g:04d}" for g in range(G)]
 
-        # cells per section, proportional to the section's outline area
-        area = np.array([self._radii(z)[0] * self._radii(z)[1] for z in self.z])
-        share = area / area.sum()
-        n = np.floor(share * sp.n_cells).astype(np.int64)
-        n[np.argsort(-(share * sp.n_cells - n))[: sp.n_cells - n.sum()]] += 1
+        # cells per section: equal shares of n_cells (every section has the same outline)
+        n = np.full(S, sp.n_cells // S, dtype=np.int64)
+        n[: sp.n_cells - n.sum()] += 1
         self.n_per_section = n
         self.cell_offset = np.concatenate([[0], np.cumsum(n)])
 
@@ -116,34 +118,33 @@ class Phantom:
 
     # ------------------------------------------------------------------ geometry of the true tissue
     def _center(self, z):
-        t = np.asarray(z) / self.depth
-        return (self.width / 2 + 0.06 * self.width * np.sin(np.pi * t),
-                self.height / 2 + 0.05 * self.height * np.sin(2 * np.pi * t + 0.3))
+        return self.width / 2, self.height / 2
 
     def _radii(self, z):
-        t = np.asarray(z) / self.depth
-        shrink = 1.0 - 0.15 * (2 * t - 1) ** 2
-        return 0.40 * self.width * shrink, 0.40 * self.height * shrink
+        return 0.40 * self.width, 0.40 * self.height
 
     def _inside(self, xyz: np.ndarray) -> np.ndarray:
         cx, cy = self._center(xyz[:, 2])
         rx, ry = self._radii(xyz[:, 2])
         u, v = (xyz[:, 0] - cx) / rx, (xyz[:, 1] - cy) / ry
         ang = np.arctan2(v, u)
-        lobes = 1 + 0.10 * np.sin(ang + 0.5) + 0.06 * np.sin(3 * ang + 1 + 2 * np.pi * xyz[:, 2] / self.depth)
+        lobes = 1 + 0.10 * np.sin(ang + 0.5) + 0.06 * np.sin(3 * ang + 1)  # asymmetric: no rotational ambiguity
         return np.hypot(u, v) < lobes
+
+    def tube_center(self, z) -> tuple[np.ndarray, np.ndarray]:
+        """True (x, y) of the tube's axis at depth ``z`` (um): an arc of ``tube_travel_um`` over the stack."""
+        t = np.asarray(z, dtype=np.float64) / self.depth
+        travel = self.spec.tube_travel_um
+        return 0.38 * self.width + travel * t, 0.58 * self.height + 0.4 * travel * np.sin(np.pi * t)
 
     def memberships(self, xyz: np.ndarray) -> np.ndarray:
         """Soft cell-type memberships ``[n, n_types]`` at true positions ``xyz`` ``[n, 3]`` (um); rows sum to 1."""
         cx, cy = self._center(xyz[:, 2])
         rx, ry = self._radii(xyz[:, 2])
-        depth = ((xyz[:, 1] - (cy - ry)) / (2 * ry)
-                 + 0.08 * np.sin(3 * np.pi * xyz[:, 0] / self.width + 1.4 * np.pi * xyz[:, 2] / self.depth))
+        depth = (xyz[:, 1] - (cy - ry)) / (2 * ry) + 0.08 * np.sin(3 * np.pi * xyz[:, 0] / self.width)
         n_layers = self.spec.n_types - 1
         layers = soft_bins(depth, np.arange(1, n_layers) / n_layers, width=0.015)
-        t = xyz[:, 2] / self.depth
-        tx = 0.35 * self.width + 0.30 * self.width * t
-        ty = 0.55 * self.height + 0.12 * self.height * np.sin(np.pi * t)
+        tx, ty = self.tube_center(xyz[:, 2])
         radius = 0.07 * self.width
         tube = 0.5 * (1.0 + np.tanh((radius - np.hypot(xyz[:, 0] - tx, xyz[:, 1] - ty)) / 16.0))
         return np.concatenate([layers * (1 - tube)[:, None], tube[:, None]], axis=1)
@@ -210,8 +211,12 @@ class Phantom:
             yield pd.concat([frame, genes], axis=1), xyz
 
     # ------------------------------------------------------------------ writing
-    def write_parquet(self, folder: str | Path) -> list[Path]:
-        """One Parquet file per section (``S000.parquet`` ...), written chunk by chunk."""
+    def write_parquet(self, folder: str | Path, row_group_rows: int = 65_536) -> list[Path]:
+        """One Parquet file per section (``S000.parquet`` ...), written chunk by chunk.
+
+        Row groups are capped at ``row_group_rows``: a Parquet reader holds one row group at a time, so this
+        bounds the memory of whoever streams the files back.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -224,7 +229,7 @@ class Phantom:
             for frame, _ in self.section_chunks(s):
                 table = pa.Table.from_pandas(frame, preserve_index=False)
                 writer = writer or pq.ParquetWriter(path, table.schema)
-                writer.write_table(table)
+                writer.write_table(table, row_group_size=row_group_rows)
             writer.close()
             paths.append(path)
         return paths

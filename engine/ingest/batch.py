@@ -60,7 +60,7 @@ def check_columns(spec: IngestSpec, unit: ReadUnit) -> None:
         raise InputError(f"{unit.label}: no section column given; set section: <column> (or ingest a folder with "
                          f"one file per section)")
     for col in required_columns(spec, unit):
-        if col not in have and not (col == "_index"):
+        if col not in have:
             role = {spec.x: "x", spec.y: "y", spec.section: "section", spec.z: "z", spec.cell_type: "cell_type",
                     spec.cell_id: "cell_id"}.get(col, "obs")
             import difflib

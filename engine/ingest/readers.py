@@ -207,7 +207,7 @@ class H5adFile(ReadUnit):
         with self._open() as f:
             if "obs" not in f:
                 raise InputError(f"{self.path}: no 'obs' group; is this an AnnData .h5ad file?")
-            cols = [k for k in f["obs"].keys() if k != "__categories"]
+            cols = [k for k in f["obs"].keys() if k != "__categories"] + ["_index"]
             if self.spatial_key:
                 cols += [f"obsm:{self.spatial_key}:0", f"obsm:{self.spatial_key}:1"]
             return cols
@@ -247,7 +247,8 @@ class H5adFile(ReadUnit):
             obs = f["obs"]
             idx_name = obs.attrs.get("_index", "_index")
             n = int(obs[idx_name].shape[0])
-            cols = [c for c in needed if c in obs and c != idx_name]
+            obs_keys = set(obs.keys())  # one listing: `in obs` per name is an HDF5 lookup
+            cols = [c for c in needed if c in obs_keys and c != idx_name]
             want_index = "_index" in needed or idx_name in needed
             X = f.get("X")
             for a in range(0, n, rows):

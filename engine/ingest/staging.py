@@ -22,7 +22,7 @@ READ_BYTES = 64 * 2**20
 def read_rows(spec: IngestSpec, n_columns: int) -> int:
     if spec.read_rows:
         return int(spec.read_rows)
-    return int(np.clip(READ_BYTES // (8 * max(n_columns, 1)), 2_000, 200_000))
+    return int(np.clip(READ_BYTES // (8 * max(n_columns, 1)), 256, 200_000))
 
 
 def _save(folder: Path, name: str, values: np.ndarray) -> None:

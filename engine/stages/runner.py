@@ -83,6 +83,7 @@ def run_stage(atlas: Atlas, name: str, output: str, params: dict, build: Callabl
     ``build`` reads (their hashes enter this stage's hash, so a changed input re-runs dependants).
     ``build(group)`` writes into ``group`` and may return extra provenance (a small dict).
     """
+    atlas.writable()
     records = atlas.stage_records()
     missing = [i for i in inputs if not records.get(i, {}).get("complete")]
     if missing:

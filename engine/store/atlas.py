@@ -71,6 +71,12 @@ class Atlas:
         return (f"<lamina.Atlas {self.path}: {self.n_cells:,} cells, {self.n_sections} sections, "
                 f"{self.n_genes} genes; stages: {', '.join(self.completed_stages()) or 'none'}>")
 
+    def writable(self) -> "Atlas":
+        """This handle, reopened for writing if it was opened read-only (stages call this)."""
+        if self.root.store.read_only:
+            self.root = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        return self
+
     # ------------------------------------------------------------------ metadata
     @property
     def attrs(self) -> dict:
@@ -191,24 +197,46 @@ class Atlas:
         ds = self.to_xarray()
         return ds.isel(cell=slice(int(row.cell_start), int(row.cell_stop)))
 
-    def _rows_for(self, sections) -> np.ndarray:
+    def _ranges_for(self, sections) -> list[tuple[int, int]]:
+        """Row ranges ``[(start, stop), ...]`` of the given sections (all sections when None), merged."""
         sec = self.sections
         if sections is None:
-            return np.arange(self.n_cells)
-        idx = [self.section_index(s) for s in (sections if isinstance(sections, (list, tuple)) else [sections])]
-        return np.concatenate([np.arange(sec.cell_start.iloc[i], sec.cell_stop.iloc[i]) for i in idx])
+            return [(0, self.n_cells)]
+        picks = sections if isinstance(sections, (list, tuple)) else [sections]
+        out = []
+        for i in (self.section_index(s) for s in picks):
+            a, b = int(sec.cell_start.iloc[i]), int(sec.cell_stop.iloc[i])
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+        return out
 
-    def obs(self, sections=None, columns=None) -> pd.DataFrame:
-        """Cell table (categoricals decoded) for the given sections; loads those rows into memory."""
-        rows = self._rows_for(sections)
+    def _guard(self, n_rows: int, row_bytes: int, what: str, max_bytes: int | None) -> None:
+        need = n_rows * row_bytes
+        limit = max_bytes if max_bytes is not None else psutil.virtual_memory().available // 4
+        if need > limit:
+            raise TooLargeError(
+                f"{what} of {n_rows:,} cells needs ~{need / 2**30:.2f} GiB, over the limit of {limit / 2**30:.2f} "
+                f"GiB; pass sections=[...] (or genes=[...]), raise max_bytes, or stream with "
+                f"`lamina export {self.path} --format parquet`.")
+
+    def _read_rows(self, name: str, ranges) -> np.ndarray:
+        arr = self.root[name]
+        parts = [np.asarray(arr[a:b]) for a, b in ranges]
+        values = np.concatenate(parts) if parts else np.empty(0, dtype=arr.dtype)
+        return as_text(values) if values.dtype.kind == "T" else values
+
+    def obs(self, sections=None, columns=None, max_bytes: int | None = None) -> pd.DataFrame:
+        """Cell table (categoricals decoded) for the given sections; loads those rows into memory
+        (refused with ``TooLargeError`` beyond ``max_bytes``, default a quarter of available memory)."""
+        ranges = self._ranges_for(sections)
+        n = sum(b - a for a, b in ranges)
         cols = columns or self.cell_columns
-        sl = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) and np.all(np.diff(rows) == 1) else rows
+        self._guard(n, 8 * len(cols) + 64, "obs", max_bytes)
         out = {}
         for col in cols:
-            values = np.asarray(self.root[f"cells/{col}"][sl] if isinstance(sl, slice)
-                                else self.root[f"cells/{col}"].get_orthogonal_selection(sl))
-            if values.dtype.kind == "T":
-                values = as_text(values)
+            values = self._read_rows(f"cells/{col}", ranges)
             cats = self.categories(col)
             if col == "section":
                 out[col] = pd.Categorical.from_codes(values, categories=self.sections["id"].tolist())
@@ -216,7 +244,7 @@ class Atlas:
                 out[col] = pd.Categorical.from_codes(values.astype(np.int64), categories=cats)
             else:
                 out[col] = values
-        return pd.DataFrame(out, index=pd.RangeIndex(len(rows)) if len(rows) else None)
+        return pd.DataFrame(out, index=pd.RangeIndex(n))
 
     def to_anndata(self, sections=None, genes=None, max_bytes: int | None = None):
         """An in-memory ``anndata.AnnData`` of the chosen sections / genes.
@@ -228,7 +256,8 @@ class Atlas:
         """
         import anndata as ad
 
-        rows = self._rows_for(sections)
+        ranges = self._ranges_for(sections)
+        n = sum(b - a for a, b in ranges)
         gene_idx = np.arange(self.n_genes)
         if genes is not None:
             names = self.genes
@@ -236,30 +265,20 @@ class Atlas:
             if missing:
                 raise KeyError(f"genes not in {self.path}: {missing[:10]}")
             gene_idx = names.get_indexer(list(genes))
-        need = len(rows) * (4 * len(gene_idx) + 8 * (len(self.cell_columns) + 3))
-        limit = max_bytes if max_bytes is not None else psutil.virtual_memory().available // 4
-        if need > limit:
-            raise TooLargeError(
-                f"to_anndata of {len(rows):,} cells x {len(gene_idx)} genes needs ~{need / 2**30:.2f} GiB, "
-                f"over the limit of {limit / 2**30:.2f} GiB; pass sections=[...] or genes=[...], raise max_bytes, "
-                f"or stream with `lamina export {self.path} --format parquet`.")
-        obs = self.obs(sections)
+        self._guard(n, 4 * len(gene_idx) + 8 * len(self.cell_columns) + 64, "to_anndata", max_bytes)
+        obs = self.obs(sections, max_bytes=max_bytes)
         obs.index = obs.index.astype(str)
-        if "X" in self.root and len(gene_idx):
-            lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
-            contiguous = len(rows) == hi - lo
-            xs = self._lazy("X")[lo:hi] if contiguous else self._lazy("X")[rows]
-            X = np.asarray(xs[:, gene_idx].compute(), dtype=np.float32)
+        if "X" in self.root and len(gene_idx) and n:
+            lazy = self._lazy("X")
+            X = np.asarray(da.concatenate([lazy[a:b] for a, b in ranges])[:, gene_idx].compute(), dtype=np.float32)
         else:
-            X = np.zeros((len(rows), 0), dtype=np.float32)
+            X = np.zeros((n, len(gene_idx)), dtype=np.float32)
         var = pd.DataFrame(index=pd.Index(self.genes[gene_idx], name=None).astype(str))
         adata = ad.AnnData(X=X, obs=obs, var=var)
         adata.obsm["spatial"] = np.stack([obs.pop("x").to_numpy(), obs.pop("y").to_numpy()], axis=1)
         adata.obs = obs
         if "aligned" in self.root and self.group_is_complete("aligned"):
-            al = self.root["aligned"]
-            adata.obsm["aligned"] = np.stack([np.asarray(al[k].get_orthogonal_selection(rows))
-                                              for k in ("x", "y", "z")], axis=1)
+            adata.obsm["aligned"] = np.stack([self._read_rows(f"aligned/{k}", ranges) for k in ("x", "y", "z")], axis=1)
         adata.uns["lamina"] = {"store": self.path, "format_version": self.attrs.get("format_version")}
         return adata
 

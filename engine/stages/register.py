@@ -1,0 +1,182 @@
+"""Stage ``register``: serial sections -> one 3D frame (affine part).
+
+Data flow::
+
+    /raster/cells --(one task per pair: k with its neighbour towards the reference, and k with the next one)-->
+        feature matches (kornia SIFT + mutual NN + ratio) -> RANSAC similarity      } candidates, each refined
+        rotation search by FFT cross-correlation (needs no features)                } by Adam on the image loss;
+                                                                                      the lower loss wins
+    pair estimates --(joint least squares, reference = middle section)--> section affines -> /transforms
+
+Every pair gets a QC row (method, matches, inliers, correlation before/after, overlap, flag with a reason).
+A pair that cannot be registered (blank or tiny section) is flagged, gets no weight in the joint solve,
+and its section follows its neighbours; no transform is ever NaN.
+"""
+from __future__ import annotations
+
+import dask
+import numpy as np
+import torch
+import zarr
+
+from ..cluster import compute
+from ..kernels.consistency import chain, joint_affines
+from ..kernels.features import correspondences
+from ..kernels.image_align import refine_affine, rotation_search, warp_image
+from ..kernels.ransac import ransac
+from ..store import arrays
+from ..store.atlas import Atlas
+from .runner import StageResult, run_stage
+
+DEFAULTS = {"reflect": False, "rotation_step_deg": 4.0, "min_inliers": 8, "ransac_px": 2.5, "iterations": (120, 60, 25),
+            "skip_pairs": True, "min_overlap": 0.5, "min_ncc": 0.3}
+
+
+def _normalised(img: np.ndarray) -> torch.Tensor:
+    """Scale a section raster so that its mean total density over tissue is 1 (densities may differ 10x)."""
+    total = img.sum(0)
+    tissue = total > 0.1 * total.max() if total.max() > 0 else total > 0
+    level = total[tissue].mean() if tissue.any() else 1.0
+    return torch.from_numpy(img / max(level, 1e-12)).double()
+
+
+def _ncc(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.reshape(-1), b.reshape(-1)
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-12))
+
+
+def register_pair(moving: np.ndarray, fixed: np.ndarray, opts: dict, seed: int = 0) -> dict:
+    """Affine ``moving -> fixed`` (pixel coordinates) of two ``[C, H, W]`` rasters plus QC numbers."""
+    torch.manual_seed(seed)
+    row = {"method": "none", "n_matches": 0, "n_inliers": 0, "loss": float("nan"), "ncc_before": 0.0,
+           "ncc_after": 0.0, "overlap": 0.0, "flag": "", "transform": np.eye(3)}
+    mass_m, mass_f = float(moving.sum()), float(fixed.sum())
+    if mass_m < 5 or mass_f < 5:
+        row["flag"] = "blank or tiny section (too few cells on the canvas)"
+        return row
+    m, f = _normalised(moving), _normalised(fixed)
+    row["ncc_before"] = _ncc(m, f)
+    candidates = []
+    try:
+        src, dst = correspondences(f, m, reflect=opts["reflect"])
+        row["n_matches"] = len(src)
+        if len(src) >= opts["min_inliers"]:
+            T, inl = ransac(src, dst, opts["ransac_px"], "similarity", opts["reflect"], seed=seed)
+            row["n_inliers"] = int(inl.sum())
+            if inl.sum() >= opts["min_inliers"]:
+                candidates.append(("features", T))
+    except RuntimeError as exc:  # kornia fails on images with no scale-space extrema
+        row["flag"] = f"feature extraction failed: {exc}"[:200]
+    rs = rotation_search(f, m, opts["rotation_step_deg"], opts["reflect"])
+    candidates.append(("rotation_search", rs["transform"]))
+    best = None
+    for name, T in candidates:
+        A, loss = refine_affine(f, m, T, iterations=tuple(opts["iterations"]))
+        if np.all(np.isfinite(A)) and (best is None or loss < best[2]):
+            best = (name, A, loss)
+    if best is None:
+        row["flag"] = "no finite transform"
+        return row
+    row["method"], row["transform"], row["loss"] = best
+    warped = warp_image(m[None], torch.from_numpy(best[1])[None])[0]
+    row["ncc_after"] = _ncc(warped, f)
+    tissue = f.sum(0) > 0.1
+    row["overlap"] = float(warped.sum(0)[tissue].sum() / warped.sum().clamp_min(1e-12))
+    reasons = []
+    if row["n_inliers"] < opts["min_inliers"]:
+        reasons.append(f"too few feature matches ({row['n_inliers']} inliers; rotation search used)")
+    if row["overlap"] < opts["min_overlap"]:
+        reasons.append(f"low overlap after alignment ({row['overlap']:.2f})")
+    if row["ncc_after"] < opts["min_ncc"]:
+        reasons.append(f"low correlation after alignment ({row['ncc_after']:.2f})")
+    row["flag"] = "; ".join(reasons) if reasons else row["flag"]
+    return row
+
+
+def _pair_task(store: str, raster: str, k: int, j: int, opts: dict) -> dict:
+    root = zarr.open_group(store, mode="r")
+    out = register_pair(np.asarray(root[raster][k]), np.asarray(root[raster][j]), opts, seed=k * 1000 + j)
+    out.update(moving=k, fixed=j)
+    return out
+
+
+def plan_pairs(n: int, reference: int, skip: bool) -> list[tuple[int, int]]:
+    """(moving, fixed) pairs: each section with its neighbour towards the reference, then k with k+2."""
+    pairs = [(k, k - 1) for k in range(reference + 1, n)] + [(k, k + 1) for k in range(reference - 1, -1, -1)]
+    if skip:
+        pairs += [(k, k - 2) for k in range(reference + 2, n)] + [(k, k + 2) for k in range(reference - 2, -1, -1)]
+        if 0 < reference < n - 1:
+            pairs.append((reference + 1, reference - 1))
+    return pairs
+
+
+def _tissue_points(img: np.ndarray, px_to_um: np.ndarray, max_points: int = 400) -> np.ndarray:
+    total = img.sum(0)
+    rows, cols = np.nonzero(total > 0.2 * total.max()) if total.max() > 0 else (np.array([]), np.array([]))
+    step = max(1, len(rows) // max_points)
+    pts = np.stack([cols[::step], rows[::step]], 1).astype(np.float64)
+    return pts @ px_to_um[:2, :2].T + px_to_um[:2, 2]
+
+
+def register(atlas: Atlas, client=None, force: bool = False, **options) -> StageResult:
+    """Register all sections (affine) into the frame of the middle section; writes ``/transforms``.
+
+    Options (see ``DEFAULTS``): ``reflect`` (also consider mirrored sections), ``rotation_step_deg``,
+    ``min_inliers``, ``ransac_px``, ``iterations`` (Adam steps per scale), ``skip_pairs`` (also register
+    k with k+-2 for the joint solve), ``min_overlap`` / ``min_ncc`` (QC flag thresholds).
+    """
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"register() got unknown options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    opts = {**DEFAULTS, **options}
+    atlas.writable()
+
+    def build(group):
+        raster = atlas.root["raster"]
+        S = atlas.n_sections
+        ref = S // 2
+        spacing, origin = float(raster.attrs["spacing"]), raster.attrs["origin"]
+        P = np.array([[spacing, 0, origin[0]], [0, spacing, origin[1]], [0, 0, 1.0]])  # canvas px -> centred um
+        Pinv = np.linalg.inv(P)
+        pairs = plan_pairs(S, ref, opts["skip_pairs"])
+        tasks = [dask.delayed(_pair_task, pure=False)(atlas.path, "raster/cells", k, j, opts) for k, j in pairs]
+        rows = list(compute(*tasks, client=client)) if tasks else []
+        for r in rows:
+            r["affine_um"] = P @ r["transform"] @ Pinv
+        step = {r["moving"]: r["affine_um"] for r in rows[: S - 1]}
+        prior = chain(S, ref, step)
+        cells = raster["cells"]
+        eqs = []
+        for r in rows:
+            usable = r["method"] != "none" and r["overlap"] >= opts["min_overlap"]
+            w = (1.0 if abs(r["moving"] - r["fixed"]) == 1 else 0.5) if usable else 0.0
+            eqs.append((r["moving"], r["fixed"], r["affine_um"], w, _tissue_points(np.asarray(cells[r["moving"]]), P)))
+        G = joint_affines(S, ref, eqs, prior) if S > 1 else prior
+        # the atlas frame takes the sections' mean scale, not the reference section's own (+-10% is common)
+        mean_scale = float(np.exp(np.mean(np.log(np.sqrt(np.abs(np.linalg.det(G[:, :2, :2])))))))
+        G = np.diag([1 / mean_scale, 1 / mean_scale, 1.0]) @ G
+        centroid = np.asarray(raster["centroid"][...])
+        final = np.empty_like(G)
+        for k in range(S):
+            to_centred = np.array([[1, 0, -centroid[k, 0]], [0, 1, -centroid[k, 1]], [0, 0, 1.0]])
+            back = np.array([[1, 0, centroid[ref, 0]], [0, 1, centroid[ref, 1]], [0, 0, 1.0]])
+            final[k] = back @ G[k] @ to_centred
+        if not np.all(np.isfinite(final)):
+            raise AssertionError("register produced a non-finite transform")
+        arrays.write_small(group, "affine", final, ("section", "i", "j"),
+                           {"maps": "raw (x, y, 1) um -> atlas (x, y, 1) um", "reference": int(ref)})
+        qc = group.create_group("pairs")
+        for name in ("moving", "fixed", "n_matches", "n_inliers"):
+            arrays.write_small(qc, name, np.array([r[name] for r in rows], np.int64), ("pair",))
+        for name in ("loss", "ncc_before", "ncc_after", "overlap"):
+            arrays.write_small(qc, name, np.array([r[name] for r in rows], np.float64), ("pair",))
+        for name in ("method", "flag"):
+            arrays.write_small(qc, name, np.array([r[name] for r in rows], dtype=str), ("pair",))
+        arrays.write_small(qc, "affine_um", np.stack([r["affine_um"] for r in rows]) if rows else np.zeros((0, 3, 3)),
+                           ("pair", "i", "j"), {"maps": "moving section-centred um -> fixed section-centred um"})
+        flagged = [f"{atlas.sections.id.iloc[r['moving']]}->{atlas.sections.id.iloc[r['fixed']]}: {r['flag']}"
+                   for r in rows if r["flag"]]
+        return {"reference": int(ref), "n_pairs": len(rows), "flagged": flagged[:20]}
+
+    return run_stage(atlas, "register", "transforms", opts, build, inputs=("rasterize",), force=force)

@@ -1,0 +1,148 @@
+"""Whole-image alignment of multi-channel rasters (torch, any device).
+
+Images are ``[C, H, W]`` tensors on the grid convention of :mod:`lamina.kernels.raster`. Transforms returned
+here map *moving pixel coordinates* ``(col, row)`` to *fixed pixel coordinates* as 3x3 float64 NumPy arrays.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _pix_to_norm(H: int, W: int, device, dtype) -> torch.Tensor:
+    """3x3 map from pixel (col, row) to grid_sample's normalised coordinates (align_corners=True)."""
+    return torch.tensor([[2.0 / max(W - 1, 1), 0, -1], [0, 2.0 / max(H - 1, 1), -1], [0, 0, 1]], device=device,
+                        dtype=dtype)
+
+
+def warp_image(moving: torch.Tensor, A: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """Resample ``moving`` ``[B, C, H, W]`` into the fixed frame: ``out(p) = moving(A^{-1} p)``.
+
+    ``A`` ``[B, 3, 3]`` maps moving pixels to fixed pixels; bilinear, zero outside. Differentiable in ``A``.
+    """
+    B, C, H, W = moving.shape
+    Hf, Wf = shape or (H, W)
+    Nm, Nf = _pix_to_norm(H, W, A.device, A.dtype), _pix_to_norm(Hf, Wf, A.device, A.dtype)
+    theta = (Nm @ torch.linalg.inv(A) @ torch.linalg.inv(Nf))[:, :2, :]
+    grid = F.affine_grid(theta.to(moving.dtype), (B, C, Hf, Wf), align_corners=True)
+    return F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def rotation_about(theta_rad: float, center, reflect: bool = False) -> np.ndarray:
+    """3x3 rotation (after an optional mirror in x) about ``center`` (pixel units)."""
+    c, s = math.cos(theta_rad), math.sin(theta_rad)
+    L = np.array([[c, -s], [s, c]]) @ (np.diag([-1.0, 1.0]) if reflect else np.eye(2))
+    out = np.eye(3)
+    out[:2, :2] = L
+    out[:2, 2] = np.asarray(center) - L @ np.asarray(center)
+    return out
+
+
+def _search(fixed: torch.Tensor, moving: torch.Tensor, options: list, batch: int) -> dict:
+    C, H, W = fixed.shape
+    ctr = ((W - 1) / 2.0, (H - 1) / 2.0)
+    ph, pw = 2 * H, 2 * W
+    Ff = torch.fft.rfft2(fixed.double(), s=(ph, pw))
+    fnorm = torch.linalg.vector_norm(fixed.double())
+    best = {"score": -1.0}
+    for start in range(0, len(options), batch):
+        opts = options[start:start + batch]
+        A = torch.tensor(np.stack([rotation_about(math.radians(a), ctr, r) for a, r in opts]), dtype=torch.float64)
+        rot = warp_image(moving[None].double().expand(len(opts), -1, -1, -1), A)
+        corr = torch.fft.irfft2(Ff[None] * torch.conj(torch.fft.rfft2(rot, s=(ph, pw))), s=(ph, pw)).sum(1)
+        norm = fnorm * torch.linalg.vector_norm(rot.reshape(len(opts), -1), dim=1)
+        peak, where = corr.reshape(len(opts), -1).max(1)
+        score = (peak / norm.clamp_min(1e-12)).cpu().numpy()
+        k = int(np.argmax(score))
+        if score[k] > best["score"]:
+            r_, c_ = divmod(int(where[k]), pw)
+            T = np.eye(3)
+            T[:2, 2] = (c_ if c_ < pw // 2 else c_ - pw, r_ if r_ < ph // 2 else r_ - ph)
+            best = {"score": float(score[k]), "angle_deg": float(opts[k][0]), "reflect": bool(opts[k][1]),
+                    "transform": T @ A[k].numpy()}
+    return best
+
+
+def rotation_search(fixed: torch.Tensor, moving: torch.Tensor, step_deg: float = 4.0, reflect: bool = False,
+                    max_side: int = 64, batch: int = 32) -> dict:
+    """Exhaustive rotation (x optional mirror) search with FFT cross-correlation for the translation.
+
+    For every angle ``theta`` in ``[0, 360)`` (step ``step_deg``, then 1-degree steps around the best) the
+    moving image is rotated about its centre and correlated with the fixed image over all translations at
+    once: ``corr(s) = sum_c IFFT(FFT(f_c) conj(FFT(m_c)))(s)`` (zero-padded: no wrap-around). Runs on images
+    average-pooled to at most ``max_side`` pixels (the refinement that follows recovers the detail).
+    Returns ``transform`` (moving -> fixed pixels at full resolution), ``angle_deg``, ``reflect`` and
+    ``score`` (normalised correlation peak in [0, 1]).
+    """
+    f = max(1, int(math.ceil(max(fixed.shape[-2:]) / max_side)))
+    fc, mc = _blur_down(fixed[None].double(), f)[0], _blur_down(moving[None].double(), f)[0]
+    mirrors = [False, True] if reflect else [False]
+    best = _search(fc, mc, [(a, r) for r in mirrors for a in np.arange(0, 360, step_deg)], batch)
+    fine = np.arange(best["angle_deg"] - step_deg, best["angle_deg"] + step_deg + 1e-9, 1.0) % 360
+    best = max(best, _search(fc, mc, [(a, best["reflect"]) for a in fine], batch), key=lambda b: b["score"])
+    # coarse pixel i covers full pixels f*i .. f*i + f - 1: full = f * coarse + (f - 1) / 2
+    S = np.array([[f, 0, (f - 1) / 2], [0, f, (f - 1) / 2], [0, 0, 1.0]])
+    best["transform"] = S @ best["transform"] @ np.linalg.inv(S)
+    return best
+
+
+def _blur_down(img: torch.Tensor, factor: int) -> torch.Tensor:
+    if factor == 1:
+        return img
+    return F.avg_pool2d(img, factor, ceil_mode=True)
+
+
+def image_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference over channels and pixels, optionally weighted by ``mask`` ``[H, W]``."""
+    d = (warped - fixed) ** 2
+    if mask is not None:
+        return (d * mask).sum() / (mask.sum() * d.shape[-3]).clamp_min(1.0)
+    return d.mean()
+
+
+def refine_affine(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, scales=(4, 2, 1),
+                  iterations=(120, 60, 25), lr: float = 0.01) -> tuple[np.ndarray, float]:
+    """Refine all 6 affine parameters by Adam on the multi-channel MSE, coarse to fine.
+
+    ``iterations`` gives the Adam steps per scale (fewer where pixels are many; a scale stops early when
+    the loss changes by less than 1e-7 relative).
+
+    Parametrisation: ``A = T(c + t) L T(-c) A0`` with ``L = I + D`` (``D`` 2x2) and ``t`` in pixels of the
+    current scale, ``c`` the image centre, so the parameters are well scaled. Returns (transform moving ->
+    fixed pixels at full resolution, final loss).
+    """
+    A = torch.tensor(init, dtype=torch.float64)
+    loss_value = float("nan")
+    for f, n_iter in zip(scales, iterations):
+        fx, mv = _blur_down(fixed[None].double(), f), _blur_down(moving[None].double(), f)
+        S = torch.diag(torch.tensor([1.0 / f, 1.0 / f, 1.0], dtype=torch.float64))
+        A_s = S @ A @ torch.linalg.inv(S)
+        H, W = fx.shape[-2:]
+        c = torch.tensor([(W - 1) / 2.0, (H - 1) / 2.0], dtype=torch.float64)
+        D = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
+        t = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([{"params": [D], "lr": lr}, {"params": [t], "lr": lr * max(H, W) / 4}])
+
+        def current():
+            L = torch.eye(2, dtype=torch.float64) + D
+            M = torch.eye(3, dtype=torch.float64).clone()
+            M = torch.cat([torch.cat([L, (c + t - L @ c)[:, None]], 1), M[2:]], 0)
+            return M @ A_s
+
+        prev = None
+        for it in range(n_iter):
+            opt.zero_grad()
+            loss = image_loss(fx, warp_image(mv, current()[None], fx.shape[-2:]))
+            loss.backward()
+            opt.step()
+            value = float(loss.detach())
+            if prev is not None and it > 20 and abs(prev - value) < 1e-7 * max(abs(prev), 1e-12):
+                break
+            prev = value
+        with torch.no_grad():
+            A = torch.linalg.inv(S) @ current() @ S
+            loss_value = float(image_loss(fixed[None].double(), warp_image(moving[None].double(), A[None])))
+    return A.detach().numpy(), loss_value

@@ -83,10 +83,14 @@ def rotation_search(fixed: torch.Tensor, moving: torch.Tensor, step_deg: float =
     best = _search(fc, mc, [(a, r) for r in mirrors for a in np.arange(0, 360, step_deg)], batch)
     fine = np.arange(best["angle_deg"] - step_deg, best["angle_deg"] + step_deg + 1e-9, 1.0) % 360
     best = max(best, _search(fc, mc, [(a, best["reflect"]) for a in fine], batch), key=lambda b: b["score"])
-    # coarse pixel i covers full pixels f*i .. f*i + f - 1: full = f * coarse + (f - 1) / 2
-    S = np.array([[f, 0, (f - 1) / 2], [0, f, (f - 1) / 2], [0, 0, 1.0]])
-    best["transform"] = S @ best["transform"] @ np.linalg.inv(S)
+    S = _full_to_pooled(f)
+    best["transform"] = np.linalg.inv(S) @ best["transform"] @ S
     return best
+
+
+def _full_to_pooled(f: int) -> np.ndarray:
+    """Pixel map full -> pooled by ``f``: pooled pixel i covers full pixels ``f i .. f i + f - 1``."""
+    return np.array([[1.0 / f, 0, -(f - 1) / (2.0 * f)], [0, 1.0 / f, -(f - 1) / (2.0 * f)], [0, 0, 1.0]])
 
 
 def _blur_down(img: torch.Tensor, factor: int) -> torch.Tensor:
@@ -118,7 +122,7 @@ def refine_affine(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, s
     loss_value = float("nan")
     for f, n_iter in zip(scales, iterations):
         fx, mv = _blur_down(fixed[None].double(), f), _blur_down(moving[None].double(), f)
-        S = torch.diag(torch.tensor([1.0 / f, 1.0 / f, 1.0], dtype=torch.float64))
+        S = torch.tensor(_full_to_pooled(f), dtype=torch.float64)
         A_s = S @ A @ torch.linalg.inv(S)
         H, W = fx.shape[-2:]
         c = torch.tensor([(W - 1) / 2.0, (H - 1) / 2.0], dtype=torch.float64)

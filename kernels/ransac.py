@@ -49,7 +49,7 @@ def _similarity_hypotheses(src, dst, pairs, reflect):
     b = w1 - a * z1
     lin = np.stack([np.stack([a.real, -a.imag], -1), np.stack([a.imag, a.real], -1)], -2)  # [M, 2, 2]
     if reflect:
-        lin = lin @ np.diag([-1.0, 1.0])
+        lin = lin @ np.diag([1.0, -1.0])  # conj(z) mirrors y
     return lin, np.stack([b.real, b.imag], -1)
 
 

@@ -30,7 +30,7 @@ def canvas_geometry(atlas: Atlas, pixel_um: float | None, max_px: int = MAX_CANV
     radius = float(np.max(np.hypot(dx, dy))) * 1.05 + 1.0  # any rotation of any section fits
     n = np.asarray(qc["n_cells"][...]).astype(np.float64)
     spacing = np.sqrt(4 * dx * dy / np.maximum(n, 1))      # typical distance between neighbouring cells
-    auto = float(np.clip(2.0 * np.median(spacing), 2 * radius / max_px, None))
+    auto = float(np.clip(np.median(spacing), 2 * radius / max_px, None))
     pixel = float(pixel_um) if pixel_um else auto
     size = int(np.ceil(2 * radius / pixel)) + 1
     return {"centroid": np.stack([cx, cy], 1), "pixel_um": pixel, "size": size,
@@ -53,11 +53,11 @@ def _rasterize_section(store: str, s: int, lo: int, hi: int, center, geom: dict,
     return hi - lo
 
 
-def rasterize(atlas: Atlas, pixel_um: float | None = None, sigma_px: float = 1.0, client=None,
+def rasterize(atlas: Atlas, pixel_um: float | None = None, sigma_px: float = 1.5, client=None,
               force: bool = False) -> StageResult:
     """Rasterize every section into ``/raster/cells`` ``[section, channel, y, x]`` (cells per pixel, smoothed).
 
-    ``pixel_um`` default: twice the typical cell spacing, but no finer than a 256-pixel canvas. Channels are
+    ``pixel_um`` default: the typical cell spacing, but no finer than a 256-pixel canvas. Channels are
     the cell types when the atlas has them, else one density channel.
     """
     geom = canvas_geometry(atlas.writable(), pixel_um)

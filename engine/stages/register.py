@@ -29,7 +29,7 @@ from ..store.atlas import Atlas
 from .runner import StageResult, run_stage
 
 DEFAULTS = {"reflect": False, "rotation_step_deg": 4.0, "min_inliers": 8, "ransac_px": 2.5, "iterations": (120, 60, 25),
-            "skip_pairs": True, "min_overlap": 0.5, "min_ncc": 0.3}
+            "skip_pairs": True, "min_overlap": 0.5, "min_ncc": 0.3, "min_mass_ratio": 0.02}
 
 
 def _normalised(img: np.ndarray) -> torch.Tensor:
@@ -52,8 +52,9 @@ def register_pair(moving: np.ndarray, fixed: np.ndarray, opts: dict, seed: int =
     row = {"method": "none", "n_matches": 0, "n_inliers": 0, "loss": float("nan"), "ncc_before": 0.0,
            "ncc_after": 0.0, "overlap": 0.0, "flag": "", "transform": np.eye(3)}
     mass_m, mass_f = float(moving.sum()), float(fixed.sum())
-    if mass_m < 5 or mass_f < 5:
-        row["flag"] = "blank or tiny section (too few cells on the canvas)"
+    if min(mass_m, mass_f) < max(5.0, opts["min_mass_ratio"] * max(mass_m, mass_f)):
+        row["flag"] = (f"blank or tiny section ({mass_m:.0f} vs {mass_f:.0f} cells on the canvas); not registered, "
+                       f"placed by its neighbours")
         return row
     m, f = _normalised(moving), _normalised(fixed)
     row["ncc_before"] = _ncc(m, f)
@@ -81,8 +82,10 @@ def register_pair(moving: np.ndarray, fixed: np.ndarray, opts: dict, seed: int =
     row["method"], row["transform"], row["loss"] = best
     warped = warp_image(m[None], torch.from_numpy(best[1])[None])[0]
     row["ncc_after"] = _ncc(warped, f)
-    tissue = f.sum(0) > 0.1
-    row["overlap"] = float(warped.sum(0)[tissue].sum() / warped.sum().clamp_min(1e-12))
+    # both ways: moving mass landing on fixed tissue, and fixed mass covered by the warped moving tissue
+    on_fixed = float(warped.sum(0)[f.sum(0) > 0.25].sum() / warped.sum().clamp_min(1e-12))
+    covered = float(f.sum(0)[warped.sum(0) > 0.25].sum() / f.sum().clamp_min(1e-12))
+    row["overlap"] = min(on_fixed, covered)
     reasons = []
     if row["n_inliers"] < opts["min_inliers"]:
         reasons.append(f"too few feature matches ({row['n_inliers']} inliers; rotation search used)")
@@ -149,8 +152,9 @@ def register(atlas: Atlas, client=None, force: bool = False, **options) -> Stage
         cells = raster["cells"]
         eqs = []
         for r in rows:
-            usable = r["method"] != "none" and r["overlap"] >= opts["min_overlap"]
-            w = (1.0 if abs(r["moving"] - r["fixed"]) == 1 else 0.5) if usable else 0.0
+            # partial sections still constrain their neighbours, less so the less they overlap
+            trust = min(1.0, r["overlap"] / opts["min_overlap"]) ** 2 if r["method"] != "none" else 0.0
+            w = (1.0 if abs(r["moving"] - r["fixed"]) == 1 else 0.5) * trust
             eqs.append((r["moving"], r["fixed"], r["affine_um"], w, _tissue_points(np.asarray(cells[r["moving"]]), P)))
         G = joint_affines(S, ref, eqs, prior) if S > 1 else prior
         # the atlas frame takes the sections' mean scale, not the reference section's own (+-10% is common)

@@ -1,0 +1,128 @@
+"""Registration stages on the phantom (affine part): accuracy against ground truth, QC flags, no NaN."""
+import numpy as np
+import pandas as pd
+import pytest
+
+import lamina
+from lamina.kernels.ransac import fit_affine, fit_similarity
+
+
+def _rigid_error(P, Q):
+    """Per-cell error (um) after removing one global rigid transform (Umeyama, scale dropped)."""
+    T = fit_similarity(P, Q)
+    R = T[:2, :2] / np.sqrt(np.linalg.det(T[:2, :2]))
+    return np.linalg.norm((P - P.mean(0)) @ R.T + Q.mean(0) - Q, axis=1)
+
+
+def _pipeline(atlas, **opts):
+    lamina.section_stats(atlas)
+    lamina.rasterize(atlas)
+    lamina.register(atlas, **opts)
+    lamina.warp(atlas)
+    return atlas
+
+
+def _pairs(atlas):
+    g = atlas.root["transforms/pairs"]
+    from lamina.store.arrays import as_text
+
+    return pd.DataFrame({k: as_text(g[k][...]) if k in ("method", "flag") else g[k][...]
+                         for k in ("moving", "fixed", "method", "n_inliers", "ncc_after", "overlap", "flag")})
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    ph = lamina.datasets.phantom(n_cells=24_000, n_sections=6, n_genes=4, seed=4)
+    atlas = lamina.ingest(ph, tmp_path_factory.mktemp("reg") / "r.lamina.zarr")
+    table = pd.concat([f for s in range(6) for f, _ in ph.section_chunks(s)], ignore_index=True)
+    truth = np.concatenate([xyz for s in range(6) for _, xyz in ph.section_chunks(s)])
+    return ph, _pipeline(atlas), table, truth
+
+
+def test_affine_registration_recovers_the_phantom_up_to_its_warps(registered):
+    ph, atlas, table, truth = registered
+    aligned = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y", "z")], 1).astype(np.float64)
+    assert np.isfinite(aligned).all()
+    np.testing.assert_array_equal(aligned[:, 2], truth[:, 2])
+    err = _rigid_error(aligned[:, :2], truth[:, :2])
+    # what any affine can reach: the best per-section affine fitted with the truth (the warps remain)
+    sec = atlas.to_xarray()["cell_section"].values
+    obs = table[["x", "y"]].to_numpy()
+    oracle = np.concatenate([np.linalg.norm(obs[sec == k] @ A[:2, :2].T + A[:2, 2] - truth[sec == k, :2], axis=1)
+                             for k in range(6) for A in [fit_affine(obs[sec == k], truth[sec == k, :2])]])
+    # pairwise affines also absorb the neighbours' warps, so the stack lands within 2x of the oracle
+    assert np.median(err) < 2.0 * np.median(oracle) and np.median(err) < 60, (np.median(err), np.median(oracle))
+    per_section = [np.median(err[sec == k]) for k in range(6)]
+    assert max(per_section) < 2.5 * np.median(per_section)  # no drift towards the ends
+    pairs = _pairs(atlas)
+    assert len(pairs) == 5 + 4 and (pairs.ncc_after > 0.6).all()
+    assert (pairs.flag.str.contains("low").sum() == 0)
+
+
+def test_pair_transforms_match_the_known_transforms(registered):
+    ph, atlas, table, truth = registered
+    pairs = _pairs(atlas)
+    centred = atlas.root["transforms/pairs/affine_um"][...]  # section-centred frames
+    c = atlas.root["raster/centroid"][...]
+    shift = lambda v: np.array([[1, 0, v[0]], [0, 1, v[1]], [0, 0, 1.0]])  # noqa: E731
+    A = [shift(c[int(j)]) @ M @ shift(-c[int(k)]) for M, k, j in zip(centred, pairs.moving, pairs.fixed)]
+    sec = atlas.to_xarray()["cell_section"].values
+    obs = table[["x", "y"]].to_numpy()
+    for i, r in pairs.iterrows():
+        k, j = int(r.moving), int(r.fixed)
+        # the best affine from section k's observed frame to section j's (the warps' mean rotations included)
+        true_rel = fit_affine(obs[sec == k], ph.to_observed(j, truth[sec == k, :2]))
+        p = obs[sec == k]
+        moved = np.linalg.norm(p @ (A[i] - true_rel)[:2, :2].T + (A[i] - true_rel)[:2, 2], axis=1)
+        # each section carries its own ~30 um/mode warp, so the image-optimal affine and the least-squares one
+        # differ by tens of um; a wrong rotation or flip would be off by hundreds
+        assert np.median(moved) < 60.0, (k, j, np.median(moved))
+
+
+def _table_store(tmp_path, table, name="t"):
+    path = tmp_path / f"{name}.parquet"
+    table.to_parquet(path)
+    return lamina.ingest(path, tmp_path / f"{name}.lamina.zarr", cell_type="cell_type", min_cells_per_section=5,
+                         section_order=sorted(table.section.unique()), section_spacing=35.0)
+
+
+@pytest.fixture(scope="module")
+def small_table():
+    ph = lamina.datasets.phantom(n_cells=12_000, n_sections=4, n_genes=2, seed=8, flip_fraction=0.0)
+    return ph, pd.concat([f for s in range(4) for f, _ in ph.section_chunks(s)], ignore_index=True)
+
+
+def test_flipped_section_is_recovered_when_reflections_are_allowed(tmp_path, small_table):
+    ph, table = small_table
+    t = table.copy()
+    m = t.section == "S002"
+    t.loc[m, "x"] = -t.loc[m, "x"]  # mirror section S002
+    atlas = _pipeline(_table_store(tmp_path, t), reflect=True)
+    A = atlas.root["transforms/affine"][...]
+    sign = np.sign(np.linalg.det(A[:, :2, :2]))
+    assert sign[2] != sign[0] and sign[0] == sign[1] == sign[3]  # S002 (the reference here) is the odd one
+    pairs = _pairs(atlas)
+    assert (pairs.ncc_after > 0.6).all()
+
+
+def test_blank_tiny_low_overlap_and_sparse_sections_are_flagged_not_nan(tmp_path, small_table):
+    ph, table = small_table
+    t = table.copy()
+    s1 = t[t.section == "S001"]
+    keep_left = s1.x < s1.x.quantile(0.15)                      # S001: a sliver of the tissue
+    t = t.drop(s1.index[~keep_left])
+    s3 = t[t.section == "S003"]
+    t = t.drop(s3.index[12:])                                   # S003: 12 cells only
+    s0 = t[t.section == "S000"]
+    t = t.drop(s0.sample(frac=0.9, random_state=0).index)       # S000: 10x sparser than the others
+    atlas = _pipeline(_table_store(tmp_path, t, "bad"))
+    aligned = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1)
+    assert np.isfinite(aligned).all() and len(aligned) == len(t)
+    pairs = _pairs(atlas)
+    flags = dict(zip(zip(pairs.moving, pairs.fixed), pairs.flag))
+    assert "blank or tiny" in flags[(3, 2)]
+    assert any("overlap" in f or "correlation" in f for (k, j), f in flags.items() if 1 in (k, j))
+    assert atlas.stage_records()["register"]["flagged"]
+    # the sparse section still aligns to its neighbour
+    row = pairs[(pairs.moving == 0) & (pairs.fixed == 1)].iloc[0]
+    assert row.flag == "" or "feature" in row.flag

@@ -39,7 +39,10 @@ SCHEMA = {
         "scheduler": ((str, None), None), "n_workers": ((int, None), None),
         "threads_per_worker": ((int, None), None), "gpu": ((bool,), False),
     },
-    "stages": {"section_stats": ((bool,), True)},
+    "stages": {
+        "section_stats": ((bool,), True),
+        "register": {"enabled": ((bool,), True), "reflect": ((bool,), False), "pixel_um": ((float, int, None), None)},
+    },
     "report": {"enabled": ((bool,), True), "out": ((str, None), None)},
 }
 

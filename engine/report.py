@@ -88,8 +88,60 @@ def stack_html(atlas: Atlas, path: str | Path, max_points: int = 60_000) -> Path
     return path
 
 
+def _composite(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """RGB overlay: fixed in magenta, moving in green (white where both have tissue)."""
+    f = fixed / max(np.percentile(fixed, 99), 1e-9)
+    m = moving / max(np.percentile(moving, 99), 1e-9)
+    return np.clip(np.stack([f, m, f], -1), 0, 1)
+
+
+def pair_overlays(atlas: Atlas, path: str | Path, max_pairs: int = 12) -> Path:
+    """Registration QC: each adjacent pair before (section-centred) and after its affine, with its QC numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from .kernels.image_align import warp_image
+    from .store.arrays import as_text
+
+    raster, pairs = atlas.root["raster"], atlas.root["transforms/pairs"]
+    spacing, origin = float(raster.attrs["spacing"]), raster.attrs["origin"]
+    P = np.array([[spacing, 0, origin[0]], [0, spacing, origin[1]], [0, 0, 1.0]])
+    moving, fixed = pairs["moving"][...], pairs["fixed"][...]
+    adjacent = [i for i in range(len(moving)) if abs(int(moving[i]) - int(fixed[i])) == 1][:max_pairs]
+    flags, methods = as_text(pairs["flag"][...]), as_text(pairs["method"][...])
+    ncc0, ncc1 = pairs["ncc_before"][...], pairs["ncc_after"][...]
+    ids = atlas.sections.id.tolist()
+    fig, axes = plt.subplots(len(adjacent), 2, figsize=(6, 3 * len(adjacent)), squeeze=False)
+    for row, i in enumerate(adjacent):
+        k, j = int(moving[i]), int(fixed[i])
+        m = np.asarray(raster["cells"][k]).sum(0)
+        f = np.asarray(raster["cells"][j]).sum(0)
+        A_px = np.linalg.inv(P) @ pairs["affine_um"][i] @ P
+        warped = warp_image(torch.from_numpy(m)[None, None].double(), torch.from_numpy(A_px)[None])[0, 0].numpy()
+        for col, (img, title) in enumerate([(m, f"before  ncc {ncc0[i]:.2f}"),
+                                            (warped, f"after ({methods[i]})  ncc {ncc1[i]:.2f}")]):
+            ax = axes[row, col]
+            ax.imshow(_composite(f, img), origin="lower")
+            ax.set_title(f"{ids[k]} -> {ids[j]}: {title}", fontsize=7)
+            ax.set_axis_off()
+        if flags[i]:
+            axes[row, 1].text(0.01, 0.01, flags[i][:60], color="yellow", fontsize=6, transform=axes[row, 1].transAxes)
+    fig.suptitle("registration QC: fixed magenta, moving green", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(atlas: Atlas, folder: str | Path) -> list[Path]:
     """All pictures that apply to the stages done so far, into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return [section_grid(atlas, folder / "sections.png"), stack_html(atlas, folder / "stack3d.html")]
+    out = [section_grid(atlas, folder / "sections.png"), stack_html(atlas, folder / "stack3d.html")]
+    if atlas.group_is_complete("transforms") and atlas.group_is_complete("raster"):
+        out.append(pair_overlays(atlas, folder / "registration_pairs.png"))
+    return out

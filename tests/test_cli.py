@@ -21,8 +21,12 @@ def test_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "cells 8,000" in proc.stdout and "section_stats" in proc.stdout
     atlas = lamina.Atlas.open(tmp_path / "d" / "demo.lamina.zarr")
-    assert atlas.completed_stages() == ["ingest", "section_stats"]
+    assert atlas.completed_stages() == ["ingest", "section_stats", "rasterize", "register", "warp"]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("registration error against ground truth")][0]
+    median = float(line.split("median ")[1].split(" um")[0])
+    assert 1.0 < median < 80.0  # affine stage only: the phantom's 30 um warps remain
     assert (tmp_path / "d" / "sections.png").stat().st_size > 10_000
+    assert (tmp_path / "d" / "registration_pairs.png").stat().st_size > 10_000
     html = (tmp_path / "d" / "stack3d.html").read_text()
     assert "plotly" in html and "scatter3d" in html
     assert (tmp_path / "d" / "demo.truth.zarr" / "zarr.json").exists()
@@ -48,6 +52,7 @@ def test_build_from_config(built, phantom_table):
     atlas = lamina.Atlas.open(built / "out" / "atlas.lamina.zarr")
     assert atlas.n_cells == len(table) and atlas.n_genes == 24
     assert list(atlas.sections.z) == [0, 35, 70, 105, 140]
+    assert atlas.group_is_complete("aligned") and atlas.group_is_complete("transforms")
     assert (built / "out" / "atlas.lamina-report" / "sections.png").exists()
     again = run("build", built / "build.yaml")  # unchanged: both stages skipped
     assert again.returncode == 0
@@ -57,7 +62,7 @@ def test_build_from_config(built, phantom_table):
 def test_info(built, capsys):
     assert main(["info", str(built / "out" / "atlas.lamina.zarr")]) == 0
     out = capsys.readouterr().out
-    assert "cells 6,000" in out and "section_stats" in out and "complete" in out
+    assert "cells 6,000" in out and "section_stats" in out and "register" in out and "complete" in out
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "anndata"])

@@ -211,7 +211,7 @@ class Phantom:
             yield pd.concat([frame, genes], axis=1), xyz
 
     # ------------------------------------------------------------------ writing
-    def write_parquet(self, folder: str | Path, row_group_rows: int = 65_536) -> list[Path]:
+    def write_parquet(self, folder: str | Path, row_group_rows: int = 16_384) -> list[Path]:
         """One Parquet file per section (``S000.parquet`` ...), written chunk by chunk.
 
         Row groups are capped at ``row_group_rows``: a Parquet reader holds one row group at a time, so this

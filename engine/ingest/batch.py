@@ -145,22 +145,24 @@ def normalise(raw: RawChunk, unit: ReadUnit, spec: IngestSpec, genes: list[str],
             nums[name] = np.asarray(pd.Series(values).to_numpy())
     X = None
     if genes:
-        X = np.zeros((n, len(genes)), dtype=np.float32)
         pos = {g: i for i, g in enumerate(genes)}
+        X = np.zeros((n, len(genes)), dtype=np.float32) if raw.X is not None or unit_genes != genes else None
         if raw.X is not None:
             src = [j for j, g in enumerate(unit_genes) if g in pos]
             X[:, [pos[unit_genes[j]] for j in src]] = raw.X[:, src]
         else:
             have = [g for g in unit_genes if g in pos]
-            block = f[have]
-            nonnum = [c for c in have if not pd.api.types.is_numeric_dtype(block[c])]
+            nonnum = [c for c in have if not pd.api.types.is_numeric_dtype(f[c])]
             if nonnum:
                 col = nonnum[0]
-                conv = pd.to_numeric(block[col], errors="coerce")
-                i = int(np.flatnonzero(conv.isna().to_numpy() & block[col].notna().to_numpy())[0])
-                raise InputError(f"{unit.label}: gene column {col!r} has a non-numeric value {block[col].iloc[i]!r} "
+                conv = pd.to_numeric(f[col], errors="coerce")
+                i = int(np.flatnonzero(conv.isna().to_numpy() & f[col].notna().to_numpy())[0])
+                raise InputError(f"{unit.label}: gene column {col!r} has a non-numeric value {f[col].iloc[i]!r} "
                                  f"at data row {row0 + i}; expression must be numbers (or leave {col!r} out of genes)")
-            X[:, [pos[g] for g in have]] = block.to_numpy(dtype=np.float32)
+            if have == genes:  # the usual case: one copy, straight into float32
+                X = f[have].to_numpy(dtype=np.float32)
+            else:
+                X[:, [pos[g] for g in have]] = f[have].to_numpy(dtype=np.float32)
         bad = ~np.isfinite(X)
         if bad.any():
             r, c = (int(v[0]) for v in np.nonzero(bad))

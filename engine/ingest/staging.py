@@ -53,7 +53,10 @@ def stage_unit(unit: ReadUnit, spec: IngestSpec, genes: list[str], staging: str,
             continue
         batch = normalise(raw, unit, spec, genes, unit_genes)
         codes, ids = pd.factorize(batch.section, sort=False)
-        order = np.argsort(codes, kind="stable")
+        # factorize numbers sections by first appearance, so a chunk already in section order (always, for
+        # one file per section) has non-decreasing codes and needs no reordering copy
+        ordered = bool(np.all(codes[1:] >= codes[:-1]))
+        order = slice(None) if ordered else np.argsort(codes, kind="stable")
         counts = np.bincount(codes, minlength=len(ids))
         folder = Path(staging) / f"u{index:05d}c{c:05d}"
         folder.mkdir(parents=True, exist_ok=False)
@@ -63,12 +66,14 @@ def stage_unit(unit: ReadUnit, spec: IngestSpec, genes: list[str], staging: str,
             _save(folder, f"obs.{name}", np.asarray(values)[order])
         if batch.X is not None:
             _save(folder, "X", batch.X[order])
+        rows_read = len(raw.frame)
+        del raw  # the input chunk is staged: free it before the next one is read
         segments = []
         start = 0
         for j, sid in enumerate(ids):
             segments.append([str(sid), int(counts[j])])
             sel = slice(start, start + int(counts[j]))
-            idx = order[sel]
+            idx = sel if ordered else order[sel]
             rec = sections.setdefault(str(sid), {"n": 0, "zmin": np.inf, "zmax": -np.inf, "xmin": np.inf,
                                                  "xmax": -np.inf, "ymin": np.inf, "ymax": -np.inf})
             rec["n"] += int(counts[j])
@@ -87,7 +92,7 @@ def stage_unit(unit: ReadUnit, spec: IngestSpec, genes: list[str], staging: str,
             if kinds.setdefault(name, kind) != kind and {kinds[name][:3], kind[:3]} != {"num"}:
                 raise InputError(f"{unit.label}: column {name!r} holds text in some rows and numbers in others; "
                                  f"make it one type")
-        total += len(raw.frame)
+        total += rows_read
     return {"unit": unit.label, "index": index, "rows": total, "fragments": fragments, "sections": sections,
             "categories": {k: sorted(v) for k, v in categories.items()}, "kinds": kinds,
             "genes": unit_genes, "default_section": unit.default_section}

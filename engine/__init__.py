@@ -17,6 +17,6 @@ from .ingest import IngestSpec, ingest
 from .stages import rasterize, register, section_stats, warp
 from .store import FORMAT_VERSION, Atlas
 
-__all__ = ["Atlas", "FORMAT_VERSION", "IngestSpec", "connect", "datasets", "ingest", "section_stats", "rasterize", "register", "warp",
+__all__ = ["config", "Atlas", "FORMAT_VERSION", "IngestSpec", "connect", "datasets", "ingest", "section_stats", "rasterize", "register", "warp",
            "LaminaError", "InputError", "ConfigError", "StoreError", "FormatVersionError", "ClusterError",
            "TooLargeError", "__version__"]

@@ -107,6 +107,13 @@ def image_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | N
     return d.mean()
 
 
+def _perturbed(A: torch.Tensor, D: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``T(c + t) (I + D) T(-c) A``: a small affine change about the image centre ``c`` applied after ``A``."""
+    L = torch.eye(2, dtype=A.dtype) + D
+    top = torch.cat([L, (c + t - L @ c)[:, None]], 1)
+    return torch.cat([top, torch.tensor([[0.0, 0.0, 1.0]], dtype=A.dtype)], 0) @ A
+
+
 def refine_affine(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, scales=(4, 2, 1),
                   iterations=(120, 60, 25), lr: float = 0.01) -> tuple[np.ndarray, float]:
     """Refine all 6 affine parameters by Adam on the multi-channel MSE, coarse to fine.
@@ -129,17 +136,10 @@ def refine_affine(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, s
         D = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
         t = torch.zeros(2, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.Adam([{"params": [D], "lr": lr}, {"params": [t], "lr": lr * max(H, W) / 4}])
-
-        def current():
-            L = torch.eye(2, dtype=torch.float64) + D
-            M = torch.eye(3, dtype=torch.float64).clone()
-            M = torch.cat([torch.cat([L, (c + t - L @ c)[:, None]], 1), M[2:]], 0)
-            return M @ A_s
-
         prev = None
         for it in range(n_iter):
             opt.zero_grad()
-            loss = image_loss(fx, warp_image(mv, current()[None], fx.shape[-2:]))
+            loss = image_loss(fx, warp_image(mv, _perturbed(A_s, D, t, c)[None], fx.shape[-2:]))
             loss.backward()
             opt.step()
             value = float(loss.detach())
@@ -147,6 +147,6 @@ def refine_affine(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, s
                 break
             prev = value
         with torch.no_grad():
-            A = torch.linalg.inv(S) @ current() @ S
+            A = torch.linalg.inv(S) @ _perturbed(A_s, D, t, c) @ S
             loss_value = float(image_loss(fixed[None].double(), warp_image(moving[None].double(), A[None])))
     return A.detach().numpy(), loss_value

@@ -1,5 +1,4 @@
 """Every kind of bad input gives an InputError that names what and where, and leaves an existing store intact."""
-import gzip
 import shutil
 import subprocess
 import sys

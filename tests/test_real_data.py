@@ -2,8 +2,6 @@
 import json
 
 import numpy as np
-import pandas as pd
-import pytest
 
 import lamina
 from conftest import need

@@ -1,5 +1,4 @@
 """Stages are atomic and resumable: killed or failed runs never leave a result that looks complete."""
-import os
 import shutil
 import signal
 import subprocess

@@ -23,7 +23,7 @@ import numpy as np
 from .._version import __version__
 from ..cluster import compute
 from ..errors import ConfigError, InputError, StoreError
-from ..stages.runner import _jsonable, params_hash
+from ..stages.runner import jsonable, params_hash
 from ..store import arrays
 from ..store.atlas import Atlas, _is_url, now_iso
 from .assemble import Layout, layout_sections, plan_pieces, resolve_genes
@@ -134,7 +134,7 @@ def ingest(source, store, spec: IngestSpec | None = None, *, paste=None, pattern
         _write_store(staged, layout, summaries, spec, genes, str(staging), client)
         shutil.rmtree(staging)
         seconds = time.perf_counter() - t0
-        record = {"complete": True, "hash": digest, "params": _jsonable(spec.to_dict()), "group": "/",
+        record = {"complete": True, "hash": digest, "params": jsonable(spec.to_dict()), "group": "/",
                   "source": [u.label for u in units][:50], "n_units": len(units), "finished": now_iso(),
                   "seconds": round(seconds, 3), "seconds_pass1": round(t_stage, 3), "version": __version__}
         staged.root.attrs["stages"] = {"ingest": record}

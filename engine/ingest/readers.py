@@ -174,9 +174,7 @@ class TableFile(ReadUnit):
             for p, it in zip(files, iters):
                 try:
                     parts.append(next(it, None))
-                except _READ_ERRORS as exc:
-                    raise _corrupt(str(p), row0, exc) from exc
-                except Exception as exc:  # pyarrow raises ArrowInvalid / ArrowIOError for damaged files
+                except Exception as exc:  # gzip/zlib/pandas/pyarrow each raise their own types for damaged files
                     raise _corrupt(str(p), row0, exc) from exc
             if all(part is None for part in parts):
                 return

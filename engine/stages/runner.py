@@ -26,11 +26,11 @@ from ..store.atlas import Atlas, _is_url, now_iso
 SCRATCH = "_tmp"
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if isinstance(obj, (str, int, float, bool)) or obj is None:
@@ -40,7 +40,7 @@ def _jsonable(obj):
 
 def params_hash(*parts) -> str:
     """SHA-256 of the canonical JSON of ``parts`` (dict keys sorted, paths and numpy values stringified)."""
-    blob = json.dumps(_jsonable(list(parts)), sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(jsonable(list(parts)), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -55,7 +55,7 @@ class StageResult:
 
 def _set_record(atlas: Atlas, name: str, record: dict) -> None:
     stages = dict(atlas.root.attrs.get("stages", {}))
-    stages[name] = _jsonable(record)
+    stages[name] = jsonable(record)
     atlas.root.attrs["stages"] = stages
 
 

@@ -157,7 +157,9 @@ class TableFile(ReadUnit):
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            for batch in pq.ParquetFile(p).iter_batches(batch_size=rows, columns=have):
+            # pre_buffer=False: with pre-buffering, arrow keeps every column chunk it has read until the
+            # whole file is done, so memory would grow with the length of the file
+            for batch in pq.ParquetFile(p, pre_buffer=False).iter_batches(batch_size=rows, columns=have):
                 frame = pa.Table.from_batches([batch]).to_pandas(split_blocks=True, self_destruct=True)
                 del batch
                 release_arrow_memory()

@@ -68,15 +68,13 @@ def _truth_error(atlas, truth_path, max_cells: int = 200_000) -> tuple[float, fl
     import numpy as np
     import zarr
 
-    from .kernels.ransac import fit_similarity
+    from .kernels.ransac import rigid_residuals
 
     truth = zarr.open_group(str(truth_path), mode="r")
     step = max(1, atlas.n_cells // max_cells)
     P = np.stack([atlas.root[f"aligned/{k}"][::step] for k in ("x", "y")], 1).astype(np.float64)
     Q = np.stack([truth[f"cells/{k}"][::step] for k in ("x", "y")], 1)
-    T = fit_similarity(P, Q)
-    R = T[:2, :2] / np.sqrt(np.linalg.det(T[:2, :2]))
-    err = np.linalg.norm((P - P.mean(0)) @ R.T + Q.mean(0) - Q, axis=1)
+    err = rigid_residuals(P, Q)
     return float(np.median(err)), float(np.percentile(err, 95))
 
 

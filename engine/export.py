@@ -39,19 +39,8 @@ def iter_frames(atlas: Atlas, sections=None, genes=None) -> Iterator[pd.DataFram
 
 
 def _rows(atlas: Atlas, a: int, b: int) -> pd.DataFrame:
-    from .store.arrays import as_text
-
-    out = {}
     ids = atlas.sections["id"].tolist()
-    for col in atlas.cell_columns:
-        v = np.asarray(atlas.root[f"cells/{col}"][a:b])
-        cats = atlas.categories(col)
-        if col == "section":
-            out[col] = pd.Categorical.from_codes(v, categories=ids)
-        elif cats is not None:
-            out[col] = pd.Categorical.from_codes(v.astype(np.int64), categories=cats)
-        else:
-            out[col] = as_text(v) if v.dtype.kind == "T" else v
+    out = {col: atlas.decode(col, np.asarray(atlas.root[f"cells/{col}"][a:b]), ids) for col in atlas.cell_columns}
     cols = ["section", "x", "y"] + [c for c in out if c not in ("section", "x", "y")]
     return pd.DataFrame({c: out[c] for c in cols}, index=pd.RangeIndex(a, b, name="cell"))
 

@@ -104,11 +104,11 @@ def pair_overlays(atlas: Atlas, path: str | Path, max_pairs: int = 12) -> Path:
     import torch
 
     from .kernels.image_align import warp_image
+    from .stages.rasterize import pixel_to_um
     from .store.arrays import as_text
 
     raster, pairs = atlas.root["raster"], atlas.root["transforms/pairs"]
-    spacing, origin = float(raster.attrs["spacing"]), raster.attrs["origin"]
-    P = np.array([[spacing, 0, origin[0]], [0, spacing, origin[1]], [0, 0, 1.0]])
+    P = pixel_to_um(raster)
     moving, fixed = pairs["moving"][...], pairs["fixed"][...]
     adjacent = [i for i in range(len(moving)) if abs(int(moving[i]) - int(fixed[i])) == 1][:max_pairs]
     flags, methods = as_text(pairs["flag"][...]), as_text(pairs["method"][...])

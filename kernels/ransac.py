@@ -105,3 +105,11 @@ def ransac(src: np.ndarray, dst: np.ndarray, threshold: float, model: str = "sim
         best = fit_similarity(src[inl], dst[inl], best_reflect) if model == "similarity" else fit_affine(src[inl], dst[inl])
     inl = np.linalg.norm((src @ best[:2, :2].T + best[:2, 2]) - dst, axis=1) < threshold
     return best, inl
+
+
+def rigid_residuals(points: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-point distance ``[n]`` between ``points`` and ``truth`` ``[n, 2]`` after removing the one rigid
+    transform (rotation + translation, least squares, scale not removed) that best maps points onto truth."""
+    T = fit_similarity(points, truth)
+    R = T[:2, :2] / np.sqrt(abs(np.linalg.det(T[:2, :2])))
+    return np.linalg.norm((points - points.mean(0)) @ R.T + truth.mean(0) - truth, axis=1)

@@ -37,6 +37,12 @@ def canvas_geometry(atlas: Atlas, pixel_um: float | None, max_px: int = MAX_CANV
             "origin": [-(size - 1) / 2 * pixel, -(size - 1) / 2 * pixel]}
 
 
+def pixel_to_um(raster) -> np.ndarray:
+    """3x3 map from canvas pixel (col, row) to section-centred um, read from a ``/raster`` group's attrs."""
+    spacing, origin = float(raster.attrs["spacing"]), raster.attrs["origin"]
+    return np.array([[spacing, 0, origin[0]], [0, spacing, origin[1]], [0, 0, 1.0]])
+
+
 def _rasterize_section(store: str, s: int, lo: int, hi: int, center, geom: dict, n_channels: int, use_types: bool,
                        sigma_px: float, chunk: int) -> int:
     root = zarr.open_group(store, mode="r+")

@@ -26,6 +26,7 @@ from ..kernels.image_align import refine_affine, rotation_search, warp_image
 from ..kernels.ransac import ransac
 from ..store import arrays
 from ..store.atlas import Atlas
+from .rasterize import pixel_to_um
 from .runner import StageResult, run_stage
 
 DEFAULTS = {"reflect": False, "rotation_step_deg": 4.0, "min_inliers": 8, "ransac_px": 2.5, "iterations": (120, 60, 25),
@@ -139,8 +140,7 @@ def register(atlas: Atlas, client=None, force: bool = False, **options) -> Stage
         raster = atlas.root["raster"]
         S = atlas.n_sections
         ref = S // 2
-        spacing, origin = float(raster.attrs["spacing"]), raster.attrs["origin"]
-        P = np.array([[spacing, 0, origin[0]], [0, spacing, origin[1]], [0, 0, 1.0]])  # canvas px -> centred um
+        P = pixel_to_um(raster)
         Pinv = np.linalg.inv(P)
         pairs = plan_pairs(S, ref, opts["skip_pairs"])
         tasks = [dask.delayed(_pair_task, pure=False)(atlas.path, "raster/cells", k, j, opts) for k, j in pairs]

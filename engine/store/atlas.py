@@ -234,17 +234,19 @@ class Atlas:
         n = sum(b - a for a, b in ranges)
         cols = columns or self.cell_columns
         self._guard(n, 8 * len(cols) + 64, "obs", max_bytes)
-        out = {}
-        for col in cols:
-            values = self._read_rows(f"cells/{col}", ranges)
-            cats = self.categories(col)
-            if col == "section":
-                out[col] = pd.Categorical.from_codes(values, categories=self.sections["id"].tolist())
-            elif cats is not None:
-                out[col] = pd.Categorical.from_codes(values.astype(np.int64), categories=cats)
-            else:
-                out[col] = values
+        ids = self.sections["id"].tolist()
+        out = {col: self.decode(col, self._read_rows(f"cells/{col}", ranges), ids) for col in cols}
         return pd.DataFrame(out, index=pd.RangeIndex(n))
+
+    def decode(self, col: str, values: np.ndarray, section_ids: list[str] | None = None):
+        """Stored values of cell column ``col`` -> what users see: section ids and labels as ``pd.Categorical``
+        (code -1 = missing), text as Python strings, numbers unchanged."""
+        if col == "section":
+            return pd.Categorical.from_codes(values, categories=section_ids or self.sections["id"].tolist())
+        cats = self.categories(col)
+        if cats is not None:
+            return pd.Categorical.from_codes(values.astype(np.int64), categories=cats)
+        return as_text(values) if values.dtype.kind == "T" else values
 
     def to_anndata(self, sections=None, genes=None, max_bytes: int | None = None):
         """An in-memory ``anndata.AnnData`` of the chosen sections / genes.

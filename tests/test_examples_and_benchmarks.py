@@ -30,3 +30,12 @@ def test_ingest_benchmark_smoke(tmp_path):
     cells = row.split("|")
     assert float(cells[-2]) < 4.0  # peak RSS (GiB) of the whole process tree
     assert not list(tmp_path.glob("*.lamina.zarr"))  # cleaned up
+
+
+def test_registration_benchmark_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "registration.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| lamina affine |")][0]
+    median = float(row.split("|")[2])
+    assert 1.0 < median < 80.0  # um; affine only, the phantom's 30 um warps remain

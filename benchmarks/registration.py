@@ -119,7 +119,7 @@ def merfish_rows(work: Path, client) -> str:
     body = "".join(f"| {ids[k]} -> {ids[k + 1]} | " + " | ".join(f"{rows[m][k]:.3f}" for m in rows) + " |\n"
                    for k in range(len(ids) - 1))
     mean = "| **mean** | " + " | ".join(f"**{np.mean(rows[m]):.3f}**" for m in rows) + " |\n"
-    return (f"### MERFISH (Moffitt 2018), 12 sections 50 um apart: nearest-neighbour class agreement (16 classes)\n\n"
+    return ("### MERFISH (Moffitt 2018), 12 sections 50 um apart: nearest-neighbour class agreement (16 classes)\n\n"
             + head + body + mean + f"\nregister: {times['register']:.1f} s for 21 pairs.\n")
 
 

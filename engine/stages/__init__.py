@@ -3,7 +3,7 @@ compute it once, and commit one output group atomically (see :mod:`lamina.stages
 from .runner import StageResult, run_stage
 from .qc import section_stats
 from .rasterize import rasterize
-from .register import register
+from .registration import register
 from .warp import warp
 
 __all__ = ["StageResult", "run_stage", "section_stats", "rasterize", "register", "warp"]

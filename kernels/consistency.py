@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .geometry import apply_affine
+
 
 def _design(p: np.ndarray) -> np.ndarray:
     """``[m, 2]`` points -> ``[2m, 6]`` so that ``design(p) @ theta`` stacks ``A p`` for affine rows ``theta``."""
@@ -35,7 +37,7 @@ def joint_affines(n: int, reference: int, pairs: list[tuple[int, int, np.ndarray
     for k, j, A, w, P in pairs:
         if w <= 0 or len(P) == 0:
             continue
-        Q = P @ A[:2, :2].T + A[:2, 2]
+        Q = apply_affine(A, P)
         Dk, Dj = _design(P), -_design(Q)
         blocks = [(k, Dk), (j, Dj)]
         for a, Da in blocks:

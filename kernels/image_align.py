@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .geometry import affine_matrix
+
 
 def _pix_to_norm(H: int, W: int, device, dtype) -> torch.Tensor:
     """3x3 map from pixel (col, row) to grid_sample's normalised coordinates (align_corners=True)."""
@@ -31,16 +33,6 @@ def warp_image(moving: torch.Tensor, A: torch.Tensor, shape: tuple[int, int] | N
     return F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def rotation_about(theta_rad: float, center, reflect: bool = False) -> np.ndarray:
-    """3x3 rotation (after an optional mirror in x) about ``center`` (pixel units)."""
-    c, s = math.cos(theta_rad), math.sin(theta_rad)
-    L = np.array([[c, -s], [s, c]]) @ (np.diag([-1.0, 1.0]) if reflect else np.eye(2))
-    out = np.eye(3)
-    out[:2, :2] = L
-    out[:2, 2] = np.asarray(center) - L @ np.asarray(center)
-    return out
-
-
 def _search(fixed: torch.Tensor, moving: torch.Tensor, options: list, batch: int) -> dict:
     C, H, W = fixed.shape
     ctr = ((W - 1) / 2.0, (H - 1) / 2.0)
@@ -50,7 +42,7 @@ def _search(fixed: torch.Tensor, moving: torch.Tensor, options: list, batch: int
     best = {"score": -1.0}
     for start in range(0, len(options), batch):
         opts = options[start:start + batch]
-        A = torch.tensor(np.stack([rotation_about(math.radians(a), ctr, r) for a, r in opts]), dtype=torch.float64)
+        A = torch.tensor(np.stack([affine_matrix(math.radians(a), 1.0, (0.0, 0.0), ctr, r) for a, r in opts]), dtype=torch.float64)
         rot = warp_image(moving[None].double().expand(len(opts), -1, -1, -1), A)
         corr = torch.fft.irfft2(Ff[None] * torch.conj(torch.fft.rfft2(rot, s=(ph, pw))), s=(ph, pw)).sum(1)
         norm = fnorm * torch.linalg.vector_norm(rot.reshape(len(opts), -1), dim=1)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .geometry import apply_affine
+
 
 def fit_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares affine ``dst ~ A src`` from ``n >= 3`` pairs ``[n, 2]``."""
@@ -98,13 +100,13 @@ def ransac(src: np.ndarray, dst: np.ndarray, threshold: float, model: str = "sim
             best[:2, :2], best[:2, 2] = lin[m], t[m]
     if best is None:
         return np.eye(3), np.zeros(n, bool)
+    inliers = lambda T: np.linalg.norm(apply_affine(T, src) - dst, axis=1) < threshold  # noqa: E731
     for _ in range(2):  # refit on inliers, re-collect inliers
-        inl = np.linalg.norm((src @ best[:2, :2].T + best[:2, 2]) - dst, axis=1) < threshold
+        inl = inliers(best)
         if inl.sum() < k:
             break
         best = fit_similarity(src[inl], dst[inl], best_reflect) if model == "similarity" else fit_affine(src[inl], dst[inl])
-    inl = np.linalg.norm((src @ best[:2, :2].T + best[:2, 2]) - dst, axis=1) < threshold
-    return best, inl
+    return best, inliers(best)
 
 
 def rigid_residuals(points: np.ndarray, truth: np.ndarray) -> np.ndarray:

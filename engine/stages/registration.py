@@ -22,6 +22,7 @@ import zarr
 from ..cluster import compute
 from ..kernels.consistency import chain, joint_affines
 from ..kernels.features import correspondences
+from ..kernels.geometry import affine_matrix, apply_affine
 from ..kernels.image_align import refine_affine, rotation_search, warp_image
 from ..kernels.ransac import ransac
 from ..store import arrays
@@ -119,8 +120,7 @@ def _tissue_points(img: np.ndarray, px_to_um: np.ndarray, max_points: int = 400)
     total = img.sum(0)
     rows, cols = np.nonzero(total > 0.2 * total.max()) if total.max() > 0 else (np.array([]), np.array([]))
     step = max(1, len(rows) // max_points)
-    pts = np.stack([cols[::step], rows[::step]], 1).astype(np.float64)
-    return pts @ px_to_um[:2, :2].T + px_to_um[:2, 2]
+    return apply_affine(px_to_um, np.stack([cols[::step], rows[::step]], 1).astype(np.float64))
 
 
 def register(atlas: Atlas, client=None, force: bool = False, **options) -> StageResult:
@@ -161,11 +161,8 @@ def register(atlas: Atlas, client=None, force: bool = False, **options) -> Stage
         mean_scale = float(np.exp(np.mean(np.log(np.sqrt(np.abs(np.linalg.det(G[:, :2, :2])))))))
         G = np.diag([1 / mean_scale, 1 / mean_scale, 1.0]) @ G
         centroid = np.asarray(raster["centroid"][...])
-        final = np.empty_like(G)
-        for k in range(S):
-            to_centred = np.array([[1, 0, -centroid[k, 0]], [0, 1, -centroid[k, 1]], [0, 0, 1.0]])
-            back = np.array([[1, 0, centroid[ref, 0]], [0, 1, centroid[ref, 1]], [0, 0, 1.0]])
-            final[k] = back @ G[k] @ to_centred
+        back = affine_matrix(0.0, 1.0, centroid[ref])  # atlas frame: the reference section's raw position
+        final = np.stack([back @ G[k] @ affine_matrix(0.0, 1.0, -centroid[k]) for k in range(S)])
         if not np.all(np.isfinite(final)):
             raise AssertionError("register produced a non-finite transform")
         arrays.write_small(group, "affine", final, ("section", "i", "j"),

@@ -19,7 +19,6 @@ import platform
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +27,6 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
 sys.path.insert(0, str(HERE))
 from ingest import write_results  # noqa: E402
-
-
-def _stages(atlas, client) -> dict:
-    import lamina
-
-    times = {}
-    for name, stage in [("section_stats", lamina.section_stats), ("rasterize", lamina.rasterize),
-                        ("register", lamina.register), ("warp", lamina.warp)]:
-        t = time.perf_counter()
-        stage(atlas, client=client)
-        times[name] = time.perf_counter() - t
-    return times
 
 
 def _agreement(atlas, P: np.ndarray, labels: np.ndarray) -> list[float]:
@@ -75,7 +62,7 @@ def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str
 
     ph = lamina.datasets.phantom(n_cells=n_cells, n_sections=n_sections, n_genes=8, seed=0)
     atlas = lamina.ingest(ph, work / "phantom.lamina.zarr", client=client)
-    times = _stages(atlas, client)
+    times = lamina.align(atlas, client)
     truth = np.concatenate([xyz for s in range(n_sections) for _, xyz in ph.section_chunks(s)])[:, :2]
     obs = atlas.obs(columns=["x", "y", "section"])
     sec = obs.section.cat.codes.to_numpy()
@@ -112,7 +99,7 @@ def merfish_rows(work: Path, client) -> str:
     atlas = lamina.ingest(folder / "merFISH_3D_data_cell_locations.txt", work / "merfish.lamina.zarr",
                           paste=[folder / "merFISH_3D_metadata.txt"], section="layer_ID", z="z",
                           cell_type="orig_cell_types", client=client)
-    times = _stages(atlas, client)
+    times = lamina.align(atlas, client)
     rows = _label_rows(atlas)
     ids = atlas.sections.id.tolist()
     head = "| pair | " + " | ".join(rows) + " |\n|---|" + "---|" * len(rows) + "\n"
@@ -146,7 +133,7 @@ def dlpfc_rows(work: Path, client) -> str:
         atlas = lamina.ingest(src, work / f"dlpfc_{a}.lamina.zarr", x="pxl_col_fullres", y="pxl_row_fullres",
                               section="section", cell_type="layer", units="px",
                               pixel_size=65.0 / scale["spot_diameter_fullres"], section_order=[a, b], client=client)
-        _stages(atlas, client)
+        lamina.align(atlas, client)
         rows = _label_rows(atlas)
         for m in means:
             means[m].append(rows[m][0])

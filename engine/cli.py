@@ -24,7 +24,7 @@ def cmd_demo(args) -> int:
     from .datasets import phantom
     from .ingest import ingest
     from .report import write_report
-    from .stages import rasterize, register, section_stats, warp
+    from .stages import align
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,11 +41,7 @@ def cmd_demo(args) -> int:
         t = time.perf_counter()
         truth = ph.write_truth(out / "demo.truth.zarr")
         steps.append(("ground truth", time.perf_counter() - t))
-        for name, stage in [("section_stats", section_stats), ("rasterize", rasterize), ("register", register),
-                            ("warp", warp)]:
-            t = time.perf_counter()
-            stage(atlas, client=client)
-            steps.append((name, time.perf_counter() - t))
+        steps += list(align(atlas, client=client).items())
         t = time.perf_counter()
         pictures = write_report(atlas, out)
         steps.append(("pictures", time.perf_counter() - t))
@@ -82,7 +78,7 @@ def cmd_build(args) -> int:
     from .config import ingest_spec, load_config
     from .ingest import ingest
     from .report import write_report
-    from .stages import rasterize, register, section_stats, warp
+    from .stages import align, section_stats
 
     cfg = load_config(args.config)
     client = _client(args, cfg["cluster"])
@@ -91,12 +87,10 @@ def cmd_build(args) -> int:
         atlas = ingest(inp["path"], cfg["store"], ingest_spec(cfg), paste=inp["paste"] or None,
                        pattern=inp["pattern"], overwrite=args.overwrite or cfg["overwrite"], client=client)
         reg = cfg["stages"]["register"]
-        if cfg["stages"]["section_stats"] or reg["enabled"]:
-            section_stats(atlas, client=client)
         if reg["enabled"]:
-            rasterize(atlas, pixel_um=reg["pixel_um"], client=client)
-            register(atlas, client=client, reflect=reg["reflect"])
-            warp(atlas, client=client)
+            align(atlas, client=client, pixel_um=reg["pixel_um"], reflect=reg["reflect"])
+        elif cfg["stages"]["section_stats"]:
+            section_stats(atlas, client=client)
     finally:
         client.close()
     if cfg["report"]["enabled"]:

@@ -109,35 +109,48 @@ def _pool(img: torch.Tensor, f: int) -> torch.Tensor:
     return img if f == 1 else F.avg_pool2d(img[None], f, ceil_mode=True)[0]
 
 
+def resize_velocity(v: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Velocities ``[T, 2, h, w]`` (pixels per unit time) resampled onto an ``H x W`` grid covering the same
+    area; their values scale with the grid so that they still move the same tissue by the same distance."""
+    if tuple(v.shape[-2:]) == tuple(shape):
+        return v
+    ratio = shape[1] / v.shape[-1]
+    return F.interpolate(v, size=shape, mode="bilinear", align_corners=False) * ratio
+
+
 def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: float = 4.0, power: float = 2.0,
              sigma: float = 0.05, iterations=(150, 75), scales=(2, 1), lr: float = 0.5,
-             robust_scale: float | None = 0.5) -> tuple[torch.Tensor, dict]:
+             robust_scale: float | None = 0.5, init: torch.Tensor | None = None, tol: float = 1e-5,
+             dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, dict]:
     """LDDMM of ``moving`` onto ``fixed`` (both ``[C, H, W]``, already affinely aligned).
 
     Returns velocities ``v`` ``[steps, 2, H, W]`` (pixels per unit time at full resolution) and a report
-    (energy per scale, data term before/after, both on the images scaled by their joint 99th percentile).
-    ``alpha`` (pixels) sets the smoothness scale, ``power`` its order; ``sigma`` weighs the data term (in
-    those scaled units); ``robust_scale`` is where the Geman-McClure penalty saturates (None: plain
-    squares). A scale stops early when the energy changes by
-    less than 1e-5 relative over 10 iterations.
+    (energy per scale, iterations run, data term before/after, both on the images scaled by their joint 99th
+    percentile). ``alpha`` (pixels) sets the smoothness scale, ``power`` its order; ``sigma`` weighs the data
+    term (in those scaled units); ``robust_scale`` is where the Geman-McClure penalty saturates (None: plain
+    squares). ``scales`` are pooling factors, coarse to fine; the last need not be 1 (the velocity found on a
+    coarse grid is resampled to full resolution). ``init`` warm-starts from earlier velocities. A scale
+    stops early when the energy changes by less than ``tol`` relative over 10 iterations.
     """
     # intensities on a common [0, 1] scale so that sigma means the same for any density of cells
     level = torch.quantile(torch.cat([fixed.reshape(-1), moving.reshape(-1)]).double(), 0.99).clamp_min(1e-12)
-    fixed, moving = fixed.double() / level, moving.double() / level
-    report = {"data_before": float(((moving - fixed) ** 2).mean()), "energy": []}
+    fixed, moving = (fixed.double() / level).to(dtype), (moving.double() / level).to(dtype)
+    report = {"data_before": float(((moving - fixed) ** 2).mean()), "energy": [], "iterations": []}
     u = None
     for f, n_iter in zip(scales, iterations):
         fx, mv = _pool(fixed, f), _pool(moving, f)
         H, W = fx.shape[-2:]
-        K_hat = sobolev_kernel((H, W), alpha / f, power, fx.device)
-        if u is None:
-            u = torch.zeros((steps, 2, H, W), dtype=torch.float64, device=fx.device)
-        else:  # upsample the coarse field; velocities are in pixels, so they grow with the grid
-            ratio = W / u.shape[-1]
-            u = F.interpolate(u.detach(), size=(H, W), mode="bilinear", align_corners=False) * ratio
+        K_hat = sobolev_kernel((H, W), alpha / f, power, fx.device).to(dtype)
+        if u is not None:
+            u = resize_velocity(u.detach(), (H, W))
+        elif init is not None:  # v = K u, so u = K^-1 v; K_hat > 0 everywhere
+            v0 = resize_velocity(init.to(device=fx.device, dtype=dtype), (H, W))
+            u = torch.fft.irfft2(torch.fft.rfft2(v0) / K_hat, s=(H, W))
+        else:
+            u = torch.zeros((steps, 2, H, W), dtype=dtype, device=fx.device)
         u = u.detach().requires_grad_(True)
         opt = torch.optim.Adam([u], lr=lr)
-        grid = _grid(H, W, fx.device, fx.dtype)
+        grid = _grid(H, W, fx.device, dtype)
         history = []
         for it in range(n_iter):
             opt.zero_grad()
@@ -155,11 +168,12 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: f
             energy.backward()
             opt.step()
             history.append(float(energy.detach()))
-            if it > 20 and abs(history[-11] - history[-1]) < 1e-5 * abs(history[-11]):
+            if it > 20 and abs(history[-11] - history[-1]) < tol * abs(history[-11]):
                 break
-        report["energy"].append(history[-1])
-    v = smooth(u.detach(), sobolev_kernel(fixed.shape[-2:], alpha, power, fixed.device))
+        report["energy"].append(history[-1] if history else float("nan"))
+        report["iterations"].append(len(history))
     with torch.no_grad():
-        warped = sample(moving, _grid(*fixed.shape[-2:], fixed.device, fixed.dtype) + integrate_inverse(v))
+        v = resize_velocity(smooth(u.detach(), K_hat), tuple(fixed.shape[-2:]))
+        warped = sample(moving, _grid(*fixed.shape[-2:], fixed.device, dtype) + integrate_inverse(v))
         report["data_after"] = float(((warped - fixed) ** 2).mean())
     return v, report

@@ -7,10 +7,12 @@ import lamina
 from lamina.kernels.ransac import fit_affine, rigid_residuals
 
 
-def _pipeline(atlas, **opts):
+def _pipeline(atlas, fine=False, **opts):
     lamina.section_stats(atlas)
     lamina.rasterize(atlas)
     lamina.register(atlas, **opts)
+    if fine:
+        lamina.refine(atlas)
     lamina.warp(atlas)
     return atlas
 
@@ -108,7 +110,7 @@ def test_blank_tiny_low_overlap_and_sparse_sections_are_flagged_not_nan(tmp_path
     t = t.drop(s3.index[12:])                                   # S003: 12 cells only
     s0 = t[t.section == "S000"]
     t = t.drop(s0.sample(frac=0.9, random_state=0).index)       # S000: 10x sparser than the others
-    atlas = _pipeline(_table_store(tmp_path, t, "bad"))
+    atlas = _pipeline(_table_store(tmp_path, t, "bad"), fine=True)
     aligned = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1)
     assert np.isfinite(aligned).all() and len(aligned) == len(t)
     pairs = _pairs(atlas)
@@ -116,6 +118,10 @@ def test_blank_tiny_low_overlap_and_sparse_sections_are_flagged_not_nan(tmp_path
     assert "blank or tiny" in flags[(3, 2)]
     assert any("overlap" in f or "correlation" in f for (k, j), f in flags.items() if 1 in (k, j))
     assert atlas.stage_records()["register"]["flagged"]
+    # the refinement leaves the 12-cell section alone (identity) and keeps every transform finite
+    refined = atlas.root["deformation/sections/refined"][...]
+    assert not refined[3] and refined[[0, 2]].all() and atlas.stage_records()["refine"]["skipped_sections"] == ["S003"]
+    assert np.isfinite(atlas.root["deformation/displacement"][...]).all()
     # the sparse section still aligns to its neighbour
     row = pairs[(pairs.moving == 0) & (pairs.fixed == 1)].iloc[0]
     assert row.flag == "" or "feature" in row.flag

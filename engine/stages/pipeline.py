@@ -6,18 +6,24 @@ import time
 from ..store.atlas import Atlas
 from .qc import section_stats
 from .rasterize import rasterize
+from .refine import refine
 from .registration import register
 from .warp import warp
 
 
-def align(atlas: Atlas, client=None, pixel_um: float | None = None, reflect: bool = False) -> dict[str, float]:
-    """``section_stats -> rasterize -> register -> warp``; returns wall seconds per stage (near 0 when a stage
-    was already complete with the same inputs and is skipped)."""
+def align(atlas: Atlas, client=None, pixel_um: float | None = None, reflect: bool = False, fine: bool = True,
+          refine_options: dict | None = None) -> dict[str, float]:
+    """``section_stats -> rasterize -> register -> refine -> warp``; returns wall seconds per stage (near 0 when
+    a stage was already complete with the same inputs and is skipped). ``fine=False`` stops at the pairwise
+    affine stage (no ``refine``)."""
     seconds = {}
-    for name, run in [("section_stats", lambda: section_stats(atlas, client=client)),
-                      ("rasterize", lambda: rasterize(atlas, pixel_um=pixel_um, client=client)),
-                      ("register", lambda: register(atlas, client=client, reflect=reflect)),
-                      ("warp", lambda: warp(atlas, client=client))]:
+    steps = [("section_stats", lambda: section_stats(atlas, client=client)),
+             ("rasterize", lambda: rasterize(atlas, pixel_um=pixel_um, client=client)),
+             ("register", lambda: register(atlas, client=client, reflect=reflect))]
+    if fine:
+        steps.append(("refine", lambda: refine(atlas, client=client, **(refine_options or {}))))
+    steps.append(("warp", lambda: warp(atlas, client=client, refined=fine)))
+    for name, run in steps:
         t = time.perf_counter()
         run()
         seconds[name] = time.perf_counter() - t

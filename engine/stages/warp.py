@@ -1,4 +1,8 @@
-"""Stage ``warp``: apply each section's transform to its cells, one task per cell chunk -> ``/aligned``."""
+"""Stage ``warp``: apply each section's transform to its cells, one task per cell chunk -> ``/aligned``.
+
+The transform is the refined one (``/deformation``: affine, then a displacement sampled bilinearly on the
+atlas canvas) when the ``refine`` stage has run, else the affine of ``/transforms``.
+"""
 from __future__ import annotations
 
 import dask
@@ -6,17 +10,23 @@ import numpy as np
 import zarr
 
 from ..cluster import compute
+from ..kernels.warp import warp_points
 from ..store import arrays
 from ..store.atlas import Atlas
 from .runner import StageResult, run_stage
 
 
-def _warp_chunk(store: str, target: str, a: int, b: int, affine: np.ndarray, z: np.ndarray) -> int:
+def _warp_chunk(store: str, target: str, a: int, b: int, source: str, z: np.ndarray) -> int:
     root = zarr.open_group(store, mode="r+")
+    src = root[source]
+    affine = np.asarray(src["affine"][...])
     sec = np.asarray(root["cells/section"][a:b])
     xy = np.stack([root["cells/x"][a:b], root["cells/y"][a:b]], 1).astype(np.float64)
-    A = affine[sec]                                                    # [n, 3, 3] gathered per cell
-    out = np.einsum("nij,nj->ni", A[:, :2, :2], xy) + A[:, :2, 2]
+    out = np.empty_like(xy)
+    for s in np.unique(sec):  # a chunk spans few sections: one vectorised call each
+        m = sec == s
+        field = np.asarray(src["displacement"][int(s)]) if "displacement" in src else None
+        out[m] = warp_points(xy[m], affine[s], field, src.attrs.get("origin", (0.0, 0.0)), src.attrs.get("spacing", 1.0))
     if not np.all(np.isfinite(out)):
         raise AssertionError(f"non-finite aligned coordinates in rows [{a}, {b})")
     root[f"{target}/x"][a:b] = out[:, 0].astype(np.float32)
@@ -25,19 +35,25 @@ def _warp_chunk(store: str, target: str, a: int, b: int, affine: np.ndarray, z: 
     return b - a
 
 
-def warp(atlas: Atlas, client=None, force: bool = False) -> StageResult:
-    """Aligned (x, y, z) of every cell in the atlas frame (um), chunk-aligned with ``/cells``."""
+def warp(atlas: Atlas, client=None, force: bool = False, refined: bool | None = None) -> StageResult:
+    """Aligned (x, y, z) of every cell in the atlas frame (um), chunk-aligned with ``/cells``.
+
+    ``refined``: use ``/deformation`` (True), the affine ``/transforms`` (False), or whichever is newest
+    complete (None: ``/deformation`` when ``refine`` has run).
+    """
     atlas.writable()
+    if refined is None:
+        refined = atlas.stage_records().get("refine", {}).get("complete", False) and atlas.group_is_complete("deformation")
+    source, inputs = ("deformation", ("refine",)) if refined else ("transforms", ("register",))
 
     def build(group):
         n, chunk = atlas.n_cells, atlas.cell_chunk
         for k in ("x", "y", "z"):
             arrays.create(group, k, (n,), np.float32, (chunk,), ("cell",), {"units": "um"})
-        affine = np.asarray(atlas.root["transforms/affine"][...])
         z = atlas.sections.z.to_numpy(np.float64)
-        tasks = [dask.delayed(_warp_chunk, pure=False)(atlas.path, group.path, a, min(a + chunk, n), affine, z)
+        tasks = [dask.delayed(_warp_chunk, pure=False)(atlas.path, group.path, a, min(a + chunk, n), source, z)
                  for a in range(0, n, chunk)]
         assert sum(compute(*tasks, client=client)) == n
-        return {"n_cells": n}
+        return {"n_cells": n, "transform": source}
 
-    return run_stage(atlas, "warp", "aligned", {}, build, inputs=("register",), force=force)
+    return run_stage(atlas, "warp", "aligned", {"source": source}, build, inputs=inputs, force=force)

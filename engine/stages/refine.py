@@ -1,0 +1,246 @@
+"""Stage ``refine``: group-wise global consistency (affine) and the fine diffeomorphic stage (LDDMM).
+
+Data flow (every arrow is one Dask task per section; between rounds the driver handles only ``[S, 3, 3]``
+matrices)::
+
+    /raster/cells + /transforms/affine --> canvas_k: section k resampled onto the atlas canvas
+    affine rounds:  template_k = mean of the other sections' current images (global)
+                    canvas_k --(refine_affine vs template_k)--> B_k ;  gauge: mean(B) = I
+    frame gauge:    the atlas frame loses the mean shear of the raw -> atlas maps (kernels.groupwise)
+    LDDMM rounds:   template_k = Gaussian-in-z mean of the neighbours' current images (self excluded)
+                    canvas_k --(lddmm.register, warm start)--> v_k --(tiled integration)--> flow_k
+                    gauge: flow_k composed with the inverse of the local mean flow
+    --> /deformation: affine [S, 3, 3] (raw um -> atlas um), displacement / inverse [S, 2, y, x] (um)
+
+Why two templates: the affine part is fixed against all sections, because a rotation or shear that grows
+steadily along z is almost always accumulated error; the non-linear part only against nearby sections,
+so that structures that really move through the stack (vessels, layers that fold) are not straightened.
+Sections too blank to register keep the identity and are left out of every template.
+"""
+from __future__ import annotations
+
+import dask
+import numpy as np
+import torch
+import zarr
+
+from ..cluster import compute
+from ..kernels import lddmm
+from ..kernels.geometry import affine_matrix
+from ..kernels.groupwise import affine_gauge, frame_stretch, remove_common, smoothing_weights, template_weights
+from ..kernels.image_align import image_loss, refine_affine, warp_image
+from ..store import arrays
+from ..store.atlas import Atlas
+from .rasterize import pixel_to_um
+from .registration import _ncc, _normalised
+from .runner import StageResult, run_stage
+
+DEFAULTS = {"affine_rounds": 3, "lddmm_rounds": 2, "z_sigma_sections": 3.0, "alpha_px": 8.0, "power": 2.0,
+            "sigma": 0.05, "lddmm_grid_px": 64, "lddmm_iterations": (100, 50), "time_steps": 5,
+            "affine_iterations": (120, 60), "min_mass_ratio": 0.02}
+
+
+def _open(store: str):
+    return zarr.open_group(store, mode="r+")
+
+
+def _canvas_task(store: str, g: str, k: int, M: np.ndarray) -> float:
+    """Section k's raster resampled onto the atlas canvas (``M``: section pixel -> atlas pixel)."""
+    root = _open(store)
+    img = _normalised(np.asarray(root["raster/cells"][k]))
+    out = warp_image(img[None], torch.from_numpy(M)[None])[0].float().numpy()
+    root[f"{g}/canvas"][k] = out
+    root[f"{g}/current"][k] = out
+    return float(out.sum())
+
+
+def _sum_task(store: str, g: str, usable: np.ndarray) -> int:
+    root = _open(store)
+    cur = root[f"{g}/current"]
+    total = np.zeros(cur.shape[1:], np.float64)
+    for j in np.flatnonzero(usable):
+        total += cur[int(j)]
+    root[f"{g}/template_sum"][...] = total.astype(np.float32)
+    return int(usable.sum())
+
+
+def _affine_task(store: str, g: str, k: int, B: np.ndarray, n_usable: int, scales, iterations) -> tuple:
+    root = _open(store)
+    own = np.asarray(root[f"{g}/current"][k], np.float64)
+    template = torch.from_numpy((np.asarray(root[f"{g}/template_sum"][...], np.float64) - own) / (n_usable - 1))
+    canvas = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float64))
+    return refine_affine(template, canvas, B, scales=scales, iterations=iterations)
+
+
+def _apply_affine_task(store: str, g: str, k: int, B: np.ndarray) -> int:
+    root = _open(store)
+    canvas = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float64))
+    root[f"{g}/current"][k] = warp_image(canvas[None], torch.from_numpy(B)[None])[0].float().numpy()
+    return k
+
+
+def _template(root, g: str, weights: np.ndarray) -> torch.Tensor:
+    cur = root[f"{g}/current"]
+    out = np.zeros(cur.shape[1:], np.float64)
+    for j in np.flatnonzero(weights):
+        out += weights[j] * np.asarray(cur[int(j)], np.float64)
+    return torch.from_numpy(out).float()
+
+
+def _lddmm_task(store: str, g: str, k: int, weights: np.ndarray, warm: bool, opts: dict) -> dict:
+    root = _open(store)
+    template = _template(root, g, weights)
+    canvas = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float32))
+    f = opts["pool"]
+    init = torch.from_numpy(np.asarray(root[f"{g}/velocity"][k])) if warm else None
+    v, rep = lddmm.register(template, canvas, steps=opts["time_steps"], alpha=opts["alpha_px"], power=opts["power"],
+                            sigma=opts["sigma"], iterations=tuple(opts["lddmm_iterations"]), scales=(2 * f, f),
+                            init=init, tol=1e-7, dtype=torch.float32)
+    N = canvas.shape[-1]
+    root[f"{g}/velocity"][k] = lddmm.resize_velocity(v, root[f"{g}/velocity"].shape[-2:]).numpy()
+    halo = int(np.ceil(float(v.abs().max()))) + 2  # a point moves at most max|v| in unit time
+    root[f"{g}/flow"][k] = lddmm.forward_displacement_tiled(v, tile=max(32, N // 2), halo=halo).numpy()
+    root[f"{g}/flow_inverse"][k] = lddmm.integrate_inverse(v).numpy()
+    return {"section": k, "data_before": rep["data_before"], "data_after": rep["data_after"],
+            "iterations": int(sum(rep["iterations"]))}
+
+
+def _gauge_task(store: str, g: str, k: int, weights: np.ndarray, spacing: float) -> int:
+    root = _open(store)
+    flows = root[f"{g}/flow"]
+    common = np.zeros(flows.shape[1:], np.float64)
+    for j in np.flatnonzero(weights):
+        common += weights[j] * np.asarray(flows[int(j)], np.float64)
+    fwd, inv = remove_common(torch.from_numpy(np.asarray(flows[k], np.float64)),
+                             torch.from_numpy(np.asarray(root[f"{g}/flow_inverse"][k], np.float64)),
+                             torch.from_numpy(common))
+    if not (torch.isfinite(fwd).all() and torch.isfinite(inv).all()):
+        raise AssertionError(f"refine: non-finite displacement for section {k}")
+    root[f"{g}/displacement"][k] = (fwd * spacing).float().numpy()
+    root[f"{g}/inverse"][k] = (inv * spacing).float().numpy()
+    canvas = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float64))
+    H, W = canvas.shape[-2:]
+    grid = lddmm._grid(H, W, canvas.device, canvas.dtype)
+    root[f"{g}/current"][k] = lddmm.sample(canvas, grid + inv).float().numpy()
+    return k
+
+
+def _score_task(store: str, g: str, k: int, weights: np.ndarray) -> tuple[float, float]:
+    """Correlation of section k with its neighbours' template before (affine stage) and after refinement."""
+    root = _open(store)
+    template = _template(root, g, weights).double()
+    before = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float64))
+    after = torch.from_numpy(np.asarray(root[f"{g}/current"][k], np.float64))
+    return _ncc(before, template), _ncc(after, template)
+
+
+def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageResult:
+    """Group-wise affine consistency + LDDMM for every section; writes ``/deformation``.
+
+    Options (see ``DEFAULTS``): ``affine_rounds`` / ``lddmm_rounds`` (0 switches a part off),
+    ``z_sigma_sections`` (width of the neighbours' template and of the local gauge, in sections; None:
+    all sections), ``alpha_px`` / ``power`` (smoothness ``(1 - alpha^2 Laplacian)^-power``, alpha in canvas
+    pixels), ``sigma`` (data weight), ``lddmm_grid_px`` (the finest LDDMM grid has about this many pixels
+    across), ``lddmm_iterations`` / ``affine_iterations`` (Adam steps per scale), ``time_steps``.
+    """
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"refine() got unknown options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    opts = {**DEFAULTS, **options}
+    atlas.writable()
+
+    def build(group):
+        g, store = group.path, atlas.path
+        raster = atlas.root["raster"]
+        S, C, N, _ = raster["cells"].shape
+        P = pixel_to_um(raster)
+        spacing = float(P[0, 0])
+        cen = np.asarray(raster["centroid"][...])
+        final = np.asarray(atlas.root["transforms/affine"][...])
+        ref = int(atlas.root["transforms/affine"].attrs["reference"])
+        Q = affine_matrix(0.0, 1.0, cen[ref]) @ P          # atlas canvas pixel -> atlas um
+        Qi = np.linalg.inv(Q)
+        f = max(1, int(round(N / opts["lddmm_grid_px"])))
+        n_coarse = -(-N // f)
+        T = opts["time_steps"]
+        img, field = ("section", "channel", "y", "x"), ("section", "xy", "y", "x")
+        for name, shape, dims in [("canvas", (S, C, N, N), img), ("current", (S, C, N, N), img),
+                                  ("template_sum", (C, N, N), img[1:]),
+                                  ("velocity", (S, T, 2, n_coarse, n_coarse), ("section", "t", "xy", "yc", "xc")),
+                                  ("flow", (S, 2, N, N), field), ("flow_inverse", (S, 2, N, N), field),
+                                  ("displacement", (S, 2, N, N), field), ("inverse", (S, 2, N, N), field)]:
+            arrays.create(group, name, shape, np.float32, (1,) * (len(shape) - 3) + shape[-3:], dims)
+        # sections with too few cells to register keep the identity and stay out of every template
+        n_cells = np.asarray(atlas.root["qc/n_cells"][...], np.float64)
+        usable = n_cells >= max(5.0, opts["min_mass_ratio"] * n_cells.max())
+
+        def to_canvas(B):
+            M = [Qi @ Q @ B[k] @ Qi @ final[k] @ affine_matrix(0.0, 1.0, cen[k]) @ P for k in range(S)]
+            return compute(*[dask.delayed(_canvas_task, pure=False)(store, g, k, M[k]) for k in range(S)], client=client)
+
+        to_canvas(np.repeat(np.eye(3)[None], S, 0))
+        B = np.repeat(np.eye(3)[None], S, 0)
+        affine_loss = np.full(S, np.nan)
+        if opts["affine_rounds"] and usable.sum() >= 3:
+            f_aff = max(1, int(round(N / 64)))
+            for _ in range(opts["affine_rounds"]):
+                compute(dask.delayed(_sum_task, pure=False)(store, g, usable), client=client)
+                tasks = [dask.delayed(_affine_task, pure=False)(store, g, k, B[k], int(usable.sum()), (2 * f_aff, f_aff),
+                                                                tuple(opts["affine_iterations"]))
+                         for k in np.flatnonzero(usable)]
+                for k, (Bk, loss) in zip(np.flatnonzero(usable), compute(*tasks, client=client)):
+                    if np.all(np.isfinite(Bk)):
+                        B[k], affine_loss[k] = Bk, loss
+                B = affine_gauge(B, usable)
+                compute(*[dask.delayed(_apply_affine_task, pure=False)(store, g, k, B[k]) for k in range(S)],
+                        client=client)
+        # raw -> atlas after the affine rounds, then the frame's mean shear removed about the reference centre
+        G = np.stack([Q @ B[k] @ Qi @ final[k] for k in range(S)])
+        frame = np.eye(3)
+        if usable.sum() >= 3:
+            frame[:2, :2] = frame_stretch(G[usable][:, :2, :2])
+        C_um = affine_matrix(0.0, 1.0, cen[ref]) @ frame @ affine_matrix(0.0, 1.0, -cen[ref])
+        G = np.stack([C_um @ G[k] for k in range(S)])
+        final_new = G
+        to_canvas(np.stack([Qi @ C_um @ Q @ B[k] for k in range(S)]))
+
+        reports = []
+        n_lddmm = opts["lddmm_rounds"] if usable.sum() >= 3 else 0
+        sig = opts["z_sigma_sections"]
+        tw = np.stack([template_weights(S, k, sig, usable) for k in range(S)])
+        gauge = smoothing_weights(S, sig, usable)
+        lopts = dict(opts, pool=f)
+        for r in range(n_lddmm):
+            tasks = [dask.delayed(_lddmm_task, pure=False)(store, g, k, tw[k], r > 0, lopts)
+                     for k in np.flatnonzero(usable) if tw[k].sum() > 0]
+            reports = list(compute(*tasks, client=client))
+            compute(*[dask.delayed(_gauge_task, pure=False)(store, g, k, gauge[k] if usable[k] else np.zeros(S), spacing)
+                      for k in range(S)], client=client)
+        scores = np.asarray(compute(*[dask.delayed(_score_task, pure=False)(store, g, k, tw[k]) for k in range(S)],
+                                    client=client)) if S > 1 else np.zeros((S, 2))
+        for name in ("template_sum", "velocity", "flow", "flow_inverse"):
+            del group[name]
+        if not np.all(np.isfinite(final_new)):
+            raise AssertionError("refine produced a non-finite transform")
+        arrays.write_small(group, "affine", final_new, ("section", "i", "j"),
+                           {"maps": "raw (x, y, 1) um -> atlas (x, y, 1) um, before the displacement"})
+        origin = [float(Q[0, 2]), float(Q[1, 2])]
+        group.attrs.update({"origin": origin, "spacing": spacing, "units": "um",
+                            "displacement": "atlas = a + displacement(a), a = affine @ raw (bilinear on the grid)",
+                            "inverse": "a = x + inverse(x) for an atlas point x; raw = affine^-1 @ a"})
+        group["canvas"].attrs["description"] = "each section after the affine stages, on the atlas canvas"
+        group["current"].attrs["description"] = "each section after refinement (affine + displacement)"
+        qc = group.create_group("sections")
+        data = {"ncc_before": scores[:, 0], "ncc_after": scores[:, 1], "affine_loss": affine_loss,
+                "lddmm_data_before": np.full(S, np.nan), "lddmm_data_after": np.full(S, np.nan)}
+        for rep in reports:
+            data["lddmm_data_before"][rep["section"]] = rep["data_before"]
+            data["lddmm_data_after"][rep["section"]] = rep["data_after"]
+        for name, values in data.items():
+            arrays.write_small(qc, name, np.asarray(values, np.float64), ("section",))
+        arrays.write_small(qc, "refined", usable, ("section",))
+        skipped = [str(atlas.sections.id.iloc[k]) for k in np.flatnonzero(~usable)]
+        return {"lddmm_pool": f, "skipped_sections": skipped,
+                "ncc_mean_before": float(np.mean(scores[:, 0])), "ncc_mean_after": float(np.mean(scores[:, 1]))}
+
+    return run_stage(atlas, "refine", "deformation", opts, build, inputs=("register",), force=force)

@@ -1,0 +1,53 @@
+"""Re-apply an atlas's registration to new points (another modality of the same sections), both ways.
+
+The transforms live in the store as arrays: ``/deformation`` (affine + displacement grids, when the
+``refine`` stage ran) or ``/transforms/affine``. Only the one section's grid is read.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError, StoreError
+from .kernels.geometry import apply_affine
+from .kernels.warp import sample_grid, warp_points
+from .store.atlas import Atlas
+
+
+def _source(atlas: Atlas, section) -> tuple:
+    if atlas.group_is_complete("deformation"):
+        src = atlas.root["deformation"]
+    elif atlas.group_is_complete("transforms"):
+        src = atlas.root["transforms"]
+    else:
+        raise StoreError(f"{atlas.path} has no registration yet; run lamina.align() (or register) first")
+    ids = list(atlas.sections.id)
+    k = ids.index(section) if isinstance(section, str) and section in ids else section
+    if not isinstance(k, (int, np.integer)) or not 0 <= int(k) < len(ids):
+        raise InputError(f"unknown section {section!r}; this atlas has {len(ids)} sections ({ids[:5]}...)")
+    return src, int(k)
+
+
+def _points(xy) -> np.ndarray:
+    xy = np.asarray(xy, np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise InputError(f"points must be an [n, 2] array of (x, y) in um, got shape {xy.shape}")
+    if not np.all(np.isfinite(xy)):
+        raise InputError(f"points contain NaN or inf at rows {np.flatnonzero(~np.isfinite(xy).all(1))[:5].tolist()}")
+    return xy
+
+
+def to_atlas(atlas: Atlas, section, xy) -> np.ndarray:
+    """Raw (x, y) um of ``section`` (index or id) -> atlas (x, y) um: ``a = A p``, then ``a + u(a)``."""
+    src, k = _source(atlas, section)
+    field = np.asarray(src["displacement"][k]) if "displacement" in src else None
+    return warp_points(_points(xy), np.asarray(src["affine"][k]), field, src.attrs.get("origin", (0.0, 0.0)),
+                       src.attrs.get("spacing", 1.0))
+
+
+def to_section(atlas: Atlas, section, xy) -> np.ndarray:
+    """Atlas (x, y) um -> raw (x, y) um of ``section``: ``a = x + g(x)`` (the stored inverse grid), ``A^-1 a``."""
+    src, k = _source(atlas, section)
+    x = _points(xy)
+    if "inverse" in src:
+        x = x + sample_grid(np.asarray(src["inverse"][k], np.float64), x, src.attrs["origin"], src.attrs["spacing"])
+    return apply_affine(np.linalg.inv(np.asarray(src["affine"][k])), x)

@@ -1,0 +1,86 @@
+"""Group-wise registration: templates built from neighbouring sections, and the gauge that keeps the atlas
+frame from drifting (NumPy for the small per-section matrices, torch for fields on the canvas grid).
+
+Why group-wise: pairwise registrations chained along z accumulate any bias they share (a structure that
+moves steadily through the stack pulls every pair the same way), and skip-one pairs agree with that bias.
+Registering each section to a template made from the sections on *both* sides has no preferred direction.
+What the images cannot tell apart (a deformation shared by every section) is fixed by convention, the
+gauge: the mean correction is the identity, and the atlas frame has no mean shear.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .lddmm import sample
+
+
+def template_weights(n: int, k: int, sigma: float | None, usable: np.ndarray | None = None) -> np.ndarray:
+    """Weights ``[n]`` of the other sections in section ``k``'s template (sum 1, zero at ``k``).
+
+    ``w_j = exp(-(j - k)^2 / (2 sigma^2))`` over section indices (``sigma=None``: all sections alike).
+    ``usable`` (bool ``[n]``) drops sections that cannot serve (blank or tiny). All zeros when no other
+    section is usable.
+    """
+    j = np.arange(n, dtype=np.float64)
+    w = np.ones(n) if sigma is None else np.exp(-0.5 * ((j - k) / float(sigma)) ** 2)
+    w[k] = 0.0
+    if usable is not None:
+        w[~np.asarray(usable, bool)] = 0.0
+    total = w.sum()
+    return w / total if total > 0 else w
+
+
+def smoothing_weights(n: int, sigma: float | None, usable: np.ndarray | None = None) -> np.ndarray:
+    """``[n, n]`` row-normalised Gaussian weights over section index, self included (the gauge's local mean)."""
+    j = np.arange(n, dtype=np.float64)
+    W = np.ones((n, n)) if sigma is None else np.exp(-0.5 * ((j[:, None] - j[None]) / float(sigma)) ** 2)
+    if usable is not None:
+        W[:, ~np.asarray(usable, bool)] = 0.0
+    total = W.sum(1, keepdims=True)
+    return np.divide(W, total, out=np.zeros_like(W), where=total > 0)
+
+
+def affine_gauge(B: np.ndarray, usable: np.ndarray | None = None) -> np.ndarray:
+    """``B_k -> mean(B)^-1 B_k`` for corrections ``[n, 3, 3]``: the average correction becomes the identity."""
+    sel = B if usable is None else B[np.asarray(usable, bool)]
+    if len(sel) == 0:
+        return B
+    return np.linalg.inv(sel.mean(0))[None] @ B
+
+
+def _sym_fn(M: np.ndarray, fn) -> np.ndarray:
+    vals, vecs = np.linalg.eigh(M)
+    return (vecs * fn(vals)) @ vecs.T
+
+
+def frame_stretch(linear: np.ndarray) -> np.ndarray:
+    """2x2 correction ``C`` that removes the atlas frame's mean shear / anisotropic stretch.
+
+    ``linear`` ``[n, 2, 2]``: the linear parts ``L_k`` of the raw -> atlas maps. Each is ``V_k R_k`` (left
+    polar decomposition; ``V_k = (L_k L_k^T)^{1/2}`` is the stretch expressed in the atlas frame). Raw
+    coordinates are micrometres with no preferred direction, so a stretch shared by all sections belongs to
+    the frame (typically inherited from the reference section's own deformation), not to the tissue.
+    ``C = exp(-dev(mean_k log V_k))``; the isotropic part (the mean scale) is left alone. Returns ``[2, 2]``.
+    """
+    logs = np.stack([0.5 * _sym_fn(L @ L.T, np.log) for L in linear])
+    M = logs.mean(0)
+    dev = M - 0.5 * np.trace(M) * np.eye(2)
+    return _sym_fn(-dev, np.exp)
+
+
+def remove_common(forward: torch.Tensor, inverse: torch.Tensor, common: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compose a section's flow with ``x -> x - c(x)``, the inverse of a shared deformation ``c``.
+
+    All fields ``[2, H, W]`` in pixels on one grid: ``forward`` ``f`` maps point ``a`` to ``a + f(a)``,
+    ``inverse`` ``g`` maps ``x`` back to ``x + g(x)``. With ``c`` small and smooth,
+    ``(id - c) o (id + f)`` has displacement ``f(a) - c(a + f(a))`` and its inverse, to first order in ``c``,
+    ``x -> y + g(y)`` with ``y = x + c(x)``, i.e. displacement ``c(x) + g(x + c(x))``.
+    """
+    H, W = forward.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=forward.dtype), torch.arange(W, dtype=forward.dtype), indexing="ij")
+    grid = torch.stack([xs, ys])
+    fwd = forward - sample(common, grid + forward)
+    inv = common + sample(inverse, grid + common)
+    return fwd, inv

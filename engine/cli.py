@@ -53,7 +53,7 @@ def cmd_demo(args) -> int:
     print(f"ground truth: {truth}")
     median, p95 = _truth_error(atlas, truth)
     print(f"registration error against ground truth (one global rigid transform removed, {len(atlas.sections)} "
-          f"sections): median {median:.1f} um, p95 {p95:.1f} um (affine stage; the phantom's per-section warps remain)")
+          f"sections): median {median:.1f} um, p95 {p95:.1f} um")
     for p in pictures:
         print(f"picture: {p}")
     return 0
@@ -88,7 +88,9 @@ def cmd_build(args) -> int:
                        pattern=inp["pattern"], overwrite=args.overwrite or cfg["overwrite"], client=client)
         reg = cfg["stages"]["register"]
         if reg["enabled"]:
-            align(atlas, client=client, pixel_um=reg["pixel_um"], reflect=reg["reflect"])
+            fine = {k: reg["fine"][k] for k in ("z_sigma_sections", "alpha_px", "lddmm_rounds", "affine_rounds")}
+            align(atlas, client=client, pixel_um=reg["pixel_um"], reflect=reg["reflect"], fine=reg["fine"]["enabled"],
+                  refine_options=fine)
         elif cfg["stages"]["section_stats"]:
             section_stats(atlas, client=client)
     finally:

@@ -137,6 +137,42 @@ def pair_overlays(atlas: Atlas, path: str | Path, max_pairs: int = 12) -> Path:
     return path
 
 
+def stack_view(atlas: Atlas, path: str | Path) -> Path:
+    """Orthogonal views of the section stack on the atlas canvas, before and after refinement.
+
+    Each panel row is one section; the columns are the total cell density along the canvas's middle row
+    (x-z view) or middle column (y-z view). A well-aligned stack shows continuous vertical structures, and a
+    structure that curves through the tissue stays curved. Reads the per-section canvases only (small).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = atlas.root["deformation"]
+    S, C, H, W = g["canvas"].shape
+    views = {}
+    for name in ("canvas", "current"):
+        xz, yz = np.zeros((S, W)), np.zeros((S, H))
+        for k in range(S):
+            total = np.asarray(g[name][k]).sum(0)
+            xz[k], yz[k] = total[H // 2 - 1:H // 2 + 2].mean(0), total[:, W // 2 - 1:W // 2 + 2].mean(1)
+        views[name] = (xz, yz)
+    fig, axes = plt.subplots(2, 2, figsize=(9, 4 + 0.1 * S), squeeze=False)
+    for r, (name, title) in enumerate([("canvas", "affine stage"), ("current", "refined")]):
+        for c, (img, axis) in enumerate(zip(views[name], ("x", "y"))):
+            ax = axes[r, c]
+            ax.imshow(img, aspect="auto", cmap="magma", interpolation="nearest")
+            ax.set_title(f"{title}: {axis}-z through the canvas centre", fontsize=9)
+            ax.set_xlabel(f"{axis} (canvas px)", fontsize=8)
+            ax.set_ylabel("section", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(atlas: Atlas, folder: str | Path) -> list[Path]:
     """All pictures that apply to the stages done so far, into ``folder``."""
     folder = Path(folder)
@@ -144,4 +180,6 @@ def write_report(atlas: Atlas, folder: str | Path) -> list[Path]:
     out = [section_grid(atlas, folder / "sections.png"), stack_html(atlas, folder / "stack3d.html")]
     if atlas.group_is_complete("transforms") and atlas.group_is_complete("raster"):
         out.append(pair_overlays(atlas, folder / "registration_pairs.png"))
+    if atlas.group_is_complete("deformation"):
+        out.append(stack_view(atlas, folder / "stack_views.png"))
     return out

@@ -36,6 +36,8 @@ def test_registration_benchmark_smoke():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "registration.py"), "--smoke"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    row = [line for line in proc.stdout.splitlines() if line.startswith("| lamina affine |")][0]
-    median = float(row.split("|")[2])
-    assert 1.0 < median < 80.0  # um; affine only, the phantom's 30 um warps remain
+    rows = {line.split("|")[1].strip(): line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")}
+    affine = float(rows["lamina affine stage (pairwise + joint solve)"][2])
+    refined = float(rows["**lamina refined** (group-wise affine + LDDMM)"][2].strip(" *"))
+    bound = float(rows["gauge bound: exact per-section warps, mean deformation set to zero"][2])
+    assert 1.0 < bound < refined < affine < 80.0, (bound, refined, affine)  # um

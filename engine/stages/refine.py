@@ -28,7 +28,7 @@ from ..cluster import compute
 from ..kernels import lddmm
 from ..kernels.geometry import affine_matrix
 from ..kernels.groupwise import affine_gauge, frame_stretch, remove_common, smoothing_weights, template_weights
-from ..kernels.image_align import image_loss, refine_affine, warp_image
+from ..kernels.image_align import refine_affine, warp_image
 from ..store import arrays
 from ..store.atlas import Atlas
 from .rasterize import pixel_to_um
@@ -181,7 +181,7 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         to_canvas(np.repeat(np.eye(3)[None], S, 0))
         B = np.repeat(np.eye(3)[None], S, 0)
         affine_loss = np.full(S, np.nan)
-        if opts["affine_rounds"] and usable.sum() >= 3:
+        if opts["affine_rounds"] and usable.sum() >= 2:
             f_aff = max(1, int(round(N / 64)))
             for _ in range(opts["affine_rounds"]):
                 compute(dask.delayed(_sum_task, pure=False)(store, g, usable), client=client)
@@ -205,7 +205,7 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         to_canvas(np.stack([Qi @ C_um @ Q @ B[k] for k in range(S)]))
 
         reports = []
-        n_lddmm = opts["lddmm_rounds"] if usable.sum() >= 3 else 0
+        n_lddmm = opts["lddmm_rounds"] if usable.sum() >= 2 else 0
         sig = opts["z_sigma_sections"]
         tw = np.stack([template_weights(S, k, sig, usable) for k in range(S)])
         gauge = smoothing_weights(S, sig, usable)

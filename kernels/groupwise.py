@@ -15,15 +15,23 @@ import torch
 from .lddmm import sample
 
 
+TRUNCATE = 4.0
+
+
+def _gaussian(d: np.ndarray, sigma: float) -> np.ndarray:
+    return np.where(np.abs(d) <= TRUNCATE * sigma, np.exp(-0.5 * (d / float(sigma)) ** 2), 0.0)
+
+
 def template_weights(n: int, k: int, sigma: float | None, usable: np.ndarray | None = None) -> np.ndarray:
     """Weights ``[n]`` of the other sections in section ``k``'s template (sum 1, zero at ``k``).
 
-    ``w_j = exp(-(j - k)^2 / (2 sigma^2))`` over section indices (``sigma=None``: all sections alike).
+    ``w_j = exp(-(j - k)^2 / (2 sigma^2))`` over section indices, cut to zero beyond ``TRUNCATE`` sigma so
+    that a task reads a bounded number of sections (``sigma=None``: all sections alike).
     ``usable`` (bool ``[n]``) drops sections that cannot serve (blank or tiny). All zeros when no other
     section is usable.
     """
     j = np.arange(n, dtype=np.float64)
-    w = np.ones(n) if sigma is None else np.exp(-0.5 * ((j - k) / float(sigma)) ** 2)
+    w = np.ones(n) if sigma is None else _gaussian(j - k, sigma)
     w[k] = 0.0
     if usable is not None:
         w[~np.asarray(usable, bool)] = 0.0
@@ -32,9 +40,10 @@ def template_weights(n: int, k: int, sigma: float | None, usable: np.ndarray | N
 
 
 def smoothing_weights(n: int, sigma: float | None, usable: np.ndarray | None = None) -> np.ndarray:
-    """``[n, n]`` row-normalised Gaussian weights over section index, self included (the gauge's local mean)."""
+    """``[n, n]`` row-normalised Gaussian weights over section index (cut beyond ``TRUNCATE`` sigma), self
+    included: the gauge's local mean."""
     j = np.arange(n, dtype=np.float64)
-    W = np.ones((n, n)) if sigma is None else np.exp(-0.5 * ((j[:, None] - j[None]) / float(sigma)) ** 2)
+    W = np.ones((n, n)) if sigma is None else _gaussian(j[:, None] - j[None], sigma)
     if usable is not None:
         W[:, ~np.asarray(usable, bool)] = 0.0
     total = W.sum(1, keepdims=True)

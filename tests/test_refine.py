@@ -17,6 +17,8 @@ def test_template_and_gauge_weights():
     np.testing.assert_allclose(flat, [0, 1 / 3, 1 / 3, 1 / 3])
     G = groupwise.smoothing_weights(5, 1.0)
     np.testing.assert_allclose(G.sum(1), 1.0)
+    far = groupwise.template_weights(40, 0, sigma=2.0)  # a task reads a bounded window, not every section
+    assert np.count_nonzero(far) == int(groupwise.TRUNCATE * 2.0)
     B = np.stack([affine_matrix(0.1 * k, 1.0 + 0.01 * k, (k, -k)) for k in range(4)])
     np.testing.assert_allclose(groupwise.affine_gauge(B).mean(0), np.eye(3), atol=1e-12)
 

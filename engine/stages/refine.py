@@ -175,7 +175,8 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         usable = n_cells >= max(5.0, opts["min_mass_ratio"] * n_cells.max())
 
         def to_canvas(B):
-            M = [Qi @ Q @ B[k] @ Qi @ final[k] @ affine_matrix(0.0, 1.0, cen[k]) @ P for k in range(S)]
+            # section raster pixel -> raw um -> atlas um (affine stage) -> atlas canvas pixel -> correction B
+            M = [B[k] @ Qi @ final[k] @ affine_matrix(0.0, 1.0, cen[k]) @ P for k in range(S)]
             return compute(*[dask.delayed(_canvas_task, pure=False)(store, g, k, M[k]) for k in range(S)], client=client)
 
         to_canvas(np.repeat(np.eye(3)[None], S, 0))
@@ -197,7 +198,7 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         # raw -> atlas after the affine rounds, then the frame's mean shear removed about the reference centre
         G = np.stack([Q @ B[k] @ Qi @ final[k] for k in range(S)])
         frame = np.eye(3)
-        if usable.sum() >= 3:
+        if usable.sum() >= 3:  # two sections' mean shear is mostly their own warps, not the frame's
             frame[:2, :2] = frame_stretch(G[usable][:, :2, :2])
         C_um = affine_matrix(0.0, 1.0, cen[ref]) @ frame @ affine_matrix(0.0, 1.0, -cen[ref])
         G = np.stack([C_um @ G[k] for k in range(S)])
@@ -231,6 +232,8 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         group["canvas"].attrs["description"] = "each section after the affine stages, on the atlas canvas"
         group["current"].attrs["description"] = "each section after refinement (affine + displacement)"
         qc = group.create_group("sections")
+        qc.attrs["ncc"] = ("correlation with the section's template of neighbours: before = after the affine rounds, "
+                           "after = with the displacement too")
         data = {"ncc_before": scores[:, 0], "ncc_after": scores[:, 1], "affine_loss": affine_loss,
                 "lddmm_data_before": np.full(S, np.nan), "lddmm_data_after": np.full(S, np.nan)}
         for rep in reports:

@@ -28,6 +28,16 @@ def _sample(atlas: Atlas, i: int, max_cells: int, use_aligned: bool = False) -> 
     return out
 
 
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    """Write ``fig`` to ``path`` and free it (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def section_grid(atlas: Atlas, path: str | Path, max_cells: int = 4000) -> Path:
     """Small multiples of every section in its own (raw) coordinates, coloured by cell type."""
     import matplotlib
@@ -56,10 +66,7 @@ def section_grid(atlas: Atlas, path: str | Path, max_cells: int = 4000) -> Path:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
     fig.suptitle(f"{Path(atlas.path).name}: sections as acquired (raw coordinates, um)", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def stack_html(atlas: Atlas, path: str | Path, max_points: int = 60_000) -> Path:
@@ -131,10 +138,7 @@ def pair_overlays(atlas: Atlas, path: str | Path, max_pairs: int = 12) -> Path:
             axes[row, 1].text(0.01, 0.01, flags[i][:60], color="yellow", fontsize=6, transform=axes[row, 1].transAxes)
     fig.suptitle("registration QC: fixed magenta, moving green", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 100)
 
 
 def stack_view(atlas: Atlas, path: str | Path) -> Path:
@@ -167,10 +171,7 @@ def stack_view(atlas: Atlas, path: str | Path) -> Path:
             ax.set_xlabel(f"{axis} (canvas px)", fontsize=8)
             ax.set_ylabel("section", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def write_report(atlas: Atlas, folder: str | Path) -> list[Path]:

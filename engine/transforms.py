@@ -36,12 +36,18 @@ def _points(xy) -> np.ndarray:
     return xy
 
 
+def apply_stored(src, k: int, xy: np.ndarray, affine: np.ndarray | None = None) -> np.ndarray:
+    """Section ``k``'s transform from group ``src`` (``/deformation`` or ``/transforms``) applied to raw points
+    ``[n, 2]`` um. ``affine`` may pass ``src["affine"][k]`` when the caller already holds it."""
+    field = np.asarray(src["displacement"][k]) if "displacement" in src else None
+    A = np.asarray(src["affine"][k]) if affine is None else affine
+    return warp_points(xy, A, field, src.attrs.get("origin", (0.0, 0.0)), src.attrs.get("spacing", 1.0))
+
+
 def to_atlas(atlas: Atlas, section, xy) -> np.ndarray:
     """Raw (x, y) um of ``section`` (index or id) -> atlas (x, y) um: ``a = A p``, then ``a + u(a)``."""
     src, k = _source(atlas, section)
-    field = np.asarray(src["displacement"][k]) if "displacement" in src else None
-    return warp_points(_points(xy), np.asarray(src["affine"][k]), field, src.attrs.get("origin", (0.0, 0.0)),
-                       src.attrs.get("spacing", 1.0))
+    return apply_stored(src, k, _points(xy))
 
 
 def to_section(atlas: Atlas, section, xy) -> np.ndarray:

@@ -33,7 +33,7 @@ from ..store import arrays
 from ..store.atlas import Atlas
 from .rasterize import pixel_to_um
 from .registration import _ncc, _normalised
-from .runner import StageResult, run_stage
+from .runner import StageResult, run_stage, stage_options
 
 DEFAULTS = {"affine_rounds": 3, "lddmm_rounds": 2, "z_sigma_sections": 3.0, "alpha_px": 8.0, "power": 2.0,
             "sigma": 0.05, "lddmm_grid_px": 64, "lddmm_iterations": (100, 50), "time_steps": 5,
@@ -54,12 +54,17 @@ def _canvas_task(store: str, g: str, k: int, M: np.ndarray) -> float:
     return float(out.sum())
 
 
+def _weighted_sum(arr, weights: np.ndarray) -> np.ndarray:
+    """``sum_j weights[j] * arr[j]`` in float64, reading only the sections with a non-zero weight."""
+    out = np.zeros(arr.shape[1:], np.float64)
+    for j in np.flatnonzero(weights):
+        out += weights[j] * np.asarray(arr[int(j)], np.float64)
+    return out
+
+
 def _sum_task(store: str, g: str, usable: np.ndarray) -> int:
     root = _open(store)
-    cur = root[f"{g}/current"]
-    total = np.zeros(cur.shape[1:], np.float64)
-    for j in np.flatnonzero(usable):
-        total += cur[int(j)]
+    total = _weighted_sum(root[f"{g}/current"], np.asarray(usable, np.float64))
     root[f"{g}/template_sum"][...] = total.astype(np.float32)
     return int(usable.sum())
 
@@ -80,11 +85,7 @@ def _apply_affine_task(store: str, g: str, k: int, B: np.ndarray) -> int:
 
 
 def _template(root, g: str, weights: np.ndarray) -> torch.Tensor:
-    cur = root[f"{g}/current"]
-    out = np.zeros(cur.shape[1:], np.float64)
-    for j in np.flatnonzero(weights):
-        out += weights[j] * np.asarray(cur[int(j)], np.float64)
-    return torch.from_numpy(out).float()
+    return torch.from_numpy(_weighted_sum(root[f"{g}/current"], weights)).float()
 
 
 def _lddmm_task(store: str, g: str, k: int, weights: np.ndarray, warm: bool, opts: dict) -> dict:
@@ -108,9 +109,7 @@ def _lddmm_task(store: str, g: str, k: int, weights: np.ndarray, warm: bool, opt
 def _gauge_task(store: str, g: str, k: int, weights: np.ndarray, spacing: float) -> int:
     root = _open(store)
     flows = root[f"{g}/flow"]
-    common = np.zeros(flows.shape[1:], np.float64)
-    for j in np.flatnonzero(weights):
-        common += weights[j] * np.asarray(flows[int(j)], np.float64)
+    common = _weighted_sum(flows, weights)
     fwd, inv = remove_common(torch.from_numpy(np.asarray(flows[k], np.float64)),
                              torch.from_numpy(np.asarray(root[f"{g}/flow_inverse"][k], np.float64)),
                              torch.from_numpy(common))
@@ -143,10 +142,7 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
     pixels), ``sigma`` (data weight), ``lddmm_grid_px`` (the finest LDDMM grid has about this many pixels
     across), ``lddmm_iterations`` / ``affine_iterations`` (Adam steps per scale), ``time_steps``.
     """
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"refine() got unknown options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    opts = {**DEFAULTS, **options}
+    opts = stage_options("refine", DEFAULTS, options)
     atlas.writable()
 
     def build(group):

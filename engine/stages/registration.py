@@ -28,7 +28,7 @@ from ..kernels.ransac import ransac
 from ..store import arrays
 from ..store.atlas import Atlas
 from .rasterize import pixel_to_um
-from .runner import StageResult, run_stage
+from .runner import StageResult, run_stage, stage_options
 
 DEFAULTS = {"reflect": False, "rotation_step_deg": 4.0, "min_inliers": 8, "ransac_px": 2.5, "iterations": (120, 60, 25),
             "skip_pairs": True, "min_overlap": 0.5, "min_ncc": 0.3, "min_mass_ratio": 0.02}
@@ -130,10 +130,7 @@ def register(atlas: Atlas, client=None, force: bool = False, **options) -> Stage
     ``min_inliers``, ``ransac_px``, ``iterations`` (Adam steps per scale), ``skip_pairs`` (also register
     k with k+-2 for the joint solve), ``min_overlap`` / ``min_ncc`` (QC flag thresholds).
     """
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"register() got unknown options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    opts = {**DEFAULTS, **options}
+    opts = stage_options("register", DEFAULTS, options)
     atlas.writable()
 
     def build(group):

@@ -53,6 +53,14 @@ class StageResult:
     seconds: float
 
 
+def stage_options(stage: str, defaults: dict, options: dict) -> dict:
+    """``defaults`` updated by ``options``; an unknown option is a ``TypeError`` naming the known ones."""
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise TypeError(f"{stage}() got unknown options {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **options}
+
+
 def _set_record(atlas: Atlas, name: str, record: dict) -> None:
     stages = dict(atlas.root.attrs.get("stages", {}))
     stages[name] = jsonable(record)

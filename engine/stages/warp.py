@@ -10,9 +10,9 @@ import numpy as np
 import zarr
 
 from ..cluster import compute
-from ..kernels.warp import warp_points
 from ..store import arrays
 from ..store.atlas import Atlas
+from ..transforms import apply_stored
 from .runner import StageResult, run_stage
 
 
@@ -25,8 +25,7 @@ def _warp_chunk(store: str, target: str, a: int, b: int, source: str, z: np.ndar
     out = np.empty_like(xy)
     for s in np.unique(sec):  # a chunk spans few sections: one vectorised call each
         m = sec == s
-        field = np.asarray(src["displacement"][int(s)]) if "displacement" in src else None
-        out[m] = warp_points(xy[m], affine[s], field, src.attrs.get("origin", (0.0, 0.0)), src.attrs.get("spacing", 1.0))
+        out[m] = apply_stored(src, int(s), xy[m], affine[s])
     if not np.all(np.isfinite(out)):
         raise AssertionError(f"non-finite aligned coordinates in rows [{a}, {b})")
     root[f"{target}/x"][a:b] = out[:, 0].astype(np.float32)

@@ -14,10 +14,12 @@ from .cluster import connect
 from .errors import (ClusterError, ConfigError, FormatVersionError, InputError, LaminaError, StoreError,
                      TooLargeError)
 from .ingest import IngestSpec, ingest
-from .stages import align, rasterize, refine, register, section_stats, warp
+from .stages import (align, export_expression_parquet, interpolate, invert, pca, rasterize, reconstruct, refine,
+                     register, section_stats, train_flow, voxelize, warp)
 from .store import FORMAT_VERSION, Atlas
 from .transforms import to_atlas, to_section
 
 __all__ = ["config", "Atlas", "FORMAT_VERSION", "IngestSpec", "connect", "datasets", "ingest", "align", "section_stats", "rasterize", "register", "refine", "warp", "to_atlas", "to_section",
+           "pca", "train_flow", "interpolate", "voxelize", "invert", "reconstruct", "export_expression_parquet",
            "LaminaError", "InputError", "ConfigError", "StoreError", "FormatVersionError", "ClusterError",
            "TooLargeError", "__version__"]

@@ -1,13 +1,18 @@
-"""The stage sequence that takes an ingested atlas to aligned cells, as one call."""
+"""The stage sequences as single calls: ``align`` (ingested -> aligned cells) and ``reconstruct`` (aligned
+cells -> isotropic expression volume)."""
 from __future__ import annotations
 
 import time
 
 from ..store.atlas import Atlas
+from .flow import train_flow
+from .interpolate import interpolate as _interpolate
+from .pca import pca
 from .qc import section_stats
 from .rasterize import rasterize
 from .refine import refine
 from .registration import register
+from .volume import invert, voxelize
 from .warp import warp
 
 
@@ -23,6 +28,27 @@ def align(atlas: Atlas, client=None, pixel_um: float | None = None, reflect: boo
     if fine:
         steps.append(("refine", lambda: refine(atlas, client=client, **(refine_options or {}))))
     steps.append(("warp", lambda: warp(atlas, client=client, refined=fine)))
+    for name, run in steps:
+        t = time.perf_counter()
+        run()
+        seconds[name] = time.perf_counter() - t
+    return seconds
+
+
+def reconstruct(atlas: Atlas, client=None, n_pcs: int | None = None, dz_um: float = 10.0, voxel_um: float | None = None,
+                flow_options: dict | None = None, interpolate: bool = True) -> dict[str, float]:
+    """``pca -> train_flow -> interpolate -> voxelize -> invert``; returns wall seconds per stage.
+
+    ``dz_um`` is the flow's step and layer spacing, ``voxel_um`` the grid's edge (default ``dz_um``);
+    ``interpolate=False`` voxelizes the observed sections only (no flow is trained).
+    """
+    seconds = {}
+    steps = [("pca", lambda: pca(atlas, n_pcs=n_pcs, client=client))]
+    if interpolate:
+        steps += [("train_flow", lambda: train_flow(atlas, client=client, **{"dz_um": dz_um, **(flow_options or {})})),
+                  ("interpolate", lambda: _interpolate(atlas, client=client))]
+    steps += [("voxelize", lambda: voxelize(atlas, voxel_um=voxel_um or dz_um, client=client)),
+              ("invert", lambda: invert(atlas, client=client))]
     for name, run in steps:
         t = time.perf_counter()
         run()

@@ -1,0 +1,204 @@
+"""Stage ``train_flow``: learn the graph SDE along z (forward and backward) -> ``/flow``.
+
+Training data are consecutive section pairs of the aligned atlas (``/aligned`` x, y and ``/pca/pcs``):
+each step draws a gap ``(k, k+1)``, a random subsample of ``subsample`` cells from each side, flows the
+lower sample up to the depth of the upper one with the forward model (and the upper one down with the
+backward model), and minimises the Sinkhorn divergence to the observed cells there
+(:func:`lamina.kernels.sde.flow_loss`). The O(n m) transport problem is why training works on subsamples:
+``subsample`` cells per side set both the memory (``~ 3 * subsample^2`` floats per loss) and the cell
+density the kNN graph is learned at; inference partitions cells at the same density.
+
+Steps run as a chain of Dask tasks of ``steps_per_task`` steps each. After every task the models and the
+Adam state are written as Zarr arrays into a checkpoint group ``_tmp/ckpt-train_flow-<hash>``, so an
+interrupted training resumes from the last finished task; the driver shows a progress bar with the loss.
+"""
+from __future__ import annotations
+
+import dask
+import numpy as np
+import torch
+import zarr
+
+from ..cluster import compute
+from ..errors import InputError, StoreError
+from ..kernels.sde import FlowModel, flow_loss
+from ..store import arrays
+from ..store.atlas import Atlas
+from ..store.tensors import load_optimizer_state, optimizer_state, read_state, write_state
+from .runner import SCRATCH, StageResult, params_hash, run_stage, stage_options
+
+DEFAULTS = {"dz_um": 10.0, "k": 10, "hidden": 64, "subsample": 1024, "steps": 300, "steps_per_task": 25,
+            "lr": 2e-3, "eps": 0.01, "expression_weight": 1.0, "noise_pos": 0.01, "noise_expr": 0.02,
+            "pool": 4, "seed": 0}
+MIN_CELLS = 3
+DIRECTIONS = ("forward", "backward")
+
+
+def flow_sections(atlas: Atlas, sections) -> np.ndarray:
+    """Positions of the sections the flow uses, in z order; refuses fewer than 3 or duplicates."""
+    S = atlas.n_sections
+    use = np.arange(S) if sections is None else np.array([atlas.section_index(s) for s in sections])
+    if len(np.unique(use)) != len(use):
+        raise InputError(f"sections for the flow repeat a section: {list(use)}")
+    z = atlas.sections.z.to_numpy()
+    use = use[np.argsort(z[use], kind="stable")]
+    n = atlas.sections.n_cells.to_numpy()[use]
+    use = use[n >= MIN_CELLS]
+    if len(use) < 3:
+        raise InputError(f"interpolation along z needs at least 3 sections with >= {MIN_CELLS} cells (got "
+                         f"{len(use)} in {atlas.path}); with fewer there is no gap to learn the flow from other "
+                         f"than the one it would fill")
+    if np.any(np.diff(z[use]) <= 0):
+        raise InputError(f"sections {list(use)} of {atlas.path} do not have increasing, distinct z; the flow "
+                         f"integrates from one depth to the next")
+    return use
+
+
+def _read_cells(root: zarr.Group, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned (x, y) ``[n, 2]`` and PCs ``[n, P]`` of the given sorted row indices."""
+    xy = np.stack([root["aligned/x"].oindex[rows], root["aligned/y"].oindex[rows]], 1).astype(np.float32)
+    return xy, np.asarray(root["pca/pcs"].oindex[rows, :], np.float32)
+
+
+def _pools(root, sec: np.ndarray, starts, stops, size: int, rng) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for s in sec:
+        a, b = int(starts[s]), int(stops[s])
+        rows = np.sort(rng.choice(np.arange(a, b), size=min(size, b - a), replace=False))
+        out[int(s)] = _read_cells(root, rows)
+    return out
+
+
+def build_models(cfg: dict, n_features: int) -> dict[str, FlowModel]:
+    return {d: FlowModel(n_features, cfg["hidden"], cfg["k"]) for d in DIRECTIONS}
+
+
+def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: int) -> list[float]:
+    """Train steps ``[a, b)`` from the checkpoint (or from scratch when ``a == 0``) and checkpoint again."""
+    root = zarr.open_group(store, mode="r+")
+    secs = root["sections"]
+    starts, stops = np.asarray(secs["cell_start"][...]), np.asarray(secs["cell_stop"][...])
+    z = np.asarray(secs["z"][...], np.float64)
+    sec = np.asarray(sec)
+    rng = np.random.default_rng([cfg["seed"], a])
+    pools = _pools(root, sec, starts, stops, cfg["pool"] * cfg["subsample"], rng)
+    P = next(iter(pools.values()))[1].shape[1]
+    models = build_models(cfg, P)
+    params = [p for m in models.values() for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg["lr"])
+    group = root.require_group(ckpt)
+    if a > 0:
+        for d, m in models.items():
+            m.load_state_dict(read_state(group[d]))
+        load_optimizer_state(opt, read_state(group["optimizer"]))
+    else:
+        allxy = np.concatenate([v[0] for v in pools.values()])
+        allh = np.concatenate([v[1] for v in pools.values()])
+        center = allxy.mean(0)
+        length = float(np.sqrt(allxy.var(0).sum()))
+        one = pools[int(sec[len(sec) // 2])][0][: cfg["subsample"]]
+        d = torch.cdist(torch.from_numpy(one), torch.from_numpy(one))
+        d.fill_diagonal_(float("inf"))
+        neighbour = float(d.min(1).values.median())
+        fscale = float(np.sqrt(allh.var(0).sum())) or 1.0
+        for m in models.values():
+            m.set_normalisation(center, length, max(neighbour, 1e-6), np.full(P, fscale))
+    gen = torch.Generator().manual_seed(int(cfg["seed"]) * 1_000_003 + a)
+    losses = []
+    m_sub = cfg["subsample"]
+    for step in range(a, b):
+        g = int(rng.integers(0, len(sec) - 1))
+        lo, hi = int(sec[g]), int(sec[g + 1])
+
+        def draw(s):
+            xy, h = pools[s]
+            idx = rng.choice(len(xy), size=min(m_sub, len(xy)), replace=False)
+            return torch.from_numpy(xy[idx]), torch.from_numpy(h[idx])
+
+        (p0, h0), (p1, h1) = draw(lo), draw(hi)
+        kw = dict(dz_um=cfg["dz_um"], expression_weight=cfg["expression_weight"], eps=cfg["eps"],
+                  noise_pos=cfg["noise_pos"], noise_expr=cfg["noise_expr"], generator=gen)
+        loss = (flow_loss(models["forward"], p0, h0, z[lo], z[hi], p1, h1, **kw)
+                + flow_loss(models["backward"], p1, h1, z[hi], z[lo], p0, h0, **kw))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    for d, m in models.items():
+        write_state(group.require_group(d), m.state_dict())
+    write_state(group.require_group("optimizer"), optimizer_state(opt))
+    if "loss" not in group:
+        arrays.create(group, "loss", (cfg["steps"],), np.float32, (cfg["steps"],), ("step",), fill_value=np.nan)
+    group["loss"][a:b] = np.asarray(losses, np.float32)
+    group.attrs["steps_done"] = int(b)  # written last: the checkpoint is valid up to here
+    return losses
+
+
+def train_flow(atlas: Atlas, client=None, force: bool = False, sections=None, **options) -> StageResult:
+    """Train the forward and backward graph-SDE flows on consecutive aligned sections -> ``/flow``.
+
+    Options (defaults in ``DEFAULTS``): ``dz_um`` Euler step (um), ``k`` neighbours, ``hidden`` width,
+    ``subsample`` cells per side per step, ``steps``, ``steps_per_task``, ``lr``, ``eps`` (OT blur, in
+    normalised units squared), ``expression_weight``, ``noise_pos`` / ``noise_expr`` (diffusion, normalised
+    units per sqrt(normalised depth)), ``pool`` (cells read per section per task, in subsamples), ``seed``.
+    ``sections`` restricts training to some sections (e.g. leave one out).
+    """
+    from tqdm.auto import tqdm
+
+    atlas.writable()
+    cfg = stage_options("train_flow", DEFAULTS, options)
+    for key in ("k", "hidden", "subsample", "steps", "steps_per_task", "pool"):
+        if int(cfg[key]) < 1:
+            raise InputError(f"train_flow: {key} must be >= 1, got {cfg[key]}")
+    if not cfg["dz_um"] > 0:
+        raise InputError(f"train_flow: dz_um must be > 0 um, got {cfg['dz_um']}")
+    records = atlas.stage_records()
+    for need in ("warp", "pca"):
+        if not records.get(need, {}).get("complete"):
+            raise StoreError(f"train_flow needs the '{need}' stage of {atlas.path}; run lamina.align() and lamina.pca() first")
+    sec = flow_sections(atlas, sections)
+    params = {**cfg, "sections": sec.tolist()}
+    ckpt = f"{SCRATCH}/ckpt-train_flow-{params_hash(params, records['warp']['hash'], records['pca']['hash'])[:16]}"
+
+    def build(group):
+        done = int(atlas.root[ckpt].attrs.get("steps_done", 0)) if ckpt in atlas.root else 0
+        bar = tqdm(total=cfg["steps"], initial=done, desc="train flow", unit="step", disable=None)
+        for a in range(done, cfg["steps"], cfg["steps_per_task"]):
+            b = min(cfg["steps"], a + cfg["steps_per_task"])
+            losses, = compute(dask.delayed(_train_block, pure=False)(atlas.path, ckpt, cfg, sec.tolist(), a, b),
+                              client=client)
+            bar.update(b - a)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        bar.close()
+        src = atlas.root[ckpt]
+        for d in DIRECTIONS:
+            write_state(group.require_group(d), read_state(src[d]))
+        loss = np.asarray(src["loss"][...])
+        arrays.write_small(group, "loss", loss, ("step",))
+        arrays.write_small(group, "sections", sec.astype(np.int32), ("flow_section",))
+        n_features = int(atlas.root["pca/pcs"].shape[1])
+        group.attrs.update({"model": {"n_features": n_features, "hidden": cfg["hidden"], "k": cfg["k"]},
+                            "dz_um": cfg["dz_um"], "subsample": cfg["subsample"]})
+        tail = loss[-max(1, len(loss) // 10):]
+        return {"final_loss": float(np.nanmean(tail)), "first_loss": float(loss[0])}
+
+    result = run_stage(atlas, "train_flow", "flow", params, build, inputs=("warp", "pca"), force=force)
+    if ckpt in atlas.root:
+        del atlas.root[ckpt]
+    return result
+
+
+def load_models(root: zarr.Group, flow: str = "flow") -> dict[str, FlowModel]:
+    """The trained forward/backward models of a complete ``/flow`` group, rebuilt from their arrays."""
+    if flow not in root or not root[flow].attrs.get("complete"):
+        raise StoreError("the atlas has no complete /flow; run lamina.train_flow(atlas) first")
+    g = root[flow]
+    m = dict(g.attrs["model"])
+    models = {}
+    for d in DIRECTIONS:
+        model = FlowModel(m["n_features"], m["hidden"], m["k"])
+        model.load_state_dict(read_state(g[d]))
+        model.eval()
+        models[d] = model
+    return models

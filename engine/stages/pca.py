@@ -1,0 +1,99 @@
+"""Stage ``pca``: out-of-core PCA of ``/X`` -> ``/pca`` {components, mean, scale, explained_variance, pcs}.
+
+Genes are centred (and, by default, scaled to unit variance, as ``scanpy.pp.scale`` before
+``scanpy.tl.pca``); the components come from dask's randomised ``svd_compressed`` over the
+``[cell, gene]`` array, so the matrix is streamed, never held. Per-cell PCs are then written one task per
+cell chunk, chunk-aligned with ``/cells``. The per-cell PCs live inside ``/pca`` (not a separate ``/pcs``)
+so the stage commits one group atomically.
+"""
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from ..cluster import compute
+from ..errors import InputError, StoreError
+from ..kernels.pca import project, safe_scale
+from ..store import arrays
+from ..store.atlas import Atlas
+from .runner import StageResult, run_stage
+
+DEFAULT_N_PCS = 50
+
+
+def _nonfinite_error(atlas: Atlas, row: int, count: int) -> None:
+    sec = atlas.sections
+    s = int(np.searchsorted(sec.cell_stop.to_numpy(), row, side="right"))
+    raise InputError(f"/X of {atlas.path} holds NaN or inf expression in {count:,} cell(s), the first at row {row} "
+                     f"(section {sec.id.iloc[min(s, len(sec) - 1)]!r}); PCA needs finite values: fix or drop those "
+                     f"cells and re-ingest")
+
+
+def _project_chunk(store: str, target: str, a: int, b: int) -> int:
+    root = zarr.open_group(store, mode="r+")
+    g = root[target]
+    comp, mean, scale = (np.asarray(g[k][...]) for k in ("components", "mean", "scale"))
+    g["pcs"][a:b] = project(np.asarray(root["X"][a:b]), mean, scale, comp)
+    return b - a
+
+
+def pca(atlas: Atlas, n_pcs: int | None = None, scale: bool = True, n_power_iter: int = 2, seed: int = 0,
+        client=None, force: bool = False) -> StageResult:
+    """PCA of the expression matrix; ``n_pcs`` defaults to ``min(50, n_genes)``.
+
+    Components ``[pc, gene]`` have unit norm with the largest loading of each positive (a fixed sign, so
+    re-runs and other machines agree); ``explained_variance_ratio`` is over the total variance of the
+    centred (scaled) genes.
+    """
+    atlas.writable()
+    if "X" not in atlas.root:
+        raise StoreError(f"{atlas.path} has no expression matrix /X; ingest genes before running pca")
+    n, G = atlas.n_cells, atlas.n_genes
+    k = int(n_pcs) if n_pcs is not None else min(DEFAULT_N_PCS, G)
+    if not 1 <= k <= min(G, n):
+        raise InputError(f"pca asked for {k} components but {atlas.path} has {G} genes and {n:,} cells; "
+                         f"n_pcs must be between 1 and {min(G, n)}")
+    params = {"n_pcs": k, "scale": bool(scale), "n_power_iter": int(n_power_iter), "seed": int(seed)}
+
+    def build(group):
+        X = atlas._lazy("X").astype(np.float64)
+        bad = ~da.isfinite(X).all(axis=1)
+        total, total_sq, n_bad, first_bad = compute(X.sum(0), (X ** 2).sum(0), bad.sum(), da.argmax(bad), client=client)
+        if n_bad:
+            _nonfinite_error(atlas, int(first_bad), int(n_bad))
+        mean = total / n
+        var = np.maximum(total_sq / n - mean ** 2, 0.0) * n / max(n - 1, 1)
+        sc = safe_scale(np.sqrt(var)) if scale else np.ones(G)
+        # svd_compressed's QR needs one block across the genes
+        rows = max(1024, arrays.TARGET_CHUNK_BYTES // (8 * G))
+        Z = ((X - mean) / sc).rechunk((rows, G))
+        _, s, v = da.linalg.svd_compressed(Z, k, n_power_iter=n_power_iter, seed=seed, compute=False)
+        s, v = compute(s, v, client=client)
+        v = np.asarray(v)
+        flip = np.sign(v[np.arange(k), np.abs(v).argmax(1)])
+        v *= np.where(flip == 0, 1.0, flip)[:, None]
+        ev = np.asarray(s) ** 2 / max(n - 1, 1)
+        total_var = float((var / sc ** 2).sum())
+        arrays.write_small(group, "components", v.astype(np.float32), ("pc", "gene"))
+        arrays.write_small(group, "mean", mean.astype(np.float32), ("gene",))
+        arrays.write_small(group, "scale", sc.astype(np.float32), ("gene",))
+        arrays.write_small(group, "explained_variance", ev.astype(np.float32), ("pc",))
+        arrays.write_small(group, "explained_variance_ratio", (ev / max(total_var, 1e-30)).astype(np.float32), ("pc",))
+        chunk = atlas.cell_chunk
+        arrays.create(group, "pcs", (n, k), np.float32, (chunk, k), ("cell", "pc"))
+        tasks = [dask.delayed(_project_chunk, pure=False)(atlas.path, group.path, a, min(a + chunk, n))
+                 for a in range(0, n, chunk)]
+        assert sum(compute(*tasks, client=client)) == n
+        return {"n_pcs": k, "explained_variance_ratio_sum": float((ev / max(total_var, 1e-30)).sum())}
+
+    return run_stage(atlas, "pca", "pca", params, build, inputs=("ingest",), force=force)
+
+
+def read_pca(root: zarr.Group) -> dict[str, np.ndarray]:
+    """The small PCA arrays (components, mean, scale) of a complete ``/pca`` group."""
+    if "pca" not in root or not root["pca"].attrs.get("complete"):
+        raise StoreError("the atlas has no complete /pca; run lamina.pca(atlas) first")
+    g = root["pca"]
+    return {k: np.asarray(g[k][...]) for k in ("components", "mean", "scale")}

@@ -1,0 +1,169 @@
+"""Graph SDE along z: cells of one section flow, layer by layer, to the depth of the next.
+
+State of a cell at depth z: in-plane position ``p`` [2] and features ``h`` [F] (its PCs). Both are
+normalised by the model's buffers (``p~ = (p - center) / length``, ``h~ = h / feature_scale``,
+``z~ = z / length``) so the networks see O(1) numbers. One Euler-Maruyama step of size ``dz~`` > 0 in the
+model's own direction of travel (the backward model is a separate model trained on reversed pairs)::
+
+    p~ <- p~ + a(p~, h~, z~; G) dz~ + sigma_p sqrt(dz~) N(0, 1)        shape drift  a: GraphDrift(out=2)
+    h~ <- h~ + b(p~, h~, z~; G) dz~ + sigma_h sqrt(dz~) N(0, 1)        expression drift b: GraphDrift(out=F)
+
+``G`` is the k-nearest-neighbour graph of the current positions, rebuilt every step. A ``GraphDrift`` is
+one round of message passing written with index/gather operations:
+
+    m_i = mean_{j in N(i)} psi([h~_i, h~_j - h~_i, (p_j - p_i) / r])       r: typical neighbour distance
+    drift_i = phi([h~_i, p~_i, z~, m_i])
+
+with ``psi``, ``phi`` small MLPs. The last layer of ``phi`` starts at zero, so an untrained flow is the
+identity (it copies the section), and training can only move it away from that baseline where the data
+ask for it. Noise draws come from a ``torch.Generator``: the same seed gives the same output.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def knn_graph(pos: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
+    """Indices ``[n, k']`` of the ``k' = min(k, n - 1)`` nearest other points of ``pos [n, d]``.
+
+    Distances are computed ``block`` rows at a time, so memory is ``O(block * n)``, not ``O(n^2)``.
+    """
+    n = pos.shape[0]
+    kk = min(int(k), n - 1)
+    if kk < 1:
+        return torch.empty((n, 0), dtype=torch.long, device=pos.device)
+    out = []
+    for a in range(0, n, block):
+        d = torch.cdist(pos[a:a + block], pos)
+        rows = torch.arange(d.shape[0], device=pos.device)
+        d[rows, rows + a] = float("inf")
+        out.append(d.topk(kk, dim=1, largest=False).indices)
+    return torch.cat(out)
+
+
+def _mlp(sizes: list[int], zero_last: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.SiLU())
+    if zero_last:
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+    return nn.Sequential(*layers)
+
+
+class GraphDrift(nn.Module):
+    """Drift ``[n, out_dim]`` from features ``h [n, F]``, positions ``p [n, 2]``, depth ``z`` and a kNN
+    graph ``nbr [n, k]`` (all normalised). See the module docstring for the equation."""
+
+    def __init__(self, n_features: int, out_dim: int, hidden: int = 64):
+        super().__init__()
+        self.psi = _mlp([2 * n_features + 2, hidden, hidden])
+        self.phi = _mlp([n_features + 3 + hidden, hidden, hidden, out_dim], zero_last=True)
+
+    def forward(self, h, p, z, nbr, rel_scale: float):
+        n = h.shape[0]
+        if nbr.shape[1]:
+            hi = h[:, None, :].expand(-1, nbr.shape[1], -1)
+            rel = (p[nbr] - p[:, None, :]) * rel_scale
+            msg = self.psi(torch.cat([hi, h[nbr] - hi, rel], -1)).mean(1)
+        else:  # a lone cell has no neighbours: an all-zero message
+            msg = h.new_zeros(n, self.psi[-1].out_features)
+        depth = h.new_full((n, 1), float(z))
+        return self.phi(torch.cat([h, p, depth, msg], -1))
+
+
+class FlowModel(nn.Module):
+    """Shape and expression drifts plus the normalisation that maps um / PC units to O(1) numbers.
+
+    Built from plain hyper-parameters and loaded from a ``state_dict`` (buffers included), so a task can
+    rebuild it from arrays stored in the atlas: no pickled modules.
+    """
+
+    def __init__(self, n_features: int, hidden: int = 64, k: int = 10):
+        super().__init__()
+        self.n_features, self.hidden, self.k = int(n_features), int(hidden), int(k)
+        self.shape = GraphDrift(n_features, 2, hidden)
+        self.expression = GraphDrift(n_features, n_features, hidden)
+        self.register_buffer("center", torch.zeros(2))
+        self.register_buffer("length", torch.ones(()))          # um per normalised unit (p and z)
+        self.register_buffer("neighbour", torch.ones(()))       # typical kNN distance, um
+        self.register_buffer("feature_scale", torch.ones(n_features))
+
+    def config(self) -> dict:
+        return {"n_features": self.n_features, "hidden": self.hidden, "k": self.k}
+
+    def set_normalisation(self, center, length: float, neighbour: float, feature_scale) -> None:
+        self.center.copy_(torch.as_tensor(center, dtype=torch.float32))
+        self.length.fill_(float(length))
+        self.neighbour.fill_(float(neighbour))
+        self.feature_scale.copy_(torch.as_tensor(feature_scale, dtype=torch.float32))
+
+    def encode(self, p_um: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (p_um - self.center) / self.length, h / self.feature_scale
+
+    def decode(self, p: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return p * self.length + self.center, h * self.feature_scale
+
+    def step(self, p, h, z_um: float, dz_um: float, noise_pos: float, noise_expr: float,
+             generator: torch.Generator | None = None):
+        """One Euler-Maruyama step of ``dz_um`` (> 0, in this model's direction) on normalised ``p``, ``h``."""
+        nbr = knn_graph(p.detach(), self.k)
+        rel = float(self.length / self.neighbour)
+        z = float(z_um / self.length)
+        dz = float(dz_um / self.length)
+        dp = self.shape(h, p, z, nbr, rel) * dz
+        dh = self.expression(h, p, z, nbr, rel) * dz
+        if noise_pos > 0:
+            dp = dp + noise_pos * math.sqrt(dz) * torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+        if noise_expr > 0:
+            dh = dh + noise_expr * math.sqrt(dz) * torch.randn(h.shape, generator=generator, device=h.device, dtype=h.dtype)
+        return p + dp, h + dh
+
+
+def n_steps(gap_um: float, dz_um: float) -> int:
+    """Euler steps across a gap: ``max(1, round(gap / dz))`` equal steps (each close to ``dz``)."""
+    return max(1, int(round(abs(gap_um) / dz_um)))
+
+
+def integrate(model: FlowModel, p_um: torch.Tensor, h: torch.Tensor, z0: float, z1: float, dz_um: float,
+              noise_pos: float = 0.0, noise_expr: float = 0.0, generator: torch.Generator | None = None):
+    """Flow cells from depth ``z0`` to ``z1`` (um; ``z1 < z0`` for a backward model) in ``n_steps`` equal steps.
+
+    Returns the list of ``(z_um, p_um [n, 2], h [n, F])`` after each step; the last entry is at ``z1``.
+    """
+    steps = n_steps(z1 - z0, dz_um)
+    h_step = abs(z1 - z0) / steps
+    sign = 1.0 if z1 >= z0 else -1.0
+    p, f = model.encode(p_um, h)
+    out = []
+    z = z0
+    for i in range(steps):
+        p, f = model.step(p, f, z, h_step, noise_pos, noise_expr, generator)
+        z = z0 + sign * h_step * (i + 1)
+        out.append((z,) + model.decode(p, f))
+    return out
+
+
+def flow_loss(model: FlowModel, src_p: torch.Tensor, src_h: torch.Tensor, z0: float, z1: float,
+              tgt_p: torch.Tensor, tgt_h: torch.Tensor, dz_um: float, expression_weight: float = 1.0,
+              eps: float = 0.01, noise_pos: float = 0.0, noise_expr: float = 0.0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sinkhorn divergence (up to a constant of the target) between cells flowed from ``z0`` to ``z1`` and
+    the cells observed at ``z1``.
+
+    Both clouds are compared in the model's normalised space, ``[p~, w h~]`` with ``w = expression_weight``;
+    positions in um ``[n, 2]``, features ``[n, F]``.
+    """
+    from .ot import sinkhorn_loss
+
+    _, p, h = integrate(model, src_p, src_h, z0, z1, dz_um, noise_pos, noise_expr, generator)[-1]
+    pn, hn = model.encode(p, h)
+    tp, th = model.encode(tgt_p, tgt_h)
+    x = torch.cat([pn, expression_weight * hn], 1)
+    y = torch.cat([tp, expression_weight * th], 1)
+    return sinkhorn_loss(x, y, eps)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import LaminaError
+from .errors import ConfigError, LaminaError
 
 
 def _client(args, cfg_cluster: dict | None = None):
@@ -24,7 +24,7 @@ def cmd_demo(args) -> int:
     from .datasets import phantom
     from .ingest import ingest
     from .report import write_report
-    from .stages import align
+    from .stages import align, reconstruct
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,6 +42,8 @@ def cmd_demo(args) -> int:
         truth = ph.write_truth(out / "demo.truth.zarr")
         steps.append(("ground truth", time.perf_counter() - t))
         steps += list(align(atlas, client=client).items())
+        steps += list(reconstruct(atlas, client=client, n_pcs=min(20, args.genes), dz_um=args.dz,
+                                  flow_options={"steps": args.flow_steps, "subsample": 512}).items())
         t = time.perf_counter()
         pictures = write_report(atlas, out)
         steps.append(("pictures", time.perf_counter() - t))
@@ -78,7 +80,7 @@ def cmd_build(args) -> int:
     from .config import ingest_spec, load_config
     from .ingest import ingest
     from .report import write_report
-    from .stages import align, section_stats
+    from .stages import align, reconstruct, section_stats
 
     cfg = load_config(args.config)
     client = _client(args, cfg["cluster"])
@@ -93,6 +95,12 @@ def cmd_build(args) -> int:
                   refine_options=fine)
         elif cfg["stages"]["section_stats"]:
             section_stats(atlas, client=client)
+        rec = cfg["stages"]["reconstruct"]
+        if rec["enabled"]:
+            if not reg["enabled"]:
+                raise ConfigError(f"{args.config}: stages.reconstruct needs stages.register (the cells must be aligned)")
+            reconstruct(atlas, client=client, n_pcs=rec["n_pcs"], dz_um=float(rec["dz_um"]), voxel_um=rec["voxel_um"],
+                        flow_options=dict(rec["flow"]), interpolate=rec["interpolate"])
     finally:
         client.close()
     if cfg["report"]["enabled"]:
@@ -117,6 +125,14 @@ def cmd_export(args) -> int:
     atlas = Atlas.open(args.store)
     sections = args.sections.split(",") if args.sections else None
     genes = args.genes.split(",") if args.genes else None
+    if args.volume:
+        from .stages import export_expression_parquet
+
+        if args.format != "parquet" or sections:
+            raise ConfigError("--volume exports the expression volume as Parquet only (use --format parquet, no --sections)")
+        out = args.out or str(Path(args.store).with_suffix("")) + "-volume.parquet"
+        print(f"wrote {export_expression_parquet(atlas, out, genes):,} voxels to {out}")
+        return 0
     default = {"csv": ".csv.gz", "parquet": ".parquet", "anndata": ".h5ad"}[args.format]
     out = args.out or str(Path(args.store).with_suffix("")) + default
     print(f"wrote {export(atlas, args.format, out, sections, genes)}")
@@ -153,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sections", type=int, default=12)
     d.add_argument("--genes", type=int, default=100)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dz", type=float, default=10.0, help="layer spacing and voxel size of the reconstruction (um)")
+    d.add_argument("--flow-steps", type=int, default=60, help="training steps of the z-flow")
     scheduler(d)
     d.set_defaults(func=cmd_demo)
 
@@ -172,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output file (default: beside the store)")
     e.add_argument("--sections", help="comma-separated section ids")
     e.add_argument("--genes", help="comma-separated gene names")
+    e.add_argument("--volume", action="store_true", help="export the voxel expression volume (x, y, z, genes) instead of cells")
     e.set_defaults(func=cmd_export)
 
     ph = sub.add_parser("phantom", help="write a synthetic phantom as Parquet files (one per section)")

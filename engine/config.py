@@ -46,6 +46,12 @@ SCHEMA = {
             "fine": {"enabled": ((bool,), True), "z_sigma_sections": ((float, int, None), 3.0),
                      "alpha_px": ((float, int), 8.0), "lddmm_rounds": ((int,), 2), "affine_rounds": ((int,), 3)},
         },
+        "reconstruct": {
+            "enabled": ((bool,), False), "n_pcs": ((int, None), None), "dz_um": ((float, int), 10.0),
+            "voxel_um": ((float, int, None), None), "interpolate": ((bool,), True),
+            "flow": {"steps": ((int,), 300), "subsample": ((int,), 1024), "k": ((int,), 10),
+                     "hidden": ((int,), 64), "seed": ((int,), 0)},
+        },
     },
     "report": {"enabled": ((bool,), True), "out": ((str, None), None)},
 }

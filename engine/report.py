@@ -174,6 +174,50 @@ def stack_view(atlas: Atlas, path: str | Path) -> Path:
     return _save(fig, path, 110)
 
 
+def volume_slices(atlas: Atlas, path: str | Path, gene: str | None = None) -> Path:
+    """Orthogonal slices (x-y at the middle z, x-z at the middle y, y-z at the middle x) through the
+    expression volume of ``gene`` (default: the gene with the largest spread over the middle x-y slice) and
+    through the cell-density volume. Reads three planes per volume, never the volume."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .store.arrays import as_text
+
+    dens = atlas.root["volume/density"]
+    Z, Y, X = dens.shape
+    v, origin = float(dens.attrs["voxel_um"]), dens.attrs["origin"]
+    planes = [("x-y", np.s_[Z // 2, :, :], ("x", "y")), ("x-z", np.s_[:, Y // 2, :], ("x", "z")),
+              ("y-z", np.s_[:, :, X // 2], ("y", "z"))]
+    rows = [("cells per voxel", lambda sl: np.asarray(dens[sl]), "magma")]
+    if atlas.group_is_complete("expression"):
+        values = atlas.root["expression/values"]
+        names = list(as_text(atlas.root["expression/gene"][...]))
+        if gene is None:
+            mid = np.asarray(values[:, Z // 2, :, :])
+            gene = names[int(np.nanargmax(np.nanstd(mid.reshape(len(names), -1), axis=1)))] if np.isfinite(mid).any() else names[0]
+        if gene not in names:
+            raise KeyError(f"gene {gene!r} not in the expression volume of {atlas.path}")
+        gi = names.index(gene)
+        rows.insert(0, (f"{gene} expression", lambda sl: np.asarray(values[(gi,) + sl]), "viridis"))
+    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 3.6 * len(rows)), squeeze=False)
+    axis_um = {"x": (origin[0], X), "y": (origin[1], Y), "z": (origin[2], Z)}
+    for r, (label, read, cmap) in enumerate(rows):
+        for c, (name, sl, (h, w)) in enumerate(planes):
+            img = read(sl)
+            (h0, nh), (w0, nw) = axis_um[h], axis_um[w]
+            ax = axes[r, c]
+            im = ax.imshow(img, origin="lower", cmap=cmap, interpolation="nearest", aspect="equal",
+                           extent=(h0, h0 + nh * v, w0, w0 + nw * v))
+            ax.set_title(f"{label}: {name} slice", fontsize=9)
+            ax.set_xlabel(f"{h} (um)", fontsize=8)
+            ax.set_ylabel(f"{w} (um)", fontsize=8)
+            fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return _save(fig, path, 100)
+
+
 def write_report(atlas: Atlas, folder: str | Path) -> list[Path]:
     """All pictures that apply to the stages done so far, into ``folder``."""
     folder = Path(folder)
@@ -183,4 +227,6 @@ def write_report(atlas: Atlas, folder: str | Path) -> list[Path]:
         out.append(pair_overlays(atlas, folder / "registration_pairs.png"))
     if atlas.group_is_complete("deformation"):
         out.append(stack_view(atlas, folder / "stack_views.png"))
+    if atlas.group_is_complete("volume"):
+        out.append(volume_slices(atlas, folder / "volume_slices.png"))
     return out

@@ -151,19 +151,24 @@ def integrate(model: FlowModel, p_um: torch.Tensor, h: torch.Tensor, z0: float, 
 
 def flow_loss(model: FlowModel, src_p: torch.Tensor, src_h: torch.Tensor, z0: float, z1: float,
               tgt_p: torch.Tensor, tgt_h: torch.Tensor, dz_um: float, expression_weight: float = 1.0,
-              eps: float = 0.01, noise_pos: float = 0.0, noise_expr: float = 0.0,
+              eps: float = 0.01, noise_pos: float = 0.0, noise_expr: float = 0.0, action_weight: float = 0.0,
               generator: torch.Generator | None = None) -> torch.Tensor:
     """Sinkhorn divergence (up to a constant of the target) between cells flowed from ``z0`` to ``z1`` and
-    the cells observed at ``z1``.
+    the cells observed at ``z1``, plus ``action_weight`` times the flow's kinetic action.
 
     Both clouds are compared in the model's normalised space, ``[p~, w h~]`` with ``w = expression_weight``;
-    positions in um ``[n, 2]``, features ``[n, F]``.
+    positions in um ``[n, 2]``, features ``[n, F]``. The action ``sum_steps mean_i |dx_i|^2 / dz~`` (in the
+    same space) is the dynamic-OT energy: among flows that reach the target it prefers the straightest, and
+    where the sample gives no consistent signal it keeps the drift near zero (the flow then copies).
     """
     from .ot import sinkhorn_loss
 
-    _, p, h = integrate(model, src_p, src_h, z0, z1, dz_um, noise_pos, noise_expr, generator)[-1]
-    pn, hn = model.encode(p, h)
+    layers = integrate(model, src_p, src_h, z0, z1, dz_um, noise_pos, noise_expr, generator)
+    scale = torch.cat([torch.ones(2), torch.full((src_h.shape[1],), float(expression_weight))]).to(src_p)
+    states = [torch.cat(model.encode(src_p, src_h), 1)] + [torch.cat(model.encode(p, h), 1) for _, p, h in layers]
+    dz = abs(z1 - z0) / len(layers) / float(model.length)
+    action = sum((((b - a) * scale) ** 2).sum(1).mean() for a, b in zip(states[:-1], states[1:])) / dz
     tp, th = model.encode(tgt_p, tgt_h)
-    x = torch.cat([pn, expression_weight * hn], 1)
-    y = torch.cat([tp, expression_weight * th], 1)
-    return sinkhorn_loss(x, y, eps)
+    x = states[-1] * scale
+    y = torch.cat([tp, th], 1) * scale
+    return sinkhorn_loss(x, y, eps) + action_weight * action

@@ -14,26 +14,28 @@ def voxel_index(coord: np.ndarray, origin: float, size: float) -> np.ndarray:
 
 
 def accumulate(iz: np.ndarray, iy: np.ndarray, ix: np.ndarray, values: np.ndarray,
-               shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-voxel sums and counts of points with voxel indices ``iz, iy, ix`` [n] inside ``shape``.
+               shape: tuple[int, int, int], weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-voxel weighted sums and total weights of points with voxel indices ``iz, iy, ix`` [n] in ``shape``.
 
-    ``values`` ``[n, P]`` -> ``sums [P, Z, Y, X]`` (float64) and ``counts [Z, Y, X]`` (int64):
-    ``sums[p, v] = sum_{i: voxel(i) = v} values[i, p]``. Indices outside ``shape`` must be dropped by the
-    caller. One ``bincount`` per column: no per-point or per-voxel Python.
+    ``values`` ``[n, P]``, ``weights`` ``[n]`` (default 1) -> ``sums [P, Z, Y, X]`` and ``counts [Z, Y, X]``
+    (float64): ``sums[p, v] = sum_{i in v} w_i values[i, p]``, ``counts[v] = sum_{i in v} w_i``. Indices
+    outside ``shape`` must be dropped by the caller. One ``bincount`` per column: no per-point or per-voxel
+    Python.
     """
     Z, Y, X = shape
     flat = (iz * Y + iy) * X + ix
     nvox = Z * Y * X
-    counts = np.bincount(flat, minlength=nvox).reshape(shape)
+    w = np.ones(len(flat)) if weights is None else np.asarray(weights, np.float64)
+    counts = np.bincount(flat, weights=w, minlength=nvox).reshape(shape)
     values = np.asarray(values, np.float64)
-    sums = np.stack([np.bincount(flat, weights=values[:, p], minlength=nvox) for p in range(values.shape[1])]) \
+    sums = np.stack([np.bincount(flat, weights=w * values[:, p], minlength=nvox) for p in range(values.shape[1])]) \
         if values.shape[1] else np.zeros((0, nvox))
     return sums.reshape((values.shape[1],) + tuple(shape)), counts
 
 
 def mean_or_nan(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``sums [P, ...] / counts [...]`` as float32, NaN where a voxel holds no point."""
+    """``sums [P, ...] / counts [...]`` as float32, NaN where a voxel holds no weight."""
     with np.errstate(invalid="ignore", divide="ignore"):
         out = sums / counts[None]
-    out[:, counts == 0] = np.nan
+    out[:, counts <= 0] = np.nan
     return out.astype(np.float32)

@@ -35,7 +35,7 @@ from .write import pieces_for_rows, write_block
 log = logging.getLogger("lamina")
 INGEST_VERSION = 1
 
-__all__ = ["ingest", "IngestSpec", "read_units"]
+__all__ = ["ingest", "import_isost", "IngestSpec", "read_units"]
 
 
 def _unit_for(path: Path, spec: IngestSpec, paste, default_section=None) -> ReadUnit:
@@ -210,3 +210,6 @@ def _write_store(atlas: Atlas, layout: Layout, summaries: list[dict], spec: Inge
     written = sum(compute(*tasks, client=client))
     if written != n_total:
         raise AssertionError(f"ingest wrote {written} rows, expected {n_total}")
+
+
+from .isost import import_isost  # noqa: E402  (needs ingest defined above)

@@ -28,7 +28,7 @@ from ..store.tensors import load_optimizer_state, optimizer_state, read_state, w
 from .runner import SCRATCH, StageResult, params_hash, run_stage, stage_options
 
 DEFAULTS = {"dz_um": 10.0, "k": 10, "hidden": 64, "subsample": 1024, "steps": 300, "steps_per_task": 25,
-            "lr": 2e-3, "eps": 0.01, "expression_weight": 1.0, "noise_pos": 0.01, "noise_expr": 0.02,
+            "lr": 2e-3, "eps": 0.01, "expression_weight": 0.3, "action_weight": 0.0, "noise_pos": 0.01, "noise_expr": 0.02,
             "pool": 4, "seed": 0}
 MIN_CELLS = 3
 DIRECTIONS = ("forward", "backward")
@@ -117,6 +117,7 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
 
         (p0, h0), (p1, h1) = draw(lo), draw(hi)
         kw = dict(dz_um=cfg["dz_um"], expression_weight=cfg["expression_weight"], eps=cfg["eps"],
+                  action_weight=cfg["action_weight"],
                   noise_pos=cfg["noise_pos"], noise_expr=cfg["noise_expr"], generator=gen)
         loss = (flow_loss(models["forward"], p0, h0, z[lo], z[hi], p1, h1, **kw)
                 + flow_loss(models["backward"], p1, h1, z[hi], z[lo], p0, h0, **kw))

@@ -89,7 +89,7 @@ def _voxelize_chunk(store: str, target: str, geom: dict, zc: int, yc: int, cz: i
     shape = (z_hi - z_lo, y_hi - y_lo, X)
     P = int(root["pca/pcs"].shape[1])
     sums = np.zeros((P,) + shape)
-    counts = np.zeros(shape, np.int64)
+    counts = np.zeros(shape)
     n = 0
     for group, pcs_name, a0, b0 in _row_ranges(root, oz + z_lo * v, oz + z_hi * v):
         for a in range(a0, b0, read_rows):
@@ -97,26 +97,29 @@ def _voxelize_chunk(store: str, target: str, geom: dict, zc: int, yc: int, cz: i
             if group == "aligned":
                 sec = np.asarray(root["cells/section"][a:b])
                 zz = np.asarray(root["sections/z"][...], np.float64)[sec]
+                w = None
             else:
                 zz = np.asarray(root[f"{group}/z"][a:b], np.float64)
+                w = np.asarray(root[f"{group}/weight"][a:b])
             iz = voxel_index(zz, oz, v) - z_lo
             iy = voxel_index(root[f"{group}/y"][a:b], oy, v) - y_lo
             ix = voxel_index(root[f"{group}/x"][a:b], ox, v)
             m = (iz >= 0) & (iz < shape[0]) & (iy >= 0) & (iy < shape[1]) & (ix >= 0) & (ix < X)
             if not m.any():
                 continue
-            s, c = accumulate(iz[m], iy[m], ix[m], np.asarray(root[pcs_name][a:b])[m], shape)
+            s, c = accumulate(iz[m], iy[m], ix[m], np.asarray(root[pcs_name][a:b])[m], shape,
+                              None if w is None else w[m])
             sums += s
             counts += c
             n += int(m.sum())
     out = root[target]
     out["pcs"][:, z_lo:z_hi, y_lo:y_hi, :] = mean_or_nan(sums, counts)
-    out["density"][z_lo:z_hi, y_lo:y_hi, :] = counts.astype(np.int32)
+    out["density"][z_lo:z_hi, y_lo:y_hi, :] = counts.astype(np.float32)
     return n
 
 
 def voxelize(atlas: Atlas, voxel_um: float | None = None, client=None, force: bool = False) -> StageResult:
-    """Mean PCs ``[pc, z, y, x]`` and cell counts ``[z, y, x]`` on an isotropic grid -> ``/volume``.
+    """Weighted mean PCs ``[pc, z, y, x]`` and cell counts ``[z, y, x]`` on an isotropic grid -> ``/volume``.
 
     ``voxel_um`` defaults to the interpolation's ``dz_um`` (10 um when there is none). Uses the
     interpolated layers when the ``interpolate`` stage has run.
@@ -144,8 +147,8 @@ def voxelize(atlas: Atlas, voxel_um: float | None = None, client=None, force: bo
         attrs = {"voxel_um": voxel_um, "origin": geom["origin"], "units": "um"}
         arrays.create(group, "pcs", (P, Z, Y, X), np.float32, (P, cz, ty, X), ("pc", "z", "y", "x"), attrs,
                       fill_value=np.nan)
-        arrays.create(group, "density", (Z, Y, X), np.int32, (cz, ty, X), ("z", "y", "x"),
-                      {**attrs, "description": "cells per voxel"})
+        arrays.create(group, "density", (Z, Y, X), np.float32, (cz, ty, X), ("z", "y", "x"),
+                      {**attrs, "description": "cells per voxel (interpolated cells count with their weight)"})
         group.attrs.update({**attrs, "shape": [Z, Y, X], "chunks": [cz, ty], "interpolated": interpolated})
         tasks = [dask.delayed(_voxelize_chunk, pure=False)(atlas.path, group.path, geom, zc, yc, cz, ty, atlas.cell_chunk)
                  for zc in range(-(-Z // cz)) for yc in range(-(-Y // ty))]
@@ -219,7 +222,7 @@ def export_expression_parquet(atlas: Atlas, path, genes=None, row_group_rows: in
     v, (ox, oy, oz) = float(expr.attrs["voxel_um"]), expr.attrs["origin"]
     _, Z, Y, X = values.shape
     cz, ty = values.chunks[1:3]
-    schema = pa.schema([(k, pa.float32()) for k in ("x", "y", "z")] + [("cells", pa.int32())]
+    schema = pa.schema([(k, pa.float32()) for k in ("x", "y", "z")] + [("cells", pa.float32())]
                        + [(names[i], pa.float32()) for i in idx])
     rows = 0
     with pq.ParquetWriter(str(path), schema) as writer:
@@ -229,12 +232,12 @@ def export_expression_parquet(atlas: Atlas, path, genes=None, row_group_rows: in
             for y0 in range(0, Y, ty):
                 zs, ys = slice(z0, min(Z, z0 + cz)), slice(y0, min(Y, y0 + ty))
                 count = np.asarray(dens[zs, ys, :])
-                k, j, i = np.nonzero(count)
+                k, j, i = np.nonzero(count > 0)
                 if not len(k):
                     continue
                 block = np.asarray(values.oindex[idx, zs, ys, :])[:, k, j, i]
                 cols = {"x": ox + (i + 0.5) * v, "y": oy + (y0 + j + 0.5) * v, "z": oz + (z0 + k + 0.5) * v}
-                data = [pa.array(cols[c].astype(np.float32)) for c in ("x", "y", "z")] + [pa.array(count[k, j, i].astype(np.int32))]
+                data = [pa.array(cols[c].astype(np.float32)) for c in ("x", "y", "z")] + [pa.array(count[k, j, i].astype(np.float32))]
                 data += [pa.array(block[g]) for g in range(len(idx))]
                 buffer.append(pa.Table.from_arrays(data, schema=schema))
                 buffered += len(k)

@@ -56,3 +56,29 @@ def warp(atlas: Atlas, client=None, force: bool = False, refined: bool | None = 
         return {"n_cells": n, "transform": source}
 
     return run_stage(atlas, "warp", "aligned", {"source": source}, build, inputs=inputs, force=force)
+
+
+def _identity_chunk(store: str, target: str, a: int, b: int, z: np.ndarray) -> int:
+    root = zarr.open_group(store, mode="r+")
+    for k in ("x", "y"):
+        root[f"{target}/{k}"][a:b] = np.asarray(root[f"cells/{k}"][a:b], np.float32)
+    root[f"{target}/z"][a:b] = z[np.asarray(root["cells/section"][a:b])].astype(np.float32)
+    return b - a
+
+
+def mark_aligned(atlas: Atlas, client=None, force: bool = False) -> StageResult:
+    """Record cells that are already registered (e.g. imported from another tool): ``/aligned`` = raw x, y and
+    the section's z, as a completed ``warp`` stage, so the downstream stages can run without registration."""
+    atlas.writable()
+
+    def build(group):
+        n, chunk = atlas.n_cells, atlas.cell_chunk
+        for k in ("x", "y", "z"):
+            arrays.create(group, k, (n,), np.float32, (chunk,), ("cell",), {"units": "um"})
+        z = atlas.sections.z.to_numpy(np.float64)
+        tasks = [dask.delayed(_identity_chunk, pure=False)(atlas.path, group.path, a, min(a + chunk, n), z)
+                 for a in range(0, n, chunk)]
+        assert sum(compute(*tasks, client=client)) == n
+        return {"n_cells": n, "transform": "identity"}
+
+    return run_stage(atlas, "warp", "aligned", {"source": "identity"}, build, inputs=("ingest",), force=force)

@@ -1,0 +1,257 @@
+"""Interpolation benchmark: leave one section out, predict it from its neighbours, compare with the truth.
+
+    python benchmarks/interpolation.py             # phantom + her2st patients A-D
+    python benchmarks/interpolation.py --write     # also update benchmarks/RESULTS.md
+    python benchmarks/interpolation.py --smoke     # tiny phantom, one held-out section (seconds; used by tests)
+
+For a held-out interior section k: the flow is trained on every other section (``sections=`` of
+``lamina.train_flow``), the gap (k-1, k+1) is filled with layers every ``(z[k+1] - z[k-1]) / 4``, and the
+layer at z_k is compared with section k. Scores, per method, on a grid of ``bin_um`` bins over section k's
+aligned extent:
+
+* ``r``: Pearson correlation across bins of the per-bin mean expression, per gene, then the mean over genes;
+* ``comp``: cell-type composition agreement, the mean over bins of 1 - total-variation distance between the
+  type fractions (predicted cells get types from a 15-NN classifier on PCs fitted on sections k-1 and k+1);
+* phantom only: ``r_true`` and ``rmse_true`` against the noise-free field at section k's true positions.
+
+Methods: ``copy`` (the nearer neighbour section, k-1 when equidistant), ``blend`` (the mean of the two
+neighbours' bin maps, weighted by distance), ``lamina`` (the flows). All three are scored from the same PCA
+representation (PCs -> genes with the atlas's own inversion), so the comparison is about the interpolation,
+not about PCA denoising. The held-out section takes part in registration and PCA (never in the flow).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+sys.path.insert(0, str(HERE))
+from ingest import write_results  # noqa: E402
+
+
+def bin_maps(xy: np.ndarray, values: np.ndarray, origin, bin_um: float, shape, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin (weighted) mean of ``values [n, G]`` -> ``[G, nbins]`` (NaN where empty) and weights ``[nbins]``."""
+    ij = np.floor((xy - np.asarray(origin)) / bin_um).astype(np.int64)
+    ok = (ij >= 0).all(1) & (ij[:, 0] < shape[1]) & (ij[:, 1] < shape[0])
+    flat = ij[ok, 1] * shape[1] + ij[ok, 0]
+    nb = shape[0] * shape[1]
+    w = np.ones(len(xy)) if weights is None else np.asarray(weights, np.float64)
+    counts = np.bincount(flat, weights=w[ok], minlength=nb)
+    sums = np.stack([np.bincount(flat, weights=w[ok] * values[ok, g], minlength=nb) for g in range(values.shape[1])])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts, counts
+
+
+def pearson_genes(A: np.ndarray, B: np.ndarray) -> float:
+    """Mean over genes of the Pearson r across bins valid in both ``A``, ``B`` ``[G, nbins]``."""
+    ok = np.isfinite(A).all(0) & np.isfinite(B).all(0)
+    a, b = A[:, ok] - A[:, ok].mean(1, keepdims=True), B[:, ok] - B[:, ok].mean(1, keepdims=True)
+    den = np.sqrt((a ** 2).sum(1) * (b ** 2).sum(1))
+    r = np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1), np.nan)
+    return float(np.nanmean(r))
+
+
+def composition_agreement(F: np.ndarray, T: np.ndarray) -> float:
+    """Mean over bins occupied in both of ``1 - 0.5 * sum_t |F_t - T_t|`` for fraction maps ``[types, nbins]``."""
+    ok = np.isfinite(F).all(0) & np.isfinite(T).all(0)
+    return float((1 - 0.5 * np.abs(F[:, ok] - T[:, ok]).sum(0)).mean())
+
+
+def _rows(atlas, s):
+    sec = atlas.sections
+    return int(sec.cell_start[s]), int(sec.cell_stop[s])
+
+
+def loo(atlas, k: int, bin_um: float, flow_options: dict, client=None, truth=None) -> dict:
+    """Scores of copy / blend / lamina for held-out section ``k`` (see the module docstring)."""
+    import lamina
+    from lamina.kernels.pca import invert
+    from lamina.stages.pca import read_pca
+    from sklearn.neighbors import KNeighborsClassifier
+
+    root = atlas.root
+    z = atlas.sections.z.to_numpy(np.float64)
+    S = len(z)
+    use = [s for s in range(S) if s != k]
+    gap = z[k + 1] - z[k - 1]
+    t0 = time.perf_counter()
+    lamina.train_flow(atlas, client=client, sections=use, **{"dz_um": gap / 4, **flow_options})
+    lamina.interpolate(atlas, client=client, dz_um=gap / 4)
+    seconds = time.perf_counter() - t0
+    p = read_pca(root)
+    g = root["interpolated"]
+    gz = np.asarray(g["z"][...])
+    layer = np.flatnonzero(np.isclose(gz, z[k], atol=1e-3))
+    xy = lambda grp, a, b: np.stack([root[f"{grp}/x"][a:b], root[f"{grp}/y"][a:b]], 1).astype(np.float64)  # noqa: E731
+    pred_xy = np.stack([g["x"].oindex[layer], g["y"].oindex[layer]], 1).astype(np.float64)
+    pred_pcs = np.asarray(g["pcs"].oindex[layer, :])
+    pred_w = np.asarray(g["weight"].oindex[layer])
+    a, b = _rows(atlas, k)
+    true_xy = xy("aligned", a, b)
+    true_X = np.asarray(root["X"][a:b], np.float64)
+    types = np.asarray(root["cells/cell_type"][...]) if "cell_type" in root["cells"] else None
+    lo_mn = true_xy.min(0) - 1e-6
+    shape = tuple((np.floor((true_xy.max(0) - lo_mn) / bin_um).astype(int) + 1)[::-1])
+    neighbours = {}
+    for s in (k - 1, k + 1):
+        c, d = _rows(atlas, s)
+        neighbours[s] = (xy("aligned", c, d), np.asarray(root["pca/pcs"][c:d]), types[c:d] if types is not None else None)
+    inv = lambda pcs: invert(pcs, p["mean"], p["scale"], p["components"]).astype(np.float64)  # noqa: E731
+    maps = {s: bin_maps(v[0], inv(v[1]), lo_mn, bin_um, shape)[0] for s, v in neighbours.items()}
+    w = (z[k + 1] - z[k]) / gap
+    near = k - 1 if z[k] - z[k - 1] <= z[k + 1] - z[k] else k + 1
+    pred = {"copy": maps[near], "blend": w * maps[k - 1] + (1 - w) * maps[k + 1],
+            "lamina": bin_maps(pred_xy, inv(pred_pcs), lo_mn, bin_um, shape, pred_w)[0]}
+    obs_map = bin_maps(true_xy, true_X, lo_mn, bin_um, shape)[0]
+    out = {"section": str(atlas.sections.id.iloc[k]), "cells_pred": len(layer), "cells_true": b - a, "seconds": seconds}
+    for name, m in pred.items():
+        out[f"r_{name}"] = pearson_genes(m, obs_map)
+    if types is not None:
+        n_types = int(types.max()) + 1
+        onehot = lambda lab: np.eye(n_types)[lab]  # noqa: E731
+        clf = KNeighborsClassifier(15).fit(np.concatenate([neighbours[s][1] for s in neighbours]),
+                                           np.concatenate([neighbours[s][2] for s in neighbours]))
+        frac = {s: bin_maps(v[0], onehot(clf.predict(v[1])), lo_mn, bin_um, shape)[0] for s, v in neighbours.items()}
+        comp = {"copy": frac[near], "blend": w * frac[k - 1] + (1 - w) * frac[k + 1],
+                "lamina": bin_maps(pred_xy, onehot(clf.predict(pred_pcs)), lo_mn, bin_um, shape, pred_w)[0]}
+        true_comp = bin_maps(true_xy, onehot(types[a:b]), lo_mn, bin_um, shape)[0]
+        for name, m in comp.items():
+            out[f"comp_{name}"] = composition_agreement(m, true_comp)
+    if truth is not None:
+        field_map = bin_maps(true_xy, truth(k, a, b), lo_mn, bin_um, shape)[0]
+        for name, m in pred.items():
+            out[f"r_true_{name}"] = pearson_genes(m, field_map)
+            ok = np.isfinite(m).all(0) & np.isfinite(field_map).all(0)
+            out[f"rmse_true_{name}"] = float(np.sqrt(np.mean((m[:, ok] - field_map[:, ok]) ** 2)))
+    return out
+
+
+def phantom_rows(work: Path, client, n_cells: int, n_sections: int, n_genes: int, holdouts: list[int],
+                 flow_options: dict, bin_um: float) -> list[dict]:
+    import lamina
+
+    ph = lamina.datasets.phantom(n_cells=n_cells, n_sections=n_sections, n_genes=n_genes, seed=5)
+    atlas = lamina.ingest(ph, work / "phantom.lamina.zarr", overwrite=True, client=client)
+    lamina.align(atlas, client=client)
+    lamina.pca(atlas, n_pcs=min(20, n_genes), client=client)
+    true_xyz = {}
+
+    def truth(s, a, b):
+        if s not in true_xyz:
+            true_xyz[s] = np.concatenate([xyz for _, xyz in ph.section_chunks(s)])
+        return ph.field(true_xyz[s])
+
+    rows = []
+    for k in holdouts:
+        r = loo(atlas, k, bin_um, flow_options, client, truth)
+        rows.append({"dataset": "phantom", **r})
+        print(r, flush=True)
+    return rows
+
+
+def her2st_rows(work: Path, client, flow_options: dict, n_genes: int = 300, bin_um: float = 400.0) -> list[dict]:
+    """Patients A-D (6 serial sections each, assumed equally spaced): log-normalised counts, the ``n_genes``
+    most variable genes; expression clusters as types."""
+    import anndata as ad
+    import lamina
+
+    path = DATA / "her2st" / "her2st_all_sections.h5ad"
+    if not path.exists():
+        print(f"skip her2st: {path} not present (see ../shared/data/README.md)")
+        return []
+    full = ad.read_h5ad(path)
+    rows = []
+    for patient in "ABCD":
+        a = full[full.obs.patient == patient].copy()
+        X = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
+        X = np.log1p(X / np.maximum(X.sum(1, keepdims=True), 1) * 1e4)
+        keep = np.argsort(X.var(0))[::-1][:n_genes]
+        a = ad.AnnData(X=X[:, keep].astype(np.float32), obs=a.obs[["array_x", "array_y", "section", "cluster"]].copy(),
+                       var=a.var.iloc[keep].copy())
+        a.obs["cluster"] = a.obs["cluster"].astype("Int64").astype(str).astype("category")
+        a.obs["section"] = a.obs["section"].astype(str)
+        src = work / f"her2st_{patient}.h5ad"
+        a.write_h5ad(src)
+        atlas = lamina.ingest(src, work / f"her2st_{patient}.lamina.zarr", x="array_x", y="array_y", section="section",
+                              cell_type="cluster", genes="rest", units="px", pixel_size=200.0, overwrite=True,
+                              client=client)
+        lamina.align(atlas, client=client)
+        lamina.pca(atlas, n_pcs=20, client=client)
+        for k in range(1, atlas.n_sections - 1):
+            r = loo(atlas, k, bin_um, flow_options, client)
+            rows.append({"dataset": f"her2st {patient}", **r})
+            print(r, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["dataset", "section", "r_copy", "r_blend", "r_lamina", "comp_copy", "comp_blend", "comp_lamina",
+            "r_true_copy", "r_true_blend", "r_true_lamina", "rmse_true_copy", "rmse_true_blend", "rmse_true_lamina", "seconds"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    out = []
+    for ds in dict.fromkeys(r["dataset"].split()[0] for r in rows):
+        sub = [r for r in rows if r["dataset"].split()[0] == ds]
+        wins = sum(r["r_lamina"] > max(r["r_copy"], r["r_blend"]) for r in sub)
+        means = {m: np.mean([r[f"r_{m}"] for r in sub]) for m in ("copy", "blend", "lamina")}
+        out.append(f"- {ds}: lamina beats both baselines (expression r) on {wins}/{len(sub)} held-out sections; mean r "
+                   + ", ".join(f"{m} {v:.3f}" for m, v in means.items()))
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    import lamina
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", type=int, default=60_000)
+    p.add_argument("--sections", type=int, default=12)
+    p.add_argument("--genes", type=int, default=40)
+    p.add_argument("--holdouts", type=int, nargs="+", default=[3, 6, 9])
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--datasets", nargs="+", default=["phantom", "her2st"])
+    p.add_argument("--write", action="store_true")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    flow = {"steps": args.steps, "subsample": 512}
+    if args.smoke:
+        args.cells, args.sections, args.genes, args.holdouts, args.datasets = 6000, 5, 12, [2], ["phantom"]
+        flow = {"steps": 6, "subsample": 256, "steps_per_task": 3}
+    work = Path(tempfile.mkdtemp(prefix="lamina-interp-"))
+    client = lamina.connect()
+    t0 = time.perf_counter()
+    try:
+        rows = []
+        if "phantom" in args.datasets:
+            rows += phantom_rows(work, client, args.cells, args.sections, args.genes, args.holdouts, flow, 100.0)
+        if "her2st" in args.datasets:
+            rows += her2st_rows(work, client, flow)
+    finally:
+        client.close()
+        shutil.rmtree(work, ignore_errors=True)
+    text = (f"Leave-one-section-out interpolation, {dt.date.today()}, {platform.processor() or platform.machine()}, "
+            f"{len(__import__('os').sched_getaffinity(0))} cores, lamina {lamina.__version__}; "
+            f"`python benchmarks/interpolation.py{' --smoke' if args.smoke else ''}` "
+            f"(flow: {flow}); total {time.perf_counter() - t0:.0f} s\n\n" + table(rows) + "\n\n" + summary(rows))
+    print(text)
+    if args.write:
+        write_results(text, "interpolation")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,13 +9,17 @@ For a held-out interior section k: the flow is trained on every other section (`
 layer at z_k is compared with section k. Scores, per method, on a grid of ``bin_um`` bins over section k's
 aligned extent:
 
+Every method is scored on the same bins (those where all methods and the truth have cells).
+
 * ``r``: Pearson correlation across bins of the per-bin mean expression, per gene, then the mean over genes;
 * ``comp``: cell-type composition agreement, the mean over bins of 1 - total-variation distance between the
   type fractions (predicted cells get types from a 15-NN classifier on PCs fitted on sections k-1 and k+1);
 * phantom only: ``r_true`` and ``rmse_true`` against the noise-free field at section k's true positions.
 
 Methods: ``copy`` (the nearer neighbour section, k-1 when equidistant), ``blend`` (the mean of the two
-neighbours' bin maps, weighted by distance), ``lamina`` (the flows). All three are scored from the same PCA
+neighbours' bin maps, weighted by distance), ``lamina`` (the bin maps of the forward-flowed and the
+backward-flowed cells at z_k, combined with the same weights as the blend: so with zero drift lamina *is*
+the blend, and any difference is what the learned flows add). All three are scored from the same PCA
 representation (PCs -> genes with the atlas's own inversion), so the comparison is about the interpolation,
 not about PCA denoising. The held-out section takes part in registration and PCA (never in the flow).
 """
@@ -51,18 +55,16 @@ def bin_maps(xy: np.ndarray, values: np.ndarray, origin, bin_um: float, shape, w
         return sums / counts, counts
 
 
-def pearson_genes(A: np.ndarray, B: np.ndarray) -> float:
-    """Mean over genes of the Pearson r across bins valid in both ``A``, ``B`` ``[G, nbins]``."""
-    ok = np.isfinite(A).all(0) & np.isfinite(B).all(0)
+def pearson_genes(A: np.ndarray, B: np.ndarray, ok: np.ndarray) -> float:
+    """Mean over genes of the Pearson r across the bins ``ok`` of ``A``, ``B`` ``[G, nbins]``."""
     a, b = A[:, ok] - A[:, ok].mean(1, keepdims=True), B[:, ok] - B[:, ok].mean(1, keepdims=True)
     den = np.sqrt((a ** 2).sum(1) * (b ** 2).sum(1))
     r = np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1), np.nan)
     return float(np.nanmean(r))
 
 
-def composition_agreement(F: np.ndarray, T: np.ndarray) -> float:
-    """Mean over bins occupied in both of ``1 - 0.5 * sum_t |F_t - T_t|`` for fraction maps ``[types, nbins]``."""
-    ok = np.isfinite(F).all(0) & np.isfinite(T).all(0)
+def composition_agreement(F: np.ndarray, T: np.ndarray, ok: np.ndarray) -> float:
+    """Mean over the bins ``ok`` of ``1 - 0.5 * sum_t |F_t - T_t|`` for fraction maps ``[types, nbins]``."""
     return float((1 - 0.5 * np.abs(F[:, ok] - T[:, ok]).sum(0)).mean())
 
 
@@ -94,7 +96,7 @@ def loo(atlas, k: int, bin_um: float, flow_options: dict, client=None, truth=Non
     xy = lambda grp, a, b: np.stack([root[f"{grp}/x"][a:b], root[f"{grp}/y"][a:b]], 1).astype(np.float64)  # noqa: E731
     pred_xy = np.stack([g["x"].oindex[layer], g["y"].oindex[layer]], 1).astype(np.float64)
     pred_pcs = np.asarray(g["pcs"].oindex[layer, :])
-    pred_w = np.asarray(g["weight"].oindex[layer])
+    pred_dir = np.asarray(g["direction"].oindex[layer])
     a, b = _rows(atlas, k)
     true_xy = xy("aligned", a, b)
     true_X = np.asarray(root["X"][a:b], np.float64)
@@ -109,28 +111,34 @@ def loo(atlas, k: int, bin_um: float, flow_options: dict, client=None, truth=Non
     maps = {s: bin_maps(v[0], inv(v[1]), lo_mn, bin_um, shape)[0] for s, v in neighbours.items()}
     w = (z[k + 1] - z[k]) / gap
     near = k - 1 if z[k] - z[k - 1] <= z[k + 1] - z[k] else k + 1
+    flowed = {d: bin_maps(pred_xy[pred_dir == d], inv(pred_pcs[pred_dir == d]), lo_mn, bin_um, shape)[0] for d in (0, 1)}
     pred = {"copy": maps[near], "blend": w * maps[k - 1] + (1 - w) * maps[k + 1],
-            "lamina": bin_maps(pred_xy, inv(pred_pcs), lo_mn, bin_um, shape, pred_w)[0]}
+            "lamina": w * flowed[0] + (1 - w) * flowed[1]}
     obs_map = bin_maps(true_xy, true_X, lo_mn, bin_um, shape)[0]
-    out = {"section": str(atlas.sections.id.iloc[k]), "cells_pred": len(layer), "cells_true": b - a, "seconds": seconds}
+    # every method is scored on the same bins: those where all of them and the truth have cells
+    ok = np.isfinite(obs_map).all(0)
+    for m in pred.values():
+        ok &= np.isfinite(m).all(0)
+    out = {"section": str(atlas.sections.id.iloc[k]), "cells_pred": len(layer), "cells_true": b - a,
+           "bins": int(ok.sum()), "seconds": seconds}
     for name, m in pred.items():
-        out[f"r_{name}"] = pearson_genes(m, obs_map)
+        out[f"r_{name}"] = pearson_genes(m, obs_map, ok)
     if types is not None:
         n_types = int(types.max()) + 1
         onehot = lambda lab: np.eye(n_types)[lab]  # noqa: E731
         clf = KNeighborsClassifier(15).fit(np.concatenate([neighbours[s][1] for s in neighbours]),
                                            np.concatenate([neighbours[s][2] for s in neighbours]))
         frac = {s: bin_maps(v[0], onehot(clf.predict(v[1])), lo_mn, bin_um, shape)[0] for s, v in neighbours.items()}
-        comp = {"copy": frac[near], "blend": w * frac[k - 1] + (1 - w) * frac[k + 1],
-                "lamina": bin_maps(pred_xy, onehot(clf.predict(pred_pcs)), lo_mn, bin_um, shape, pred_w)[0]}
+        fl = {d: bin_maps(pred_xy[pred_dir == d], onehot(clf.predict(pred_pcs[pred_dir == d])), lo_mn, bin_um, shape)[0]
+              for d in (0, 1)}
+        comp = {"copy": frac[near], "blend": w * frac[k - 1] + (1 - w) * frac[k + 1], "lamina": w * fl[0] + (1 - w) * fl[1]}
         true_comp = bin_maps(true_xy, onehot(types[a:b]), lo_mn, bin_um, shape)[0]
         for name, m in comp.items():
-            out[f"comp_{name}"] = composition_agreement(m, true_comp)
+            out[f"comp_{name}"] = composition_agreement(m, true_comp, ok)
     if truth is not None:
         field_map = bin_maps(true_xy, truth(k, a, b), lo_mn, bin_um, shape)[0]
         for name, m in pred.items():
-            out[f"r_true_{name}"] = pearson_genes(m, field_map)
-            ok = np.isfinite(m).all(0) & np.isfinite(field_map).all(0)
+            out[f"r_true_{name}"] = pearson_genes(m, field_map, ok)
             out[f"rmse_true_{name}"] = float(np.sqrt(np.mean((m[:, ok] - field_map[:, ok]) ** 2)))
     return out
 

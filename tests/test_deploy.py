@@ -75,3 +75,20 @@ def test_container_recipes_install_this_project(name):
     torch_at, project_at = text.index("torch==2.13.0"), text.index('install ".[gpu]"' if "cuda" in name else "install .")
     assert torch_at < project_at  # the pinned torch first, so pip does not choose one
     assert "USER lamina" in text  # workers do not run as root
+
+
+def test_kubernetes_manifest_validates_against_the_operator_crd_schema():
+    """The DaskCluster CRD shipped in the dask-kubernetes wheel (the ``deploy`` extra) is the schema the API
+    server enforces; a manifest that does not validate would be rejected by ``kubectl apply``."""
+    resources = pytest.importorskip("importlib.resources")
+    pytest.importorskip("dask_kubernetes", reason="the deploy extra (dask-kubernetes) is not installed")
+    jsonschema = pytest.importorskip("jsonschema")
+    crd_file = resources.files("dask_kubernetes") / "operator/deployment/helm/dask-kubernetes-operator/crds/daskcluster.yaml"
+    crd = yaml.safe_load(crd_file.read_text())
+    doc = yaml.safe_load((DEPLOY / "kubernetes" / "daskcluster.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if doc["apiVersion"].endswith("/" + v["name"]))
+    assert doc["kind"] == crd["spec"]["names"]["kind"]
+    validator = jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
+    assert [e.message for e in validator.iter_errors(doc)] == []
+    doc["spec"]["worker"]["replicas"] = "two"  # the check has teeth
+    assert any("not of type 'integer'" in e.message for e in validator.iter_errors(doc))

@@ -41,3 +41,24 @@ def test_registration_benchmark_smoke():
     refined = float(rows["**lamina refined** (group-wise affine + LDDMM)"][2].strip(" *"))
     bound = float(rows["gauge bound: exact per-section warps, mean deformation set to zero"][2])
     assert 1.0 < bound < refined < affine < 80.0, (bound, refined, affine)  # um
+
+
+def test_interpolation_benchmark_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "interpolation.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| phantom |")][0]
+    r_copy, r_blend, r_lamina = (float(v) for v in row[3:6])
+    # a few training steps leave the flow near the identity, i.e. near the blend of the two neighbours
+    assert 0.8 < r_copy < r_blend and abs(r_lamina - r_blend) < 0.02, (r_copy, r_blend, r_lamina)
+
+
+def test_reconstruction_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reconstruction.py"), "--smoke",
+                           "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "| invert |" in out and "inversion / floor" in out
+    rss = float(out.split("Peak RSS of the process tree: **")[1].split(" GiB")[0])
+    assert rss < 4.0
+    assert not (tmp_path / "w").exists()  # cleaned up

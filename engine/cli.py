@@ -56,6 +56,11 @@ def cmd_demo(args) -> int:
     median, p95 = _truth_error(atlas, truth)
     print(f"registration error against ground truth (one global rigid transform removed, {len(atlas.sections)} "
           f"sections): median {median:.1f} um, p95 {p95:.1f} um")
+    vol = atlas.root["volume"]
+    Z, Y, X = vol["density"].shape
+    print(f"reconstruction: {atlas.root['interpolated/x'].shape[0]:,} interpolated cells (weighted layers every "
+          f"~{args.dz:g} um), voxel grid {X}x{Y}x{Z} at {vol.attrs['voxel_um']:g} um, expression volume of "
+          f"{atlas.n_genes} genes in /expression")
     for p in pictures:
         print(f"picture: {p}")
     return 0

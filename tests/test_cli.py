@@ -17,11 +17,16 @@ def run(*args, timeout=180):
 
 
 def test_demo_end_to_end(tmp_path):
-    proc = run("demo", "--out", tmp_path / "d", "--cells", 8000, "--sections", 4, "--genes", 10, "--workers", 2)
+    proc = run("demo", "--out", tmp_path / "d", "--cells", 8000, "--sections", 4, "--genes", 10, "--workers", 2,
+               "--flow-steps", 4, "--dz", 20)
     assert proc.returncode == 0, proc.stderr
     assert "cells 8,000" in proc.stdout and "section_stats" in proc.stdout
     atlas = lamina.Atlas.open(tmp_path / "d" / "demo.lamina.zarr")
-    assert atlas.completed_stages() == ["ingest", "section_stats", "rasterize", "register", "refine", "warp"]
+    assert atlas.completed_stages() == ["ingest", "section_stats", "rasterize", "register", "refine", "warp",
+                                        "pca", "train_flow", "interpolate", "voxelize", "invert"]
+    assert atlas.root["expression/values"].shape[0] == 10 and float(atlas.root["volume"].attrs["voxel_um"]) == 20.0
+    assert "reconstruction:" in proc.stdout
+    assert (tmp_path / "d" / "volume_slices.png").stat().st_size > 10_000
     line = [x for x in proc.stdout.splitlines() if x.startswith("registration error against ground truth")][0]
     median = float(line.split("median ")[1].split(" um")[0])
     assert 1.0 < median < 50.0  # 4 sections of 2,000 cells: the gauge bound alone is ~11 um here

@@ -28,7 +28,7 @@ from ..store.tensors import load_optimizer_state, optimizer_state, read_state, w
 from .runner import SCRATCH, StageResult, params_hash, run_stage, stage_options
 
 DEFAULTS = {"dz_um": 10.0, "k": 10, "hidden": 64, "subsample": 512, "steps": 300, "steps_per_task": 25,
-            "lr": 2e-3, "eps": 0.01, "expression_weight": 0.3, "action_weight": 0.0, "noise_pos": 0.01, "noise_expr": 0.02,
+            "lr": 2e-3, "eps": 0.01, "expression_weight": 0.3, "action_weight": 1.0, "noise_pos": 0.01, "noise_expr": 0.02,
             "pool": 4, "seed": 0}
 MIN_CELLS = 3
 DIRECTIONS = ("forward", "backward")

@@ -11,14 +11,16 @@ add sampling noise that the two observed sections do not have.)
 One Dask task per (gap, cell partition): a section's cells are split at random into partitions of about
 ``rows_per_task`` cells, and inside a task into sub-batches of the flow's training ``subsample`` size, so
 each kNN graph is built at the density the flow was trained at. The number of cells every task writes is
-known before anything runs, so the outputs are concatenated as a dask array with known chunks, rechunked
-to the store's chunks and written aligned. Rows are ordered by gap; ``gap_start``/``gap_stop`` give each
+known before anything runs: each task writes its rows into its own scratch array, then one task per
+output chunk copies the rows of that chunk into the final arrays (chunk-aligned, so no two tasks share a
+Zarr chunk). Two passes over the disk instead of one, but no task ever holds more than its own rows or
+one chunk (a single Dask graph that concatenates and rechunks the outputs let the scheduler run every
+generator first and hold all of them in memory). Rows are ordered by gap; ``gap_start``/``gap_stop`` give each
 gap's rows (voxelization reads only the gaps a z-slab needs).
 """
 from __future__ import annotations
 
 import dask
-import dask.array as da
 import numpy as np
 import torch
 import zarr
@@ -65,8 +67,9 @@ def _flow_batches(model, xy: np.ndarray, h: np.ndarray, z0: float, z1: float, dz
              np.concatenate([p[i][2].numpy() for p in pieces])) for i in range(len(pieces[0]))]
 
 
-def _gap_task(store: str, flow: str, lo: int, hi: int, part: int, parts: int, cfg: dict) -> np.ndarray:
-    """Rows ``[n, 6 + P]`` (x, y, z, weight, gap, direction, PCs) of the layers of one (gap, partition)."""
+def _gap_task(store: str, flow: str, lo: int, hi: int, part: int, parts: int, cfg: dict, target: str) -> int:
+    """Write rows ``[n, 6 + P]`` (x, y, z, weight, gap, direction, PCs) of the layers of one (gap, partition)
+    into the scratch array ``target``; returns n."""
     root = zarr.open_group(store, mode="r")
     sec = root["sections"]
     starts, stops = np.asarray(sec["cell_start"][...]), np.asarray(sec["cell_stop"][...])
@@ -95,8 +98,20 @@ def _gap_task(store: str, flow: str, lo: int, hi: int, part: int, parts: int, cf
             block[:, 5] = direction
             block[:, 6:] = h
             out.append(block)
-    P = int(root["pca/pcs"].shape[1])
-    return np.concatenate(out) if out else np.empty((0, 6 + P), np.float32)
+    rows = np.concatenate(out)
+    zarr.open_group(store, mode="r+")[target][...] = rows
+    return len(rows)
+
+
+def _copy_chunk(store: str, group: str, a: int, b: int, parts: list[tuple[str, int, int]]) -> int:
+    """Rows ``[a, b)`` of the final arrays from the scratch arrays ``(name, start, stop)`` that cover them."""
+    root = zarr.open_group(store, mode="r+")
+    g = root[group]
+    rows = np.concatenate([np.asarray(g[name][max(a, s) - s:min(b, e) - s]) for name, s, e in parts])
+    for i, (k, dt) in enumerate(COLUMNS):
+        g[k][a:b] = rows[:, i].astype(dt)
+    g["pcs"][a:b] = rows[:, len(COLUMNS):]
+    return b - a
 
 
 def plan(atlas: Atlas, sec: np.ndarray, dz_um: float, rows_per_task: int) -> list[dict]:
@@ -155,15 +170,24 @@ def interpolate(atlas: Atlas, client=None, force: bool = False, **options) -> St
         arrays.write_small(group, "gap_start", np.array([offsets[first[g]] for g in gaps], np.int64), ("gap",))
         arrays.write_small(group, "gap_stop", np.array([offsets[last[g] + 1] for g in gaps], np.int64), ("gap",))
         if n:
-            pieces = [da.from_delayed(dask.delayed(_gap_task, pure=False)(atlas.path, "flow", t["lo"], t["hi"],
-                                                                          t["part"], t["parts"], cfg),
-                                      shape=(t["rows"], len(COLUMNS) + P), dtype=np.float32)
-                      for t in tasks if t["rows"]]
-            rows = da.concatenate(pieces).rechunk((chunk, len(COLUMNS) + P))
-            targets = [group[k] for k, _ in COLUMNS] + [group["pcs"]]
-            sources = [rows[:, i].astype(dt) for i, (_, dt) in enumerate(COLUMNS)] + [rows[:, len(COLUMNS):]]
-            stores = da.store(sources, targets, lock=False, compute=False)
-            compute(stores, client=client)
+            scratch = group.require_group("_parts")
+            width = len(COLUMNS) + P
+            names = []
+            for i, t in enumerate(tasks):
+                arrays.create(scratch, f"t{i}", (t["rows"], width), np.float32, (chunk, width), ("row", "column"))
+                names.append(f"{scratch.path}/t{i}")
+            written = compute(*[dask.delayed(_gap_task, pure=False)(atlas.path, "flow", t["lo"], t["hi"], t["part"],
+                                                                     t["parts"], cfg, names[i])
+                                for i, t in enumerate(tasks) if t["rows"]], client=client)
+            assert list(written) == [t["rows"] for t in tasks if t["rows"]]
+            copies = []
+            for a in range(0, n, chunk):
+                b = min(n, a + chunk)
+                cover = [(f"_parts/t{i}", int(offsets[i]), int(offsets[i + 1])) for i in range(len(tasks))
+                         if offsets[i] < b and offsets[i + 1] > a]
+                copies.append(dask.delayed(_copy_chunk, pure=False)(atlas.path, group.path, a, b, cover))
+            assert sum(compute(*copies, client=client)) == n
+            del group["_parts"]
         return {"n_cells": n, "n_tasks": len(tasks), "layers": int(sum(len(_layers(
             atlas.sections.z.iloc[h] - atlas.sections.z.iloc[lo], cfg["dz_um"])) for lo, h in zip(sec[:-1], sec[1:])))}
 

@@ -4,7 +4,7 @@ Training data are consecutive section pairs of the aligned atlas (``/aligned`` x
 each step draws a gap ``(k, k+1)``, a random subsample of ``subsample`` cells from each side, flows the
 lower sample up to the depth of the upper one with the forward model (and the upper one down with the
 backward model), and minimises the Sinkhorn divergence to the observed cells there
-(:func:`lamina.kernels.sde.flow_loss`). The O(n m) transport problem is why training works on subsamples:
+plus ``action_weight`` times the flow's kinetic action (:func:`lamina.kernels.sde.flow_loss`). The O(n m) transport problem is why training works on subsamples:
 ``subsample`` cells per side set both the memory (``~ 3 * subsample^2`` floats per loss) and the cell
 density the kNN graph is learned at; inference partitions cells at the same density.
 
@@ -141,7 +141,8 @@ def train_flow(atlas: Atlas, client=None, force: bool = False, sections=None, **
 
     Options (defaults in ``DEFAULTS``): ``dz_um`` Euler step (um), ``k`` neighbours, ``hidden`` width,
     ``subsample`` cells per side per step, ``steps``, ``steps_per_task``, ``lr``, ``eps`` (OT blur, in
-    normalised units squared), ``expression_weight``, ``noise_pos`` / ``noise_expr`` (diffusion, normalised
+    normalised units squared), ``expression_weight``, ``action_weight`` (the flow's kinetic action, which keeps
+    the drift near zero where the subsamples give no consistent signal), ``noise_pos`` / ``noise_expr`` (diffusion, normalised
     units per sqrt(normalised depth)), ``pool`` (cells read per section per task, in subsamples), ``seed``.
     ``sections`` restricts training to some sections (e.g. leave one out).
     """

@@ -127,7 +127,7 @@ def plan(atlas: Atlas, sec: np.ndarray, dz_um: float, rows_per_task: int) -> lis
         sizes_f = [len(p) for p in np.array_split(np.arange(n[lo]), parts)]
         sizes_b = [len(p) for p in np.array_split(np.arange(n[hi]), parts)]
         for part in range(parts):
-            tasks.append({"lo": int(lo), "hi": int(hi), "part": part, "parts": parts,
+            tasks.append({"lo": int(lo), "hi": int(hi), "part": part, "parts": parts, "layers": len(t),
                           "rows": len(t) * (sizes_f[part] + sizes_b[part])})
     return tasks
 
@@ -162,13 +162,12 @@ def interpolate(atlas: Atlas, client=None, force: bool = False, **options) -> St
         for k, dt in COLUMNS:
             arrays.create(group, k, (n,), dt, (chunk,), ("cell",), {"units": "um"} if k in "xyz" else None)
         arrays.create(group, "pcs", (n, P), np.float32, (chunk, P), ("cell", "pc"))
-        gaps = sorted({t["lo"] for t in tasks})
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        first = {g: min(i for i, t in enumerate(tasks) if t["lo"] == g) for g in gaps}
-        last = {g: max(i for i, t in enumerate(tasks) if t["lo"] == g) for g in gaps}
-        arrays.write_small(group, "gap_section", np.array(gaps, np.int32), ("gap",))
-        arrays.write_small(group, "gap_start", np.array([offsets[first[g]] for g in gaps], np.int64), ("gap",))
-        arrays.write_small(group, "gap_stop", np.array([offsets[last[g] + 1] for g in gaps], np.int64), ("gap",))
+        # plan() emits the tasks gap by gap, so each gap's rows are one run of tasks
+        gaps, first = np.unique([t["lo"] for t in tasks], return_index=True)
+        arrays.write_small(group, "gap_section", gaps.astype(np.int32), ("gap",))
+        arrays.write_small(group, "gap_start", offsets[first].astype(np.int64), ("gap",))
+        arrays.write_small(group, "gap_stop", np.append(offsets[first[1:]], n).astype(np.int64), ("gap",))
         if n:
             scratch = group.require_group("_parts")
             width = len(COLUMNS) + P
@@ -188,8 +187,7 @@ def interpolate(atlas: Atlas, client=None, force: bool = False, **options) -> St
                 copies.append(dask.delayed(_copy_chunk, pure=False)(atlas.path, group.path, a, b, cover))
             assert sum(compute(*copies, client=client)) == n
             del group["_parts"]
-        return {"n_cells": n, "n_tasks": len(tasks), "layers": int(sum(len(_layers(
-            atlas.sections.z.iloc[h] - atlas.sections.z.iloc[lo], cfg["dz_um"])) for lo, h in zip(sec[:-1], sec[1:])))}
+        return {"n_cells": n, "n_tasks": len(tasks), "layers": int(sum(tasks[i]["layers"] for i in first))}
 
     return run_stage(atlas, "interpolate", "interpolated", {**cfg, "rows_per_task": rows_per_task}, build,
                      inputs=("train_flow",), force=force)

@@ -91,12 +91,13 @@ def _voxelize_chunk(store: str, target: str, geom: dict, zc: int, yc: int, cz: i
     sums = np.zeros((P,) + shape)
     counts = np.zeros(shape)
     n = 0
+    section_z = np.asarray(root["sections/z"][...], np.float64)
     for group, pcs_name, a0, b0 in _row_ranges(root, oz + z_lo * v, oz + z_hi * v):
         for a in range(a0, b0, read_rows):
             b = min(b0, a + read_rows)
             if group == "aligned":
                 sec = np.asarray(root["cells/section"][a:b])
-                zz = np.asarray(root["sections/z"][...], np.float64)[sec]
+                zz = section_z[sec]
                 w = None
             else:
                 zz = np.asarray(root[f"{group}/z"][a:b], np.float64)

@@ -46,19 +46,24 @@ def warp(atlas: Atlas, client=None, force: bool = False, refined: bool | None = 
     source, inputs = ("deformation", ("refine",)) if refined else ("transforms", ("register",))
 
     def build(group):
-        n, chunk = atlas.n_cells, atlas.cell_chunk
-        for k in ("x", "y", "z"):
-            arrays.create(group, k, (n,), np.float32, (chunk,), ("cell",), {"units": "um"})
-        z = atlas.sections.z.to_numpy(np.float64)
-        tasks = [dask.delayed(_warp_chunk, pure=False)(atlas.path, group.path, a, min(a + chunk, n), source, z)
-                 for a in range(0, n, chunk)]
-        assert sum(compute(*tasks, client=client)) == n
-        return {"n_cells": n, "transform": source}
+        return _write_aligned(atlas, group, client, _warp_chunk, source)
 
     return run_stage(atlas, "warp", "aligned", {"source": source}, build, inputs=inputs, force=force)
 
 
-def _identity_chunk(store: str, target: str, a: int, b: int, z: np.ndarray) -> int:
+def _write_aligned(atlas: Atlas, group, client, chunk_task, source: str) -> dict:
+    """``/aligned`` x, y, z: one ``chunk_task(store, target, a, b, source, z)`` per cell chunk."""
+    n, chunk = atlas.n_cells, atlas.cell_chunk
+    for k in ("x", "y", "z"):
+        arrays.create(group, k, (n,), np.float32, (chunk,), ("cell",), {"units": "um"})
+    z = atlas.sections.z.to_numpy(np.float64)
+    tasks = [dask.delayed(chunk_task, pure=False)(atlas.path, group.path, a, min(a + chunk, n), source, z)
+             for a in range(0, n, chunk)]
+    assert sum(compute(*tasks, client=client)) == n
+    return {"n_cells": n, "transform": source}
+
+
+def _identity_chunk(store: str, target: str, a: int, b: int, source: str, z: np.ndarray) -> int:
     root = zarr.open_group(store, mode="r+")
     for k in ("x", "y"):
         root[f"{target}/{k}"][a:b] = np.asarray(root[f"cells/{k}"][a:b], np.float32)
@@ -72,13 +77,6 @@ def mark_aligned(atlas: Atlas, client=None, force: bool = False) -> StageResult:
     atlas.writable()
 
     def build(group):
-        n, chunk = atlas.n_cells, atlas.cell_chunk
-        for k in ("x", "y", "z"):
-            arrays.create(group, k, (n,), np.float32, (chunk,), ("cell",), {"units": "um"})
-        z = atlas.sections.z.to_numpy(np.float64)
-        tasks = [dask.delayed(_identity_chunk, pure=False)(atlas.path, group.path, a, min(a + chunk, n), z)
-                 for a in range(0, n, chunk)]
-        assert sum(compute(*tasks, client=client)) == n
-        return {"n_cells": n, "transform": "identity"}
+        return _write_aligned(atlas, group, client, _identity_chunk, "identity")
 
     return run_stage(atlas, "warp", "aligned", {"source": "identity"}, build, inputs=("ingest",), force=force)

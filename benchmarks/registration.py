@@ -1,6 +1,7 @@
 """Registration benchmark (affine stage and refinement): phantom accuracy against ground truth, real-data label agreement, speed.
 
-    python benchmarks/registration.py            # phantom (20 sections) + MERFISH stack + DLPFC pairs
+    python benchmarks/registration.py            # stacks (phantom, MERFISH, DLPFC pairs) + peers on all data sets
+    python benchmarks/registration.py --no-stack --peers her2st   # only the peer comparison on her2st
     python benchmarks/registration.py --write    # also update benchmarks/RESULTS.md
     python benchmarks/registration.py --smoke    # tiny phantom only (seconds; used by the tests)
 
@@ -28,6 +29,10 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
 sys.path.insert(0, str(HERE))
 from ingest import write_results  # noqa: E402
+
+
+DLPFC_PAIRS = [("151507", "151508"), ("151509", "151510"), ("151669", "151670"), ("151671", "151672"),
+               ("151673", "151674"), ("151675", "151676")]
 
 
 def _agreement(atlas, P: np.ndarray, labels: np.ndarray) -> list[float]:
@@ -149,14 +154,12 @@ def dlpfc_rows(work: Path, client) -> str:
     if not path.exists():
         return "### DLPFC: skipped (../shared/data/dlpfc not present)\n"
     scale = json.loads((DATA / "dlpfc/raw/151507/scalefactors_json.json").read_text())
-    pairs = [("151507", "151508"), ("151509", "151510"), ("151669", "151670"), ("151671", "151672"),
-             ("151673", "151674"), ("151675", "151676")]
     import pandas as pd
 
     table = pd.read_csv(path)
     means = {"unaligned": [], "centroid": [], "lamina affine": [], "lamina refined": []}
     lines = ["| pair | " + " | ".join(means) + " |", "|---|" + "---|" * len(means)]
-    for a, b in pairs:
+    for a, b in DLPFC_PAIRS:
         part = table[table.section.astype(str).isin([a, b])]
         src = work / f"dlpfc_{a}.csv"
         part.to_csv(src, index=False)
@@ -172,12 +175,261 @@ def dlpfc_rows(work: Path, client) -> str:
             + "\n".join(lines) + "\n")
 
 
+# ---------------------------------------------------------------------------------------------- against the peers
+PEERS = ("lamina", "PASTE", "STalign")
+
+
+def _onehot(labels: np.ndarray) -> np.ndarray:
+    classes, codes = np.unique(labels.astype(str), return_inverse=True)
+    return np.eye(len(classes), dtype=np.float32)[codes]
+
+
+def phantom_pairs(n_cells: int, n_sections: int, starts, n_genes: int = 20) -> list:
+    """Pairs (k, k+1) of the phantom with default perturbations; tools get expression and cell types."""
+    import pandas as pd
+
+    import lamina
+    from _peers import Pair
+
+    ph = lamina.datasets.phantom(n_cells=n_cells, n_sections=n_sections, n_genes=n_genes, seed=0)
+    out = []
+    for k in starts:
+        parts = []
+        for s in (k, k + 1):
+            frames = list(ph.section_chunks(s))
+            table = pd.concat([f for f, _ in frames], ignore_index=True)
+            truth = np.concatenate([t for _, t in frames])[:, :2]
+            parts.append((table[["x", "y"]].to_numpy(np.float64), table[ph.gene_names].to_numpy(np.float32),
+                          table.cell_type.astype(str).to_numpy(), truth))
+        (xa, fa, la, _), (xb, fb, lb, tb) = parts
+        out.append(Pair("phantom", f"{ph.section_ids[k]}->{ph.section_ids[k + 1]}", xa, xb,
+                        f"expression ({n_genes} genes) + cell types", fa, fb, given_labels_a=la, given_labels_b=lb,
+                        labels_a=la, labels_b=lb, truth_a=xa, truth_b=ph.to_observed(k, tb)))
+    return out
+
+
+def dlpfc_pairs() -> list:
+    """The six 10-um pairs; spots without a layer are left out; tools get the layer labels (no expression)."""
+    import json
+
+    import pandas as pd
+    from _peers import Pair
+
+    path = DATA / "dlpfc" / "dlpfc_12_sections_spots_layers.csv.gz"
+    if not path.exists():
+        print(f"skip DLPFC: {path} not present")
+        return []
+    um = 65.0 / json.loads((DATA / "dlpfc/raw/151507/scalefactors_json.json").read_text())["spot_diameter_fullres"]
+    table = pd.read_csv(path).dropna(subset=["layer"])
+    table["section"] = table.section.astype(str)
+    out = []
+    for a, b in DLPFC_PAIRS:
+        A, B = (table[table.section == s] for s in (a, b))
+        xa, xb = (t[["pxl_col_fullres", "pxl_row_fullres"]].to_numpy(np.float64) * um for t in (A, B))
+        la, lb = A.layer.astype(str).to_numpy(), B.layer.astype(str).to_numpy()
+        fa, fb = np.split(_onehot(np.concatenate([la, lb])), [len(la)])
+        out.append(Pair("DLPFC", f"{a}->{b}", xa, xb, "layer labels (one-hot; no expression in this data)", fa, fb,
+                        given_labels_a=la, given_labels_b=lb, labels_a=la, labels_b=lb))
+    return out
+
+
+def her2st_pairs(n_genes: int = 300) -> list:
+    """Consecutive sections of patients A-D (spot pitch 200 um); tools get counts of the patient's most variable
+    genes; expression clusters and the authors' warped_x/y are for evaluation only."""
+    import anndata as ad
+    from _peers import Pair
+
+    path = DATA / "her2st" / "her2st_all_sections.h5ad"
+    if not path.exists():
+        print(f"skip her2st: {path} not present")
+        return []
+    full = ad.read_h5ad(path)
+    out = []
+    for patient in "ABCD":
+        a = full[full.obs.patient == patient]
+        X = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
+        logn = np.log1p(X / np.maximum(X.sum(1, keepdims=True), 1) * 1e4)
+        keep = np.argsort(logn.var(0))[::-1][:n_genes]
+        obs = a.obs
+        sections = sorted(obs.section.astype(str).unique())
+        for s, t in zip(sections[:-1], sections[1:]):
+            ma, mb = (obs.section.astype(str) == s).to_numpy(), (obs.section.astype(str) == t).to_numpy()
+            xy = obs[["array_x", "array_y"]].to_numpy(np.float64) * 200.0
+            ref = obs[["warped_x", "warped_y"]].to_numpy(np.float64)
+            lab = obs.cluster.astype("Int64").astype(str).to_numpy()
+            out.append(Pair("her2st", f"{s}->{t}", xy[ma], xy[mb], f"counts of {n_genes} most variable genes",
+                            X[ma][:, keep], X[mb][:, keep], counts=True, labels_a=lab[ma], labels_b=lab[mb],
+                            ref_a=ref[ma], ref_b=ref[mb]))
+    return out
+
+
+def merfish_pairs(coarse: bool = False) -> list:
+    """Consecutive sections (50 um apart); tools get the cell classes (no expression in this data)."""
+    import pandas as pd
+    from _peers import Pair
+
+    folder = DATA / "merfish_moffitt"
+    if not folder.exists():
+        print(f"skip MERFISH: {folder} not present")
+        return []
+    loc = pd.read_csv(folder / "merFISH_3D_data_cell_locations.txt", sep="\t")
+    meta = pd.read_csv(folder / "merFISH_3D_metadata.txt", sep="\t")
+    cls = meta.orig_cell_types.astype(str).to_numpy()
+    coarse_cls = np.array([c.rstrip(" 0123456789") for c in cls])
+    z = sorted(loc.z.unique())
+    out = []
+    for s, t in zip(z[:-1], z[1:]):
+        ma, mb = (loc.z == s).to_numpy(), (loc.z == t).to_numpy()
+        xy = loc[["x", "y"]].to_numpy(np.float64)
+        fa, fb = np.split(_onehot(np.concatenate([cls[ma], cls[mb]])), [int(ma.sum())])
+        out.append(Pair("MERFISH", f"{s}->{t}", xy[ma], xy[mb], "cell classes (one-hot; 16 classes)", fa, fb,
+                        given_labels_a=cls[ma], given_labels_b=cls[mb], labels_a=cls[ma], labels_b=cls[mb],
+                        extra={"coarse_a": coarse_cls[ma], "coarse_b": coarse_cls[mb]}))
+    return out
+
+
+METRICS = {  # dataset -> (score key, column title, lower is better)
+    "phantom": [("median_um", "median error (um)", True), ("p95_um", "p95 error (um)", True)],
+    "DLPFC": [("agreement", "NN layer agreement", False)],
+    "her2st": [("agreement", "NN cluster agreement", False), ("ref_um", "distance to authors' alignment (um)", True)],
+    "MERFISH": [("agreement", "NN class agreement", False), ("agreement_coarse", "NN coarse-class agreement", False)],
+}
+
+
+def run_peers(pairs: list, work: Path, client, tools=PEERS, paste_cells: int = 2000, stalign_iter: int = 1000) -> list:
+    """Every tool on every pair, scored by ``_peers.score``; a tool that raises gets a row saying why."""
+    import _peers
+
+    why_not = {"PASTE": _peers.paste_available(), "STalign": _peers.stalign_available(), "lamina": None}
+    runners = {"lamina": lambda p: _peers.run_lamina(p, work, client),
+               "PASTE": lambda p: _peers.run_paste(p, max_cells=paste_cells),
+               "STalign": lambda p: _peers.run_stalign(p, niter=stalign_iter)}
+    for tool in tools:
+        if why_not[tool]:
+            print(f"skip {tool}: {why_not[tool]}", flush=True)
+    rows = []
+    for pair in pairs:
+        base = {"dataset": pair.dataset, "pair": pair.name, "cells": (len(pair.xy_a), len(pair.xy_b))}
+        for name, (a, b) in _peers.baselines(pair).items():
+            rows.append({**base, "method": name, **_peers.score(pair, a, b)})
+        for tool in tools:
+            if why_not[tool]:
+                continue
+            try:
+                (a, b, info), seconds, peak = _peers.measured(runners[tool], pair)
+            except Exception as e:  # reported in the table, never dropped
+                rows.append({**base, "method": tool, "failed": f"{type(e).__name__}: {str(e)[:80]}"})
+                print(f"{pair.dataset} {pair.name} {tool} FAILED: {e}", flush=True)
+                continue
+            rows.append({**base, "method": tool, "seconds": seconds, "peak_mib": peak / 2**20, **info,
+                         **_peers.score(pair, a, b)})
+            print({k: v for k, v in rows[-1].items() if k not in ("objective",)}, flush=True)
+    return rows
+
+
+def peer_tables(rows: list) -> str:
+    """Per dataset: one table of per-pair scores and a mean row; then times, memory and the targets."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    methods = [m for m in ("unaligned", "centroid", *PEERS) if m in set(df.method)]
+    tools = [m for m in PEERS if m in set(df.method)]
+    out = []
+    for dataset, metrics in METRICS.items():
+        d = df[df.dataset == dataset]
+        if d.empty:
+            continue
+        for key, title, lower in metrics:
+            if key not in d or d[key].isna().all():
+                continue
+            wide = d.pivot_table(index="pair", columns="method", values=key, aggfunc="first", sort=False)
+            head = f"| pair ({title}) | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods) + "\n"
+            body = "".join(f"| {pair} | " + " | ".join(_cell(wide, pair, m) for m in methods) + " |\n"
+                           for pair in wide.index)
+            means = {m: wide[m].mean() for m in methods if m in wide}
+            best = (min if lower else max)(means.values())
+            mean = "| **mean** | " + " | ".join(
+                (f"**{means[m]:.3f}**" if means[m] == best else f"{means[m]:.3f}") if m in means else "-"
+                for m in methods) + " |\n"
+            out.append(f"#### {dataset}: {title} ({'lower' if lower else 'higher'} is better)\n\n{head}{body}{mean}")
+        if "paste_score" in d and d.paste_score.notna().any():
+            out.append(f"PASTE's own score (share of transported mass between same-label cells), mean over pairs: "
+                       f"{d.paste_score.mean():.3f}.\n")
+        cost = d[d.method.isin(tools)].groupby("method").agg(seconds=("seconds", "median"), peak=("peak_mib", "max"))
+        out.append("Per pair: " + "; ".join(f"{m} median {cost.seconds[m]:.2f} s, peak +{cost.peak[m]:.0f} MiB"
+                                            for m in tools if m in cost.index) + ".\n")
+        for _, r in (d[d.failed.notna()] if "failed" in d else d.iloc[:0]).iterrows():
+            out.append(f"{r.method} failed on {r.pair}: {r.failed}\n")
+    return "\n".join(out)
+
+
+def _cell(wide, pair, method) -> str:
+    import pandas as pd
+
+    if method not in wide or pd.isna(wide.at[pair, method]):
+        return "failed" if method in PEERS else "-"
+    return f"{wide.at[pair, method]:.3f}"
+
+
+def peer_targets(rows: list) -> str:
+    """The issue's targets, checked against the measured rows."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    lines = []
+
+    def mean(dataset, method, key):
+        v = df[(df.dataset == dataset) & (df.method == method)]
+        return float(v[key].mean()) if key in v and v[key].notna().any() else float("nan")
+
+    peers = [m for m in ("PASTE", "STalign") if m in set(df.method)]
+    if (df.dataset == "phantom").any() and peers:
+        lam = mean("phantom", "lamina", "median_um")
+        best = min(mean("phantom", m, "median_um") for m in peers)
+        lines.append(f"- phantom: lamina median error {lam:.1f} um vs best peer {best:.1f} um: "
+                     f"{best / lam:.1f}x lower (target >= 2x): **{'met' if best >= 2 * lam else 'not met'}**")
+    for dataset in ("DLPFC", "her2st"):
+        if (df.dataset == dataset).any() and peers:
+            lam = mean(dataset, "lamina", "agreement")
+            others = {m: mean(dataset, m, "agreement") for m in peers}
+            ok = all(lam > v for v in others.values())
+            lines.append(f"- {dataset}: mean agreement lamina {lam:.3f} vs " + ", ".join(
+                f"{m} {v:.3f}" for m, v in others.items()) + f" (target: higher than both): **{'met' if ok else 'not met'}**")
+    if "STalign" in peers:
+        t = df[df.method.isin(["lamina", "STalign"])].groupby("method").seconds.median()
+        lines.append(f"- speed: median per pair lamina {t['lamina']:.2f} s, STalign {t['STalign']:.2f} s: "
+                     f"{t['STalign'] / t['lamina']:.1f}x (target >= 10x at equal or better accuracy): "
+                     f"**{'met' if t['STalign'] >= 10 * t['lamina'] else 'not met'}**")
+    return "\n".join(lines) + "\n"
+
+
+def peer_section(work: Path, client, datasets, n_cells: int, n_sections: int, paste_cells: int,
+                 stalign_iter: int) -> str:
+    loaders = {"phantom": lambda: phantom_pairs(n_cells, n_sections, range(0, n_sections - 1, 4)),
+               "DLPFC": dlpfc_pairs, "her2st": her2st_pairs, "MERFISH": merfish_pairs}
+    pairs = [p for d in datasets for p in loaders[d]()]
+    rows = run_peers(pairs, work, client, paste_cells=paste_cells, stalign_iter=stalign_iter)
+    given = "; ".join(sorted({f"{p.dataset}: {p.features}" for p in pairs}))
+    return ("### Against the peers: the same pairs, the same scoring code\n\n"
+            f"Each pair is aligned by every tool on its own (section B onto A). What the tools were given besides "
+            f"positions: {given}. Settings: PASTE on at most {paste_cells} cells per section, STalign "
+            f"{stalign_iter} iterations; the rest as stated in `benchmarks/_peers.py`. Time: wall seconds per pair, "
+            "lamina's including ingest of the pair into a store; peak: the largest rise of the RSS of this process "
+            "and its Dask workers during a pair.\n\n" + peer_tables(rows) + "\n**Targets**\n\n" + peer_targets(rows))
+
+
 def main(argv=None) -> int:
     import lamina
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", type=int, default=100_000)
     p.add_argument("--sections", type=int, default=20)
+    p.add_argument("--stack", action=argparse.BooleanOptionalAction, default=True,
+                   help="the stack benchmarks (phantom stack, MERFISH stack, DLPFC pairs with lamina only)")
+    p.add_argument("--peers", nargs="*", default=list(METRICS), choices=list(METRICS),
+                   help="data sets for the comparison with PASTE and STalign (none: skip it)")
+    p.add_argument("--paste-cells", type=int, default=2000)
+    p.add_argument("--stalign-iter", type=int, default=1000)
     p.add_argument("--write", action="store_true")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -185,20 +437,40 @@ def main(argv=None) -> int:
     client = lamina.connect()
     try:
         if args.smoke:
-            text, _ = phantom_rows(work, client, 8_000, 4)
+            parts = [phantom_rows(work, client, 8_000, 4)[0],
+                     peer_section(work, client, ["phantom"], 4_000, 2, paste_cells=300, stalign_iter=20)]
         else:
-            text = "\n".join([phantom_rows(work, client, args.cells, args.sections)[0], merfish_rows(work, client),
-                              dlpfc_rows(work, client)])
+            parts = []
+            if args.stack:
+                parts += [phantom_rows(work, client, args.cells, args.sections)[0], merfish_rows(work, client),
+                          dlpfc_rows(work, client)]
+            if args.peers:
+                parts.append(peer_section(work, client, args.peers, args.cells, args.sections, args.paste_cells,
+                                          args.stalign_iter))
+        text = "\n".join(parts)
     finally:
         client.close()
         shutil.rmtree(work, ignore_errors=True)
+    versions = _versions()
     header = (f"## Registration (benchmarks/registration.py)\n\n{dt.date.today()} · {os.cpu_count()} cores, "
-              f"no GPU · lamina {lamina.__version__}, Python {platform.python_version()} · command: "
+              f"no GPU · lamina {lamina.__version__}, Python {platform.python_version()}{versions} · command: "
               f"`python benchmarks/registration.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
     print(header + text)
     if args.write and not args.smoke:
         write_results(header + text, section="registration")
     return 0
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist in ("torch", "paste-bio", "pot", "stalign-modern"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            pass
+    return "".join(f", {v}" for v in found)
 
 
 if __name__ == "__main__":

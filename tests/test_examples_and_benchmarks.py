@@ -41,6 +41,24 @@ def test_registration_benchmark_smoke():
     refined = float(rows["**lamina refined** (group-wise affine + LDDMM)"][2].strip(" *"))
     bound = float(rows["gauge bound: exact per-section warps, mean deformation set to zero"][2])
     assert 1.0 < bound < refined < affine < 80.0, (bound, refined, affine)  # um
+    # the peer comparison: the same phantom pair through every tool, scored by the same code
+    peers = {line.split("|")[1].strip(): line.split("|") for line in proc.stdout.split("#### phantom: median")[1]
+             .split("####")[0].splitlines() if line.startswith("| S000")}
+    row = [float(c) for c in peers["S000->S001"][2:-1]]  # unaligned, centroid, lamina, PASTE, STalign (um)
+    assert len(row) == 5, proc.stdout[-3000:]
+    unaligned, centroid, lamina, paste, stalign = row
+    assert lamina < 0.3 * centroid and paste < 0.5 * centroid and stalign < unaligned
+    assert "**Targets**" in proc.stdout and "PASTE's own score" in proc.stdout
+
+
+def test_scaling_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--smoke", "--work", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| 12,000 |")][0].split("|")
+    assert all(float(c) >= 0 for c in row[2:-1])              # seconds per stage, wall, s per M cells
+    assert 0.2 < float(row[-2]) < 4.0                          # peak RSS (GiB) of the process tree
+    assert not (tmp_path / "s").exists()                       # cleaned up
 
 
 def test_interpolation_benchmark_smoke():

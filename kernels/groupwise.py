@@ -50,6 +50,18 @@ def smoothing_weights(n: int, sigma: float | None, usable: np.ndarray | None = N
     return np.divide(W, total, out=np.zeros_like(W), where=total > 0)
 
 
+def consensus_step(self_weight: float) -> float:
+    """Share ``1 - w_kk`` of a section's full move towards its template (the mean of the *other* sections)
+    that moves it onto the consensus (the mean with itself included, ``w_kk`` its own weight in that mean).
+
+    Why: in a Jacobi round every section moves at once. If section k is off by ``e_k`` from the consensus
+    and the errors average to zero, the others' mean is off by ``-e_k w_kk / (1 - w_kk)``, so a full move
+    leaves ``e_k' = -e_k w_kk / (1 - w_kk)``: two sections swap places forever (``w_kk = 1/2``) and three
+    overshoot by half. Taking the step ``lambda = 1 - w_kk`` of the move gives ``e_k' = 0`` to first order.
+    """
+    return 1.0 - self_weight
+
+
 def affine_gauge(B: np.ndarray, usable: np.ndarray | None = None) -> np.ndarray:
     """``B_k -> mean(B)^-1 B_k`` for corrections ``[n, 3, 3]``: the average correction becomes the identity."""
     sel = B if usable is None else B[np.asarray(usable, bool)]

@@ -5,12 +5,15 @@ matrices)::
 
     /raster/cells + /transforms/affine --> canvas_k: section k resampled onto the atlas canvas
     affine rounds:  template_k = mean of the other sections' current images (global)
-                    canvas_k --(refine_affine vs template_k)--> B_k ;  gauge: mean(B) = I
+                    canvas_k --(refine_affine vs template_k)--> B_k, a step (S-1)/S of the way;  gauge: mean(B) = I
     frame gauge:    the atlas frame loses the mean shear of the raw -> atlas maps (kernels.groupwise)
     LDDMM rounds:   template_k = Gaussian-in-z mean of the neighbours' current images (self excluded)
-                    canvas_k --(lddmm.register, warm start)--> v_k --(tiled integration)--> flow_k
+                    canvas_k --(lddmm.register, warm start)--> v_k, a step 1 - w_kk of the way --> flow_k (tiled)
                     gauge: flow_k composed with the inverse of the local mean flow
     --> /deformation: affine [S, 3, 3] (raw um -> atlas um), displacement / inverse [S, 2, y, x] (um)
+
+Why the partial steps: all sections move at once, each towards a template that leaves itself out; a full move
+overshoots the consensus (two sections would just swap places), see ``kernels.groupwise.consensus_step``.
 
 Why two templates: the affine part is fixed against all sections, because a rotation or shear that grows
 steadily along z is almost always accumulated error; the non-linear part only against nearby sections,
@@ -27,7 +30,8 @@ import zarr
 from ..cluster import compute
 from ..kernels import lddmm
 from ..kernels.geometry import affine_matrix
-from ..kernels.groupwise import affine_gauge, frame_stretch, remove_common, smoothing_weights, template_weights
+from ..kernels.groupwise import (affine_gauge, consensus_step, frame_stretch, remove_common, smoothing_weights,
+                                template_weights)
 from ..kernels.image_align import refine_affine, warp_image
 from ..store import arrays
 from ..store.atlas import Atlas
@@ -88,7 +92,7 @@ def _template(root, g: str, weights: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(_weighted_sum(root[f"{g}/current"], weights)).float()
 
 
-def _lddmm_task(store: str, g: str, k: int, weights: np.ndarray, warm: bool, opts: dict) -> dict:
+def _lddmm_task(store: str, g: str, k: int, weights: np.ndarray, step: float, warm: bool, opts: dict) -> dict:
     root = _open(store)
     template = _template(root, g, weights)
     canvas = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float32))
@@ -97,6 +101,9 @@ def _lddmm_task(store: str, g: str, k: int, weights: np.ndarray, warm: bool, opt
     v, rep = lddmm.register(template, canvas, steps=opts["time_steps"], alpha=opts["alpha_px"], power=opts["power"],
                             sigma=opts["sigma"], iterations=tuple(opts["lddmm_iterations"]), scales=(2 * f, f),
                             init=init, tol=1e-7, dtype=torch.float32)
+    # Jacobi step towards the consensus (kernels.groupwise.consensus_step), taken on the velocity
+    previous = torch.zeros_like(v) if init is None else lddmm.resize_velocity(init.to(v.dtype), v.shape[-2:])
+    v = previous + step * (v - previous)
     N = canvas.shape[-1]
     root[f"{g}/velocity"][k] = lddmm.resize_velocity(v, root[f"{g}/velocity"].shape[-2:]).numpy()
     halo = int(np.ceil(float(v.abs().max()))) + 2  # a point moves at most max|v| in unit time
@@ -185,9 +192,10 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
                 tasks = [dask.delayed(_affine_task, pure=False)(store, g, k, B[k], int(usable.sum()), (2 * f_aff, f_aff),
                                                                 tuple(opts["affine_iterations"]))
                          for k in np.flatnonzero(usable)]
+                step = consensus_step(1.0 / usable.sum())  # the affine template weighs all sections alike
                 for k, (Bk, loss) in zip(np.flatnonzero(usable), compute(*tasks, client=client)):
                     if np.all(np.isfinite(Bk)):
-                        B[k], affine_loss[k] = Bk, loss
+                        B[k], affine_loss[k] = B[k] + step * (Bk - B[k]), loss
                 B = affine_gauge(B, usable)
                 compute(*[dask.delayed(_apply_affine_task, pure=False)(store, g, k, B[k]) for k in range(S)],
                         client=client)
@@ -208,7 +216,7 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         gauge = smoothing_weights(S, sig, usable)
         lopts = dict(opts, pool=f)
         for r in range(n_lddmm):
-            tasks = [dask.delayed(_lddmm_task, pure=False)(store, g, k, tw[k], r > 0, lopts)
+            tasks = [dask.delayed(_lddmm_task, pure=False)(store, g, k, tw[k], consensus_step(gauge[k, k]), r > 0, lopts)
                      for k in np.flatnonzero(usable) if tw[k].sum() > 0]
             reports = list(compute(*tasks, client=client))
             compute(*[dask.delayed(_gauge_task, pure=False)(store, g, k, gauge[k] if usable[k] else np.zeros(S), spacing)

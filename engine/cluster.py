@@ -46,6 +46,24 @@ class WorkerSetup(WorkerPlugin):
         logging.getLogger("distributed.worker").addFilter(_DropComputeFailed())
 
 
+def task_device():
+    """The torch device for the work of the running task.
+
+    ``LAMINA_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``) decides when set; otherwise the GPU when torch sees
+    one, else the CPU. On a dask-cuda worker each process sees only its own GPU (``CUDA_VISIBLE_DEVICES``
+    is set per worker), so ``cuda`` is that worker's device; torch's caching allocator then draws from the
+    RMM pool when ``connect(gpu=True)`` set it up. Outputs go back to NumPy on the CPU before they are
+    written, so results do not depend on where a task ran beyond floating-point rounding (and the random
+    streams of seeded noise, which differ between CPU and CUDA generators).
+    """
+    import torch
+
+    forced = os.environ.get("LAMINA_DEVICE")
+    if forced:
+        return torch.device(forced)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

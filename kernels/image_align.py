@@ -42,7 +42,8 @@ def _search(fixed: torch.Tensor, moving: torch.Tensor, options: list, batch: int
     best = {"score": -1.0}
     for start in range(0, len(options), batch):
         opts = options[start:start + batch]
-        A = torch.tensor(np.stack([affine_matrix(math.radians(a), 1.0, (0.0, 0.0), ctr, r) for a, r in opts]), dtype=torch.float64)
+        A = torch.tensor(np.stack([affine_matrix(math.radians(a), 1.0, (0.0, 0.0), ctr, r) for a, r in opts]),
+                         dtype=torch.float64, device=fixed.device)
         rot = warp_image(moving[None].double().expand(len(opts), -1, -1, -1), A)
         corr = torch.fft.irfft2(Ff[None] * torch.conj(torch.fft.rfft2(rot, s=(ph, pw))), s=(ph, pw)).sum(1)
         norm = fnorm * torch.linalg.vector_norm(rot.reshape(len(opts), -1), dim=1)
@@ -54,7 +55,7 @@ def _search(fixed: torch.Tensor, moving: torch.Tensor, options: list, batch: int
             T = np.eye(3)
             T[:2, 2] = (c_ if c_ < pw // 2 else c_ - pw, r_ if r_ < ph // 2 else r_ - ph)
             best = {"score": float(score[k]), "angle_deg": float(opts[k][0]), "reflect": bool(opts[k][1]),
-                    "transform": T @ A[k].numpy()}
+                    "transform": T @ A[k].cpu().numpy()}
     return best
 
 
@@ -101,9 +102,9 @@ def image_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | N
 
 def _perturbed(A: torch.Tensor, D: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``T(c + t) (I + D) T(-c) A``: a small affine change about the image centre ``c`` applied after ``A``."""
-    L = torch.eye(2, dtype=A.dtype) + D
+    L = torch.eye(2, dtype=A.dtype, device=A.device) + D
     top = torch.cat([L, (c + t - L @ c)[:, None]], 1)
-    return torch.cat([top, torch.tensor([[0.0, 0.0, 1.0]], dtype=A.dtype)], 0) @ A
+    return torch.cat([top, torch.tensor([[0.0, 0.0, 1.0]], dtype=A.dtype, device=A.device)], 0) @ A
 
 
 def refine_affine(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, scales=(4, 2, 1),
@@ -117,16 +118,17 @@ def refine_affine(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, s
     current scale, ``c`` the image centre, so the parameters are well scaled. Returns (transform moving ->
     fixed pixels at full resolution, final loss).
     """
-    A = torch.tensor(init, dtype=torch.float64)
+    dev = fixed.device
+    A = torch.tensor(init, dtype=torch.float64, device=dev)
     loss_value = float("nan")
     for f, n_iter in zip(scales, iterations):
         fx, mv = _blur_down(fixed[None].double(), f), _blur_down(moving[None].double(), f)
-        S = torch.tensor(_full_to_pooled(f), dtype=torch.float64)
+        S = torch.tensor(_full_to_pooled(f), dtype=torch.float64, device=dev)
         A_s = S @ A @ torch.linalg.inv(S)
         H, W = fx.shape[-2:]
-        c = torch.tensor([(W - 1) / 2.0, (H - 1) / 2.0], dtype=torch.float64)
-        D = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
-        t = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        c = torch.tensor([(W - 1) / 2.0, (H - 1) / 2.0], dtype=torch.float64, device=dev)
+        D = torch.zeros(2, 2, dtype=torch.float64, device=dev, requires_grad=True)
+        t = torch.zeros(2, dtype=torch.float64, device=dev, requires_grad=True)
         opt = torch.optim.Adam([{"params": [D], "lr": lr}, {"params": [t], "lr": lr * max(H, W) / 4}])
         prev = None
         for it in range(n_iter):
@@ -141,4 +143,4 @@ def refine_affine(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, s
         with torch.no_grad():
             A = torch.linalg.inv(S) @ _perturbed(A_s, D, t, c) @ S
             loss_value = float(image_loss(fixed[None].double(), warp_image(moving[None].double(), A[None])))
-    return A.detach().numpy(), loss_value
+    return A.detach().cpu().numpy(), loss_value

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import zarr
 
-from ..cluster import compute
+from ..cluster import compute, task_device
 from ..errors import InputError, StoreError
 from ..kernels.sde import FlowModel, flow_loss
 from ..store import arrays
@@ -83,7 +83,8 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
     rng = np.random.default_rng([cfg["seed"], a])
     pools = _pools(root, sec, starts, stops, cfg["pool"] * cfg["subsample"], rng)
     P = next(iter(pools.values()))[1].shape[1]
-    models = build_models(cfg, P)
+    dev = task_device()
+    models = {d: m.to(dev) for d, m in build_models(cfg, P).items()}
     params = [p for m in models.values() for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=cfg["lr"])
     group = root.require_group(ckpt)
@@ -103,7 +104,7 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
         fscale = float(np.sqrt(allh.var(0).sum())) or 1.0
         for m in models.values():
             m.set_normalisation(center, length, max(neighbour, 1e-6), np.full(P, fscale))
-    gen = torch.Generator().manual_seed(int(cfg["seed"]) * 1_000_003 + a)
+    gen = torch.Generator(device=dev).manual_seed(int(cfg["seed"]) * 1_000_003 + a)
     losses = []
     m_sub = cfg["subsample"]
     for step in range(a, b):
@@ -113,7 +114,7 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
         def draw(s):
             xy, h = pools[s]
             idx = rng.choice(len(xy), size=min(m_sub, len(xy)), replace=False)
-            return torch.from_numpy(xy[idx]), torch.from_numpy(h[idx])
+            return torch.from_numpy(xy[idx]).to(dev), torch.from_numpy(h[idx]).to(dev)
 
         (p0, h0), (p1, h1) = draw(lo), draw(hi)
         kw = dict(dz_um=cfg["dz_um"], expression_weight=cfg["expression_weight"], eps=cfg["eps"],

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import zarr
 
-from ..cluster import compute
+from ..cluster import compute, task_device
 from ..errors import InputError
 from ..store import arrays
 from ..store.atlas import Atlas
@@ -55,16 +55,17 @@ def _flow_batches(model, xy: np.ndarray, h: np.ndarray, z0: float, z1: float, dz
     from ..kernels.sde import integrate
 
     n = len(xy)
+    dev = gen.device
     pieces = []
     with torch.no_grad():
         for a in range(0, n, sub):
             b = min(n, a + sub)
-            pieces.append(integrate(model, torch.from_numpy(xy[a:b]), torch.from_numpy(h[a:b]), z0, z1, dz,
-                                    noise[0], noise[1], gen))
+            pieces.append(integrate(model, torch.from_numpy(xy[a:b]).to(dev), torch.from_numpy(h[a:b]).to(dev), z0, z1,
+                                    dz, noise[0], noise[1], gen))
     if not pieces:
         return []
-    return [(pieces[0][i][0], np.concatenate([p[i][1].numpy() for p in pieces]),
-             np.concatenate([p[i][2].numpy() for p in pieces])) for i in range(len(pieces[0]))]
+    return [(pieces[0][i][0], np.concatenate([p[i][1].cpu().numpy() for p in pieces]),
+             np.concatenate([p[i][2].cpu().numpy() for p in pieces])) for i in range(len(pieces[0]))]
 
 
 def _gap_task(store: str, flow: str, lo: int, hi: int, part: int, parts: int, cfg: dict, target: str) -> int:
@@ -74,13 +75,14 @@ def _gap_task(store: str, flow: str, lo: int, hi: int, part: int, parts: int, cf
     sec = root["sections"]
     starts, stops = np.asarray(sec["cell_start"][...]), np.asarray(sec["cell_stop"][...])
     z = np.asarray(sec["z"][...], np.float64)
-    models = load_models(root, flow)
+    dev = task_device()
+    models = {d: m.to(dev) for d, m in load_models(root, flow).items()}
     sub = int(root[flow].attrs["subsample"])
     t = _layers(z[hi] - z[lo], cfg["dz_um"])
     rows_f = _partition(int(starts[lo]), int(stops[lo]), parts, cfg["seed"], 2 * lo)[part]
     rows_b = _partition(int(starts[hi]), int(stops[hi]), parts, cfg["seed"], 2 * hi + 1)[part]
     noise = (cfg["noise_pos"], cfg["noise_expr"])
-    gen = torch.Generator().manual_seed(int(cfg["seed"]) * 1_000_003 + lo * 4099 + part)
+    gen = torch.Generator(device=dev).manual_seed(int(cfg["seed"]) * 1_000_003 + lo * 4099 + part)
     fwd = _flow_batches(models["forward"], *_read_cells(root, rows_f), z[lo], z[hi], cfg["dz_um"], sub, noise, gen)
     bwd = _flow_batches(models["backward"], *_read_cells(root, rows_b), z[hi], z[lo], cfg["dz_um"], sub, noise, gen)
     out = []

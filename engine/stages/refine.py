@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import zarr
 
-from ..cluster import compute
+from ..cluster import compute, task_device
 from ..kernels import lddmm
 from ..kernels.geometry import affine_matrix
 from ..kernels.groupwise import (affine_gauge, consensus_step, frame_stretch, remove_common, smoothing_weights,
@@ -76,8 +76,9 @@ def _sum_task(store: str, g: str, usable: np.ndarray) -> int:
 def _affine_task(store: str, g: str, k: int, B: np.ndarray, n_usable: int, scales, iterations) -> tuple:
     root = _open(store)
     own = np.asarray(root[f"{g}/current"][k], np.float64)
-    template = torch.from_numpy((np.asarray(root[f"{g}/template_sum"][...], np.float64) - own) / (n_usable - 1))
-    canvas = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float64))
+    dev = task_device()
+    template = torch.from_numpy((np.asarray(root[f"{g}/template_sum"][...], np.float64) - own) / (n_usable - 1)).to(dev)
+    canvas = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float64)).to(dev)
     return refine_affine(template, canvas, B, scales=scales, iterations=iterations)
 
 
@@ -94,21 +95,22 @@ def _template(root, g: str, weights: np.ndarray) -> torch.Tensor:
 
 def _lddmm_task(store: str, g: str, k: int, weights: np.ndarray, step: float, warm: bool, opts: dict) -> dict:
     root = _open(store)
-    template = _template(root, g, weights)
-    canvas = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float32))
+    dev = task_device()
+    template = _template(root, g, weights).to(dev)
+    canvas = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float32)).to(dev)
     f = opts["pool"]
-    init = torch.from_numpy(np.asarray(root[f"{g}/velocity"][k])) if warm else None
+    init = torch.from_numpy(np.asarray(root[f"{g}/velocity"][k])).to(dev) if warm else None
     v, rep = lddmm.register(template, canvas, steps=opts["time_steps"], alpha=opts["alpha_px"], power=opts["power"],
                             sigma=opts["sigma"], iterations=tuple(opts["lddmm_iterations"]), scales=(2 * f, f),
                             init=init, tol=1e-7, dtype=torch.float32)
     # Jacobi step towards the consensus (kernels.groupwise.consensus_step), taken on the velocity
-    previous = torch.zeros_like(v) if init is None else lddmm.resize_velocity(init.to(v.dtype), v.shape[-2:])
+    previous = torch.zeros_like(v) if init is None else lddmm.resize_velocity(init.to(v), v.shape[-2:])
     v = previous + step * (v - previous)
     N = canvas.shape[-1]
-    root[f"{g}/velocity"][k] = lddmm.resize_velocity(v, root[f"{g}/velocity"].shape[-2:]).numpy()
+    root[f"{g}/velocity"][k] = lddmm.resize_velocity(v, root[f"{g}/velocity"].shape[-2:]).cpu().numpy()
     halo = int(np.ceil(float(v.abs().max()))) + 2  # a point moves at most max|v| in unit time
-    root[f"{g}/flow"][k] = lddmm.forward_displacement_tiled(v, tile=max(32, N // 2), halo=halo).numpy()
-    root[f"{g}/flow_inverse"][k] = lddmm.integrate_inverse(v).numpy()
+    root[f"{g}/flow"][k] = lddmm.forward_displacement_tiled(v, tile=max(32, N // 2), halo=halo).cpu().numpy()
+    root[f"{g}/flow_inverse"][k] = lddmm.integrate_inverse(v).cpu().numpy()
     return {"section": k, "data_before": rep["data_before"], "data_after": rep["data_after"],
             "iterations": int(sum(rep["iterations"]))}
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import zarr
 
-from ..cluster import compute
+from ..cluster import compute, task_device
 from ..kernels.consistency import chain, joint_affines
 from ..kernels.features import correspondences
 from ..kernels.geometry import affine_matrix, apply_affine
@@ -48,8 +48,9 @@ def _ncc(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-12))
 
 
-def register_pair(moving: np.ndarray, fixed: np.ndarray, opts: dict, seed: int = 0) -> dict:
-    """Affine ``moving -> fixed`` (pixel coordinates) of two ``[C, H, W]`` rasters plus QC numbers."""
+def register_pair(moving: np.ndarray, fixed: np.ndarray, opts: dict, seed: int = 0, device=None) -> dict:
+    """Affine ``moving -> fixed`` (pixel coordinates) of two ``[C, H, W]`` rasters plus QC numbers; the image
+    work runs on ``device`` (default: :func:`lamina.cluster.task_device`)."""
     torch.manual_seed(seed)
     row = {"method": "none", "n_matches": 0, "n_inliers": 0, "loss": float("nan"), "ncc_before": 0.0,
            "ncc_after": 0.0, "overlap": 0.0, "flag": "", "transform": np.eye(3)}
@@ -58,7 +59,8 @@ def register_pair(moving: np.ndarray, fixed: np.ndarray, opts: dict, seed: int =
         row["flag"] = (f"blank or tiny section ({mass_m:.0f} vs {mass_f:.0f} cells on the canvas); not registered, "
                        f"placed by its neighbours")
         return row
-    m, f = _normalised(moving), _normalised(fixed)
+    dev = device or task_device()
+    m, f = _normalised(moving).to(dev), _normalised(fixed).to(dev)
     row["ncc_before"] = _ncc(m, f)
     candidates = []
     try:
@@ -82,7 +84,7 @@ def register_pair(moving: np.ndarray, fixed: np.ndarray, opts: dict, seed: int =
         row["flag"] = "no finite transform"
         return row
     row["method"], row["transform"], row["loss"] = best
-    warped = warp_image(m[None], torch.from_numpy(best[1])[None])[0]
+    warped = warp_image(m[None], torch.from_numpy(best[1]).to(dev)[None])[0]
     row["ncc_after"] = _ncc(warped, f)
     # both ways: moving mass landing on fixed tissue, and fixed mass covered by the warped moving tissue
     on_fixed = float(warped.sum(0)[f.sum(0) > 0.25].sum() / warped.sum().clamp_min(1e-12))

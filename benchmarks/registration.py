@@ -296,7 +296,7 @@ METRICS = {  # dataset -> (score key, column title, lower is better)
 }
 
 
-def run_peers(pairs: list, work: Path, client, tools=PEERS, paste_cells: int = 2000, stalign_iter: int = 1000) -> list:
+def run_peers(pairs: list, work: Path, client, tools=PEERS, paste_cells: int = 1500, stalign_iter: int = 1000) -> list:
     """Every tool on every pair, scored by ``_peers.score``; a tool that raises gets a row saying why."""
     import _peers
 
@@ -410,8 +410,7 @@ def peer_section(work: Path, client, datasets, n_cells: int, n_sections: int, pa
     pairs = [p for d in datasets for p in loaders[d]()]
     rows = run_peers(pairs, work, client, paste_cells=paste_cells, stalign_iter=stalign_iter)
     given = "; ".join(sorted({f"{p.dataset}: {p.features}" for p in pairs}))
-    return ("### Against the peers: the same pairs, the same scoring code\n\n"
-            f"Each pair is aligned by every tool on its own (section B onto A). What the tools were given besides "
+    return ("Each pair is aligned by every tool on its own (section B onto A). What the tools were given besides "
             f"positions: {given}. Settings: PASTE on at most {paste_cells} cells per section, STalign "
             f"{stalign_iter} iterations; the rest as stated in `benchmarks/_peers.py`. Time: wall seconds per pair, "
             "lamina's including ingest of the pair into a store; peak: the largest rise of the RSS of this process "
@@ -428,36 +427,38 @@ def main(argv=None) -> int:
                    help="the stack benchmarks (phantom stack, MERFISH stack, DLPFC pairs with lamina only)")
     p.add_argument("--peers", nargs="*", default=list(METRICS), choices=list(METRICS),
                    help="data sets for the comparison with PASTE and STalign (none: skip it)")
-    p.add_argument("--paste-cells", type=int, default=2000)
+    p.add_argument("--paste-cells", type=int, default=1500)
     p.add_argument("--stalign-iter", type=int, default=1000)
     p.add_argument("--write", action="store_true")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="lamina-regbench-"))
     client = lamina.connect()
+    sections = {}  # RESULTS.md block -> text
     try:
         if args.smoke:
-            parts = [phantom_rows(work, client, 8_000, 4)[0],
-                     peer_section(work, client, ["phantom"], 4_000, 2, paste_cells=300, stalign_iter=20)]
+            sections["registration"] = phantom_rows(work, client, 8_000, 4)[0]
+            sections["registration_peers"] = peer_section(work, client, ["phantom"], 4_000, 2, paste_cells=300,
+                                                          stalign_iter=20)
         else:
-            parts = []
             if args.stack:
-                parts += [phantom_rows(work, client, args.cells, args.sections)[0], merfish_rows(work, client),
-                          dlpfc_rows(work, client)]
+                sections["registration"] = "\n".join([phantom_rows(work, client, args.cells, args.sections)[0],
+                                                      merfish_rows(work, client), dlpfc_rows(work, client)])
             if args.peers:
-                parts.append(peer_section(work, client, args.peers, args.cells, args.sections, args.paste_cells,
-                                          args.stalign_iter))
-        text = "\n".join(parts)
+                sections["registration_peers"] = peer_section(work, client, args.peers, args.cells, args.sections,
+                                                              args.paste_cells, args.stalign_iter)
     finally:
         client.close()
         shutil.rmtree(work, ignore_errors=True)
-    versions = _versions()
-    header = (f"## Registration (benchmarks/registration.py)\n\n{dt.date.today()} · {os.cpu_count()} cores, "
-              f"no GPU · lamina {lamina.__version__}, Python {platform.python_version()}{versions} · command: "
-              f"`python benchmarks/registration.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
-    print(header + text)
-    if args.write and not args.smoke:
-        write_results(header + text, section="registration")
+    titles = {"registration": "Registration (benchmarks/registration.py)",
+              "registration_peers": "Registration against the peers (benchmarks/registration.py)"}
+    for block, text in sections.items():
+        header = (f"## {titles[block]}\n\n{dt.date.today()} · {os.cpu_count()} cores, no GPU · lamina "
+                  f"{lamina.__version__}, Python {platform.python_version()}{_versions()} · command: "
+                  f"`python benchmarks/registration.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
+        print(header + text)
+        if args.write and not args.smoke:
+            write_results(header + text, section=block)
     return 0
 
 

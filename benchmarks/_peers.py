@@ -237,7 +237,7 @@ def run_paste(pair: Pair, max_cells: int = 2000, seed: int = 0, alpha: float = 0
     pi, obj, init = best
     T = weighted_procrustes(pair.xy_a[ia], pair.xy_b[ib], pi)
     b = pair.xy_b @ T[:2, :2].T + T[:2, 2]
-    info = {"init": init, "objective": obj, "cells": (len(ia), len(ib))}
+    info = {"init": init, "objective": obj, "fit_cells": (len(ia), len(ib))}
     if pair.labels_a is not None:
         same = pair.labels_a[ia][:, None] == pair.labels_b[ib][None, :]
         info["paste_score"] = float(pi[same].sum() / pi.sum())

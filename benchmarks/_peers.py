@@ -37,13 +37,11 @@ Settings (stated in RESULTS.md with the table):
 """
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 
 @dataclass
@@ -127,36 +125,15 @@ def baselines(pair: Pair) -> dict:
 def measured(fn, *args, interval: float = 0.02, **kwargs):
     """``fn(*args)`` -> (result, wall seconds, peak RSS increase in bytes of this process and its children
     over the RSS just before the call), sampled every ``interval`` s."""
-    me = psutil.Process()
+    import os
 
-    def tree_rss() -> int:
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        return total
+    from _measure import PeakRSS, tree_rss
 
-    base = tree_rss()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], tree_rss())
-            time.sleep(interval)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    base = tree_rss(os.getpid())
     t0 = time.perf_counter()
-    try:
+    with PeakRSS(os.getpid(), interval) as m:
         result = fn(*args, **kwargs)
-    finally:
-        seconds = time.perf_counter() - t0
-        stop.set()
-        th.join()
-    return result, seconds, max(peak[0], tree_rss()) - base
+    return result, time.perf_counter() - t0, m.peak - base
 
 
 # ---------------------------------------------------------------------------------------------- lamina

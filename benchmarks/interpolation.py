@@ -171,20 +171,11 @@ def her2st_rows(work: Path, client, flow_options: dict, n_genes: int = 300, bin_
     most variable genes; expression clusters as types."""
     import anndata as ad
     import lamina
+    from _her2st import her2st_patients
 
-    path = DATA / "her2st" / "her2st_all_sections.h5ad"
-    if not path.exists():
-        print(f"skip her2st: {path} not present (see ../shared/data/README.md)")
-        return []
-    full = ad.read_h5ad(path)
     rows = []
-    for patient in "ABCD":
-        a = full[full.obs.patient == patient].copy()
-        X = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
-        X = np.log1p(X / np.maximum(X.sum(1, keepdims=True), 1) * 1e4)
-        keep = np.argsort(X.var(0))[::-1][:n_genes]
-        a = ad.AnnData(X=X[:, keep].astype(np.float32), obs=a.obs[["array_x", "array_y", "section", "cluster"]].copy(),
-                       var=a.var.iloc[keep].copy())
+    for patient, obs, _, logn, var in her2st_patients(n_genes):
+        a = ad.AnnData(X=logn.astype(np.float32), obs=obs[["array_x", "array_y", "section", "cluster"]].copy(), var=var)
         a.obs["cluster"] = a.obs["cluster"].astype("Int64").astype(str).astype("category")
         a.obs["section"] = a.obs["section"].astype(str)
         src = work / f"her2st_{patient}.h5ad"

@@ -236,34 +236,25 @@ def dlpfc_pairs() -> list:
 def her2st_pairs(n_genes: int = 300) -> list:
     """Consecutive sections of patients A-D (spot pitch 200 um); tools get counts of the patient's most variable
     genes; expression clusters and the authors' warped_x/y are for evaluation only."""
-    import anndata as ad
+    from _her2st import her2st_patients
     from _peers import Pair
 
-    path = DATA / "her2st" / "her2st_all_sections.h5ad"
-    if not path.exists():
-        print(f"skip her2st: {path} not present")
-        return []
-    full = ad.read_h5ad(path)
     out = []
-    for patient in "ABCD":
-        a = full[full.obs.patient == patient]
-        X = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
-        logn = np.log1p(X / np.maximum(X.sum(1, keepdims=True), 1) * 1e4)
-        keep = np.argsort(logn.var(0))[::-1][:n_genes]
-        obs = a.obs
-        sections = sorted(obs.section.astype(str).unique())
-        for s, t in zip(sections[:-1], sections[1:]):
-            ma, mb = (obs.section.astype(str) == s).to_numpy(), (obs.section.astype(str) == t).to_numpy()
-            xy = obs[["array_x", "array_y"]].to_numpy(np.float64) * 200.0
-            ref = obs[["warped_x", "warped_y"]].to_numpy(np.float64)
-            lab = obs.cluster.astype("Int64").astype(str).to_numpy()
+    for _, obs, counts, _, _ in her2st_patients(n_genes):
+        section = obs.section.astype(str).to_numpy()
+        xy = obs[["array_x", "array_y"]].to_numpy(np.float64) * 200.0
+        ref = obs[["warped_x", "warped_y"]].to_numpy(np.float64)
+        lab = obs.cluster.astype("Int64").astype(str).to_numpy()
+        names = sorted(set(section))
+        for s, t in zip(names[:-1], names[1:]):
+            ma, mb = section == s, section == t
             out.append(Pair("her2st", f"{s}->{t}", xy[ma], xy[mb], f"counts of {n_genes} most variable genes",
-                            X[ma][:, keep], X[mb][:, keep], counts=True, labels_a=lab[ma], labels_b=lab[mb],
+                            counts[ma], counts[mb], counts=True, labels_a=lab[ma], labels_b=lab[mb],
                             ref_a=ref[ma], ref_b=ref[mb]))
     return out
 
 
-def merfish_pairs(coarse: bool = False) -> list:
+def merfish_pairs() -> list:
     """Consecutive sections (50 um apart); tools get the cell classes (no expression in this data)."""
     import pandas as pd
     from _peers import Pair

@@ -280,7 +280,7 @@ def merfish_pairs() -> list:
 
 
 METRICS = {  # dataset -> (score key, column title, lower is better)
-    "phantom": [("median_um", "median error (um)", True), ("p95_um", "p95 error (um)", True)],
+    "phantom": [("median_um", "median error of B's cells (um)", True), ("p95_um", "p95 error of B's cells (um)", True)],
     "DLPFC": [("agreement", "NN layer agreement", False)],
     "her2st": [("agreement", "NN cluster agreement", False), ("ref_um", "distance to authors' alignment (um)", True)],
     "MERFISH": [("agreement", "NN class agreement", False), ("agreement_coarse", "NN coarse-class agreement", False)],

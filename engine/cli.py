@@ -97,7 +97,7 @@ def cmd_build(args) -> int:
         if reg["enabled"]:
             fine = {k: reg["fine"][k] for k in ("z_sigma_sections", "alpha_px", "lddmm_rounds", "affine_rounds")}
             align(atlas, client=client, pixel_um=reg["pixel_um"], reflect=reg["reflect"], fine=reg["fine"]["enabled"],
-                  refine_options=fine)
+                  refine_options=fine, reference=reg["reference"])
         elif cfg["stages"]["section_stats"]:
             section_stats(atlas, client=client)
         rec = cfg["stages"]["reconstruct"]

@@ -118,10 +118,26 @@ def resize_velocity(v: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(v, size=shape, mode="bilinear", align_corners=False) * ratio
 
 
+def jacobian_det(d: torch.Tensor) -> torch.Tensor:
+    """``det(I + grad d)`` ``[H, W]`` of the map ``x -> x + d(x)`` for a displacement ``d`` ``[2, H, W]`` (pixels);
+    central differences inside, one-sided at the borders."""
+    dxx, dxy = torch.gradient(d[0], dim=(1, 0))
+    dyx, dyy = torch.gradient(d[1], dim=(1, 0))
+    return (1 + dxx) * (1 + dyy) - dxy * dyx
+
+
+def deform(moving: torch.Tensor, d: torch.Tensor, mass: bool) -> torch.Tensor:
+    """``moving`` ``[C, H, W]`` carried by the inverse map ``x -> x + d(x)``: ``M(x + d(x))``, times
+    ``det(I + grad d)`` when ``mass`` (a density pushed forward keeps its cell count: a stretched region gets
+    sparser instead of staying as dense and growing)."""
+    out = sample(moving, _grid(*moving.shape[-2:], moving.device, moving.dtype) + d)
+    return out * jacobian_det(d).clamp_min(0.0) if mass else out
+
+
 def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: float = 4.0, power: float = 2.0,
              sigma: float = 0.05, iterations=(150, 75), scales=(2, 1), lr: float = 0.5,
              robust_scale: float | None = 0.5, init: torch.Tensor | None = None, tol: float = 1e-5,
-             dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, dict]:
+             dtype: torch.dtype = torch.float64, mass: bool = False) -> tuple[torch.Tensor, dict]:
     """LDDMM of ``moving`` onto ``fixed`` (both ``[C, H, W]``, already affinely aligned).
 
     Returns velocities ``v`` ``[steps, 2, H, W]`` (pixels per unit time at full resolution) and a report
@@ -150,13 +166,11 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: f
             u = torch.zeros((steps, 2, H, W), dtype=dtype, device=fx.device)
         u = u.detach().requires_grad_(True)
         opt = torch.optim.Adam([u], lr=lr)
-        grid = _grid(H, W, fx.device, dtype)
         history = []
         for it in range(n_iter):
             opt.zero_grad()
             v = smooth(u, K_hat)
-            d = integrate_inverse(v)
-            warped = sample(mv, grid + d)
+            warped = deform(mv, integrate_inverse(v), mass)
             r = warped - fx
             if robust_scale:  # Geman-McClure: residuals beyond ~robust_scale (tissue missing on one side) saturate
                 c2 = robust_scale**2
@@ -174,6 +188,6 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: f
         report["iterations"].append(len(history))
     with torch.no_grad():
         v = resize_velocity(smooth(u.detach(), K_hat), tuple(fixed.shape[-2:]))
-        warped = sample(moving, _grid(*fixed.shape[-2:], fixed.device, dtype) + integrate_inverse(v))
+        warped = deform(moving, integrate_inverse(v), mass)
         report["data_after"] = float(((warped - fixed) ** 2).mean())
     return v, report

@@ -17,14 +17,15 @@ from .warp import warp
 
 
 def align(atlas: Atlas, client=None, pixel_um: float | None = None, reflect: bool = False, fine: bool = True,
-          refine_options: dict | None = None) -> dict[str, float]:
+          refine_options: dict | None = None, reference: str | None = None) -> dict[str, float]:
     """``section_stats -> rasterize -> register -> refine -> warp``; returns wall seconds per stage (near 0 when
     a stage was already complete with the same inputs and is skipped). ``fine=False`` stops at the pairwise
-    affine stage (no ``refine``)."""
+    affine stage (no ``refine``). ``reference``: a section id that stays as it is while every other section
+    is aligned onto it (default: no section is privileged; the frame is the middle section's)."""
     seconds = {}
     steps = [("section_stats", lambda: section_stats(atlas, client=client)),
              ("rasterize", lambda: rasterize(atlas, pixel_um=pixel_um, client=client)),
-             ("register", lambda: register(atlas, client=client, reflect=reflect))]
+             ("register", lambda: register(atlas, client=client, reflect=reflect, reference=reference))]
     if fine:
         steps.append(("refine", lambda: refine(atlas, client=client, **(refine_options or {}))))
     steps.append(("warp", lambda: warp(atlas, client=client, refined=fine)))

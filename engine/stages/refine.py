@@ -19,6 +19,10 @@ Why two templates: the affine part is fixed against all sections, because a rota
 steadily along z is almost always accumulated error; the non-linear part only against nearby sections,
 so that structures that really move through the stack (vessels, layers that fold) are not straightened.
 Sections too blank to register keep the identity and are left out of every template.
+
+A reference section named at ``register`` is *held*: it is never moved, it serves in the others' templates,
+and it replaces the gauge (the atlas frame is its own). A section whose template is the held reference
+alone (a pair) takes the full step.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from .runner import StageResult, run_stage, stage_options
 
 DEFAULTS = {"affine_rounds": 3, "lddmm_rounds": 2, "z_sigma_sections": 3.0, "alpha_px": 8.0, "power": 2.0,
             "sigma": 0.05, "lddmm_grid_px": 64, "lddmm_iterations": (100, 50), "time_steps": 5,
-            "affine_iterations": (120, 60), "min_mass_ratio": 0.02}
+            "affine_iterations": (120, 60), "min_mass_ratio": 0.02, "mass_preserving": True}
 
 
 def _open(store: str):
@@ -102,7 +106,7 @@ def _lddmm_task(store: str, g: str, k: int, weights: np.ndarray, step: float, wa
     init = torch.from_numpy(np.asarray(root[f"{g}/velocity"][k])).to(dev) if warm else None
     v, rep = lddmm.register(template, canvas, steps=opts["time_steps"], alpha=opts["alpha_px"], power=opts["power"],
                             sigma=opts["sigma"], iterations=tuple(opts["lddmm_iterations"]), scales=(2 * f, f),
-                            init=init, tol=1e-7, dtype=torch.float32)
+                            init=init, tol=1e-7, dtype=torch.float32, mass=opts["mass_preserving"])
     # Jacobi step towards the consensus (kernels.groupwise.consensus_step), taken on the velocity
     previous = torch.zeros_like(v) if init is None else lddmm.resize_velocity(init.to(v), v.shape[-2:])
     v = previous + step * (v - previous)
@@ -115,7 +119,7 @@ def _lddmm_task(store: str, g: str, k: int, weights: np.ndarray, step: float, wa
             "iterations": int(sum(rep["iterations"]))}
 
 
-def _gauge_task(store: str, g: str, k: int, weights: np.ndarray, spacing: float) -> int:
+def _gauge_task(store: str, g: str, k: int, weights: np.ndarray, spacing: float, mass: bool) -> int:
     root = _open(store)
     flows = root[f"{g}/flow"]
     common = _weighted_sum(flows, weights)
@@ -127,9 +131,7 @@ def _gauge_task(store: str, g: str, k: int, weights: np.ndarray, spacing: float)
     root[f"{g}/displacement"][k] = (fwd * spacing).float().numpy()
     root[f"{g}/inverse"][k] = (inv * spacing).float().numpy()
     canvas = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float64))
-    H, W = canvas.shape[-2:]
-    grid = lddmm._grid(H, W, canvas.device, canvas.dtype)
-    root[f"{g}/current"][k] = lddmm.sample(canvas, grid + inv).float().numpy()
+    root[f"{g}/current"][k] = lddmm.deform(canvas, inv, mass).float().numpy()
     return k
 
 
@@ -163,6 +165,7 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         cen = np.asarray(raster["centroid"][...])
         final = np.asarray(atlas.root["transforms/affine"][...])
         ref = int(atlas.root["transforms/affine"].attrs["reference"])
+        held = bool(atlas.root["transforms/affine"].attrs.get("reference_held", False))
         Q = affine_matrix(0.0, 1.0, cen[ref]) @ P          # atlas canvas pixel -> atlas um
         Qi = np.linalg.inv(Q)
         f = max(1, int(round(N / opts["lddmm_grid_px"])))
@@ -178,6 +181,9 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         # sections with too few cells to register keep the identity and stay out of every template
         n_cells = np.asarray(atlas.root["qc/n_cells"][...], np.float64)
         usable = n_cells >= max(5.0, opts["min_mass_ratio"] * n_cells.max())
+        moving = usable.copy()
+        if held:
+            moving[ref] = False
 
         def to_canvas(B):
             # section raster pixel -> raw um -> atlas um (affine stage) -> atlas canvas pixel -> correction B
@@ -193,18 +199,20 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
                 compute(dask.delayed(_sum_task, pure=False)(store, g, usable), client=client)
                 tasks = [dask.delayed(_affine_task, pure=False)(store, g, k, B[k], int(usable.sum()), (2 * f_aff, f_aff),
                                                                 tuple(opts["affine_iterations"]))
-                         for k in np.flatnonzero(usable)]
-                step = consensus_step(1.0 / usable.sum())  # the affine template weighs all sections alike
-                for k, (Bk, loss) in zip(np.flatnonzero(usable), compute(*tasks, client=client)):
+                         for k in np.flatnonzero(moving)]
+                # the affine template weighs all sections alike; against a held reference alone, a full step
+                step = 1.0 if held and moving.sum() == 1 else consensus_step(1.0 / usable.sum())
+                for k, (Bk, loss) in zip(np.flatnonzero(moving), compute(*tasks, client=client)):
                     if np.all(np.isfinite(Bk)):
                         B[k], affine_loss[k] = B[k] + step * (Bk - B[k]), loss
-                B = affine_gauge(B, usable)
+                if not held:
+                    B = affine_gauge(B, usable)
                 compute(*[dask.delayed(_apply_affine_task, pure=False)(store, g, k, B[k]) for k in range(S)],
                         client=client)
         # raw -> atlas after the affine rounds, then the frame's mean shear removed about the reference centre
         G = np.stack([Q @ B[k] @ Qi @ final[k] for k in range(S)])
         frame = np.eye(3)
-        if usable.sum() >= 3:  # two sections' mean shear is mostly their own warps, not the frame's
+        if usable.sum() >= 3 and not held:  # two sections' mean shear is mostly their own warps, not the frame's
             frame[:2, :2] = frame_stretch(G[usable][:, :2, :2])
         C_um = affine_matrix(0.0, 1.0, cen[ref]) @ frame @ affine_matrix(0.0, 1.0, -cen[ref])
         G = np.stack([C_um @ G[k] for k in range(S)])
@@ -215,13 +223,17 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         n_lddmm = opts["lddmm_rounds"] if usable.sum() >= 2 else 0
         sig = opts["z_sigma_sections"]
         tw = np.stack([template_weights(S, k, sig, usable) for k in range(S)])
-        gauge = smoothing_weights(S, sig, usable)
+        local = smoothing_weights(S, sig, usable)
+        steps = [1.0 if held and np.flatnonzero(tw[k]).tolist() == [ref] else consensus_step(local[k, k])
+                 for k in range(S)]
+        # the gauge: each section loses its neighbourhood's shared flow, unless a held reference fixes the frame
+        gauge = np.zeros((S, S)) if held else local * usable[:, None]
         lopts = dict(opts, pool=f)
         for r in range(n_lddmm):
-            tasks = [dask.delayed(_lddmm_task, pure=False)(store, g, k, tw[k], consensus_step(gauge[k, k]), r > 0, lopts)
-                     for k in np.flatnonzero(usable) if tw[k].sum() > 0]
+            tasks = [dask.delayed(_lddmm_task, pure=False)(store, g, k, tw[k], steps[k], r > 0, lopts)
+                     for k in np.flatnonzero(moving) if tw[k].sum() > 0]
             reports = list(compute(*tasks, client=client))
-            compute(*[dask.delayed(_gauge_task, pure=False)(store, g, k, gauge[k] if usable[k] else np.zeros(S), spacing)
+            compute(*[dask.delayed(_gauge_task, pure=False)(store, g, k, gauge[k], spacing, opts["mass_preserving"])
                       for k in range(S)], client=client)
         scores = np.asarray(compute(*[dask.delayed(_score_task, pure=False)(store, g, k, tw[k]) for k in range(S)],
                                     client=client)) if S > 1 else np.zeros((S, 2))

@@ -6,7 +6,8 @@ Data flow::
         feature matches (kornia SIFT + mutual NN + ratio) -> RANSAC similarity      } candidates, each refined
         rotation search by FFT cross-correlation (needs no features)                } by Adam on the image loss;
                                                                                       the lower loss wins
-    pair estimates --(joint least squares, reference = middle section)--> section affines -> /transforms
+    pair estimates --(joint least squares, reference = middle section or the one named)--> section affines
+        -> /transforms
 
 Every pair gets a QC row (method, matches, inliers, correlation before/after, overlap, flag with a reason).
 A pair that cannot be registered (blank or tiny section) is flagged, gets no weight in the joint solve,
@@ -20,6 +21,7 @@ import torch
 import zarr
 
 from ..cluster import compute, task_device
+from ..errors import InputError
 from ..kernels.consistency import chain, joint_affines
 from ..kernels.features import correspondences
 from ..kernels.geometry import affine_matrix, apply_affine
@@ -30,8 +32,8 @@ from ..store.atlas import Atlas
 from .rasterize import pixel_to_um
 from .runner import StageResult, run_stage, stage_options
 
-DEFAULTS = {"reflect": False, "rotation_step_deg": 4.0, "min_inliers": 8, "ransac_px": 2.5, "iterations": (120, 60, 25),
-            "skip_pairs": True, "min_overlap": 0.5, "min_ncc": 0.3, "min_mass_ratio": 0.02}
+DEFAULTS = {"reference": None, "reflect": False, "rotation_step_deg": 4.0, "min_inliers": 8, "ransac_px": 2.5,
+            "iterations": (120, 60, 25), "skip_pairs": True, "min_overlap": 0.5, "min_ncc": 0.3, "min_mass_ratio": 0.02}
 
 
 def _normalised(img: np.ndarray) -> torch.Tensor:
@@ -126,19 +128,27 @@ def _tissue_points(img: np.ndarray, px_to_um: np.ndarray, max_points: int = 400)
 
 
 def register(atlas: Atlas, client=None, force: bool = False, **options) -> StageResult:
-    """Register all sections (affine) into the frame of the middle section; writes ``/transforms``.
+    """Register all sections (affine) into the frame of one reference section; writes ``/transforms``.
 
-    Options (see ``DEFAULTS``): ``reflect`` (also consider mirrored sections), ``rotation_step_deg``,
+    Options (see ``DEFAULTS``): ``reference`` (a section id: the atlas frame is that section's own raw frame
+    and ``refine`` holds it fixed, every other section is aligned onto it; None: the middle section, with
+    the sections' mean scale, and ``refine`` treats all sections alike), ``reflect`` (also consider
+    mirrored sections), ``rotation_step_deg``,
     ``min_inliers``, ``ransac_px``, ``iterations`` (Adam steps per scale), ``skip_pairs`` (also register
     k with k+-2 for the joint solve), ``min_overlap`` / ``min_ncc`` (QC flag thresholds).
     """
     opts = stage_options("register", DEFAULTS, options)
     atlas.writable()
+    ids = [str(i) for i in atlas.sections.id]
+    if opts["reference"] is not None and str(opts["reference"]) not in ids:
+        raise InputError(f"register: reference section {opts['reference']!r} is not in the atlas {atlas.path} "
+                         f"(sections: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''})")
 
     def build(group):
         raster = atlas.root["raster"]
         S = atlas.n_sections
-        ref = S // 2
+        held = opts["reference"] is not None
+        ref = ids.index(str(opts["reference"])) if held else S // 2
         P = pixel_to_um(raster)
         Pinv = np.linalg.inv(P)
         pairs = plan_pairs(S, ref, opts["skip_pairs"])
@@ -156,16 +166,17 @@ def register(atlas: Atlas, client=None, force: bool = False, **options) -> Stage
             w = (1.0 if abs(r["moving"] - r["fixed"]) == 1 else 0.5) * trust
             eqs.append((r["moving"], r["fixed"], r["affine_um"], w, _tissue_points(np.asarray(cells[r["moving"]]), P)))
         G = joint_affines(S, ref, eqs, prior) if S > 1 else prior
-        # the atlas frame takes the sections' mean scale, not the reference section's own (+-10% is common)
-        mean_scale = float(np.exp(np.mean(np.log(np.sqrt(np.abs(np.linalg.det(G[:, :2, :2])))))))
-        G = np.diag([1 / mean_scale, 1 / mean_scale, 1.0]) @ G
+        if not held:  # the atlas frame takes the sections' mean scale, not the middle section's own (+-10% is common)
+            mean_scale = float(np.exp(np.mean(np.log(np.sqrt(np.abs(np.linalg.det(G[:, :2, :2])))))))
+            G = np.diag([1 / mean_scale, 1 / mean_scale, 1.0]) @ G
         centroid = np.asarray(raster["centroid"][...])
         back = affine_matrix(0.0, 1.0, centroid[ref])  # atlas frame: the reference section's raw position
         final = np.stack([back @ G[k] @ affine_matrix(0.0, 1.0, -centroid[k]) for k in range(S)])
         if not np.all(np.isfinite(final)):
             raise AssertionError("register produced a non-finite transform")
         arrays.write_small(group, "affine", final, ("section", "i", "j"),
-                           {"maps": "raw (x, y, 1) um -> atlas (x, y, 1) um", "reference": int(ref)})
+                           {"maps": "raw (x, y, 1) um -> atlas (x, y, 1) um", "reference": int(ref),
+                            "reference_held": held})
         qc = group.create_group("pairs")
         for name in ("moving", "fixed", "n_matches", "n_inliers"):
             arrays.write_small(qc, name, np.array([r[name] for r in rows], np.int64), ("pair",))
@@ -177,6 +188,6 @@ def register(atlas: Atlas, client=None, force: bool = False, **options) -> Stage
                            ("pair", "i", "j"), {"maps": "moving section-centred um -> fixed section-centred um"})
         flagged = [f"{atlas.sections.id.iloc[r['moving']]}->{atlas.sections.id.iloc[r['fixed']]}: {r['flag']}"
                    for r in rows if r["flag"]]
-        return {"reference": int(ref), "n_pairs": len(rows), "flagged": flagged[:20]}
+        return {"reference": int(ref), "reference_held": held, "n_pairs": len(rows), "flagged": flagged[:20]}
 
     return run_stage(atlas, "register", "transforms", opts, build, inputs=("rasterize",), force=force)

@@ -8,7 +8,10 @@ grid generates the flow ``d/dt phi_t = v_t o phi_t``. The moving image is deform
 
 with the Sobolev norm ``||v||_L^2 = sum_k |v_hat(k)|^2 / K_hat(k)``, ``K_hat(k) = (1 + alpha^2 lambda(k))^-p``
 (``lambda`` = eigenvalues of the discrete negative Laplacian, i.e. ``K = (1 - alpha^2 Laplacian)^-p``), and a
-robust penalty ``rho`` (Geman-McClure) so that tissue missing in one section does not pull the flow. We
+robust penalty ``rho`` (Geman-McClure) so that tissue missing in one section does not pull the flow. With
+``mass=True`` the deformed image is ``M(phi_1^{-1}(x)) det D phi_1^{-1}(x)``: raster images are cell
+densities, and a density carried by a map keeps its cell count (a region stretched by 20% gets 20% sparser).
+Plain resampling would let the flow explain density differences by moving tissue. We
 optimise ``u`` with ``v = K * u`` (a preconditioned, Beg-style Sobolev gradient) by Adam, coarse to fine.
 
 Units: pixels of the grid the images are given on; displacements are returned in pixels.
@@ -146,7 +149,8 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: f
     term (in those scaled units); ``robust_scale`` is where the Geman-McClure penalty saturates (None: plain
     squares). ``scales`` are pooling factors, coarse to fine; the last need not be 1 (the velocity found on a
     coarse grid is resampled to full resolution). ``init`` warm-starts from earlier velocities. A scale
-    stops early when the energy changes by less than ``tol`` relative over 10 iterations.
+    stops early when the energy changes by less than ``tol`` relative over 10 iterations. ``mass``: the
+    moving image is a density and is carried with its Jacobian (see :func:`deform`).
     """
     # intensities on a common [0, 1] scale so that sigma means the same for any density of cells
     level = torch.quantile(torch.cat([fixed.reshape(-1), moving.reshape(-1)]).double(), 0.99).clamp_min(1e-12)

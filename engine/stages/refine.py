@@ -151,7 +151,9 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
     ``z_sigma_sections`` (width of the neighbours' template and of the local gauge, in sections; None:
     all sections), ``alpha_px`` / ``power`` (smoothness ``(1 - alpha^2 Laplacian)^-power``, alpha in canvas
     pixels), ``sigma`` (data weight), ``lddmm_grid_px`` (the finest LDDMM grid has about this many pixels
-    across), ``lddmm_iterations`` / ``affine_iterations`` (Adam steps per scale), ``time_steps``.
+    across), ``lddmm_iterations`` / ``affine_iterations`` (Adam steps per scale), ``time_steps``,
+    ``mass_preserving`` (rasters are carried as densities, with the Jacobian; see ``kernels.lddmm``).
+    A reference held by ``register`` (``reference=``) is never moved.
     """
     opts = stage_options("refine", DEFAULTS, options)
     atlas.writable()

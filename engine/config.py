@@ -43,7 +43,7 @@ SCHEMA = {
         "section_stats": ((bool,), True),
         "register": {
             "enabled": ((bool,), True), "reflect": ((bool,), False), "pixel_um": ((float, int, None), None),
-            "reference": ((str, None), None),
+            "reference": ((str, int, None), None),
             "fine": {"enabled": ((bool,), True), "z_sigma_sections": ((float, int, None), 3.0),
                      "alpha_px": ((float, int), 8.0), "lddmm_rounds": ((int,), 2), "affine_rounds": ((int,), 3)},
         },

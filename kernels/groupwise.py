@@ -50,7 +50,7 @@ def smoothing_weights(n: int, sigma: float | None, usable: np.ndarray | None = N
     return np.divide(W, total, out=np.zeros_like(W), where=total > 0)
 
 
-def consensus_step(self_weight: float) -> float:
+def consensus_step(self_weight: float, template_moves: bool = True) -> float:
     """Share ``1 - w_kk`` of a section's full move towards its template (the mean of the *other* sections)
     that moves it onto the consensus (the mean with itself included, ``w_kk`` its own weight in that mean).
 
@@ -58,8 +58,10 @@ def consensus_step(self_weight: float) -> float:
     and the errors average to zero, the others' mean is off by ``-e_k w_kk / (1 - w_kk)``, so a full move
     leaves ``e_k' = -e_k w_kk / (1 - w_kk)``: two sections swap places forever (``w_kk = 1/2``) and three
     overshoot by half. Taking the step ``lambda = 1 - w_kk`` of the move gives ``e_k' = 0`` to first order.
+    ``template_moves=False`` (the template is made of held sections only): it is a fixed target, and the
+    full step (1) is right.
     """
-    return 1.0 - self_weight
+    return 1.0 - self_weight if template_moves else 1.0
 
 
 def affine_gauge(B: np.ndarray, usable: np.ndarray | None = None) -> np.ndarray:

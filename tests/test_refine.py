@@ -100,6 +100,7 @@ def test_consensus_step_lets_two_sections_meet_instead_of_swapping(tmp_path):
     must close the gap. Each section moves towards the other at once; a full move would swap them (the gap
     stays 3 degrees, the other way round); the consensus step (1 - own weight = 1/2) meets in the middle."""
     assert groupwise.consensus_step(0.5) == 0.5 and groupwise.consensus_step(1 / 20) == pytest.approx(0.95)
+    assert groupwise.consensus_step(0.5, template_moves=False) == 1.0  # a held template is a fixed target
     ph = lamina.datasets.phantom(n_cells=8_000, n_sections=2, n_genes=4, seed=3, warp_um=0.0, max_rotation_deg=20.0,
                                  tube_travel_um=0.0)
     atlas = lamina.ingest(ph, tmp_path / "two.lamina.zarr")

@@ -22,18 +22,13 @@ def align(atlas: Atlas, client=None, pixel_um: float | None = None, reflect: boo
     a stage was already complete with the same inputs and is skipped). ``fine=False`` stops at the pairwise
     affine stage (no ``refine``). ``reference``: a section id that stays as it is while every other section
     is aligned onto it (default: no section is privileged; the frame is the middle section's)."""
-    seconds = {}
     steps = [("section_stats", lambda: section_stats(atlas, client=client)),
              ("rasterize", lambda: rasterize(atlas, pixel_um=pixel_um, client=client)),
              ("register", lambda: register(atlas, client=client, reflect=reflect, reference=reference))]
     if fine:
         steps.append(("refine", lambda: refine(atlas, client=client, **(refine_options or {}))))
     steps.append(("warp", lambda: warp(atlas, client=client, refined=fine)))
-    for name, run in steps:
-        t = time.perf_counter()
-        run()
-        seconds[name] = time.perf_counter() - t
-    return seconds
+    return _timed(steps)
 
 
 def reconstruct(atlas: Atlas, client=None, n_pcs: int | None = None, dz_um: float = 10.0, voxel_um: float | None = None,
@@ -43,13 +38,18 @@ def reconstruct(atlas: Atlas, client=None, n_pcs: int | None = None, dz_um: floa
     ``dz_um`` is the flow's step and layer spacing, ``voxel_um`` the grid's edge (default ``dz_um``);
     ``interpolate=False`` voxelizes the observed sections only (no flow is trained).
     """
-    seconds = {}
     steps = [("pca", lambda: pca(atlas, n_pcs=n_pcs, client=client))]
     if interpolate:
         steps += [("train_flow", lambda: train_flow(atlas, client=client, **{"dz_um": dz_um, **(flow_options or {})})),
                   ("interpolate", lambda: _interpolate(atlas, client=client))]
     steps += [("voxelize", lambda: voxelize(atlas, voxel_um=voxel_um or dz_um, client=client)),
               ("invert", lambda: invert(atlas, client=client))]
+    return _timed(steps)
+
+
+def _timed(steps: list) -> dict[str, float]:
+    """Run ``(name, callable)`` steps in order; wall seconds per step."""
+    seconds = {}
     for name, run in steps:
         t = time.perf_counter()
         run()

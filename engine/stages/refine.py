@@ -21,8 +21,8 @@ so that structures that really move through the stack (vessels, layers that fold
 Sections too blank to register keep the identity and are left out of every template.
 
 A reference section named at ``register`` is *held*: it is never moved, it serves in the others' templates,
-and it replaces the gauge (the atlas frame is its own). A section whose template is the held reference
-alone (a pair) takes the full step.
+and it replaces the gauge (the atlas frame is its own). A section whose template does not move (the held
+reference alone, as in a pair) takes the full step.
 """
 from __future__ import annotations
 
@@ -202,8 +202,8 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
                 tasks = [dask.delayed(_affine_task, pure=False)(store, g, k, B[k], int(usable.sum()), (2 * f_aff, f_aff),
                                                                 tuple(opts["affine_iterations"]))
                          for k in np.flatnonzero(moving)]
-                # the affine template weighs all sections alike; against a held reference alone, a full step
-                step = 1.0 if held and moving.sum() == 1 else consensus_step(1.0 / usable.sum())
+                # the affine template weighs all usable sections alike; it moves unless k is the only moving one
+                step = consensus_step(1.0 / usable.sum(), template_moves=moving.sum() > 1)
                 for k, (Bk, loss) in zip(np.flatnonzero(moving), compute(*tasks, client=client)):
                     if np.all(np.isfinite(Bk)):
                         B[k], affine_loss[k] = B[k] + step * (Bk - B[k]), loss
@@ -226,8 +226,7 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         sig = opts["z_sigma_sections"]
         tw = np.stack([template_weights(S, k, sig, usable) for k in range(S)])
         local = smoothing_weights(S, sig, usable)
-        steps = [1.0 if held and np.flatnonzero(tw[k]).tolist() == [ref] else consensus_step(local[k, k])
-                 for k in range(S)]
+        steps = [consensus_step(local[k, k], template_moves=bool(moving[tw[k] != 0].any())) for k in range(S)]
         # the gauge: each section loses its neighbourhood's shared flow, unless a held reference fixes the frame
         gauge = np.zeros((S, S)) if held else local * usable[:, None]
         lopts = dict(opts, pool=f)

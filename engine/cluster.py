@@ -30,6 +30,7 @@ class WorkerSetup(WorkerPlugin):
     * torch intra-op threads = ``threads``: each worker thread runs one task at a time; a task that calls
       torch would otherwise start one OpenMP thread per core, and N worker threads x N cores threads make
       torch-in-Dask several times slower.
+    * glibc's malloc keeps blocks up to 32 MiB on its heap (:func:`_heap_allocations`).
     * the worker's "Compute Failed" log of a task error is dropped: the client re-raises the same error
       with its traceback, and for bad input the message is the whole story (the CLI prints just that).
     """
@@ -43,7 +44,32 @@ class WorkerSetup(WorkerPlugin):
         import torch
 
         torch.set_num_threads(self.threads)
+        _heap_allocations()
         logging.getLogger("distributed.worker").addFilter(_DropComputeFailed())
+
+
+def _heap_allocations(mmap_max: int = 32 * 2**20, trim: int = 64 * 2**20) -> bool:
+    """Let glibc serve allocations below ``mmap_max`` bytes from its heap and keep up to ``trim`` bytes of
+    free heap, the ceilings its own adaptive thresholds would reach; True when applied (glibc only).
+
+    Why: Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that they hand memory back to
+    the OS. Setting any threshold switches glibc's adaptive thresholds off, so every block above 128 KiB
+    (each raster, field or gradient tensor of a registration step) is a fresh ``mmap``: page faults on
+    every allocation. Measured on the affine registration of one DLPFC pair: 2.7 s per pair in a worker
+    against 1.2 s in a plain process; 1.2-1.3 s again with these settings. Blocks above ``mmap_max``
+    (cell chunks, volumes) still go straight back to the OS when freed.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):  # musl and other C libraries have no mallopt
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_max)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim))
 
 
 def task_device():

@@ -24,6 +24,30 @@ def _smooth_velocity(shape=(64, 64), steps=4, amp=2.5, seed=1):
     return v * (amp / v.abs().max())
 
 
+def test_sample_is_bilinear_and_clamped_at_the_borders_of_a_crop():
+    """``sample`` against bilinear interpolation written out, at points inside, between pixels and outside the
+    grid (clamped to its border), on a crop whose pixel [0, 0] sits at ``origin``; and its gradient in the
+    points is the bilinear slope."""
+    rng = np.random.default_rng(3)
+    field = rng.normal(size=(3, 7, 9))
+    origin = (4.0, -2.0)
+    pts = np.stack([rng.uniform(origin[0] - 3, origin[0] + 11, 50), rng.uniform(origin[1] - 3, origin[1] + 9, 50)])
+    x = np.clip(pts[0] - origin[0], 0, 8)
+    y = np.clip(pts[1] - origin[1], 0, 6)
+    x0, y0 = np.minimum(np.floor(x), 7).astype(int), np.minimum(np.floor(y), 5).astype(int)
+    wx, wy = x - x0, y - y0
+    expected = ((1 - wy) * ((1 - wx) * field[:, y0, x0] + wx * field[:, y0, x0 + 1])
+                + wy * ((1 - wx) * field[:, y0 + 1, x0] + wx * field[:, y0 + 1, x0 + 1]))
+    points = torch.tensor(pts.reshape(2, 5, 10), requires_grad=True)
+    got = lddmm.sample(torch.from_numpy(field), points, origin)
+    assert got.shape == (3, 5, 10)
+    np.testing.assert_allclose(got.detach().numpy().reshape(3, 50), expected, atol=1e-12)
+    got[0].sum().backward()
+    inside = (x > 0) & (x < 8) & (wx > 1e-6) & (wx < 1 - 1e-6)
+    slope_x = (1 - wy) * (field[0, y0, x0 + 1] - field[0, y0, x0]) + wy * (field[0, y0 + 1, x0 + 1] - field[0, y0 + 1, x0])
+    np.testing.assert_allclose(points.grad[0].numpy().reshape(50)[inside], slope_x[inside], atol=1e-9)
+
+
 def test_sobolev_kernel_is_a_low_pass_with_unit_dc():
     K = lddmm.sobolev_kernel((32, 32), alpha=3.0, power=2.0)
     assert K[0, 0] == 1.0 and K.max() == 1.0 and K[16, 16] < 1e-3

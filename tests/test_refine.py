@@ -142,6 +142,8 @@ def test_a_held_reference_stays_put_and_the_other_section_lands_on_it(tmp_path):
     err = np.linalg.norm(xy[n0:] - truth_b, axis=1)
     A = atlas.root["transforms/affine"]
     assert A.attrs["reference"] == 0 and A.attrs["reference_held"]
+    # the only template is the held reference: one round of each part is the whole fit
+    assert atlas.stage_records()["refine"]["rounds"] == {"affine": 1, "lddmm": 1}
     # the affine stage alone, and then with the fine stage (no similarity removed: the frame is S000's own)
     affine_only = np.linalg.norm(raw[n0:] @ np.asarray(A[1])[:2, :2].T + np.asarray(A[1])[:2, 2] - truth_b, axis=1)
     # measured: 23.0 um after the fine stage, 29.5 um after the affine stage

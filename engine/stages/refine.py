@@ -147,7 +147,8 @@ def _score_task(store: str, g: str, k: int, weights: np.ndarray) -> tuple[float,
 def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageResult:
     """Group-wise affine consistency + LDDMM for every section; writes ``/deformation``.
 
-    Options (see ``DEFAULTS``): ``affine_rounds`` / ``lddmm_rounds`` (0 switches a part off),
+    Options (see ``DEFAULTS``): ``affine_rounds`` / ``lddmm_rounds`` (0 switches a part off; one round when every
+    template is held, as for a pair with a reference),
     ``z_sigma_sections`` (width of the neighbours' template and of the local gauge, in sections; None:
     all sections), ``alpha_px`` / ``power`` (smoothness ``(1 - alpha^2 Laplacian)^-power``, alpha in canvas
     pixels), ``sigma`` (data weight), ``lddmm_grid_px`` (the finest LDDMM grid has about this many pixels
@@ -195,9 +196,12 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         to_canvas(np.repeat(np.eye(3)[None], S, 0))
         B = np.repeat(np.eye(3)[None], S, 0)
         affine_loss = np.full(S, np.nan)
-        if opts["affine_rounds"] and usable.sum() >= 2:
+        # rounds let templates that move settle; against a held one, one round is the whole fit
+        affine_rounds = (opts["affine_rounds"] if moving.sum() > 1 else min(opts["affine_rounds"], 1)) \
+            if usable.sum() >= 2 else 0
+        if affine_rounds:
             f_aff = max(1, int(round(N / 64)))
-            for _ in range(opts["affine_rounds"]):
+            for _ in range(affine_rounds):
                 compute(dask.delayed(_sum_task, pure=False)(store, g, usable), client=client)
                 tasks = [dask.delayed(_affine_task, pure=False)(store, g, k, B[k], int(usable.sum()), (2 * f_aff, f_aff),
                                                                 tuple(opts["affine_iterations"]))
@@ -222,11 +226,14 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         to_canvas(np.stack([Qi @ C_um @ Q @ B[k] for k in range(S)]))
 
         reports = []
-        n_lddmm = opts["lddmm_rounds"] if usable.sum() >= 2 else 0
         sig = opts["z_sigma_sections"]
         tw = np.stack([template_weights(S, k, sig, usable) for k in range(S)])
         local = smoothing_weights(S, sig, usable)
-        steps = [consensus_step(local[k, k], template_moves=bool(moving[tw[k] != 0].any())) for k in range(S)]
+        template_moves = [bool(moving[tw[k] != 0].any()) for k in range(S)]
+        steps = [consensus_step(local[k, k], template_moves=template_moves[k]) for k in range(S)]
+        n_lddmm = opts["lddmm_rounds"] if usable.sum() >= 2 else 0
+        if not any(template_moves[k] for k in np.flatnonzero(moving)):
+            n_lddmm = min(n_lddmm, 1)  # every template is held: a second round would only continue the same fit
         # the gauge: each section loses its neighbourhood's shared flow, unless a held reference fixes the frame
         gauge = np.zeros((S, S)) if held else local * usable[:, None]
         lopts = dict(opts, pool=f)
@@ -262,7 +269,7 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
             arrays.write_small(qc, name, np.asarray(values, np.float64), ("section",))
         arrays.write_small(qc, "refined", usable, ("section",))
         skipped = [str(atlas.sections.id.iloc[k]) for k in np.flatnonzero(~usable)]
-        return {"lddmm_pool": f, "skipped_sections": skipped,
+        return {"lddmm_pool": f, "skipped_sections": skipped, "rounds": {"affine": affine_rounds, "lddmm": n_lddmm},
                 "ncc_mean_before": float(np.mean(scores[:, 0])), "ncc_mean_after": float(np.mean(scores[:, 1]))}
 
     return run_stage(atlas, "refine", "deformation", opts, build, inputs=("register",), force=force)

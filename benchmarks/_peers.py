@@ -34,9 +34,10 @@ Settings (stated in RESULTS.md with the table):
   epT 0.2 left the rotation of a phantom pair unchanged: median error 52 um, as centroid matching; these
   were chosen on one phantom pair (S016->S017, 6 degrees apart) from a small grid, 34 um there), torch
   threads = 1, float64.
-* lamina: ``lamina.align(reference="A")`` (A held fixed, the rest defaults) on a two-section atlas
-  (cell-type channels when the pair gives labels as features, else one density channel; lamina's
-  rasteriser does not use expression).
+* lamina: ``lamina.align(reference="A")`` (A held fixed, the rest defaults) on a two-section atlas:
+  cell-type channels when the pair gives labels as features (phantom, DLPFC, MERFISH; the phantom's
+  expression is not used), else the given expression (her2st: log1p of counts per 10k) drawn as
+  principal-component channels (``rasterize`` with ``channels="auto"``).
 """
 from __future__ import annotations
 
@@ -151,12 +152,19 @@ def run_lamina(pair: Pair, work: Path, client) -> tuple[np.ndarray, np.ndarray, 
                           "y": np.concatenate([pair.xy_a[:, 1], pair.xy_b[:, 1]]),
                           "section": ["A"] * n_a + ["B"] * len(pair.xy_b)})
     typed = pair.given_labels_a is not None
+    genes = None
     if typed:
         table["cell_type"] = np.concatenate([pair.given_labels_a, pair.given_labels_b]).astype(str)
+    elif pair.feat_a is not None:  # expression only: lamina draws it as principal-component channels
+        X = np.vstack([pair.feat_a, pair.feat_b]).astype(np.float64)
+        if pair.counts:  # the usual normalisation: log1p of counts per 10k
+            X = np.log1p(X / np.maximum(X.sum(1, keepdims=True), 1.0) * 1e4)
+        genes = [f"g{i}" for i in range(X.shape[1])]
+        table = pd.concat([table, pd.DataFrame(X.astype(np.float32), columns=genes)], axis=1)
     src = work / f"{_slug(pair.name)}.csv"
     table.to_csv(src, index=False)
     atlas = lamina.ingest(src, work / f"{_slug(pair.name)}.lamina.zarr", section="section", section_order=["A", "B"],
-                          cell_type="cell_type" if typed else None, overwrite=True, client=client)
+                          cell_type="cell_type" if typed else None, genes=genes, overwrite=True, client=client)
     lamina.align(atlas, client, reference="A")
     xy = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1).astype(np.float64)
     return xy[:n_a], xy[n_a:], {}

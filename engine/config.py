@@ -43,7 +43,7 @@ SCHEMA = {
         "section_stats": ((bool,), True),
         "register": {
             "enabled": ((bool,), True), "reflect": ((bool,), False), "pixel_um": ((float, int, None), None),
-            "reference": ((str, int, None), None),
+            "reference": ((str, int, None), None), "channels": ((str,), "auto"),
             "fine": {"enabled": ((bool,), True), "z_sigma_sections": ((float, int, None), 3.0),
                      "alpha_px": ((float, int), 8.0), "lddmm_rounds": ((int,), 2), "affine_rounds": ((int,), 3)},
         },
@@ -120,6 +120,11 @@ def load_config(path: str | Path) -> dict:
         ingest_spec(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{path}: input: {exc}") from exc
+    from .stages.rasterize import CHANNELS
+
+    channels = cfg["stages"]["register"]["channels"]
+    if channels not in CHANNELS:
+        raise ConfigError(f"{path}: 'stages.register.channels' must be one of {', '.join(CHANNELS)}, got {channels!r}")
     return cfg
 
 

@@ -151,6 +151,42 @@ def test_a_held_reference_stays_put_and_the_other_section_lands_on_it(tmp_path):
                                                                                       np.median(affine_only))
 
 
+def test_without_cell_types_the_rasters_show_expression_and_align_better_than_density(tmp_path):
+    """An atlas with genes and no cell types: ``align`` runs ``pca`` and draws density + principal-component
+    channels (summing to the density image); a pair lands much closer to the truth than with the density
+    alone, which shows only the tissue outline."""
+    ph = lamina.datasets.phantom(n_cells=10_000, n_sections=2, n_genes=12, seed=4, tube_travel_um=15.0)
+    truth_b = ph.to_observed(0, np.concatenate([xyz for _, xyz in ph.section_chunks(1)])[:, :2])
+    errors = {}
+    for channels in ("auto", "density"):
+        atlas = lamina.ingest(ph, tmp_path / f"{channels}.lamina.zarr", cell_type=None, genes=list(ph.gene_names))
+        lamina.align(atlas, reference="S000", channels=channels)
+        n0 = int(atlas.sections.cell_stop[0])
+        xy = np.stack([atlas.root[f"aligned/{k}"][n0:] for k in ("x", "y")], 1).astype(np.float64)
+        errors[channels] = float(np.median(np.linalg.norm(xy - truth_b, axis=1)))
+        raster = atlas.root["raster/cells"]
+        if channels == "auto":
+            assert atlas.stage_records()["rasterize"]["channels"] == "pcs" and atlas.group_is_complete("pca")
+            assert raster.attrs["channels"][:3] == ["density", "PC1+", "PC1-"] and raster.shape[1] == 17
+            pcs_image = np.asarray(raster[...]).sum(1)
+        else:
+            np.testing.assert_allclose(pcs_image, np.asarray(raster[...])[:, 0], atol=1e-3)
+    # measured: 29.2 um with expression channels; 950 um with the density alone (the outline fits rotated)
+    assert errors["auto"] < 35.0 and errors["auto"] < 0.5 * errors["density"], errors
+
+
+def test_raster_channel_choices_are_checked(tmp_path):
+    ph = lamina.datasets.phantom(n_cells=2_000, n_sections=2, n_genes=1, seed=1)
+    atlas = lamina.ingest(ph, tmp_path / "a.lamina.zarr", cell_type=None, genes=None)
+    lamina.section_stats(atlas)
+    for channels, message in [("types", "has no cell_type column"), ("pcs", "at least 2 genes"),
+                              ("genes", "must be one of auto, types, pcs, density")]:
+        with pytest.raises(lamina.InputError, match=message):
+            lamina.rasterize(atlas, channels=channels)
+    lamina.rasterize(atlas)  # auto: no types, no genes -> one density channel
+    assert atlas.root["raster/cells"].attrs["channels"] == ["density"]
+
+
 def test_mass_preserving_deformation_keeps_the_cell_count():
     """``deform(..., mass=True)`` multiplies by ``det(I + grad d)``: an image stretched by 1.2 along x keeps its
     integral (plain resampling would grow it by 1.2), and the determinant of a linear map is exact."""

@@ -7,7 +7,7 @@ from lamina.kernels.consistency import chain, joint_affines
 from lamina.kernels.geometry import affine_matrix, apply_affine
 from lamina.kernels.image_align import refine_affine, rotation_search, warp_image
 from lamina.kernels.ransac import fit_similarity, ransac
-from lamina.kernels.raster import smooth, splat
+from lamina.kernels.raster import expression_channels, smooth, splat
 from lamina.kernels.warp import sample_grid, warp_points
 
 
@@ -24,6 +24,24 @@ def test_splat_conserves_mass_and_centre():
     np.testing.assert_allclose((total * rows).sum() / total.sum() * 2.0, y.mean(), atol=1e-3)
     assert splat(np.array([-5.0]), np.array([5.0]), None, 1, (0.0, 0.0), 1.0, (4, 4)).sum() == 0
     np.testing.assert_allclose(smooth(img, 1.5).sum(), img.sum(), rtol=1e-3)
+
+
+def test_weighted_splat_and_expression_channels():
+    """One-hot weights give the per-type image; expression shares are non-negative, sum to 1 per cell (half in
+    the density channel), follow the sign of each standardised PC, and keep the summed image a density."""
+    rng = np.random.default_rng(2)
+    x, y, ch = rng.uniform(0, 40, 500), rng.uniform(0, 30, 500), rng.integers(0, 3, 500)
+    args = ((0.0, 0.0), 2.0, (16, 21))
+    np.testing.assert_allclose(splat(x, y, None, 3, *args, weights=np.eye(3)[ch]), splat(x, y, ch, 3, *args), atol=1e-5)
+    pcs = np.array([[2.0, -1.0], [0.0, 0.0], [-3.0, 0.0]])
+    w = expression_channels(pcs, sd=np.array([1.0, 0.5]))
+    # cell 0: z = (2, -2) -> PC1+ and PC2- share the expression half; cell 1 at the mean: spread evenly
+    np.testing.assert_allclose(w, [[0.5, 0.25, 0, 0, 0.25], [0.5, 0.125, 0.125, 0.125, 0.125], [0.5, 0, 0.5, 0, 0]])
+    shares = expression_channels(rng.normal(size=(500, 4)), np.ones(4))
+    assert shares.shape == (500, 9) and (shares >= 0).all()
+    np.testing.assert_allclose(shares.sum(1), 1.0)
+    img = splat(x, y, None, 9, *args, weights=shares)
+    np.testing.assert_allclose(img.sum(0), splat(x, y, None, 1, *args)[0], atol=1e-4)
 
 
 def test_warp_points_affine_then_displacement():

@@ -1,4 +1,5 @@
-"""Stage ``rasterize``: every section -> a smoothed density image per cell type on one shared canvas.
+"""Stage ``rasterize``: every section -> smoothed density images on one shared canvas, one channel per cell
+type, or (no types) per sign of each of the first principal components of expression, or one density.
 
 Each section is drawn in its own centred frame (raw coordinates minus the section's centroid from
 ``/qc``), so all sections overlap on one canvas whatever their raw offsets; one Dask task per section
@@ -12,12 +13,31 @@ import numpy as np
 import zarr
 
 from ..cluster import compute
-from ..kernels.raster import smooth, splat
+from ..errors import InputError, StoreError
+from ..kernels.raster import expression_channels, smooth, splat
 from ..store import arrays
 from ..store.atlas import Atlas
 from .runner import StageResult, run_stage
 
 MAX_CANVAS_PX = 256
+CHANNELS = ("auto", "types", "pcs", "density")
+DEFAULT_PC_CHANNELS = 8
+
+
+def channel_kind(atlas: Atlas, channels: str = "auto") -> str:
+    """What the raster channels are: ``types`` (one per cell type), ``pcs`` (the first principal components of
+    expression, needs a complete ``pca`` stage) or ``density``; ``auto``: types when the atlas has them, else
+    PCs when it has at least two genes, else density."""
+    if channels not in CHANNELS:
+        raise InputError(f"rasterize: channels must be one of {', '.join(CHANNELS)}, not {channels!r}")
+    if channels == "auto":
+        return "types" if "cell_type" in atlas.cell_columns else "pcs" if atlas.n_genes >= 2 else "density"
+    if channels == "types" and "cell_type" not in atlas.cell_columns:
+        raise InputError(f"rasterize: channels='types' but {atlas.path} has no cell_type column")
+    if channels == "pcs" and atlas.n_genes < 2:
+        raise InputError(f"rasterize: channels='pcs' needs expression of at least 2 genes; {atlas.path} has "
+                         f"{atlas.n_genes}")
+    return channels
 
 
 def canvas_geometry(atlas: Atlas, pixel_um: float | None, max_px: int = MAX_CANVAS_PX) -> dict:
@@ -43,38 +63,58 @@ def pixel_to_um(raster) -> np.ndarray:
     return np.array([[spacing, 0, origin[0]], [0, spacing, origin[1]], [0, 0, 1.0]])
 
 
-def _rasterize_section(store: str, s: int, lo: int, hi: int, center, geom: dict, n_channels: int, use_types: bool,
-                       sigma_px: float, chunk: int) -> int:
+def _rasterize_section(store: str, s: int, lo: int, hi: int, center, geom: dict, n_channels: int, kind: str,
+                       n_pcs: int, sigma_px: float, chunk: int) -> int:
     root = zarr.open_group(store, mode="r+")
     shape = (geom["size"], geom["size"])
     img = np.zeros((n_channels, *shape), np.float32)
+    sd = np.sqrt(np.asarray(root["pca/explained_variance"][:n_pcs], np.float64)) if kind == "pcs" else None
+    if kind == "pcs":  # each section's own mean: a shift between sections (batch) is not an anatomical signal
+        centre = sum(np.asarray(root["pca/pcs"][a:min(hi, a + chunk), :n_pcs], np.float64).sum(0)
+                     for a in range(lo, hi, chunk)) / max(hi - lo, 1)
     for a in range(lo, hi, chunk):
         b = min(hi, a + chunk)
         x = np.asarray(root["cells/x"][a:b], np.float64) - center[0]
         y = np.asarray(root["cells/y"][a:b], np.float64) - center[1]
-        ch = np.asarray(root["cells/cell_type"][a:b]) if use_types else None
-        img += splat(x, y, ch, n_channels, geom["origin"], geom["pixel_um"], shape)
+        ch = np.asarray(root["cells/cell_type"][a:b]) if kind == "types" else None
+        w = expression_channels(np.asarray(root["pca/pcs"][a:b, :n_pcs]) - centre, sd) if kind == "pcs" else None
+        img += splat(x, y, ch, n_channels, geom["origin"], geom["pixel_um"], shape, weights=w)
     target = root[geom["target"]]
     target[s] = smooth(img, sigma_px)
     return hi - lo
 
 
-def rasterize(atlas: Atlas, pixel_um: float | None = None, sigma_px: float = 1.5, client=None,
-              force: bool = False) -> StageResult:
+def rasterize(atlas: Atlas, pixel_um: float | None = None, sigma_px: float = 1.5, channels: str = "auto",
+              n_pc_channels: int = DEFAULT_PC_CHANNELS, client=None, force: bool = False) -> StageResult:
     """Rasterize every section into ``/raster/cells`` ``[section, channel, y, x]`` (cells per pixel, smoothed).
 
-    ``pixel_um`` default: the typical cell spacing, but no finer than a 256-pixel canvas. Channels are
-    the cell types when the atlas has them, else one density channel.
+    ``pixel_um`` default: the typical cell spacing, but no finer than a 256-pixel canvas. ``channels`` (see
+    :func:`channel_kind`): with ``pcs``, each cell's unit of mass is shared over a density channel and
+    ``2 x n_pc_channels`` channels by the signs and sizes of its first principal components, centred on the
+    section's own mean (``kernels.raster.expression_channels``; PCs read from the ``pca`` stage). The
+    channels always sum to the cell density.
     """
     geom = canvas_geometry(atlas.writable(), pixel_um)
-    use_types = "cell_type" in atlas.cell_columns
-    names = atlas.categories("cell_type") if use_types else ["density"]
+    kind = channel_kind(atlas, channels)
+    inputs = ("ingest", "section_stats")
+    n_pcs = 0
+    if kind == "types":
+        names = atlas.categories("cell_type")
+    elif kind == "pcs":
+        if not atlas.group_is_complete("pca"):
+            raise StoreError(f"rasterize: PC channels need the pca stage of {atlas.path}; run lamina.pca(atlas) "
+                             f"first (lamina.align does)")
+        n_pcs = min(int(n_pc_channels), int(atlas.root["pca/components"].shape[0]))
+        names = ["density"] + [f"PC{i + 1}{sign}" for i in range(n_pcs) for sign in "+-"]
+        inputs += ("pca",)
+    else:
+        names = ["density"]
     params = {"pixel_um": geom["pixel_um"], "sigma_px": sigma_px, "size": geom["size"], "channels": names}
 
     def build(group):
         S, C, N = atlas.n_sections, len(names), geom["size"]
         arrays.create(group, "cells", (S, C, N, N), np.float32, (1, C, N, N), ("section", "channel", "y", "x"),
-                      {"units": "cells per pixel", "channels": names})
+                      {"units": "cells per pixel", "channels": names, "kind": kind})
         arrays.write_small(group, "centroid", geom["centroid"], ("section", "xy"),
                            {"units": "um", "description": "raw (x, y) subtracted before drawing"})
         group.attrs.update({"origin": geom["origin"], "spacing": geom["pixel_um"], "sigma_px": sigma_px,
@@ -83,8 +123,8 @@ def rasterize(atlas: Atlas, pixel_um: float | None = None, sigma_px: float = 1.5
         job = dict(geom, target=f"{group.path}/cells")
         tasks = [dask.delayed(_rasterize_section, pure=False)(
             atlas.path, s, int(sec.cell_start.iloc[s]), int(sec.cell_stop.iloc[s]), geom["centroid"][s], job, C,
-            use_types, sigma_px, atlas.cell_chunk) for s in range(S)]
+            kind, n_pcs, sigma_px, atlas.cell_chunk) for s in range(S)]
         compute(*tasks, client=client)
-        return {"pixel_um": geom["pixel_um"], "canvas_px": N}
+        return {"pixel_um": geom["pixel_um"], "canvas_px": N, "channels": kind}
 
-    return run_stage(atlas, "rasterize", "raster", params, build, inputs=("ingest", "section_stats"), force=force)
+    return run_stage(atlas, "rasterize", "raster", params, build, inputs=inputs, force=force)

@@ -42,8 +42,9 @@ def cmd_demo(args) -> int:
         truth = ph.write_truth(out / "demo.truth.zarr")
         steps.append(("ground truth", time.perf_counter() - t))
         steps += list(align(atlas, client=client).items())
-        steps += list(reconstruct(atlas, client=client, n_pcs=min(20, args.genes), dz_um=args.dz,
-                                  flow_options={"steps": args.flow_steps, "subsample": 512}).items())
+        if args.reconstruct:
+            steps += list(reconstruct(atlas, client=client, n_pcs=min(20, args.genes), dz_um=args.dz,
+                                      flow_options={"steps": args.flow_steps, "subsample": 512}).items())
         t = time.perf_counter()
         pictures = write_report(atlas, out)
         steps.append(("pictures", time.perf_counter() - t))
@@ -56,11 +57,12 @@ def cmd_demo(args) -> int:
     median, p95 = _truth_error(atlas, truth)
     print(f"registration error against ground truth (one global rigid transform removed, {len(atlas.sections)} "
           f"sections): median {median:.1f} um, p95 {p95:.1f} um")
-    vol = atlas.root["volume"]
-    Z, Y, X = vol["density"].shape
-    print(f"reconstruction: {atlas.root['interpolated/x'].shape[0]:,} interpolated cells (weighted layers every "
-          f"~{args.dz:g} um), voxel grid {X}x{Y}x{Z} at {vol.attrs['voxel_um']:g} um, expression volume of "
-          f"{atlas.n_genes} genes in /expression")
+    if args.reconstruct:
+        vol = atlas.root["volume"]
+        Z, Y, X = vol["density"].shape
+        print(f"reconstruction: {atlas.root['interpolated/x'].shape[0]:,} interpolated cells (weighted layers "
+              f"every ~{args.dz:g} um), voxel grid {X}x{Y}x{Z} at {vol.attrs['voxel_um']:g} um, expression volume "
+              f"of {atlas.n_genes} genes in /expression")
     for p in pictures:
         print(f"picture: {p}")
     return 0
@@ -178,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--dz", type=float, default=10.0, help="layer spacing and voxel size of the reconstruction (um)")
     d.add_argument("--flow-steps", type=int, default=60, help="training steps of the z-flow")
+    d.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the 3D reconstruction (--no-reconstruct: registration only)")
     scheduler(d)
     d.set_defaults(func=cmd_demo)
 

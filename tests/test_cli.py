@@ -38,6 +38,15 @@ def test_demo_end_to_end(tmp_path):
     assert (tmp_path / "d" / "demo.truth.zarr" / "zarr.json").exists()
 
 
+def test_demo_without_reconstruction_stops_after_the_registration(tmp_path):
+    proc = run("demo", "--out", tmp_path / "d", "--cells", 3000, "--sections", 3, "--genes", 5, "--workers", 1,
+               "--no-reconstruct")
+    assert proc.returncode == 0, proc.stderr
+    atlas = lamina.Atlas.open(tmp_path / "d" / "demo.lamina.zarr")
+    assert atlas.completed_stages() == ["ingest", "section_stats", "rasterize", "register", "refine", "warp"]
+    assert "registration error against ground truth" in proc.stdout and "reconstruction:" not in proc.stdout
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, phantom_table):
     table, _ = phantom_table

@@ -101,7 +101,8 @@ def cmd_build(args) -> int:
             rec = cfg["stages"]["reconstruct"]
             align(atlas, client=client, pixel_um=reg["pixel_um"], reflect=reg["reflect"], fine=reg["fine"]["enabled"],
                   refine_options=fine, reference=reg["reference"], channels=reg["channels"],
-                  n_pcs=rec["n_pcs"] if rec["enabled"] else None)
+                  n_pcs=rec["n_pcs"] if rec["enabled"] else None,
+                  register_options={"matcher": reg["matcher"], "matcher_weights": reg["matcher_weights"]})
         elif cfg["stages"]["section_stats"]:
             section_stats(atlas, client=client)
         rec = cfg["stages"]["reconstruct"]

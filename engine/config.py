@@ -44,6 +44,7 @@ SCHEMA = {
         "register": {
             "enabled": ((bool,), True), "reflect": ((bool,), False), "pixel_um": ((float, int, None), None),
             "reference": ((str, int, None), None), "channels": ((str,), "auto"),
+            "matcher": ((str,), "sift"), "matcher_weights": ((str, None), None),
             "fine": {"enabled": ((bool,), True), "z_sigma_sections": ((float, int, None), 3.0),
                      "alpha_px": ((float, int), 8.0), "lddmm_rounds": ((int,), 2), "affine_rounds": ((int,), 3)},
         },
@@ -114,6 +115,9 @@ def load_config(path: str | Path) -> dict:
             raise ConfigError(f"{path}: input.path / input.paste: {p} does not exist; fix the path (relative paths "
                               f"are taken from the config file's folder {base})")
     cfg["store"] = resolve(cfg["store"])
+    reg = cfg["stages"]["register"]
+    if reg["matcher_weights"]:
+        reg["matcher_weights"] = resolve(reg["matcher_weights"])
     if cfg["report"]["out"]:
         cfg["report"]["out"] = resolve(cfg["report"]["out"])
     try:

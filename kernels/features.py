@@ -1,8 +1,10 @@
-"""Keypoint matching between two rasters with kornia's SIFT (no downloaded weights).
+"""Keypoint matching between two rasters: kornia's SIFT (no weights), or LoFTR from a local weights file.
 
 Points are returned in pixel coordinates ``(col, row)`` of their own image.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -66,4 +68,58 @@ def correspondences(fixed: torch.Tensor, moving: torch.Tensor, reflect: bool = F
         idx = match(dm, df, ratio)
         src.append(pm[idx[:, 0]])
         dst.append(pf[idx[:, 1]])
+    return np.concatenate(src), np.concatenate(dst)
+
+
+def load_loftr(weights: str, device=None):
+    """kornia's LoFTR with the weights of a local file (``torch.load(weights_only=True)``: a state_dict, or the
+    published checkpoint ``{"state_dict": ...}``); lamina never downloads weights. Cached per process and
+    file version, so a worker builds the model once."""
+    import os
+
+    stat = os.stat(weights)
+    return _cached_loftr(str(weights), stat.st_mtime_ns, stat.st_size, str(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_loftr(weights: str, _mtime: int, _size: int, device: str):
+    from kornia.feature import LoFTR
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    model = LoFTR(pretrained=None)
+    model.load_state_dict(state)
+    return model.eval().to(device)
+
+
+def loftr_correspondences(fixed: torch.Tensor, moving: torch.Tensor, weights: str, reflect: bool = False,
+                          min_confidence: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Matched points (moving ``[n, 2]``, fixed ``[n, 2]``) between two ``[C, H, W]`` rasters by LoFTR (dense
+    transformer matching; weights from the local file ``weights``), keeping matches of confidence at least
+    ``min_confidence``. Images are the grey mixes of :func:`to_gray`, zero-padded to a multiple of 8 pixels
+    (LoFTR's coarse grid); with ``reflect`` the mirrored moving image is matched too, as in
+    :func:`correspondences`.
+    """
+    model = load_loftr(weights, fixed.device)
+
+    def padded(img):
+        H, W = img.shape
+        return torch.nn.functional.pad(img, (0, -W % 8, 0, -H % 8))[None, None].float()
+
+    gf, gm = to_gray(fixed), to_gray(moving)
+    W = gm.shape[1]
+    src, dst = [], []
+    for mirrored in ([False, True] if reflect else [False]):
+        img = torch.flip(gm, dims=[1]) if mirrored else gm
+        with torch.no_grad():
+            out = model({"image0": padded(img), "image1": padded(gf)})
+        pm, pf = (out[k].cpu().numpy().astype(np.float64) for k in ("keypoints0", "keypoints1"))
+        inside = lambda p: (p >= 0).all(1) & (p[:, 0] <= W - 1) & (p[:, 1] <= gm.shape[0] - 1)  # noqa: E731
+        keep = (out["confidence"] >= min_confidence).cpu().numpy() & inside(pm) & inside(pf)
+        pm, pf = pm[keep], pf[keep]
+        if mirrored:
+            pm[:, 0] = (W - 1) - pm[:, 0]
+        src.append(pm)
+        dst.append(pf)
     return np.concatenate(src), np.concatenate(dst)

@@ -125,3 +125,58 @@ def test_blank_tiny_low_overlap_and_sparse_sections_are_flagged_not_nan(tmp_path
     # the sparse section still aligns to its neighbour
     row = pairs[(pairs.moving == 0) & (pairs.fixed == 1)].iloc[0]
     assert row.flag == "" or "feature" in row.flag
+
+
+@pytest.fixture(scope="module")
+def loftr_weights(tmp_path_factory):
+    """A LoFTR state_dict in the published checkpoint layout; untrained (the real weights are a download)."""
+    import torch
+    from kornia.feature import LoFTR
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "loftr_outdoor.ckpt"
+    torch.save({"state_dict": LoFTR(pretrained=None).state_dict()}, path)
+    return path
+
+
+def test_loftr_matcher_reads_local_weights_and_falls_back_when_its_matches_are_poor(tmp_path, loftr_weights):
+    """``matcher="loftr"`` builds LoFTR from a local file (nothing downloaded): its matches are points inside
+    both rasters; with untrained weights they are poor, and the stage lands where the default one does
+    (the rotation-search candidate wins on the image loss)."""
+    import torch
+
+    from lamina.kernels.features import loftr_correspondences
+
+    ph = lamina.datasets.phantom(n_cells=9_000, n_sections=3, n_genes=3, seed=2)
+    truth = np.concatenate([xyz for s in range(3) for _, xyz in ph.section_chunks(s)])
+    errors = {}
+    for matcher in ("sift", "loftr"):
+        atlas = lamina.ingest(ph, tmp_path / f"{matcher}.lamina.zarr")
+        weights = str(loftr_weights) if matcher == "loftr" else None
+        _pipeline(atlas, matcher=matcher, matcher_weights=weights)
+        aligned = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1).astype(np.float64)
+        assert np.isfinite(aligned).all()
+        errors[matcher] = float(np.median(rigid_residuals(aligned, truth[:, :2])))
+    assert errors["loftr"] < 1.2 * errors["sift"] + 2.0, errors
+    raster = torch.from_numpy(np.asarray(atlas.root["raster/cells"][...], np.float64))
+    H, W = raster.shape[-2:]
+    src, dst = loftr_correspondences(raster[0], raster[1], str(loftr_weights), reflect=True, min_confidence=0.0)
+    assert src.shape == dst.shape and src.shape[1] == 2 and len(src) > 0
+    for p in (src, dst):
+        assert np.isfinite(p).all() and (p >= 0).all() and (p[:, 0] <= W - 1).all() and (p[:, 1] <= H - 1).all()
+
+
+def test_loftr_matcher_needs_a_readable_weights_file(tmp_path, small_table):
+    ph, table = small_table
+    atlas = _table_store(tmp_path, table, "w")
+    lamina.section_stats(atlas)
+    lamina.rasterize(atlas)
+    corrupt = tmp_path / "half.ckpt"
+    corrupt.write_bytes(b"PK\x03\x04 not a torch file")
+    for weights, message in [(None, "needs matcher_weights"), (tmp_path / "none.ckpt", "do not exist"),
+                             (corrupt, "not a usable LoFTR weights file")]:
+        with pytest.raises(lamina.InputError, match=message):
+            lamina.register(atlas, matcher="loftr", matcher_weights=weights)
+    with pytest.raises(lamina.InputError, match="matcher must be one of sift, loftr"):
+        lamina.register(atlas, matcher="orb")
+    assert "register" not in atlas.completed_stages()

@@ -18,19 +18,21 @@ from .warp import warp
 
 def align(atlas: Atlas, client=None, pixel_um: float | None = None, reflect: bool = False, fine: bool = True,
           refine_options: dict | None = None, reference: str | None = None, channels: str = "auto",
-          n_pcs: int | None = None) -> dict[str, float]:
+          n_pcs: int | None = None, register_options: dict | None = None) -> dict[str, float]:
     """``section_stats -> rasterize -> register -> refine -> warp``; returns wall seconds per stage (near 0 when
     a stage was already complete with the same inputs and is skipped). ``fine=False`` stops at the pairwise
     affine stage (no ``refine``). ``reference``: a section id that stays as it is while every other section
     is aligned onto it (default: no section is privileged; the frame is the middle section's).
     ``channels``: what the rasters show (``rasterize.channel_kind``); when that is principal components
     (an atlas with genes and no cell types), ``pca`` runs first, with ``n_pcs`` as ``reconstruct`` takes it,
-    so that reconstruct finds it done."""
+    so that reconstruct finds it done. ``register_options`` / ``refine_options``: further options of those
+    stages (e.g. ``{"matcher": "loftr", "matcher_weights": path}``)."""
     steps = [("section_stats", lambda: section_stats(atlas, client=client))]
     if channel_kind(atlas, channels) == "pcs":
         steps.append(("pca", lambda: pca(atlas, n_pcs=n_pcs, client=client)))
     steps += [("rasterize", lambda: rasterize(atlas, pixel_um=pixel_um, channels=channels, client=client)),
-              ("register", lambda: register(atlas, client=client, reflect=reflect, reference=reference))]
+              ("register", lambda: register(atlas, client=client, reflect=reflect, reference=reference,
+                                            **(register_options or {})))]
     if fine:
         steps.append(("refine", lambda: refine(atlas, client=client, **(refine_options or {}))))
     steps.append(("warp", lambda: warp(atlas, client=client, refined=fine)))

@@ -3,7 +3,8 @@
 Data flow::
 
     /raster/cells --(one task per pair: k with its neighbour towards the reference, and k with the next one)-->
-        feature matches (kornia SIFT + mutual NN + ratio) -> RANSAC similarity      } candidates, each refined
+        feature matches (kornia SIFT + mutual NN + ratio,  -> RANSAC similarity    } candidates, each refined
+          or LoFTR with local weights)
         rotation search by FFT cross-correlation (needs no features)                } by Adam on the image loss;
                                                                                       the lower loss wins
     pair estimates --(joint least squares, reference = middle section or the one named)--> section affines
@@ -23,7 +24,7 @@ import zarr
 from ..cluster import compute, task_device
 from ..errors import InputError
 from ..kernels.consistency import chain, joint_affines
-from ..kernels.features import correspondences
+from ..kernels.features import correspondences, load_loftr, loftr_correspondences
 from ..kernels.geometry import affine_matrix, apply_affine
 from ..kernels.image_align import refine_affine, rotation_search, warp_image
 from ..kernels.ransac import ransac
@@ -33,7 +34,9 @@ from .rasterize import pixel_to_um
 from .runner import StageResult, run_stage, stage_options
 
 DEFAULTS = {"reference": None, "reflect": False, "rotation_step_deg": 4.0, "min_inliers": 8, "ransac_px": 2.5,
-            "iterations": (120, 60, 25), "skip_pairs": True, "min_overlap": 0.5, "min_ncc": 0.3, "min_mass_ratio": 0.02}
+            "iterations": (120, 60, 25), "skip_pairs": True, "min_overlap": 0.5, "min_ncc": 0.3, "min_mass_ratio": 0.02,
+            "matcher": "sift", "matcher_weights": None}
+MATCHERS = ("sift", "loftr")
 
 
 def _normalised(img: np.ndarray) -> torch.Tensor:
@@ -66,7 +69,10 @@ def register_pair(moving: np.ndarray, fixed: np.ndarray, opts: dict, seed: int =
     row["ncc_before"] = _ncc(m, f)
     candidates = []
     try:
-        src, dst = correspondences(f, m, reflect=opts["reflect"])
+        if opts["matcher"] == "loftr":
+            src, dst = loftr_correspondences(f, m, opts["matcher_weights"], reflect=opts["reflect"])
+        else:
+            src, dst = correspondences(f, m, reflect=opts["reflect"])
         row["n_matches"] = len(src)
         if len(src) >= opts["min_inliers"]:
             T, inl = ransac(src, dst, opts["ransac_px"], "similarity", opts["reflect"], seed=seed)
@@ -127,6 +133,26 @@ def _tissue_points(img: np.ndarray, px_to_um: np.ndarray, max_points: int = 400)
     return apply_affine(px_to_um, np.stack([cols[::step], rows[::step]], 1).astype(np.float64))
 
 
+def _check_matcher(opts: dict) -> None:
+    """A LoFTR matcher needs a local weights file that loads; checked once here, before any task runs."""
+    if opts["matcher"] not in MATCHERS:
+        raise InputError(f"register: matcher must be one of {', '.join(MATCHERS)}, not {opts['matcher']!r}")
+    if opts["matcher"] != "loftr":
+        return
+    path = opts["matcher_weights"]
+    if not path:
+        raise InputError("register: matcher='loftr' needs matcher_weights, the path of a local LoFTR weights file "
+                         "(lamina downloads nothing); every worker must be able to read it")
+    try:
+        load_loftr(str(path))
+    except FileNotFoundError as exc:
+        raise InputError(f"register: LoFTR weights {path} do not exist") from exc
+    except Exception as exc:  # torch.load / load_state_dict: not a LoFTR state_dict, truncated, not torch at all
+        raise InputError(f"register: {path} is not a usable LoFTR weights file ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})") from exc
+    opts["matcher_weights"] = str(path)
+
+
 def register(atlas: Atlas, client=None, force: bool = False, **options) -> StageResult:
     """Register all sections (affine) into the frame of one reference section; writes ``/transforms``.
 
@@ -135,10 +161,12 @@ def register(atlas: Atlas, client=None, force: bool = False, **options) -> Stage
     the sections' mean scale, and ``refine`` treats all sections alike), ``reflect`` (also consider
     mirrored sections), ``rotation_step_deg``,
     ``min_inliers``, ``ransac_px``, ``iterations`` (Adam steps per scale), ``skip_pairs`` (also register
-    k with k+-2 for the joint solve), ``min_overlap`` / ``min_ncc`` (QC flag thresholds).
+    k with k+-2 for the joint solve), ``min_overlap`` / ``min_ncc`` (QC flag thresholds), ``matcher``
+    (``sift``, or ``loftr`` with ``matcher_weights``: a local weights file every worker can read).
     """
     opts = stage_options("register", DEFAULTS, options)
     atlas.writable()
+    _check_matcher(opts)
     ids = [str(i) for i in atlas.sections.id]
     if opts["reference"] is not None and str(opts["reference"]) not in ids:
         raise InputError(f"register: reference section {opts['reference']!r} is not in the atlas {atlas.path} "

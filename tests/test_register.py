@@ -158,12 +158,37 @@ def test_loftr_matcher_reads_local_weights_and_falls_back_when_its_matches_are_p
         assert np.isfinite(aligned).all()
         errors[matcher] = float(np.median(rigid_residuals(aligned, truth[:, :2])))
     assert errors["loftr"] < 1.2 * errors["sift"] + 2.0, errors
+    assert set(_pairs(atlas).method) <= {"features", "rotation_search"}
     raster = torch.from_numpy(np.asarray(atlas.root["raster/cells"][...], np.float64))
-    H, W = raster.shape[-2:]
-    src, dst = loftr_correspondences(raster[0], raster[1], str(loftr_weights), reflect=True, min_confidence=0.0)
-    assert src.shape == dst.shape and src.shape[1] == 2 and len(src) > 0
-    for p in (src, dst):
-        assert np.isfinite(p).all() and (p >= 0).all() and (p[:, 0] <= W - 1).all() and (p[:, 1] <= H - 1).all()
+    src, dst = loftr_correspondences(raster[0], raster[1], str(loftr_weights))
+    assert src.shape == dst.shape and src.shape[1] == 2 and np.isfinite(src).all()
+
+
+def test_loftr_matches_are_filtered_and_mirrored_back(monkeypatch):
+    """What ``loftr_correspondences`` does with LoFTR's output (a stand-in model that returns fixed points):
+    images padded to multiples of 8, matches below the confidence or in the padding dropped, matches of the
+    mirrored moving image mapped back to its own columns."""
+    import torch
+
+    from lamina.kernels import features
+
+    seen = []
+
+    def fake_model(data):
+        seen.append((tuple(data["image0"].shape), tuple(data["image1"].shape)))
+        k0 = torch.tensor([[3.0, 4.0], [10.0, 2.0], [21.0, 5.0], [6.0, 6.0]])   # (21, 5) lies in the padding
+        k1 = torch.tensor([[5.0, 6.0], [12.0, 4.0], [7.0, 8.0], [8.0, 8.0]])
+        return {"keypoints0": k0, "keypoints1": k1, "confidence": torch.tensor([0.9, 0.3, 0.95, 0.7])}
+
+    monkeypatch.setattr(features, "load_loftr", lambda weights, device=None: fake_model)
+    fixed, moving = torch.rand(2, 13, 20, dtype=torch.float64), torch.rand(2, 13, 20, dtype=torch.float64)
+    src, dst = features.loftr_correspondences(fixed, moving, "unused.ckpt", reflect=True, min_confidence=0.5)
+    assert seen == [((1, 1, 16, 24), (1, 1, 16, 24))] * 2
+    kept_m, kept_f = np.array([[3.0, 4.0], [6.0, 6.0]]), np.array([[5.0, 6.0], [8.0, 8.0]])
+    mirrored = kept_m.copy()
+    mirrored[:, 0] = 19 - mirrored[:, 0]
+    np.testing.assert_allclose(src, np.vstack([kept_m, mirrored]))
+    np.testing.assert_allclose(dst, np.vstack([kept_f, kept_f]))
 
 
 def test_loftr_matcher_needs_a_readable_weights_file(tmp_path, small_table):

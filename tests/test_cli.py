@@ -106,7 +106,7 @@ def test_export_round_trip(built, phantom_table, tmp_path, fmt):
     (lambda c: c.pop("store"), "required key 'store' is missing"),
     (lambda c: c["input"].update(units="inch"), "units='inch' is not one of um, mm, nm, px"),
     (lambda c: c.setdefault("stages", {}).setdefault("register", {}).update(channels="genes"),
-     "'stages.register.channels' must be one of auto, types, pcs, density, got 'genes'"),
+     "'stages.register.channels' must be one of auto, types, pcs, types+pcs, density, got 'genes'"),
 ])
 def test_config_errors_name_the_key(tmp_path, built, mutate, message, capsys):
     cfg = yaml.safe_load((built / "build.yaml").read_text())

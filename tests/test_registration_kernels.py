@@ -34,13 +34,13 @@ def test_weighted_splat_and_expression_channels():
     args = ((0.0, 0.0), 2.0, (16, 21))
     np.testing.assert_allclose(splat(x, y, None, 3, *args, weights=np.eye(3)[ch]), splat(x, y, ch, 3, *args), atol=1e-5)
     pcs = np.array([[2.0, -1.0], [0.0, 0.0], [-3.0, 0.0]])
-    w = expression_channels(pcs, sd=np.array([1.0, 0.5]))
+    w = expression_channels(pcs, sd=np.array([1.0, 0.5]), share=0.5)
     # cell 0: z = (2, -2) -> PC1+ and PC2- share the expression half; cell 1 at the mean: spread evenly
-    np.testing.assert_allclose(w, [[0.5, 0.25, 0, 0, 0.25], [0.5, 0.125, 0.125, 0.125, 0.125], [0.5, 0, 0.5, 0, 0]])
+    np.testing.assert_allclose(w, [[0.25, 0, 0, 0.25], [0.125, 0.125, 0.125, 0.125], [0, 0.5, 0, 0]])
     shares = expression_channels(rng.normal(size=(500, 4)), np.ones(4))
-    assert shares.shape == (500, 9) and (shares >= 0).all()
-    np.testing.assert_allclose(shares.sum(1), 1.0)
-    img = splat(x, y, None, 9, *args, weights=shares)
+    assert shares.shape == (500, 8) and (shares >= 0).all()
+    np.testing.assert_allclose(shares.sum(1), 0.75)
+    img = splat(x, y, None, 9, *args, weights=np.hstack([np.full((500, 1), 0.25), shares]))
     np.testing.assert_allclose(img.sum(0), splat(x, y, None, 1, *args)[0], atol=1e-4)
 
 

@@ -1,5 +1,5 @@
-"""Stage ``rasterize``: every section -> smoothed density images on one shared canvas, one channel per cell
-type, or (no types) per sign of each of the first principal components of expression, or one density.
+"""Stage ``rasterize``: every section -> smoothed density images on one shared canvas: one channel per cell
+type, and/or (``channels``) one per sign of each of the first principal components of expression.
 
 Each section is drawn in its own centred frame (raw coordinates minus the section's centroid from
 ``/qc``), so all sections overlap on one canvas whatever their raw offsets; one Dask task per section
@@ -20,22 +20,24 @@ from ..store.atlas import Atlas
 from .runner import StageResult, run_stage
 
 MAX_CANVAS_PX = 256
-CHANNELS = ("auto", "types", "pcs", "density")
+CHANNELS = ("auto", "types", "pcs", "types+pcs", "density")
 DEFAULT_PC_CHANNELS = 8
 
 
 def channel_kind(atlas: Atlas, channels: str = "auto") -> str:
-    """What the raster channels are: ``types`` (one per cell type), ``pcs`` (the first principal components of
-    expression, needs a complete ``pca`` stage) or ``density``; ``auto``: types when the atlas has them, else
-    PCs when it has at least two genes, else density."""
+    """What the raster channels are: ``types`` (one per cell type), ``pcs`` (a density channel and the first
+    principal components of expression; needs a complete ``pca`` stage), ``types+pcs`` (both: the types
+    and the PCs) or ``density``; ``auto``: types when the atlas has them, else PCs when it has at least two
+    genes, else density."""
     if channels not in CHANNELS:
         raise InputError(f"rasterize: channels must be one of {', '.join(CHANNELS)}, not {channels!r}")
+    has_types, has_genes = "cell_type" in atlas.cell_columns, atlas.n_genes >= 2
     if channels == "auto":
-        return "types" if "cell_type" in atlas.cell_columns else "pcs" if atlas.n_genes >= 2 else "density"
-    if channels == "types" and "cell_type" not in atlas.cell_columns:
-        raise InputError(f"rasterize: channels='types' but {atlas.path} has no cell_type column")
-    if channels == "pcs" and atlas.n_genes < 2:
-        raise InputError(f"rasterize: channels='pcs' needs expression of at least 2 genes; {atlas.path} has "
+        return "types" if has_types else "pcs" if has_genes else "density"
+    if "types" in channels and not has_types:
+        raise InputError(f"rasterize: channels={channels!r} but {atlas.path} has no cell_type column")
+    if "pcs" in channels and not has_genes:
+        raise InputError(f"rasterize: channels={channels!r} needs expression of at least 2 genes; {atlas.path} has "
                          f"{atlas.n_genes}")
     return channels
 
@@ -64,52 +66,68 @@ def pixel_to_um(raster) -> np.ndarray:
 
 
 def _rasterize_section(store: str, s: int, lo: int, hi: int, center, geom: dict, n_channels: int, kind: str,
-                       n_pcs: int, sigma_px: float, chunk: int) -> int:
+                       n_pcs: int, share: float, sigma_px: float, chunk: int) -> int:
     root = zarr.open_group(store, mode="r+")
     shape = (geom["size"], geom["size"])
     img = np.zeros((n_channels, *shape), np.float32)
-    sd = np.sqrt(np.asarray(root["pca/explained_variance"][:n_pcs], np.float64)) if kind == "pcs" else None
-    if kind == "pcs":  # each section's own mean: a shift between sections (batch) is not an anatomical signal
+    expression = "pcs" in kind
+    if expression:  # centred on the section's own mean: a shift between sections (batch) is not anatomy
+        sd = np.sqrt(np.asarray(root["pca/explained_variance"][:n_pcs], np.float64))
         centre = sum(np.asarray(root["pca/pcs"][a:min(hi, a + chunk), :n_pcs], np.float64).sum(0)
                      for a in range(lo, hi, chunk)) / max(hi - lo, 1)
+    n_identity = n_channels - 2 * n_pcs
     for a in range(lo, hi, chunk):
         b = min(hi, a + chunk)
         x = np.asarray(root["cells/x"][a:b], np.float64) - center[0]
         y = np.asarray(root["cells/y"][a:b], np.float64) - center[1]
-        ch = np.asarray(root["cells/cell_type"][a:b]) if kind == "types" else None
-        w = expression_channels(np.asarray(root["pca/pcs"][a:b, :n_pcs]) - centre, sd) if kind == "pcs" else None
-        img += splat(x, y, ch, n_channels, geom["origin"], geom["pixel_um"], shape, weights=w)
+        types = np.asarray(root["cells/cell_type"][a:b]) if "types" in kind else None
+        weights = None
+        if expression:  # identity channels (the type, or one density channel) keep 1 - share of each cell
+            identity = np.eye(n_identity)[types] if types is not None else np.ones((b - a, 1))
+            e = expression_channels(np.asarray(root["pca/pcs"][a:b, :n_pcs]) - centre, sd, share)
+            weights = np.hstack([identity * (1.0 - share), e])
+            if types is not None:  # cells without a type (code -1) are left out, as in the types-only image
+                weights[types < 0] = 0.0
+            types = None
+        img += splat(x, y, types, n_channels, geom["origin"], geom["pixel_um"], shape, weights=weights)
     target = root[geom["target"]]
     target[s] = smooth(img, sigma_px)
     return hi - lo
 
 
 def rasterize(atlas: Atlas, pixel_um: float | None = None, sigma_px: float = 1.5, channels: str = "auto",
-              n_pc_channels: int = DEFAULT_PC_CHANNELS, client=None, force: bool = False) -> StageResult:
+              n_pc_channels: int = DEFAULT_PC_CHANNELS, expression_share: float = 0.75, client=None,
+              force: bool = False) -> StageResult:
     """Rasterize every section into ``/raster/cells`` ``[section, channel, y, x]`` (cells per pixel, smoothed).
 
     ``pixel_um`` default: the typical cell spacing, but no finer than a 256-pixel canvas. ``channels`` (see
-    :func:`channel_kind`): with ``pcs``, each cell's unit of mass is shared over a density channel and
-    ``2 x n_pc_channels`` channels by the signs and sizes of its first principal components, centred on the
-    section's own mean (``kernels.raster.expression_channels``; PCs read from the ``pca`` stage). The
-    channels always sum to the cell density.
+    :func:`channel_kind`): with PCs, ``expression_share`` of each cell's unit of mass is split over
+    ``2 x n_pc_channels`` channels by the signs and sizes of its first principal components, centred on its
+    section's mean (``kernels.raster.expression_channels``; PCs from the ``pca`` stage), and the rest stays
+    in its type channel (``types+pcs``) or a density channel (``pcs``). The channels always sum to the cell
+    density. Why 0.75 (measured against 0.5): phantom pairs without types, median error 16.7 against 20.6 um
+    (45.5 with the density alone); her2st pairs, cluster agreement 0.624 against 0.618 (density alone 0.621)
+    but 40.3 against 33.9 um from the authors' alignment (35.7). ``types+pcs`` is not the default: on the
+    phantom stack it gave 21.7 um against 22.4 with the types alone, within what other shares moved it.
     """
     geom = canvas_geometry(atlas.writable(), pixel_um)
     kind = channel_kind(atlas, channels)
+    if not 0.0 < expression_share <= 1.0:
+        raise InputError(f"rasterize: expression_share must be in (0, 1], not {expression_share}")
     inputs = ("ingest", "section_stats")
     n_pcs = 0
-    if kind == "types":
-        names = atlas.categories("cell_type")
-    elif kind == "pcs":
+    names = list(atlas.categories("cell_type")) if "types" in kind else ["density"]
+    if "pcs" in kind:
         if not atlas.group_is_complete("pca"):
             raise StoreError(f"rasterize: PC channels need the pca stage of {atlas.path}; run lamina.pca(atlas) "
                              f"first (lamina.align does)")
         n_pcs = min(int(n_pc_channels), int(atlas.root["pca/components"].shape[0]))
-        names = ["density"] + [f"PC{i + 1}{sign}" for i in range(n_pcs) for sign in "+-"]
+        names += [f"PC{i + 1}{sign}" for i in range(n_pcs) for sign in "+-"]
         inputs += ("pca",)
-    else:
-        names = ["density"]
+    share = float(expression_share) if n_pcs else 0.0
     params = {"pixel_um": geom["pixel_um"], "sigma_px": sigma_px, "size": geom["size"], "channels": names}
+    if n_pcs:
+        params["expression_share"] = share
 
     def build(group):
         S, C, N = atlas.n_sections, len(names), geom["size"]
@@ -123,7 +141,7 @@ def rasterize(atlas: Atlas, pixel_um: float | None = None, sigma_px: float = 1.5
         job = dict(geom, target=f"{group.path}/cells")
         tasks = [dask.delayed(_rasterize_section, pure=False)(
             atlas.path, s, int(sec.cell_start.iloc[s]), int(sec.cell_stop.iloc[s]), geom["centroid"][s], job, C,
-            kind, n_pcs, sigma_px, atlas.cell_chunk) for s in range(S)]
+            kind, n_pcs, share, sigma_px, atlas.cell_chunk) for s in range(S)]
         compute(*tasks, client=client)
         return {"pixel_um": geom["pixel_um"], "canvas_px": N, "channels": kind}
 

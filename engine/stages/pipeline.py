@@ -24,9 +24,9 @@ def align(atlas: Atlas, client=None, pixel_um: float | None = None, reflect: boo
     affine stage (no ``refine``). ``reference``: a section id that stays as it is while every other section
     is aligned onto it (default: no section is privileged; the frame is the middle section's).
     ``channels``: what the rasters show (``rasterize.channel_kind``); when that includes principal components
-    (by default: an atlas with genes and no cell types), ``pca`` runs first, with ``n_pcs`` as ``reconstruct`` takes it,
-    so that reconstruct finds it done. ``register_options`` / ``refine_options``: further options of those
-    stages (e.g. ``{"matcher": "loftr", "matcher_weights": path}``)."""
+    (by default: an atlas with genes and no cell types), ``pca`` runs first, with ``n_pcs`` as
+    ``reconstruct`` takes it, so that reconstruct finds it done. ``register_options`` / ``refine_options``:
+    further options of those stages (e.g. ``{"matcher": "loftr", "matcher_weights": path}``)."""
     steps = [("section_stats", lambda: section_stats(atlas, client=client))]
     if "pcs" in channel_kind(atlas, channels):
         steps.append(("pca", lambda: pca(atlas, n_pcs=n_pcs, client=client)))

@@ -1,10 +1,8 @@
-"""Keypoint matching between two rasters: kornia's SIFT (no weights), or LoFTR from a local weights file.
+"""Keypoint matching between two rasters: kornia's SIFT (no weights), or a LoFTR model given by the caller.
 
 Points are returned in pixel coordinates ``(col, row)`` of their own image.
 """
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 import torch
@@ -71,38 +69,14 @@ def correspondences(fixed: torch.Tensor, moving: torch.Tensor, reflect: bool = F
     return np.concatenate(src), np.concatenate(dst)
 
 
-def load_loftr(weights: str, device=None):
-    """kornia's LoFTR with the weights of a local file (``torch.load(weights_only=True)``: a state_dict, or the
-    published checkpoint ``{"state_dict": ...}``); lamina never downloads weights. Cached per process and
-    file version, so a worker builds the model once."""
-    import os
-
-    stat = os.stat(weights)
-    return _cached_loftr(str(weights), stat.st_mtime_ns, stat.st_size, str(device or "cpu"))
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_loftr(weights: str, _mtime: int, _size: int, device: str):
-    from kornia.feature import LoFTR
-
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    model = LoFTR(pretrained=None)
-    model.load_state_dict(state)
-    return model.eval().to(device)
-
-
-def loftr_correspondences(fixed: torch.Tensor, moving: torch.Tensor, weights: str, reflect: bool = False,
+def loftr_correspondences(fixed: torch.Tensor, moving: torch.Tensor, model, reflect: bool = False,
                           min_confidence: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Matched points (moving ``[n, 2]``, fixed ``[n, 2]``) between two ``[C, H, W]`` rasters by LoFTR (dense
-    transformer matching; weights from the local file ``weights``), keeping matches of confidence at least
+    """Matched points (moving ``[n, 2]``, fixed ``[n, 2]``) between two ``[C, H, W]`` rasters by ``model``, a
+    kornia ``LoFTR`` (dense transformer matching) on their device, keeping matches of confidence at least
     ``min_confidence``. Images are the grey mixes of :func:`to_gray`, zero-padded to a multiple of 8 pixels
-    (LoFTR's coarse grid); with ``reflect`` the mirrored moving image is matched too, as in
-    :func:`correspondences`.
+    (LoFTR's coarse grid); matches in the padding are dropped. With ``reflect`` the mirrored moving image
+    is matched too, as in :func:`correspondences`.
     """
-    model = load_loftr(weights, fixed.device)
-
     def padded(img):
         H, W = img.shape
         return torch.nn.functional.pad(img, (0, -W % 8, 0, -H % 8))[None, None].float()

@@ -146,6 +146,7 @@ def test_loftr_matcher_reads_local_weights_and_falls_back_when_its_matches_are_p
     import torch
 
     from lamina.kernels.features import loftr_correspondences
+    from lamina.stages.registration import load_loftr
 
     ph = lamina.datasets.phantom(n_cells=9_000, n_sections=3, n_genes=3, seed=2)
     truth = np.concatenate([xyz for s in range(3) for _, xyz in ph.section_chunks(s)])
@@ -160,11 +161,11 @@ def test_loftr_matcher_reads_local_weights_and_falls_back_when_its_matches_are_p
     assert errors["loftr"] < 1.2 * errors["sift"] + 2.0, errors
     assert set(_pairs(atlas).method) <= {"features", "rotation_search"}
     raster = torch.from_numpy(np.asarray(atlas.root["raster/cells"][...], np.float64))
-    src, dst = loftr_correspondences(raster[0], raster[1], str(loftr_weights))
+    src, dst = loftr_correspondences(raster[0], raster[1], load_loftr(str(loftr_weights)))
     assert src.shape == dst.shape and src.shape[1] == 2 and np.isfinite(src).all()
 
 
-def test_loftr_matches_are_filtered_and_mirrored_back(monkeypatch):
+def test_loftr_matches_are_filtered_and_mirrored_back():
     """What ``loftr_correspondences`` does with LoFTR's output (a stand-in model that returns fixed points):
     images padded to multiples of 8, matches below the confidence or in the padding dropped, matches of the
     mirrored moving image mapped back to its own columns."""
@@ -180,9 +181,8 @@ def test_loftr_matches_are_filtered_and_mirrored_back(monkeypatch):
         k1 = torch.tensor([[5.0, 6.0], [12.0, 4.0], [7.0, 8.0], [8.0, 8.0]])
         return {"keypoints0": k0, "keypoints1": k1, "confidence": torch.tensor([0.9, 0.3, 0.95, 0.7])}
 
-    monkeypatch.setattr(features, "load_loftr", lambda weights, device=None: fake_model)
     fixed, moving = torch.rand(2, 13, 20, dtype=torch.float64), torch.rand(2, 13, 20, dtype=torch.float64)
-    src, dst = features.loftr_correspondences(fixed, moving, "unused.ckpt", reflect=True, min_confidence=0.5)
+    src, dst = features.loftr_correspondences(fixed, moving, fake_model, reflect=True, min_confidence=0.5)
     assert seen == [((1, 1, 16, 24), (1, 1, 16, 24))] * 2
     kept_m, kept_f = np.array([[3.0, 4.0], [6.0, 6.0]]), np.array([[5.0, 6.0], [8.0, 8.0]])
     mirrored = kept_m.copy()

@@ -16,6 +16,9 @@ and its section follows its neighbours; no transform is ever NaN.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import dask
 import numpy as np
 import torch
@@ -24,7 +27,7 @@ import zarr
 from ..cluster import compute, task_device
 from ..errors import InputError
 from ..kernels.consistency import chain, joint_affines
-from ..kernels.features import correspondences, load_loftr, loftr_correspondences
+from ..kernels.features import correspondences, loftr_correspondences
 from ..kernels.geometry import affine_matrix, apply_affine
 from ..kernels.image_align import refine_affine, rotation_search, warp_image
 from ..kernels.ransac import ransac
@@ -70,7 +73,7 @@ def register_pair(moving: np.ndarray, fixed: np.ndarray, opts: dict, seed: int =
     candidates = []
     try:
         if opts["matcher"] == "loftr":
-            src, dst = loftr_correspondences(f, m, opts["matcher_weights"], reflect=opts["reflect"])
+            src, dst = loftr_correspondences(f, m, load_loftr(opts["matcher_weights"], dev), reflect=opts["reflect"])
         else:
             src, dst = correspondences(f, m, reflect=opts["reflect"])
         row["n_matches"] = len(src)
@@ -131,6 +134,26 @@ def _tissue_points(img: np.ndarray, px_to_um: np.ndarray, max_points: int = 400)
     rows, cols = np.nonzero(total > 0.2 * total.max()) if total.max() > 0 else (np.array([]), np.array([]))
     step = max(1, len(rows) // max_points)
     return apply_affine(px_to_um, np.stack([cols[::step], rows[::step]], 1).astype(np.float64))
+
+
+def load_loftr(weights: str, device=None):
+    """kornia's LoFTR built from the weights of a local file (``torch.load(weights_only=True)``: a state_dict,
+    or the published checkpoint ``{"state_dict": ...}``); lamina never downloads weights. Built inside the
+    task that needs it and cached per worker process and file version, so a worker reads the file once."""
+    stat = os.stat(weights)
+    return _cached_loftr(str(weights), stat.st_mtime_ns, stat.st_size, str(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_loftr(weights: str, _mtime: int, _size: int, device: str):
+    from kornia.feature import LoFTR
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    model = LoFTR(pretrained=None)
+    model.load_state_dict(state)
+    return model.eval().to(device)
 
 
 def _check_matcher(opts: dict) -> None:

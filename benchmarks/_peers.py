@@ -156,15 +156,15 @@ def run_lamina(pair: Pair, work: Path, client) -> tuple[np.ndarray, np.ndarray, 
     if typed:
         table["cell_type"] = np.concatenate([pair.given_labels_a, pair.given_labels_b]).astype(str)
     elif pair.feat_a is not None:  # expression only: lamina draws it as principal-component channels
-        X = np.vstack([pair.feat_a, pair.feat_b]).astype(np.float64)
-        if pair.counts:  # the usual normalisation: log1p of counts per 10k
-            X = np.log1p(X / np.maximum(X.sum(1, keepdims=True), 1.0) * 1e4)
+        X = np.vstack([pair.feat_a, pair.feat_b]).astype(np.float32)
         genes = [f"g{i}" for i in range(X.shape[1])]
-        table = pd.concat([table, pd.DataFrame(X.astype(np.float32), columns=genes)], axis=1)
+        table = pd.concat([table, pd.DataFrame(X, columns=genes)], axis=1)
     src = work / f"{_slug(pair.name)}.csv"
     table.to_csv(src, index=False)
+    # counts get ingest's usual normalisation: log1p of counts per 10k
     atlas = lamina.ingest(src, work / f"{_slug(pair.name)}.lamina.zarr", section="section", section_order=["A", "B"],
-                          cell_type="cell_type" if typed else None, genes=genes, overwrite=True, client=client)
+                          cell_type="cell_type" if typed else None, genes=genes,
+                          normalize="log1p" if genes and pair.counts else "none", overwrite=True, client=client)
     lamina.align(atlas, client, reference="A")
     xy = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1).astype(np.float64)
     return xy[:n_a], xy[n_a:], {}

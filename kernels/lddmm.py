@@ -129,11 +129,14 @@ def jacobian_det(d: torch.Tensor) -> torch.Tensor:
     return (1 + dxx) * (1 + dyy) - dxy * dyx
 
 
-def deform(moving: torch.Tensor, d: torch.Tensor, mass: bool) -> torch.Tensor:
+def deform(moving: torch.Tensor, d: torch.Tensor, mass: bool, grid: torch.Tensor | None = None) -> torch.Tensor:
     """``moving`` ``[C, H, W]`` carried by the inverse map ``x -> x + d(x)``: ``M(x + d(x))``, times
     ``det(I + grad d)`` when ``mass`` (a density pushed forward keeps its cell count: a stretched region gets
-    sparser instead of staying as dense and growing)."""
-    out = sample(moving, _grid(*moving.shape[-2:], moving.device, moving.dtype) + d)
+    sparser instead of staying as dense and growing). ``grid``: the pixel grid ``[2, H, W]`` when the caller
+    already holds it (an optimisation loop)."""
+    if grid is None:
+        grid = _grid(*moving.shape[-2:], moving.device, moving.dtype)
+    out = sample(moving, grid + d)
     return out * jacobian_det(d).clamp_min(0.0) if mass else out
 
 
@@ -170,12 +173,13 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: f
             u = torch.zeros((steps, 2, H, W), dtype=dtype, device=fx.device)
         u = u.detach().requires_grad_(True)
         opt = torch.optim.Adam([u], lr=lr)
+        grid = _grid(H, W, fx.device, dtype)
         history = []
         for it in range(n_iter):
             opt.zero_grad()
             u_hat = torch.fft.rfft2(u)  # shared by v = K * u and the norm of v
             v = torch.fft.irfft2(u_hat * K_hat, s=(H, W))
-            warped = deform(mv, integrate_inverse(v), mass)
+            warped = deform(mv, integrate_inverse(v), mass, grid)
             r = warped - fx
             if robust_scale:  # Geman-McClure: residuals beyond ~robust_scale (tissue missing on one side) saturate
                 c2 = robust_scale**2

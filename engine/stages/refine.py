@@ -196,9 +196,11 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
         to_canvas(np.repeat(np.eye(3)[None], S, 0))
         B = np.repeat(np.eye(3)[None], S, 0)
         affine_loss = np.full(S, np.nan)
-        # rounds let templates that move settle; against a held one, one round is the whole fit
-        affine_rounds = (opts["affine_rounds"] if moving.sum() > 1 else min(opts["affine_rounds"], 1)) \
-            if usable.sum() >= 2 else 0
+        # the affine template (all usable sections) moves unless k is the only section that moves; rounds let
+        # a moving template settle, against a held one a single round is the whole fit
+        affine_template_moves = moving.sum() > 1
+        affine_rounds = 0 if usable.sum() < 2 else opts["affine_rounds"] if affine_template_moves \
+            else min(opts["affine_rounds"], 1)
         if affine_rounds:
             f_aff = max(1, int(round(N / 64)))
             for _ in range(affine_rounds):
@@ -206,8 +208,7 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
                 tasks = [dask.delayed(_affine_task, pure=False)(store, g, k, B[k], int(usable.sum()), (2 * f_aff, f_aff),
                                                                 tuple(opts["affine_iterations"]))
                          for k in np.flatnonzero(moving)]
-                # the affine template weighs all usable sections alike; it moves unless k is the only moving one
-                step = consensus_step(1.0 / usable.sum(), template_moves=moving.sum() > 1)
+                step = consensus_step(1.0 / usable.sum(), template_moves=affine_template_moves)
                 for k, (Bk, loss) in zip(np.flatnonzero(moving), compute(*tasks, client=client)):
                     if np.all(np.isfinite(Bk)):
                         B[k], affine_loss[k] = B[k] + step * (Bk - B[k]), loss

@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--sections", type=int, default=12)
     p.add_argument("--genes", type=int, default=40)
     p.add_argument("--holdouts", type=int, nargs="+", default=[3, 6, 9])
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--datasets", nargs="+", default=["phantom", "her2st"])
     p.add_argument("--write", action="store_true")
     p.add_argument("--smoke", action="store_true")

@@ -51,7 +51,7 @@ SCHEMA = {
         "reconstruct": {
             "enabled": ((bool,), False), "n_pcs": ((int, None), None), "dz_um": ((float, int), 10.0),
             "voxel_um": ((float, int, None), None), "interpolate": ((bool,), True),
-            "flow": {"steps": ((int,), 300), "subsample": ((int,), 512), "k": ((int,), 10),
+            "flow": {"steps": ((int,), 600), "subsample": ((int,), 512), "k": ((int,), 10),
                      "hidden": ((int,), 64), "seed": ((int,), 0)},
         },
     },

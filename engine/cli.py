@@ -98,11 +98,13 @@ def cmd_build(args) -> int:
         reg = cfg["stages"]["register"]
         if reg["enabled"]:
             fine = {k: reg["fine"][k] for k in ("z_sigma_sections", "alpha_px", "lddmm_rounds", "affine_rounds")}
+            fine["batch"] = reg["batch"]
             rec = cfg["stages"]["reconstruct"]
             align(atlas, client=client, pixel_um=reg["pixel_um"], reflect=reg["reflect"], fine=reg["fine"]["enabled"],
                   refine_options=fine, reference=reg["reference"], channels=reg["channels"],
                   n_pcs=rec["n_pcs"] if rec["enabled"] else None,
-                  register_options={"matcher": reg["matcher"], "matcher_weights": reg["matcher_weights"]})
+                  register_options={"matcher": reg["matcher"], "matcher_weights": reg["matcher_weights"],
+                                    "batch": reg["batch"]})
         elif cfg["stages"]["section_stats"]:
             section_stats(atlas, client=client)
         rec = cfg["stages"]["reconstruct"]

@@ -44,7 +44,7 @@ SCHEMA = {
         "register": {
             "enabled": ((bool,), True), "reflect": ((bool,), False), "pixel_um": ((float, int, None), None),
             "reference": ((str, int, None), None), "channels": ((str,), "auto"),
-            "matcher": ((str,), "sift"), "matcher_weights": ((str, None), None),
+            "matcher": ((str,), "sift"), "matcher_weights": ((str, None), None), "batch": ((int,), 4),
             "fine": {"enabled": ((bool,), True), "z_sigma_sections": ((float, int, None), 3.0),
                      "alpha_px": ((float, int), 8.0), "lddmm_rounds": ((int,), 2), "affine_rounds": ((int,), 3)},
         },
@@ -126,6 +126,9 @@ def load_config(path: str | Path) -> dict:
         raise ConfigError(f"{path}: input: {exc}") from exc
     from .stages.rasterize import CHANNELS
 
+    if reg["batch"] < 1:
+        raise ConfigError(f"{path}: 'stages.register.batch' (pairs / sections fitted as one batch) must be >= 1, "
+                          f"got {reg['batch']}")
     channels = cfg["stages"]["register"]["channels"]
     if channels not in CHANNELS:
         raise ConfigError(f"{path}: 'stages.register.channels' must be one of {', '.join(CHANNELS)}, got {channels!r}")

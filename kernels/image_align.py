@@ -92,19 +92,13 @@ def _blur_down(img: torch.Tensor, factor: int) -> torch.Tensor:
     return F.avg_pool2d(img, factor, ceil_mode=True)
 
 
-def image_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared difference over channels and pixels, optionally weighted by ``mask`` ``[H, W]``."""
-    d = (warped - fixed) ** 2
-    if mask is not None:
-        return (d * mask).sum() / (mask.sum() * d.shape[-3]).clamp_min(1.0)
-    return d.mean()
-
-
 def _perturbed(A: torch.Tensor, D: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``T(c + t) (I + D) T(-c) A``: a small affine change about the image centre ``c`` applied after ``A``."""
+    """``T(c + t) (I + D) T(-c) A``: a small affine change about the image centre ``c`` applied after ``A``
+    (``A`` ``[..., 3, 3]``, ``D`` ``[..., 2, 2]``, ``t`` ``[..., 2]``)."""
     L = torch.eye(2, dtype=A.dtype, device=A.device) + D
-    top = torch.cat([L, (c + t - L @ c)[:, None]], 1)
-    return torch.cat([top, torch.tensor([[0.0, 0.0, 1.0]], dtype=A.dtype, device=A.device)], 0) @ A
+    top = torch.cat([L, (c + t - (L @ c[:, None])[..., 0])[..., None]], -1)
+    bottom = torch.tensor([0.0, 0.0, 1.0], dtype=A.dtype, device=A.device).expand(*top.shape[:-2], 1, 3)
+    return torch.cat([top, bottom], -2) @ A
 
 
 def refine_affine(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, scales=(4, 2, 1),
@@ -118,29 +112,50 @@ def refine_affine(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, s
     current scale, ``c`` the image centre, so the parameters are well scaled. Returns (transform moving ->
     fixed pixels at full resolution, final loss).
     """
+    A, loss = refine_affine_batch(fixed[None], moving[None], np.asarray(init)[None], scales, iterations, lr)
+    return A[0], float(loss[0])
+
+
+def refine_affine_batch(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, scales=(4, 2, 1),
+                        iterations=(120, 60, 25), lr: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`refine_affine` of ``B`` independent pairs at once: ``fixed``, ``moving`` ``[B, C, H, W]``, ``init``
+    ``[B, 3, 3]``; returns transforms ``[B, 3, 3]`` and final losses ``[B]``.
+
+    The losses are summed only so that one backward pass serves all (pair b's gradient depends on pair b
+    alone, Adam is element-wise), and a pair that has converged is frozen while the others go on: each pair
+    gets what it would get alone, with every tensor operation run once per batch.
+    """
     dev = fixed.device
-    A = torch.tensor(init, dtype=torch.float64, device=dev)
-    loss_value = float("nan")
+    B = fixed.shape[0]
+    A = torch.as_tensor(np.asarray(init), dtype=torch.float64).to(dev)
+    losses = torch.full((B,), float("nan"), dtype=torch.float64)
     for f, n_iter in zip(scales, iterations):
-        fx, mv = _blur_down(fixed[None].double(), f), _blur_down(moving[None].double(), f)
+        fx, mv = _blur_down(fixed.double(), f), _blur_down(moving.double(), f)
         S = torch.tensor(_full_to_pooled(f), dtype=torch.float64, device=dev)
         A_s = S @ A @ torch.linalg.inv(S)
         H, W = fx.shape[-2:]
         c = torch.tensor([(W - 1) / 2.0, (H - 1) / 2.0], dtype=torch.float64, device=dev)
-        D = torch.zeros(2, 2, dtype=torch.float64, device=dev, requires_grad=True)
-        t = torch.zeros(2, dtype=torch.float64, device=dev, requires_grad=True)
+        D = torch.zeros(B, 2, 2, dtype=torch.float64, device=dev, requires_grad=True)
+        t = torch.zeros(B, 2, dtype=torch.float64, device=dev, requires_grad=True)
         opt = torch.optim.Adam([{"params": [D], "lr": lr}, {"params": [t], "lr": lr * max(H, W) / 4}])
-        prev = None
+        prev = torch.full((B,), float("nan"), dtype=torch.float64)
+        active = torch.ones(B, dtype=torch.bool)
         for it in range(n_iter):
             opt.zero_grad()
-            loss = image_loss(fx, warp_image(mv, _perturbed(A_s, D, t, c)[None], fx.shape[-2:]))
-            loss.backward()
+            loss = ((warp_image(mv, _perturbed(A_s, D, t, c), fx.shape[-2:]) - fx) ** 2).mean(dim=(1, 2, 3))
+            loss.sum().backward()
+            kept = (D.detach()[~active].clone(), t.detach()[~active].clone())
             opt.step()
-            value = float(loss.detach())
-            if prev is not None and it > 20 and abs(prev - value) < 1e-7 * max(abs(prev), 1e-12):
-                break
-            prev = value
+            if not active.all():  # a converged pair keeps its parameters (Adam's momentum would move them on)
+                with torch.no_grad():
+                    D[~active], t[~active] = kept
+            value = loss.detach().cpu()
+            if it > 20:
+                active &= ~((prev - value).abs() < 1e-7 * prev.abs().clamp_min(1e-12))
+                if not active.any():
+                    break
+            prev = torch.where(active, value, prev)
         with torch.no_grad():
             A = torch.linalg.inv(S) @ _perturbed(A_s, D, t, c) @ S
-            loss_value = float(image_loss(fixed[None].double(), warp_image(moving[None].double(), A[None])))
-    return A.detach().cpu().numpy(), loss_value
+            losses = ((warp_image(moving.double(), A) - fixed.double()) ** 2).mean(dim=(1, 2, 3)).cpu()
+    return A.detach().cpu().numpy(), losses.numpy()

@@ -45,33 +45,39 @@ def _grid(H: int, W: int, device, dtype) -> torch.Tensor:
 
 
 def sample(field: torch.Tensor, points: torch.Tensor, origin=(0.0, 0.0)) -> torch.Tensor:
-    """Bilinear sample of ``field`` ``[K, H, W]`` at pixel points ``[2, ...]`` (x, y), clamped at the borders.
+    """Bilinear sample of ``field`` ``[K, H, W]`` at pixel points ``[2, ...]`` (x, y), clamped at the borders;
+    or, batched, of ``field`` ``[B, K, H, W]`` at ``points`` ``[B, 2, ...]`` (item b samples its own field).
 
-    ``origin`` is the pixel coordinate of ``field[:, 0, 0]`` (for crops of a larger grid). Returns ``[K, ...]``.
-    One ``grid_sample`` (border padding, pixel centres at the corners of its [-1, 1] range): its fused
-    backward is several times cheaper than that of gathers with advanced indexing, and the LDDMM calls this
-    ``2 x time steps`` times per iteration.
+    ``origin`` is the pixel coordinate of ``field[..., 0, 0]`` (for crops of a larger grid). Returns
+    ``[K, ...]`` (``[B, K, ...]``). One ``grid_sample`` (border padding, pixel centres at the corners of its
+    [-1, 1] range): its fused backward is several times cheaper than that of gathers with advanced indexing,
+    and the LDDMM calls this ``2 x time steps`` times per iteration.
     """
-    K, H, W = field.shape
-    shape = points.shape[1:]
-    x = (points[0].reshape(-1) - origin[0]) * (2.0 / max(W - 1, 1)) - 1.0
-    y = (points[1].reshape(-1) - origin[1]) * (2.0 / max(H - 1, 1)) - 1.0
-    grid = torch.stack([x, y], -1).to(field.dtype)[None, None]          # [1, 1, P, 2]
-    out = F.grid_sample(field[None], grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return out.reshape(K, *shape)
+    batched = field.dim() == 4
+    if not batched:
+        field, points = field[None], points[None]
+    B, K, H, W = field.shape
+    shape = points.shape[2:]
+    x = (points[:, 0].reshape(B, -1) - origin[0]) * (2.0 / max(W - 1, 1)) - 1.0
+    y = (points[:, 1].reshape(B, -1) - origin[1]) * (2.0 / max(H - 1, 1)) - 1.0
+    grid = torch.stack([x, y], -1).to(field.dtype)[:, None]          # [B, 1, P, 2]
+    out = F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    out = out.reshape(B, K, *shape)
+    return out if batched else out[0]
 
 
 def integrate_inverse(v: torch.Tensor) -> torch.Tensor:
-    """Displacement ``d`` ``[2, H, W]`` with ``phi_1^{-1}(x) = x + d(x)`` for velocities ``v`` ``[T, 2, H, W]``.
+    """Displacement ``d`` ``[2, H, W]`` with ``phi_1^{-1}(x) = x + d(x)`` for velocities ``v`` ``[T, 2, H, W]``
+    (batched: ``[B, 2, H, W]`` for ``[B, T, 2, H, W]``).
 
     Semi-Lagrangian: ``phi_{t+dt}^{-1}(x) = phi_t^{-1}(x - v_t(x) dt)``, i.e. ``d <- d(x - v dt) - v dt``.
     """
-    T, _, H, W = v.shape
+    T, H, W = v.shape[-4], v.shape[-2], v.shape[-1]
     dt = 1.0 / T
     x = _grid(H, W, v.device, v.dtype)
-    d = torch.zeros_like(v[0])
+    d = torch.zeros_like(v[..., 0, :, :, :])
     for t in range(T - 1, -1, -1):
-        step = v[t] * dt
+        step = v[..., t, :, :, :] * dt
         d = sample(d, x - step) - step
     return d
 
@@ -109,35 +115,39 @@ def forward_displacement_tiled(v: torch.Tensor, tile: int, halo: int) -> torch.T
 
 
 def _pool(img: torch.Tensor, f: int) -> torch.Tensor:
-    return img if f == 1 else F.avg_pool2d(img[None], f, ceil_mode=True)[0]
+    """``[B, C, H, W]`` images averaged over ``f x f`` pixel blocks."""
+    return img if f == 1 else F.avg_pool2d(img, f, ceil_mode=True)
 
 
 def resize_velocity(v: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Velocities ``[T, 2, h, w]`` (pixels per unit time) resampled onto an ``H x W`` grid covering the same
-    area; their values scale with the grid so that they still move the same tissue by the same distance."""
+    """Velocities ``[..., T, 2, h, w]`` (pixels per unit time) resampled onto an ``H x W`` grid covering the
+    same area; their values scale with the grid so that they still move the same tissue by the same distance."""
     if tuple(v.shape[-2:]) == tuple(shape):
         return v
     ratio = shape[1] / v.shape[-1]
-    return F.interpolate(v, size=shape, mode="bilinear", align_corners=False) * ratio
+    flat = v.reshape(-1, *v.shape[-3:])
+    out = F.interpolate(flat, size=shape, mode="bilinear", align_corners=False) * ratio
+    return out.reshape(*v.shape[:-2], *shape)
 
 
 def jacobian_det(d: torch.Tensor) -> torch.Tensor:
-    """``det(I + grad d)`` ``[H, W]`` of the map ``x -> x + d(x)`` for a displacement ``d`` ``[2, H, W]`` (pixels);
-    central differences inside, one-sided at the borders."""
-    dxx, dxy = torch.gradient(d[0], dim=(1, 0))
-    dyx, dyy = torch.gradient(d[1], dim=(1, 0))
+    """``det(I + grad d)`` ``[..., H, W]`` of the map ``x -> x + d(x)`` for a displacement ``d`` ``[..., 2, H, W]``
+    (pixels); central differences inside, one-sided at the borders."""
+    dxx, dxy = torch.gradient(d[..., 0, :, :], dim=(-1, -2))
+    dyx, dyy = torch.gradient(d[..., 1, :, :], dim=(-1, -2))
     return (1 + dxx) * (1 + dyy) - dxy * dyx
 
 
 def deform(moving: torch.Tensor, d: torch.Tensor, mass: bool, grid: torch.Tensor | None = None) -> torch.Tensor:
-    """``moving`` ``[C, H, W]`` carried by the inverse map ``x -> x + d(x)``: ``M(x + d(x))``, times
+    """``moving`` ``[C, H, W]`` (batched ``[B, C, H, W]``, with ``d`` ``[B, 2, H, W]``) carried by the inverse map
+    ``x -> x + d(x)``: ``M(x + d(x))``, times
     ``det(I + grad d)`` when ``mass`` (a density pushed forward keeps its cell count: a stretched region gets
     sparser instead of staying as dense and growing). ``grid``: the pixel grid ``[2, H, W]`` when the caller
     already holds it (an optimisation loop)."""
     if grid is None:
         grid = _grid(*moving.shape[-2:], moving.device, moving.dtype)
     out = sample(moving, grid + d)
-    return out * jacobian_det(d).clamp_min(0.0) if mass else out
+    return out * jacobian_det(d).clamp_min(0.0).unsqueeze(-3) if mass else out
 
 
 def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: float = 4.0, power: float = 2.0,
@@ -155,10 +165,31 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: f
     stops early when the energy changes by less than ``tol`` relative over 10 iterations. ``mass``: the
     moving image is a density and is carried with its Jacobian (see :func:`deform`).
     """
-    # intensities on a common [0, 1] scale so that sigma means the same for any density of cells
-    level = torch.quantile(torch.cat([fixed.reshape(-1), moving.reshape(-1)]).double(), 0.99).clamp_min(1e-12)
+    v, reports = register_batch(fixed[None], moving[None], steps, alpha, power, sigma, iterations, scales, lr,
+                                robust_scale, None if init is None else init[None], tol, dtype, mass)
+    return v[0], reports[0]
+
+
+def register_batch(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: float = 4.0,
+                   power: float = 2.0, sigma: float = 0.05, iterations=(150, 75), scales=(2, 1), lr: float = 0.5,
+                   robust_scale: float | None = 0.5, init: torch.Tensor | None = None, tol: float = 1e-5,
+                   dtype: torch.dtype = torch.float64, mass: bool = False) -> tuple[torch.Tensor, list[dict]]:
+    """:func:`register` of ``B`` independent pairs at once: ``fixed``, ``moving`` ``[B, C, H, W]``, ``init``
+    ``[B, steps, 2, h, w]`` or None; returns ``v`` ``[B, steps, 2, H, W]`` and one report per pair.
+
+    Each pair has its own intensity scale, energy and stopping rule; the energies are summed only so that one
+    backward pass serves all (pair b's gradient depends on pair b alone, and Adam is element-wise), and a
+    pair that has converged is frozen while the others go on. So each pair gets what :func:`register` would
+    give it alone, while every tensor operation runs once per batch instead of once per pair: on a GPU, and
+    on a CPU for the small coarse grids where per-operation overhead dominates.
+    """
+    B = fixed.shape[0]
+    # intensities on a common [0, 1] scale per pair, so that sigma means the same for any density of cells
+    both = torch.cat([fixed.reshape(B, -1), moving.reshape(B, -1)], 1).double()
+    level = torch.quantile(both, 0.99, dim=1).clamp_min(1e-12).reshape(B, 1, 1, 1)
     fixed, moving = (fixed.double() / level).to(dtype), (moving.double() / level).to(dtype)
-    report = {"data_before": float(((moving - fixed) ** 2).mean()), "energy": [], "iterations": []}
+    before = ((moving - fixed) ** 2).mean(dim=(1, 2, 3))
+    reports = [{"data_before": float(before[b]), "energy": [], "iterations": []} for b in range(B)]
     u = None
     for f, n_iter in zip(scales, iterations):
         fx, mv = _pool(fixed, f), _pool(moving, f)
@@ -170,11 +201,13 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: f
             v0 = resize_velocity(init.to(device=fx.device, dtype=dtype), (H, W))
             u = torch.fft.irfft2(torch.fft.rfft2(v0) / K_hat, s=(H, W))
         else:
-            u = torch.zeros((steps, 2, H, W), dtype=dtype, device=fx.device)
+            u = torch.zeros((B, steps, 2, H, W), dtype=dtype, device=fx.device)
         u = u.detach().requires_grad_(True)
         opt = torch.optim.Adam([u], lr=lr)
         grid = _grid(H, W, fx.device, dtype)
-        history = []
+        history = torch.empty((n_iter, B), dtype=torch.float64)
+        active = torch.ones(B, dtype=torch.bool)
+        ran = torch.zeros(B, dtype=torch.long)
         for it in range(n_iter):
             opt.zero_grad()
             u_hat = torch.fft.rfft2(u)  # shared by v = K * u and the norm of v
@@ -183,20 +216,34 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: f
             r = warped - fx
             if robust_scale:  # Geman-McClure: residuals beyond ~robust_scale (tissue missing on one side) saturate
                 c2 = robust_scale**2
-                data = (r**2 / (r**2 + c2) * c2).sum()
+                data = (r**2 / (r**2 + c2) * c2).sum(dim=(1, 2, 3))
             else:
-                data = (r**2).sum()
-            reg = (u_hat.abs() ** 2 * K_hat).sum() / (H * W) / steps
+                data = (r**2).sum(dim=(1, 2, 3))
+            reg = (u_hat.abs() ** 2 * K_hat).sum(dim=(1, 2, 3, 4)) / (H * W) / steps
             energy = 0.5 * reg + 0.5 * data / sigma**2
-            energy.backward()
-            opt.step()
-            history.append(float(energy.detach()))
-            if it > 20 and abs(history[-11] - history[-1]) < tol * abs(history[-11]):
-                break
-        report["energy"].append(history[-1] if history else float("nan"))
-        report["iterations"].append(len(history))
+            energy.sum().backward()
+            if active.all():
+                opt.step()
+            else:  # a converged pair keeps its u (Adam's momentum would move it on)
+                kept = u.detach()[~active].clone()
+                opt.step()
+                with torch.no_grad():
+                    u[~active] = kept
+            history[it] = energy.detach().double().cpu()
+            ran += active
+            if it > 20:
+                settled = (history[it - 10] - history[it]).abs() < tol * history[it - 10].abs()
+                active &= ~settled
+                if not active.any():
+                    break
+        for b in range(B):
+            n = int(ran[b])
+            reports[b]["energy"].append(float(history[n - 1, b]) if n else float("nan"))
+            reports[b]["iterations"].append(n)
     with torch.no_grad():
         v = resize_velocity(smooth(u.detach(), K_hat), tuple(fixed.shape[-2:]))
         warped = deform(moving, integrate_inverse(v), mass)
-        report["data_after"] = float(((warped - fixed) ** 2).mean())
-    return v, report
+        after = ((warped - fixed) ** 2).mean(dim=(1, 2, 3))
+    for b in range(B):
+        reports[b]["data_after"] = float(after[b])
+    return v, reports

@@ -107,6 +107,8 @@ def test_export_round_trip(built, phantom_table, tmp_path, fmt):
     (lambda c: c["input"].update(units="inch"), "units='inch' is not one of um, mm, nm, px"),
     (lambda c: c.setdefault("stages", {}).setdefault("register", {}).update(channels="genes"),
      "'stages.register.channels' must be one of auto, types, pcs, types+pcs, density, got 'genes'"),
+    (lambda c: c.setdefault("stages", {}).setdefault("register", {}).update(batch=0),
+     "'stages.register.batch' (pairs / sections fitted as one batch) must be >= 1, got 0"),
 ])
 def test_config_errors_name_the_key(tmp_path, built, mutate, message, capsys):
     cfg = yaml.safe_load((built / "build.yaml").read_text())

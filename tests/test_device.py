@@ -5,7 +5,7 @@ import torch
 
 import lamina
 from lamina.cluster import task_device
-from lamina.stages.registration import DEFAULTS, register_pair
+from lamina.stages.registration import DEFAULTS, register_pair, register_pairs
 
 
 def test_task_device_honours_the_override_and_defaults_to_what_torch_sees(monkeypatch):
@@ -31,6 +31,23 @@ def test_register_pair_runs_on_the_device_it_is_given():
     fixed, moving = _blobs(), _blobs(shift=(3.0, -2.0), angle=6.0)
     row = register_pair(moving, fixed, DEFAULTS, device=torch.device("cpu"))
     assert row["ncc_after"] > 0.95 > row["ncc_before"]
+
+
+def test_pairs_registered_as_one_batch_get_what_each_gets_alone():
+    """``register_pairs`` (the batch a task runs) against ``register_pair`` one by one, with a blank section in
+    the batch: same transforms and QC numbers; the blank pair is flagged, not registered."""
+    fixed = _blobs()
+    pairs = [(_blobs(shift=(3.0, -2.0), angle=6.0), fixed), (np.zeros_like(fixed), fixed),
+             (_blobs(shift=(-4.0, 1.0), angle=-25.0), fixed)]
+    cpu = torch.device("cpu")
+    batch = register_pairs(pairs, DEFAULTS, seeds=[1, 2, 3], device=cpu)
+    for (moving, fixed_), seed, row in zip(pairs, [1, 2, 3], batch):
+        alone = register_pair(moving, fixed_, DEFAULTS, seed=seed, device=cpu)
+        np.testing.assert_allclose(row["transform"], alone["transform"], atol=1e-9)
+        assert (row["method"], row["flag"], row["n_inliers"]) == (alone["method"], alone["flag"], alone["n_inliers"])
+        np.testing.assert_allclose([row["ncc_after"], row["overlap"]], [alone["ncc_after"], alone["overlap"]])
+    assert batch[1]["method"] == "none" and "blank" in batch[1]["flag"]
+    assert batch[0]["ncc_after"] > 0.95 and batch[2]["ncc_after"] > 0.95
 
 
 @pytest.mark.gpu
@@ -60,3 +77,18 @@ def test_align_and_reconstruct_on_gpu_workers(tmp_path):
         assert np.isfinite(np.asarray(atlas.root["interpolated/x"][:1000])).all()
     finally:
         client.close()
+
+
+@pytest.mark.gpu
+def test_lddmm_batch_on_gpu_matches_cpu():
+    """One batched LDDMM of three sections on the GPU against the same batch on the CPU (float32)."""
+    from lamina.kernels import lddmm
+
+    fixed = torch.from_numpy(np.stack([_blobs(angle=a) for a in (0.0, 3.0, -3.0)]))
+    moving = torch.from_numpy(np.stack([_blobs(shift=s, angle=a) for s, a in [((2.0, 1.0), 1.0), ((0.0, -2.0), 4.0),
+                                                                              ((-1.5, 0.5), -2.0)]]))
+    kw = dict(steps=4, alpha=4.0, iterations=(60, 30), dtype=torch.float32, mass=True)
+    v_cpu, _ = lddmm.register_batch(fixed, moving, **kw)
+    v_gpu, _ = lddmm.register_batch(fixed.cuda(), moving.cuda(), **kw)
+    d_cpu, d_gpu = lddmm.integrate_inverse(v_cpu), lddmm.integrate_inverse(v_gpu).cpu()
+    assert float((d_cpu - d_gpu).abs().max()) < 0.05  # pixels

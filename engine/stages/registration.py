@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import zarr
 
-from ..cluster import compute, task_device
+from ..cluster import compute, even_batches, task_device
 from ..errors import InputError
 from ..kernels.consistency import chain, joint_affines
 from ..kernels.features import correspondences, loftr_correspondences
 from ..kernels.geometry import affine_matrix, apply_affine
-from ..kernels.image_align import refine_affine, rotation_search, warp_image
+from ..kernels.image_align import refine_affine_batch, rotation_search, warp_image
 from ..kernels.ransac import ransac
 from ..store import arrays
 from ..store.atlas import Atlas
@@ -38,7 +38,7 @@ from .runner import StageResult, run_stage, stage_options
 
 DEFAULTS = {"reference": None, "reflect": False, "rotation_step_deg": 4.0, "min_inliers": 8, "ransac_px": 2.5,
             "iterations": (120, 60, 25), "skip_pairs": True, "min_overlap": 0.5, "min_ncc": 0.3, "min_mass_ratio": 0.02,
-            "matcher": "sift", "matcher_weights": None}
+            "matcher": "sift", "matcher_weights": None, "batch": 4}
 MATCHERS = ("sift", "loftr")
 
 
@@ -59,21 +59,16 @@ def _ncc(a: torch.Tensor, b: torch.Tensor) -> float:
 def register_pair(moving: np.ndarray, fixed: np.ndarray, opts: dict, seed: int = 0, device=None) -> dict:
     """Affine ``moving -> fixed`` (pixel coordinates) of two ``[C, H, W]`` rasters plus QC numbers; the image
     work runs on ``device`` (default: :func:`lamina.cluster.task_device`)."""
-    torch.manual_seed(seed)
-    row = {"method": "none", "n_matches": 0, "n_inliers": 0, "loss": float("nan"), "ncc_before": 0.0,
-           "ncc_after": 0.0, "overlap": 0.0, "flag": "", "transform": np.eye(3)}
-    mass_m, mass_f = float(moving.sum()), float(fixed.sum())
-    if min(mass_m, mass_f) < max(5.0, opts["min_mass_ratio"] * max(mass_m, mass_f)):
-        row["flag"] = (f"blank or tiny section ({mass_m:.0f} vs {mass_f:.0f} cells on the canvas); not registered, "
-                       f"placed by its neighbours")
-        return row
-    dev = device or task_device()
-    m, f = _normalised(moving).to(dev), _normalised(fixed).to(dev)
-    row["ncc_before"] = _ncc(m, f)
+    return register_pairs([(moving, fixed)], opts, [seed], device)[0]
+
+
+def _candidates(m: torch.Tensor, f: torch.Tensor, opts: dict, seed: int, row: dict) -> list[tuple[str, np.ndarray]]:
+    """Starting transforms for the refinement: feature matches + RANSAC (when enough inliers), and the
+    rotation search, which needs no features. Fills the match counts (and a flag) of ``row``."""
     candidates = []
     try:
         if opts["matcher"] == "loftr":
-            src, dst = loftr_correspondences(f, m, load_loftr(opts["matcher_weights"], dev), reflect=opts["reflect"])
+            src, dst = loftr_correspondences(f, m, load_loftr(opts["matcher_weights"], f.device), reflect=opts["reflect"])
         else:
             src, dst = correspondences(f, m, reflect=opts["reflect"])
         row["n_matches"] = len(src)
@@ -84,18 +79,48 @@ def register_pair(moving: np.ndarray, fixed: np.ndarray, opts: dict, seed: int =
                 candidates.append(("features", T))
     except RuntimeError as exc:  # kornia fails on images with no scale-space extrema
         row["flag"] = f"feature extraction failed: {exc}"[:200]
-    rs = rotation_search(f, m, opts["rotation_step_deg"], opts["reflect"])
-    candidates.append(("rotation_search", rs["transform"]))
-    best = None
-    for name, T in candidates:
-        A, loss = refine_affine(f, m, T, iterations=tuple(opts["iterations"]))
-        if np.all(np.isfinite(A)) and (best is None or loss < best[2]):
-            best = (name, A, loss)
-    if best is None:
-        row["flag"] = "no finite transform"
-        return row
-    row["method"], row["transform"], row["loss"] = best
-    warped = warp_image(m[None], torch.from_numpy(best[1]).to(dev)[None])[0]
+    candidates.append(("rotation_search", rotation_search(f, m, opts["rotation_step_deg"], opts["reflect"])["transform"]))
+    return candidates
+
+
+def register_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], opts: dict, seeds: list[int], device=None) -> list[dict]:
+    """:func:`register_pair` for several ``(moving, fixed)`` pairs of one canvas size: features and the
+    rotation search pair by pair, then the gradient refinement of every pair's candidates as one batch
+    (:func:`refine_affine_batch`; each candidate gets what it would get alone)."""
+    dev = device or task_device()
+    rows, work = [], []
+    for i, ((moving, fixed), seed) in enumerate(zip(pairs, seeds)):
+        torch.manual_seed(seed)
+        row = {"method": "none", "n_matches": 0, "n_inliers": 0, "loss": float("nan"), "ncc_before": 0.0,
+               "ncc_after": 0.0, "overlap": 0.0, "flag": "", "transform": np.eye(3)}
+        rows.append(row)
+        mass_m, mass_f = float(moving.sum()), float(fixed.sum())
+        if min(mass_m, mass_f) < max(5.0, opts["min_mass_ratio"] * max(mass_m, mass_f)):
+            row["flag"] = (f"blank or tiny section ({mass_m:.0f} vs {mass_f:.0f} cells on the canvas); not "
+                           f"registered, placed by its neighbours")
+            continue
+        m, f = _normalised(moving).to(dev), _normalised(fixed).to(dev)
+        row["ncc_before"] = _ncc(m, f)
+        work.extend((i, m, f, name, T) for name, T in _candidates(m, f, opts, seed, row))
+    if not work:
+        return rows
+    found, losses = refine_affine_batch(torch.stack([w[2] for w in work]), torch.stack([w[1] for w in work]),
+                                        np.stack([w[4] for w in work]), iterations=tuple(opts["iterations"]))
+    best: dict[int, tuple] = {}
+    for (i, m, f, name, _), A, loss in zip(work, found, losses):
+        if np.all(np.isfinite(A)) and np.isfinite(loss) and (i not in best or loss < best[i][3]):
+            best[i] = (m, f, name, float(loss), A)
+    for i in {w[0] for w in work} - best.keys():
+        rows[i]["flag"] = "no finite transform"
+    for i, (m, f, name, loss, A) in best.items():
+        rows[i].update(method=name, transform=A, loss=loss)
+        _check(rows[i], m, f, A, opts)
+    return rows
+
+
+def _check(row: dict, m: torch.Tensor, f: torch.Tensor, A: np.ndarray, opts: dict) -> None:
+    """QC numbers and flags of a registered pair (``A``: moving -> fixed pixels)."""
+    warped = warp_image(m[None], torch.from_numpy(A).to(m.device)[None])[0]
     row["ncc_after"] = _ncc(warped, f)
     # both ways: moving mass landing on fixed tissue, and fixed mass covered by the warped moving tissue
     on_fixed = float(warped.sum(0)[f.sum(0) > 0.25].sum() / warped.sum().clamp_min(1e-12))
@@ -109,14 +134,16 @@ def register_pair(moving: np.ndarray, fixed: np.ndarray, opts: dict, seed: int =
     if row["ncc_after"] < opts["min_ncc"]:
         reasons.append(f"low correlation after alignment ({row['ncc_after']:.2f})")
     row["flag"] = "; ".join(reasons) if reasons else row["flag"]
-    return row
 
 
-def _pair_task(store: str, raster: str, k: int, j: int, opts: dict) -> dict:
+def _pairs_task(store: str, raster: str, pairs: list[tuple[int, int]], opts: dict) -> list[dict]:
     root = zarr.open_group(store, mode="r")
-    out = register_pair(np.asarray(root[raster][k]), np.asarray(root[raster][j]), opts, seed=k * 1000 + j)
-    out.update(moving=k, fixed=j)
-    return out
+    images = root[raster]
+    rows = register_pairs([(np.asarray(images[k]), np.asarray(images[j])) for k, j in pairs], opts,
+                          [k * 1000 + j for k, j in pairs])
+    for row, (k, j) in zip(rows, pairs):
+        row.update(moving=k, fixed=j)
+    return rows
 
 
 def plan_pairs(n: int, reference: int, skip: bool) -> list[tuple[int, int]]:
@@ -185,9 +212,12 @@ def register(atlas: Atlas, client=None, force: bool = False, **options) -> Stage
     mirrored sections), ``rotation_step_deg``,
     ``min_inliers``, ``ransac_px``, ``iterations`` (Adam steps per scale), ``skip_pairs`` (also register
     k with k+-2 for the joint solve), ``min_overlap`` / ``min_ncc`` (QC flag thresholds), ``matcher``
-    (``sift``, or ``loftr`` with ``matcher_weights``: a local weights file every worker can read).
+    (``sift``, or ``loftr`` with ``matcher_weights``: a local weights file every worker can read), ``batch``
+    (pairs per task, their gradient refinements run as one batch; see ``refine``).
     """
     opts = stage_options("register", DEFAULTS, options)
+    if int(opts["batch"]) < 1:
+        raise InputError(f"register: batch must be >= 1, got {opts['batch']}")
     atlas.writable()
     _check_matcher(opts)
     ids = [str(i) for i in atlas.sections.id]
@@ -203,8 +233,9 @@ def register(atlas: Atlas, client=None, force: bool = False, **options) -> Stage
         P = pixel_to_um(raster)
         Pinv = np.linalg.inv(P)
         pairs = plan_pairs(S, ref, opts["skip_pairs"])
-        tasks = [dask.delayed(_pair_task, pure=False)(atlas.path, "raster/cells", k, j, opts) for k, j in pairs]
-        rows = list(compute(*tasks, client=client)) if tasks else []
+        tasks = [dask.delayed(_pairs_task, pure=False)(atlas.path, "raster/cells", batch, opts)
+                 for batch in even_batches(pairs, opts["batch"])]
+        rows = [row for done in compute(*tasks, client=client) for row in done]
         for r in rows:
             r["affine_um"] = P @ r["transform"] @ Pinv
         step = {r["moving"]: r["affine_um"] for r in rows[: S - 1]}

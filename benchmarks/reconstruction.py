@@ -146,7 +146,8 @@ def main(argv=None) -> int:
              f"{info['cells']:,} cells, {args.sections} sections, {info['genes']} genes, {info['pcs']} PCs; "
              f"{info['interpolated']:,} interpolated (weighted) cells at dz = {args.dz:g} um; voxel grid "
              f"{X}x{Y}x{Z} (x, y, z) at {args.dz:g} um; expression volume {info['expression_gb']:.2f} GB as float32. "
-             f"Flow loss {info['first_loss']:.4f} -> {info['final_loss']:.4f}.",
+             f"Flow loss (mean over the first -> the last tenth of the steps) {info['first_loss']:.4f} -> "
+             f"{info['final_loss']:.4f}.",
              "",
              "| step | seconds |", "|---|---|"]
     lines += [f"| {s} | {t[s]:.1f} |" for s in steps if s in t]

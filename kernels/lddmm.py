@@ -15,6 +15,7 @@ Plain resampling would let the flow explain density differences by moving tissue
 optimise ``u`` with ``v = K * u`` (a preconditioned, Beg-style Sobolev gradient) by Adam, coarse to fine.
 
 Units: pixels of the grid the images are given on; displacements are returned in pixels.
+:func:`register_batch` fits several independent pairs at once (a leading batch dimension on every field).
 """
 from __future__ import annotations
 

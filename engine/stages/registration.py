@@ -2,11 +2,12 @@
 
 Data flow::
 
-    /raster/cells --(one task per pair: k with its neighbour towards the reference, and k with the next one)-->
+    /raster/cells --(a task per batch of pairs: k with its neighbour towards the reference, k with the next one)-->
         feature matches (kornia SIFT + mutual NN + ratio,  -> RANSAC similarity    } candidates, each refined
           or LoFTR with local weights)
         rotation search by FFT cross-correlation (needs no features)                } by Adam on the image loss;
                                                                                       the lower loss wins
+                                                                                      (one batched fit per task)
     pair estimates --(joint least squares, reference = middle section or the one named)--> section affines
         -> /transforms
 

@@ -225,8 +225,8 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
             affine_batches = even_batches([int(k) for k in np.flatnonzero(moving)], opts["batch"])
             for _ in range(affine_rounds):
                 compute(dask.delayed(_sum_task, pure=False)(store, g, usable), client=client)
-                tasks = [dask.delayed(_affine_task, pure=False)(store, g, ks, B[ks], int(usable.sum()), (2 * f_aff, f_aff),
-                                                                tuple(opts["affine_iterations"]))
+                tasks = [dask.delayed(_affine_task, pure=False)(store, g, ks, B[ks], int(usable.sum()),
+                                                                (2 * f_aff, f_aff), tuple(opts["affine_iterations"]))
                          for ks in affine_batches]
                 step = consensus_step(1.0 / usable.sum(), template_moves=affine_template_moves)
                 for ks, (found, losses) in zip(affine_batches, compute(*tasks, client=client)):

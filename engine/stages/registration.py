@@ -69,7 +69,8 @@ def _candidates(m: torch.Tensor, f: torch.Tensor, opts: dict, seed: int, row: di
     candidates = []
     try:
         if opts["matcher"] == "loftr":
-            src, dst = loftr_correspondences(f, m, load_loftr(opts["matcher_weights"], f.device), reflect=opts["reflect"])
+            model = load_loftr(opts["matcher_weights"], f.device)
+            src, dst = loftr_correspondences(f, m, model, reflect=opts["reflect"])
         else:
             src, dst = correspondences(f, m, reflect=opts["reflect"])
         row["n_matches"] = len(src)
@@ -80,7 +81,8 @@ def _candidates(m: torch.Tensor, f: torch.Tensor, opts: dict, seed: int, row: di
                 candidates.append(("features", T))
     except RuntimeError as exc:  # kornia fails on images with no scale-space extrema
         row["flag"] = f"feature extraction failed: {exc}"[:200]
-    candidates.append(("rotation_search", rotation_search(f, m, opts["rotation_step_deg"], opts["reflect"])["transform"]))
+    search = rotation_search(f, m, opts["rotation_step_deg"], opts["reflect"])
+    candidates.append(("rotation_search", search["transform"]))
     return candidates
 
 

@@ -144,9 +144,11 @@ def refine_affine_batch(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndar
             opt.zero_grad()
             loss = ((warp_image(mv, _perturbed(A_s, D, t, c), fx.shape[-2:]) - fx) ** 2).mean(dim=(1, 2, 3))
             loss.sum().backward()
-            kept = (D.detach()[~active].clone(), t.detach()[~active].clone())
-            opt.step()
-            if not active.all():  # a converged pair keeps its parameters (Adam's momentum would move them on)
+            if active.all():
+                opt.step()
+            else:  # a converged pair keeps its parameters (Adam's momentum would move them on)
+                kept = (D.detach()[~active].clone(), t.detach()[~active].clone())
+                opt.step()
                 with torch.no_grad():
                     D[~active], t[~active] = kept
             value = loss.detach().cpu()

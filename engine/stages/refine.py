@@ -64,10 +64,13 @@ def _canvas_task(store: str, g: str, k: int, M: np.ndarray) -> float:
 
 
 def _weighted_sum(arr, weights: np.ndarray) -> np.ndarray:
-    """``sum_j weights[j] * arr[j]`` in float64, reading only the sections with a non-zero weight."""
-    out = np.zeros(arr.shape[1:], np.float64)
-    for j in np.flatnonzero(weights):
-        out += weights[j] * np.asarray(arr[int(j)], np.float64)
+    """``sum_j weights[..., j] * arr[j]`` in float64: one sum for weights ``[S]``, ``n`` sums for ``[n, S]``
+    (the templates of a batch). Each section with a non-zero weight in any row is read once."""
+    w = np.asarray(weights, np.float64)
+    out = np.zeros(w.shape[:-1] + arr.shape[1:], np.float64)
+    expand = w.shape[:-1] + (1,) * (len(arr.shape) - 1)
+    for j in np.flatnonzero((w.reshape(-1, w.shape[-1]) != 0).any(0)):
+        out += w[..., j].reshape(expand) * np.asarray(arr[int(j)], np.float64)
     return out
 
 
@@ -98,6 +101,7 @@ def _apply_affine_task(store: str, g: str, k: int, B: np.ndarray) -> int:
 
 
 def _template(root, g: str, weights: np.ndarray) -> torch.Tensor:
+    """Template(s) of the current images: ``[C, H, W]`` for weights ``[S]``, ``[n, C, H, W]`` for ``[n, S]``."""
     return torch.from_numpy(_weighted_sum(root[f"{g}/current"], weights)).float()
 
 
@@ -107,7 +111,7 @@ def _lddmm_task(store: str, g: str, ks: list[int], weights: np.ndarray, steps: l
     (:func:`lddmm.register_batch`: each section gets what it would get alone, every operation runs once)."""
     root = _open(store)
     dev = task_device()
-    templates = torch.stack([_template(root, g, w) for w in weights]).to(dev)
+    templates = _template(root, g, weights).to(dev)
     canvases = torch.from_numpy(np.stack([np.asarray(root[f"{g}/canvas"][k], np.float32) for k in ks])).to(dev)
     f = opts["pool"]
     init = torch.from_numpy(np.stack([np.asarray(root[f"{g}/velocity"][k]) for k in ks])).to(dev) if warm else None

@@ -142,7 +142,8 @@ def measured(fn, *args, interval: float = 0.02, **kwargs):
 
 # ---------------------------------------------------------------------------------------------- lamina
 def run_lamina(pair: Pair, work: Path, client) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Both sections through ``lamina.ingest`` + ``lamina.align`` (A held as the reference, else defaults)."""
+    """Both sections through ``lamina.ingest`` + ``lamina.align`` (A held as the reference, else defaults);
+    the info holds the seconds of each step (``step_ingest``, ``step_register``, ...)."""
     import pandas as pd
 
     import lamina
@@ -162,12 +163,13 @@ def run_lamina(pair: Pair, work: Path, client) -> tuple[np.ndarray, np.ndarray, 
     src = work / f"{_slug(pair.name)}.csv"
     table.to_csv(src, index=False)
     # counts get ingest's usual normalisation: log1p of counts per 10k
+    t = time.perf_counter()
     atlas = lamina.ingest(src, work / f"{_slug(pair.name)}.lamina.zarr", section="section", section_order=["A", "B"],
                           cell_type="cell_type" if typed else None, genes=genes,
                           normalize="log1p" if genes and pair.counts else "none", overwrite=True, client=client)
-    lamina.align(atlas, client, reference="A")
+    steps = {"ingest": time.perf_counter() - t, **lamina.align(atlas, client, reference="A")}
     xy = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1).astype(np.float64)
-    return xy[:n_a], xy[n_a:], {}
+    return xy[:n_a], xy[n_a:], {f"step_{k}": v for k, v in steps.items()}
 
 
 def _slug(name: str) -> str:

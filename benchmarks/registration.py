@@ -105,9 +105,22 @@ def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str
 
     rec = atlas.stage_records()["register"]
     n_refined = int(np.sum(atlas.root["deformation/sections/refined"][...]))
+    refined = _aligned(atlas)
+    slopes, detrended = drift_trend(refined, truth, sec, n_sections)
+    nonlinear = np.empty(len(raw))
+    for k in range(n_sections):
+        m = sec == k
+        A = fit_affine(refined[m], truth[m])
+        nonlinear[m] = np.linalg.norm(refined[m] @ A[:2, :2].T + A[:2, 2] - truth[m], axis=1)
     # the same stack with expression channels next to the types (pca first; every stage after it re-runs)
     lamina.align(atlas, client, channels="types+pcs")
     both = rigid_residuals(_aligned(atlas), truth)
+    # the same phantom with a tube that stays put: what the one structure moving through the stack costs
+    still = lamina.datasets.phantom(n_cells=n_cells, n_sections=n_sections, n_genes=8, seed=0, tube_travel_um=0.0)
+    still_atlas = lamina.ingest(still, work / "phantom_still.lamina.zarr", client=client)
+    lamina.align(still_atlas, client)
+    still_err = rigid_residuals(_aligned(still_atlas), np.concatenate(
+        [xyz for s in range(n_sections) for _, xyz in still.section_chunks(s)])[:, :2])
     text = (f"### Phantom, {n_sections} sections, {n_cells:,} cells (default perturbations: rotation up to 180 deg, "
             f"translation up to 1 mm, scale +-10%, 3 warp modes of 30 um)\n\n"
             "| method | median error (um) | p95 (um) | first/last section vs middle (median) |\n|---|---|---|---|\n"
@@ -120,13 +133,60 @@ def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str
             f"| oracle per-section affine (fitted with the truth) | {np.median(oracle):.1f} | "
             f"{np.percentile(oracle, 95):.1f} | - |\n"
             f"| gauge bound: exact per-section warps, mean deformation set to zero | {np.median(bound):.1f} | "
-            f"{np.percentile(bound, 95):.1f} | - |\n\n"
+            f"{np.percentile(bound, 95):.1f} | - |\n"
+            f"| lamina refined, the same phantom with a tube that stays put (`tube_travel_um=0`) | "
+            f"{np.median(still_err):.1f} | {np.percentile(still_err, 95):.1f} | {drift(still_err):.2f}x |\n\n"
+            "Where the refined error comes from (the refined positions above, parts removed with the truth):\n\n"
+            "| removed | median (um) | p95 (um) |\n|---|---|---|\n"
+            f"| nothing | {np.median(err):.1f} | {np.percentile(err, 95):.1f} |\n"
+            f"| a linear trend along z of the sections' rigid offsets (drift per section: x {slopes[1]:+.2f} um, "
+            f"y {slopes[2]:+.2f} um, {slopes[0]:+.3f} deg) | {np.median(detrended):.1f} | "
+            f"{np.percentile(detrended, 95):.1f} |\n"
+            f"| one affine per section (what is left is non-linear) | {np.median(nonlinear):.1f} | "
+            f"{np.percentile(nonlinear, 95):.1f} |\n\n"
             f"Time per step (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
             + f"; {rec['n_pairs']} pairs registered ({rec['n_pairs'] and times['register'] / rec['n_pairs']:.2f} s "
               f"per pair), {n_refined} sections refined ({times['refine'] / max(n_refined, 1):.2f} s per section), "
               f"on 2 workers.\n")
     return text, {"median": float(np.median(err)), "affine": float(np.median(affine_err)),
-                  "oracle": float(np.median(oracle)), "bound": float(np.median(bound))}
+                  "oracle": float(np.median(oracle)), "bound": float(np.median(bound)),
+                  "detrended": float(np.median(detrended)), "nonlinear": float(np.median(nonlinear)),
+                  "still": float(np.median(still_err))}
+
+
+def drift_trend(points: np.ndarray, truth: np.ndarray, sec: np.ndarray, n_sections: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Drift along z: after the one global rigid transform, each section's own rigid offset from the truth
+    (rotation about the tissue centre, translation), and a straight line through those offsets over the
+    section index. Returns the line's slopes ``[deg, um x, um y]`` per section and the per-point error left
+    when each section is moved by the line's value at its index (its jitter around the line is kept)."""
+    from lamina.kernels.ransac import fit_similarity
+
+    T = fit_similarity(points, truth)
+    R = T[:2, :2] / np.sqrt(abs(np.linalg.det(T[:2, :2])))
+    c = truth.mean(0)
+    P = (points - points.mean(0)) @ R.T + c
+    offsets = np.full((n_sections, 3), np.nan)
+    for k in range(n_sections):
+        m = sec == k
+        if m.sum() < 3:
+            continue
+        Tk = fit_similarity(P[m], truth[m])
+        Rk = Tk[:2, :2] / np.sqrt(abs(np.linalg.det(Tk[:2, :2])))
+        # the rigid map about the centre: x -> Rk (x - c) + c + t
+        t = truth[m].mean(0) - (Rk @ (P[m].mean(0) - c) + c)
+        offsets[k] = np.arctan2(Rk[1, 0], Rk[0, 0]), *t
+    z = np.arange(n_sections, dtype=np.float64)
+    ok = np.isfinite(offsets[:, 0])
+    fits = [np.polyfit(z[ok], offsets[ok, j], 1) for j in range(3)]
+    out = P.copy()
+    for k in range(n_sections):
+        m = sec == k
+        th, tx, ty = (np.polyval(f, k) for f in fits)
+        Rk = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+        out[m] = (P[m] - c) @ Rk.T + c + (tx, ty)
+    slopes = np.array([np.degrees(fits[0][0]), fits[1][0], fits[2][0]])
+    return slopes, np.linalg.norm(out - truth, axis=1)
 
 
 def merfish_rows(work: Path, client) -> str:
@@ -354,6 +414,11 @@ def peer_tables(rows: list) -> str:
         cost = d[d.method.isin(tools)].groupby("method").agg(seconds=("seconds", "median"), peak=("peak_mib", "max"))
         out.append("Per pair: " + "; ".join(f"{m} median {cost.seconds[m]:.2f} s, peak +{cost.peak[m]:.0f} MiB"
                                             for m in tools if m in cost.index) + ".\n")
+        steps = [c for c in d.columns if c.startswith("step_")]
+        mine = d[d.method == "lamina"][steps].dropna(axis=1, how="all")
+        if not mine.empty:
+            out.append("lamina's steps, median s per pair: " + ", ".join(
+                f"{c[5:]} {mine[c].median():.2f}" for c in mine.columns) + ".\n")
         for _, r in (d[d.failed.notna()] if "failed" in d else d.iloc[:0]).iterrows():
             out.append(f"{r.method} failed on {r.pair}: {r.failed}\n")
     return "\n".join(out)

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import lamina
@@ -41,6 +42,12 @@ def test_registration_benchmark_smoke():
     refined = float(rows["**lamina refined** (group-wise affine + LDDMM)"][2].strip(" *"))
     bound = float(rows["gauge bound: exact per-section warps, mean deformation set to zero"][2])
     assert 1.0 < bound < refined < affine < 80.0, (bound, refined, affine)  # um
+    parts = {line.split("|")[1].strip().split(" (")[0]: float(line.split("|")[2]) for line in proc.stdout.splitlines()
+             if line.startswith("| nothing") or line.startswith("| a linear trend") or line.startswith("| one affine")}
+    assert parts["one affine per section"] <= parts["nothing"] == refined, parts
+    assert parts["a linear trend along z of the sections' rigid offsets"] <= parts["nothing"] + 1.0, parts
+    still = [line for line in proc.stdout.splitlines() if "tube that stays put" in line][0].split("|")
+    assert 0.0 < float(still[2]) < affine
     # the peer comparison: the same phantom pair through every tool, scored by the same code
     peers = {line.split("|")[1].strip(): line.split("|") for line in proc.stdout.split("#### phantom: median")[1]
              .split("####")[0].splitlines() if line.startswith("| S000")}
@@ -49,6 +56,34 @@ def test_registration_benchmark_smoke():
     unaligned, centroid, lamina, paste, stalign = row
     assert lamina < 0.3 * centroid and paste < 0.5 * centroid and stalign < unaligned
     assert "**Targets**" in proc.stdout and "PASTE's own score" in proc.stdout
+    steps = proc.stdout.split("lamina's steps, median s per pair: ")[1].splitlines()[0]
+    assert steps.startswith("ingest ") and " register " in steps and " refine " in steps, steps
+
+
+def test_drift_trend_recovers_a_linear_twist_and_shift_along_z():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from registration import drift_trend
+
+    rng = np.random.default_rng(3)
+    S, n = 9, 400
+    truth = rng.uniform(0, 1000, (S * n, 2))
+    sec = np.repeat(np.arange(S), n)
+    c = truth.mean(0)
+    points = truth.copy()
+    jitter = rng.normal(0, 4.0, (S, 2))  # um, per section: kept by the detrending
+    for k in range(S):
+        th = np.radians(0.3 * (k - 4))
+        R = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+        m = sec == k
+        points[m] = (truth[m] - c) @ R.T + c + np.array([2.5, -1.0]) * (k - 4) + jitter[k]
+    slopes, left = drift_trend(points, truth, sec, S)
+    # points carry the drift (and the jitter's own small trend), so the truth is reached by the opposite slopes
+    z = np.arange(S)
+    expect = [-0.3, -2.5 - np.polyfit(z, jitter[:, 0], 1)[0], 1.0 - np.polyfit(z, jitter[:, 1], 1)[0]]
+    np.testing.assert_allclose(slopes, expect, atol=0.05)
+    # what is left is the jitter around its own straight line
+    around = jitter - np.stack([np.polyval(np.polyfit(z, jitter[:, j], 1), z) for j in range(2)], 1)
+    np.testing.assert_allclose(np.median(left), np.median(np.linalg.norm(around, axis=1)), rtol=0.1)
 
 
 def test_scaling_benchmark_smoke(tmp_path):

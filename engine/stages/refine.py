@@ -172,9 +172,9 @@ def refine(atlas: Atlas, client=None, force: bool = False, **options) -> StageRe
     across), ``lddmm_iterations`` / ``affine_iterations`` (Adam steps per scale), ``time_steps``,
     ``mass_preserving`` (rasters are carried as densities, with the Jacobian; see ``kernels.lddmm``),
     ``batch`` (sections per affine or LDDMM task, fitted as one batch: each gets what it would get alone, but
-    every tensor operation runs once per batch; on this 2-core CPU batches of 4 made refine 2x faster, on a GPU
-    larger batches (16-32) fill the device. The split depends only on ``batch``, so results do not depend on
-    the number of workers).
+    every tensor operation runs once per batch; on this 2-core CPU batches of 4 made refine 1.3-1.7x faster,
+    on a GPU larger batches (16-32) should fill the device. The split depends only on ``batch``, so results
+    do not depend on the number of workers).
     A reference held by ``register`` (``reference=``) is never moved.
     """
     opts = stage_options("refine", DEFAULTS, options)

@@ -82,9 +82,10 @@ def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str
     times = lamina.align(atlas, client, fine=False)
     affine_err = rigid_residuals(_aligned(atlas), truth := np.concatenate(
         [xyz for s in range(n_sections) for _, xyz in ph.section_chunks(s)])[:, :2])
-    times.update({k: v for k, v in lamina.align(atlas, client).items() if k in ("refine", "warp")})
     obs = atlas.obs(columns=["x", "y", "section"])
     sec = obs.section.cat.codes.to_numpy()
+    affine_slopes = drift_trend(_aligned(atlas), truth, sec, n_sections)[0]
+    times.update({k: v for k, v in lamina.align(atlas, client).items() if k in ("refine", "warp")})
     err = rigid_residuals(_aligned(atlas), truth)
     raw = obs[["x", "y"]].to_numpy(np.float64)
     oracle = np.empty(len(raw))
@@ -144,6 +145,8 @@ def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str
             f"{np.percentile(detrended, 95):.1f} |\n"
             f"| one affine per section (what is left is non-linear) | {np.median(nonlinear):.1f} | "
             f"{np.percentile(nonlinear, 95):.1f} |\n\n"
+            f"The same line through the affine stage's positions: x {affine_slopes[1]:+.2f} um, "
+            f"y {affine_slopes[2]:+.2f} um, {affine_slopes[0]:+.3f} deg per section.\n\n"
             f"Time per step (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
             + f"; {rec['n_pairs']} pairs registered ({rec['n_pairs'] and times['register'] / rec['n_pairs']:.2f} s "
               f"per pair), {n_refined} sections refined ({times['refine'] / max(n_refined, 1):.2f} s per section), "
@@ -414,7 +417,9 @@ def peer_tables(rows: list) -> str:
         cost = d[d.method.isin(tools)].groupby("method").agg(seconds=("seconds", "median"), peak=("peak_mib", "max"))
         out.append("Per pair: " + "; ".join(f"{m} median {cost.seconds[m]:.2f} s, peak +{cost.peak[m]:.0f} MiB"
                                             for m in tools if m in cost.index) + ".\n")
-        steps = [c for c in d.columns if c.startswith("step_")]
+        order = ["ingest", "section_stats", "pca", "rasterize", "register", "refine", "warp"]  # as they run
+        steps = sorted((c for c in d.columns if c.startswith("step_")),
+                       key=lambda c: order.index(c[5:]) if c[5:] in order else len(order))
         mine = d[d.method == "lamina"][steps].dropna(axis=1, how="all")
         if not mine.empty:
             out.append("lamina's steps, median s per pair: " + ", ".join(

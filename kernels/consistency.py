@@ -27,7 +27,8 @@ def joint_affines(n: int, reference: int, pairs: list[tuple[int, int, np.ndarray
     frame, at ``A_kj P_k``; consistency asks ``G_k p = G_j A_kj p``. We minimise
     ``sum_pairs w sum_p |G_k p - G_j A_kj p|^2 + prior_weight sum_k |theta_k - theta(prior_k)|^2 * m``, a linear
     least-squares problem in the 6 affine parameters of every section (normal equations, ``6n x 6n``).
-    Pairs of non-adjacent sections pull chained errors back, which removes drift along z.
+    Pairs of non-adjacent sections pull independent pair errors back, so they do not add up along z; a bias
+    that every pair shares (a structure moving steadily through the stack) is shared by them too and stays.
     """
     dim = 6 * n
     N = np.zeros((dim, dim))

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.fft import next_fast_len
 
 from .geometry import affine_matrix
 
@@ -36,7 +37,8 @@ def warp_image(moving: torch.Tensor, A: torch.Tensor, shape: tuple[int, int] | N
 def _search(fixed: torch.Tensor, moving: torch.Tensor, options: list, batch: int) -> dict:
     C, H, W = fixed.shape
     ctr = ((W - 1) / 2.0, (H - 1) / 2.0)
-    ph, pw = 2 * H, 2 * W
+    # at least twice the image (no wrap-around), rounded up to a length FFTs are fast at (122 = 2 x 61 is not)
+    ph, pw = next_fast_len(2 * H, real=True), next_fast_len(2 * W, real=True)
     Ff = torch.fft.rfft2(fixed.double(), s=(ph, pw))
     fnorm = torch.linalg.vector_norm(fixed.double())
     best = {"score": -1.0}
@@ -45,7 +47,8 @@ def _search(fixed: torch.Tensor, moving: torch.Tensor, options: list, batch: int
         A = torch.tensor(np.stack([affine_matrix(math.radians(a), 1.0, (0.0, 0.0), ctr, r) for a, r in opts]),
                          dtype=torch.float64, device=fixed.device)
         rot = warp_image(moving[None].double().expand(len(opts), -1, -1, -1), A)
-        corr = torch.fft.irfft2(Ff[None] * torch.conj(torch.fft.rfft2(rot, s=(ph, pw))), s=(ph, pw)).sum(1)
+        # the inverse transform is linear: summing the channels' spectra first takes one inverse per angle
+        corr = torch.fft.irfft2((Ff[None] * torch.conj(torch.fft.rfft2(rot, s=(ph, pw)))).sum(1), s=(ph, pw))
         norm = fnorm * torch.linalg.vector_norm(rot.reshape(len(opts), -1), dim=1)
         peak, where = corr.reshape(len(opts), -1).max(1)
         score = (peak / norm.clamp_min(1e-12)).cpu().numpy()
@@ -65,7 +68,7 @@ def rotation_search(fixed: torch.Tensor, moving: torch.Tensor, step_deg: float =
 
     For every angle ``theta`` in ``[0, 360)`` (step ``step_deg``, then 1-degree steps around the best) the
     moving image is rotated about its centre and correlated with the fixed image over all translations at
-    once: ``corr(s) = sum_c IFFT(FFT(f_c) conj(FFT(m_c)))(s)`` (zero-padded: no wrap-around). Runs on images
+    once: ``corr(s) = IFFT(sum_c FFT(f_c) conj(FFT(m_c)))(s)`` (zero-padded: no wrap-around). Runs on images
     average-pooled to at most ``max_side`` pixels (the refinement that follows recovers the detail).
     Returns ``transform`` (moving -> fixed pixels at full resolution), ``angle_deg``, ``reflect`` and
     ``score`` (normalised correlation peak in [0, 1]).

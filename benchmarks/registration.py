@@ -77,22 +77,31 @@ def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str
     from lamina.kernels.geometry import fourier_displacement
     from lamina.kernels.ransac import fit_affine, rigid_residuals
 
+    def true_xy(phantom):
+        return np.concatenate([xyz for s in range(n_sections) for _, xyz in phantom.section_chunks(s)])[:, :2]
+
+    def affine_residuals(points):
+        # what is left after one affine per section, fitted with the truth
+        out = np.empty(len(points))
+        for k in range(n_sections):
+            m = sec == k
+            A = fit_affine(points[m], truth[m])
+            out[m] = np.linalg.norm(points[m] @ A[:2, :2].T + A[:2, 2] - truth[m], axis=1)
+        return out
+
     ph = lamina.datasets.phantom(n_cells=n_cells, n_sections=n_sections, n_genes=8, seed=0)
     atlas = lamina.ingest(ph, work / "phantom.lamina.zarr", client=client)
     times = lamina.align(atlas, client, fine=False)
-    affine_err = rigid_residuals(_aligned(atlas), truth := np.concatenate(
-        [xyz for s in range(n_sections) for _, xyz in ph.section_chunks(s)])[:, :2])
+    truth = true_xy(ph)
     obs = atlas.obs(columns=["x", "y", "section"])
     sec = obs.section.cat.codes.to_numpy()
-    affine_slopes = drift_trend(_aligned(atlas), truth, sec, n_sections)[0]
+    affine_xy = _aligned(atlas)
+    affine_err = rigid_residuals(affine_xy, truth)
+    affine_slopes = drift_trend(affine_xy, truth, sec, n_sections)[0]
     times.update({k: v for k, v in lamina.align(atlas, client).items() if k in ("refine", "warp")})
-    err = rigid_residuals(_aligned(atlas), truth)
-    raw = obs[["x", "y"]].to_numpy(np.float64)
-    oracle = np.empty(len(raw))
-    for k in range(n_sections):
-        m = sec == k
-        A = fit_affine(raw[m], truth[m])
-        oracle[m] = np.linalg.norm(raw[m] @ A[:2, :2].T + A[:2, 2] - truth[m], axis=1)
+    refined = _aligned(atlas)
+    err = rigid_residuals(refined, truth)
+    oracle = affine_residuals(obs[["x", "y"]].to_numpy(np.float64))
     # the gauge bound: even perfect pairwise knowledge cannot see a deformation shared by all sections; an
     # estimator that sets the mean deformation to zero is off by the mean of the sections' warps
     sub = truth[::max(1, len(truth) // 50_000)]
@@ -106,13 +115,8 @@ def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str
 
     rec = atlas.stage_records()["register"]
     n_refined = int(np.sum(atlas.root["deformation/sections/refined"][...]))
-    refined = _aligned(atlas)
     slopes, detrended = drift_trend(refined, truth, sec, n_sections)
-    nonlinear = np.empty(len(raw))
-    for k in range(n_sections):
-        m = sec == k
-        A = fit_affine(refined[m], truth[m])
-        nonlinear[m] = np.linalg.norm(refined[m] @ A[:2, :2].T + A[:2, 2] - truth[m], axis=1)
+    nonlinear = affine_residuals(refined)
     # the same stack with expression channels next to the types (pca first; every stage after it re-runs)
     lamina.align(atlas, client, channels="types+pcs")
     both = rigid_residuals(_aligned(atlas), truth)
@@ -120,8 +124,7 @@ def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str
     still = lamina.datasets.phantom(n_cells=n_cells, n_sections=n_sections, n_genes=8, seed=0, tube_travel_um=0.0)
     still_atlas = lamina.ingest(still, work / "phantom_still.lamina.zarr", client=client)
     lamina.align(still_atlas, client)
-    still_err = rigid_residuals(_aligned(still_atlas), np.concatenate(
-        [xyz for s in range(n_sections) for _, xyz in still.section_chunks(s)])[:, :2])
+    still_err = rigid_residuals(_aligned(still_atlas), true_xy(still))
     text = (f"### Phantom, {n_sections} sections, {n_cells:,} cells (default perturbations: rotation up to 180 deg, "
             f"translation up to 1 mm, scale +-10%, 3 warp modes of 30 um)\n\n"
             "| method | median error (um) | p95 (um) | first/last section vs middle (median) |\n|---|---|---|---|\n"
@@ -163,12 +166,10 @@ def drift_trend(points: np.ndarray, truth: np.ndarray, sec: np.ndarray, n_sectio
     (rotation about the tissue centre, translation), and a straight line through those offsets over the
     section index. Returns the line's slopes ``[deg, um x, um y]`` per section and the per-point error left
     when each section is moved by the line's value at its index (its jitter around the line is kept)."""
-    from lamina.kernels.ransac import fit_similarity
+    from lamina.kernels.ransac import fit_similarity, rigid_align
 
-    T = fit_similarity(points, truth)
-    R = T[:2, :2] / np.sqrt(abs(np.linalg.det(T[:2, :2])))
     c = truth.mean(0)
-    P = (points - points.mean(0)) @ R.T + c
+    P = rigid_align(points, truth)
     offsets = np.full((n_sections, 3), np.nan)
     for k in range(n_sections):
         m = sec == k

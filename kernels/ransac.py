@@ -109,9 +109,15 @@ def ransac(src: np.ndarray, dst: np.ndarray, threshold: float, model: str = "sim
     return best, inliers(best)
 
 
-def rigid_residuals(points: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per-point distance ``[n]`` between ``points`` and ``truth`` ``[n, 2]`` after removing the one rigid
-    transform (rotation + translation, least squares, scale not removed) that best maps points onto truth."""
+def rigid_align(points: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """``points`` ``[n, 2]`` moved by the one rigid transform (rotation + translation, least squares, scale
+    not removed) that best maps them onto ``truth`` ``[n, 2]``: rotated as the similarity fit says, centroids
+    matched."""
     T = fit_similarity(points, truth)
     R = T[:2, :2] / np.sqrt(abs(np.linalg.det(T[:2, :2])))
-    return np.linalg.norm((points - points.mean(0)) @ R.T + truth.mean(0) - truth, axis=1)
+    return (points - points.mean(0)) @ R.T + truth.mean(0)
+
+
+def rigid_residuals(points: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-point distance ``[n]`` between ``points`` and ``truth`` ``[n, 2]`` after :func:`rigid_align`."""
+    return np.linalg.norm(rigid_align(points, truth) - truth, axis=1)

@@ -6,7 +6,7 @@ import torch
 import lamina
 from lamina.kernels import groupwise
 from lamina.kernels.geometry import affine_matrix
-from lamina.kernels.ransac import fit_similarity, rigid_residuals
+from lamina.kernels.ransac import fit_similarity, rigid_align, rigid_residuals
 from lamina.stages import refine, warp
 
 
@@ -81,10 +81,7 @@ def _tube_path(ph, atlas, truth):
     and true, ``[S, 2]`` um each."""
     obs = atlas.obs(columns=["section", "cell_type"])
     sec, tube = obs.section.cat.codes.to_numpy(), (obs.cell_type == "tube").to_numpy()
-    xy = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1).astype(np.float64)
-    T = fit_similarity(xy, truth)
-    R = T[:2, :2] / np.sqrt(abs(np.linalg.det(T[:2, :2])))
-    xy = (xy - xy.mean(0)) @ R.T + truth.mean(0)
+    xy = rigid_align(np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1).astype(np.float64), truth)
     S = atlas.n_sections
     return (np.stack([xy[(sec == k) & tube].mean(0) for k in range(S)]),
             np.stack([truth[(sec == k) & tube].mean(0) for k in range(S)]))

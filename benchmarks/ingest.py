@@ -41,7 +41,7 @@ def bench_one(n_cells: int, n_genes: int, n_sections: int, work: Path, keep: boo
     ph.write_parquet(src)
     cfg = {"store": str(store), "input": {"path": str(src), "columns": {"cell_type": "cell_type", "cell_id": "cell_id"},
                                           "genes": "rest", "sections": {"spacing": 35.0}},
-           "stages": {"section_stats": False, "register": {"enabled": False}}, "report": {"enabled": False}}
+           "run": [], "report": {"enabled": False}}
     cfg_path = work / f"ingest_{n_cells}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     res = run_measured([sys.executable, "-m", "lamina.cli", "build", str(cfg_path)])

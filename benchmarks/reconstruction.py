@@ -80,7 +80,7 @@ def child(args) -> None:
         mark_aligned(atlas, client=client)
         times["mark_aligned"] = time.perf_counter() - t
         flow = {"steps": args.steps} if args.steps else {}
-        times.update(lamina.reconstruct(atlas, client=client, n_pcs=args.pcs, dz_um=args.dz, flow_options=flow))
+        times.update(lamina.reconstruct(atlas, client=client, n_pcs=args.pcs, dz_um=args.dz, **flow))
         vol = atlas.root["volume"]
         P, Z, Y, X = vol["pcs"].shape
         cz, ty = (int(c) for c in vol.attrs["chunks"])

@@ -5,21 +5,46 @@ Python API::
     import lamina
     client = lamina.connect()                         # local cluster sized to this machine
     atlas = lamina.ingest("cells.parquet", "my.lamina.zarr", x="x", y="y", section="slice", genes="rest")
-    lamina.section_stats(atlas)
+    lamina.align(atlas, client=client)                # section_stats -> rasterize -> register -> refine -> warp
     ds = atlas.to_xarray()                            # lazy, dask-backed
-"""
-from . import config, datasets
-from ._version import __version__
-from .cluster import connect
-from .errors import (ClusterError, ConfigError, FormatVersionError, InputError, LaminaError, StoreError,
-                     TooLargeError)
-from .ingest import IngestSpec, import_isost, ingest
-from .stages import (align, export_expression_parquet, interpolate, invert, pca, rasterize, reconstruct, refine,
-                     register, section_stats, train_flow, voxelize, warp)
-from .store import FORMAT_VERSION, Atlas
-from .transforms import to_atlas, to_section
 
-__all__ = ["config", "Atlas", "FORMAT_VERSION", "IngestSpec", "connect", "datasets", "ingest", "import_isost", "align", "section_stats", "rasterize", "register", "refine", "warp", "to_atlas", "to_section",
-           "pca", "train_flow", "interpolate", "voxelize", "invert", "reconstruct", "export_expression_parquet",
-           "LaminaError", "InputError", "ConfigError", "StoreError", "FormatVersionError", "ClusterError",
-           "TooLargeError", "__version__"]
+``import lamina`` loads the store and ingest layers (numpy, pandas, zarr, dask); every other name is
+imported on first use (PEP 562), so ``lamina --version`` and a script that only opens a store never pay for
+torch or distributed.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ._version import __version__
+from .ingest import IngestSpec, import_isost, ingest  # eager: the function shadows its own subpackage's name
+from .errors import (ClusterError, ConfigError, FormatVersionError, InputError, LaminaError, MissingInputError,
+                     StoreError, TooLargeError, UnknownGeneError, UnknownOptionError, UnknownSectionError)
+
+#: public name -> module that defines it (relative to this package)
+_LAZY = {
+    "config": ".config", "datasets": ".datasets", "stages": ".stages", "kernels": ".kernels",
+    "connect": ".cluster",
+    "Atlas": ".store", "FORMAT_VERSION": ".store", "to_atlas": ".transforms", "to_section": ".transforms",
+    "map_tiles": ".maps", "map_neighbourhoods": ".maps",
+    **{name: ".stages" for name in ("align", "reconstruct", "section_stats", "rasterize", "register", "refine",
+                                    "warp", "pca", "train_flow", "interpolate", "voxelize", "invert",
+                                    "export_expression_parquet")},
+}
+
+__all__ = sorted([*_LAZY, "IngestSpec", "import_isost", "ingest", "LaminaError", "InputError", "ConfigError", "StoreError", "FormatVersionError",
+                  "ClusterError", "TooLargeError", "MissingInputError", "UnknownSectionError", "UnknownGeneError",
+                  "UnknownOptionError", "__version__"])
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lamina' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name], __name__)
+    value = module if name in ("config", "datasets", "stages", "kernels") else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

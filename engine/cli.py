@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .errors import ConfigError, LaminaError
 
+log = logging.getLogger("lamina")
+
 
 def _client(args, cfg_cluster: dict | None = None):
     from .cluster import connect
@@ -44,7 +46,7 @@ def cmd_demo(args) -> int:
         steps += list(align(atlas, client=client).items())
         if args.reconstruct:
             steps += list(reconstruct(atlas, client=client, n_pcs=min(20, args.genes), dz_um=args.dz,
-                                      flow_options={"steps": args.flow_steps, "subsample": 512}).items())
+                                      steps=args.flow_steps, subsample=512).items())
         t = time.perf_counter()
         pictures = write_report(atlas, out)
         steps.append(("pictures", time.perf_counter() - t))
@@ -87,7 +89,7 @@ def cmd_build(args) -> int:
     from .config import ingest_spec, load_config
     from .ingest import ingest
     from .report import write_report
-    from .stages import align, reconstruct, section_stats
+    from .stages.pipeline import plan, run_plan
 
     cfg = load_config(args.config)
     client = _client(args, cfg["cluster"])
@@ -95,24 +97,9 @@ def cmd_build(args) -> int:
         inp = cfg["input"]
         atlas = ingest(inp["path"], cfg["store"], ingest_spec(cfg), paste=inp["paste"] or None,
                        pattern=inp["pattern"], overwrite=args.overwrite or cfg["overwrite"], client=client)
-        reg = cfg["stages"]["register"]
-        if reg["enabled"]:
-            fine = {k: reg["fine"][k] for k in ("z_sigma_sections", "alpha_px", "lddmm_rounds", "affine_rounds")}
-            fine["batch"] = reg["batch"]
-            rec = cfg["stages"]["reconstruct"]
-            align(atlas, client=client, pixel_um=reg["pixel_um"], reflect=reg["reflect"], fine=reg["fine"]["enabled"],
-                  refine_options=fine, reference=reg["reference"], channels=reg["channels"],
-                  n_pcs=rec["n_pcs"] if rec["enabled"] else None,
-                  register_options={"matcher": reg["matcher"], "matcher_weights": reg["matcher_weights"],
-                                    "batch": reg["batch"]})
-        elif cfg["stages"]["section_stats"]:
-            section_stats(atlas, client=client)
-        rec = cfg["stages"]["reconstruct"]
-        if rec["enabled"]:
-            if not reg["enabled"]:
-                raise ConfigError(f"{args.config}: stages.reconstruct needs stages.register (the cells must be aligned)")
-            reconstruct(atlas, client=client, n_pcs=rec["n_pcs"], dz_um=float(rec["dz_um"]), voxel_um=rec["voxel_um"],
-                        flow_options=dict(rec["flow"]), interpolate=rec["interpolate"])
+        steps = plan(atlas, cfg["run"], cfg["stages"], cfg["disabled"], where=str(args.config))
+        log.info("build: %s", " -> ".join(s.stage.name for s in steps) or "nothing to run")
+        run_plan(atlas, steps, client)
     finally:
         client.close()
     if cfg["report"]["enabled"]:
@@ -127,6 +114,26 @@ def cmd_info(args) -> int:
     from .store import Atlas
 
     print(Atlas.open(args.store).info())
+    return 0
+
+
+def cmd_stages(args) -> int:
+    from .stages.docs import stages_markdown, stages_text
+
+    print(stages_markdown() if args.markdown else stages_text())
+    return 0
+
+
+def cmd_upgrade(args) -> int:
+    import zarr
+
+    from .errors import StoreError
+    from .store.format import upgrade
+
+    if not (Path(args.store) / "zarr.json").exists():
+        raise StoreError(f"no atlas store at {args.store} (no zarr.json)")
+    done = upgrade(zarr.open_group(args.store, mode="r+", zarr_format=3), args.store)
+    print("\n".join(f"upgraded {d}" for d in done) if done else f"{args.store} is already in the current format")
     return 0
 
 
@@ -168,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="lamina", description="3D single-cell atlases from serial sections, on Dask")
     p.add_argument("--version", action="version", version=f"lamina {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    p.add_argument("-v", "--verbose", action="store_true", help="also log each computation and training step")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     sub = p.add_subparsers(dest="command", required=True)
 
     def scheduler(sp):
@@ -207,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--volume", action="store_true", help="export the voxel expression volume (x, y, z, genes) instead of cells")
     e.set_defaults(func=cmd_export)
 
+    st = sub.add_parser("stages", help="the stages lamina knows, their options and defaults")
+    st.add_argument("--markdown", action="store_true", help="as the README's Markdown tables")
+    st.set_defaults(func=cmd_stages)
+
+    u = sub.add_parser("upgrade", help="bring a store written by an older lamina format to the current one")
+    u.add_argument("store")
+    u.set_defaults(func=cmd_upgrade)
+
     ph = sub.add_parser("phantom", help="write a synthetic phantom as Parquet files (one per section)")
     ph.add_argument("out")
     ph.add_argument("--cells", type=int, default=100_000)
@@ -218,12 +234,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written (tests and notebooks replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _logging(verbose: bool, quiet: bool) -> None:
+    """One line per stage (start, end, seconds, what it wrote) on stderr, terminal or not; ``-v`` adds each
+    computation, ``-q`` keeps warnings only. Only lamina's logger: Dask's own INFO lines stay quiet."""
+    logger = logging.getLogger("lamina")
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if not any(getattr(h, "_lamina", False) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s lamina %(message)s", "%H:%M:%S"))
+        handler._lamina = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _logging(args.verbose, args.quiet)
     from .cluster import set_progress
 
-    set_progress(sys.stderr.isatty())
+    set_progress(sys.stderr.isatty() and not args.quiet)
     try:
         return args.func(args)
     except LaminaError as exc:

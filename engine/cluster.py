@@ -5,8 +5,10 @@ import logging
 import os
 import sys
 
+import time
+
 import dask
-from distributed import Client, LocalCluster, WorkerPlugin, get_client, progress
+from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_client
 
 from .errors import ClusterError
 
@@ -194,16 +196,24 @@ def even_batches(items, batch: int) -> list:
     return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def compute(*collections, client: Client | None = None):
+def compute(*collections, client: Client | None = None, label: str = "lamina"):
     """Compute dask collections together on ``client`` (or the default client / local threads).
 
-    Shows a progress bar when enabled with :func:`set_progress`. Returns a tuple of results.
+    With progress bars on (:func:`set_progress`) a bar named ``label`` (the stage) counts the collections as
+    they finish; the debug log gets one line per call. Returns a tuple of results.
     """
     client = active_client(client)
+    t0 = time.perf_counter()
     if client is None:
-        return dask.compute(*collections, scheduler="threads")
-    futures = client.compute(list(collections))
-    if _PROGRESS["on"]:
-        progress(futures, notebook=False)
-        sys.stdout.write("\n")
-    return tuple(client.gather(futures))
+        out = dask.compute(*collections, scheduler="threads")
+    else:
+        futures = client.compute(list(collections))
+        if _PROGRESS["on"] and len(futures) > 1:
+            from tqdm.auto import tqdm
+
+            with tqdm(total=len(futures), desc=label, unit="task", leave=False) as bar:
+                for _ in as_completed(futures):
+                    bar.update(1)
+        out = tuple(client.gather(futures))
+    log.debug("%s: computed %d task group(s) in %.2f s", label, len(collections), time.perf_counter() - t0)
+    return out

@@ -1,102 +1,161 @@
-"""`lamina build` configuration: YAML validated against a small schema with messages that name the key and the fix."""
+"""`lamina build` configuration: YAML validated with messages that name the key and the fix.
+
+The schema is derived, not written out: ``input:`` from the fields of :class:`~lamina.IngestSpec` (each
+names its place, e.g. ``columns.x``), ``stages.<name>:`` from each registered stage's options dataclass
+(plus ``enabled``), ``run:`` from the registry's pipelines and stages. So a new stage or option is validated,
+defaulted and documented the moment it is declared.
+
+```yaml
+store: atlas.lamina.zarr
+input: {path: cells.parquet, columns: {cell_type: type}, genes: rest}
+run: [align, reconstruct]          # pipelines or stage names (default: align)
+stages:
+  register: {reflect: true}        # options of one stage
+  refine: false                    # a stage switched off (here: the affine stage's result is kept)
+```
+"""
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from pathlib import Path
 
 import yaml
 
 from .errors import ConfigError
 from .ingest.spec import IngestSpec
+from .stages.options import convert
 
 REQUIRED = object()
-#: key -> (allowed types, default) or a nested dict. ``None`` in types means "may be null".
-SCHEMA = {
-    "store": ((str,), REQUIRED),
-    "overwrite": ((bool,), False),
-    "input": {
-        "path": ((str, list), REQUIRED),
-        "paste": ((list,), []),
-        "pattern": ((str, None), None),
-        "columns": {
-            "x": ((str,), "x"), "y": ((str,), "y"), "section": ((str, None), "section"), "z": ((str, None), None),
-            "cell_type": ((str, None), None), "cell_id": ((str, None), None),
-        },
-        "spatial_key": ((str, None), None),
-        "genes": ((list, str, None), None),
-        "obs": ((list,), []),
-        "units": ((str,), "um"),
-        "pixel_size": ((float, int, None), None),
-        "sections": {
-            "order": ((list, None), None), "z": ((dict, None), None), "spacing": ((float, int), 10.0),
-            "min_cells": ((int,), 10),
-        },
-        "gene_join": ((str,), "strict"),
-        "normalize": ((str,), "none"),
-        "chunks": {"read_rows": ((int, None), None), "cell_chunk": ((int, None), None), "gene_chunk": ((int,), 512)},
-    },
-    "cluster": {
-        "scheduler": ((str, None), None), "n_workers": ((int, None), None),
-        "threads_per_worker": ((int, None), None), "gpu": ((bool,), False),
-    },
-    "stages": {
-        "section_stats": ((bool,), True),
-        "register": {
-            "enabled": ((bool,), True), "reflect": ((bool,), False), "pixel_um": ((float, int, None), None),
-            "reference": ((str, int, None), None), "channels": ((str,), "auto"),
-            "matcher": ((str,), "sift"), "matcher_weights": ((str, None), None), "batch": ((int,), 4),
-            "fine": {"enabled": ((bool,), True), "z_sigma_sections": ((float, int, None), 3.0),
-                     "alpha_px": ((float, int), 8.0), "lddmm_rounds": ((int,), 2), "affine_rounds": ((int,), 3)},
-        },
-        "reconstruct": {
-            "enabled": ((bool,), False), "n_pcs": ((int, None), None), "dz_um": ((float, int), 10.0),
-            "voxel_um": ((float, int, None), None), "interpolate": ((bool,), True),
-            "flow": {"steps": ((int,), 600), "subsample": ((int,), 512), "k": ((int,), 10),
-                     "hidden": ((int,), 64), "seed": ((int,), 0)},
-        },
-    },
-    "report": {"enabled": ((bool,), True), "out": ((str, None), None)},
+#: fixed top-level blocks: key -> (annotation, default); ``input``, ``stages`` and ``run`` are derived
+CLUSTER = {"scheduler": (str | None, None), "n_workers": (int | None, None),
+           "threads_per_worker": (int | None, None), "gpu": (bool, False)}
+REPORT = {"enabled": (bool, True), "out": (str | None, None)}
+INPUT_EXTRA = {"path": (str | list[str], REQUIRED), "paste": (list[str], []), "pattern": (str | None, None)}
+TOP = ("store", "overwrite", "run", "input", "cluster", "stages", "report")
+#: keys of the format before the stage contract, and where their settings went
+MOVED = {
+    "stages.reconstruct": "list 'reconstruct' under run: (run: [align, reconstruct]) and give the options to "
+                          "their stages: stages.pca.n_pcs, stages.train_flow (dz_um, steps, subsample, k, ...), "
+                          "stages.voxelize.voxel_um; interpolate: false voxelizes the sections only",
+    "stages.register.fine": "the fine stage is the stage 'refine': stages.refine (enabled, z_sigma_sections, "
+                            "alpha_px, lddmm_rounds, affine_rounds, batch)",
+    "stages.register.pixel_um": "the canvas is drawn by the stage 'rasterize': stages.rasterize.pixel_um",
+    "stages.register.channels": "the raster channels are drawn by the stage 'rasterize': stages.rasterize.channels",
+    "stages.register.enabled": "to skip registration, leave 'align' out of run:",
 }
 
-_TYPE_NAMES = {str: "a string", list: "a list", dict: "a mapping", bool: "true/false", int: "an integer",
-               float: "a number", None: "null"}
+
+def _unknown(key: str, prefix: str, allowed, where: str) -> ConfigError:
+    full = f"{prefix}{key}"
+    if full in MOVED:
+        return ConfigError(f"{where}: '{full}' is no longer a key: {MOVED[full]}")
+    close = difflib.get_close_matches(str(key), list(allowed), n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; allowed: {', '.join(map(str, allowed))}"
+    return ConfigError(f"{where}: unknown key '{full}'{hint}")
 
 
-def _check(value, types, key, where):
-    ok = any((t is None and value is None) or (t is not None and isinstance(value, t)
-                                                   and not (t in (int, float) and isinstance(value, bool)))
-             for t in types)
-    if not ok:
-        want = " or ".join(_TYPE_NAMES[t] for t in types)
-        raise ConfigError(f"{where}: '{key}' must be {want}, got {value!r} ({type(value).__name__})")
-
-
-def _validate(node: dict, schema: dict, prefix: str, where: str) -> dict:
+def _mapping(node, key: str, where: str) -> dict:
+    if node is None:
+        return {}
     if not isinstance(node, dict):
-        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys, got {node!r}")
-    out = {}
+        raise ConfigError(f"{where}: '{key or 'the file'}' must be a mapping of keys, got {node!r}")
+    return node
+
+
+def _block(node, schema: dict, prefix: str, where: str) -> dict:
+    """Validate a flat block against ``schema`` (key -> (annotation, default))."""
+    node = _mapping(node, prefix.rstrip("."), where)
     for key in node:
         if key not in schema:
-            close = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; allowed: {', '.join(schema)}"
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
-    for key, rule in schema.items():
-        if isinstance(rule, dict):
-            out[key] = _validate(node.get(key) or {}, rule, f"{prefix}{key}.", where)
-            continue
-        types, default = rule
+            raise _unknown(key, prefix, schema, where)
+    out = {}
+    for key, (tp, default) in schema.items():
         if key not in node:
             if default is REQUIRED:
                 raise ConfigError(f"{where}: required key '{prefix}{key}' is missing")
             out[key] = default
-            continue
-        _check(node[key], types, prefix + key, where)
-        out[key] = node[key]
+        else:
+            out[key] = convert(node[key], tp, prefix + key, where)
     return out
 
 
+def input_schema() -> dict:
+    """The ``input:`` block as nested key -> (annotation, default), from :class:`IngestSpec`'s fields."""
+    hints = typing.get_type_hints(IngestSpec)
+    tree: dict = {k: v for k, v in INPUT_EXTRA.items()}
+    for f in dataclasses.fields(IngestSpec):
+        *parents, leaf = f.metadata["config"].split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        node[leaf] = (hints[f.name], default)
+    return tree
+
+
+def _nested(node, schema: dict, prefix: str, where: str) -> dict:
+    node = _mapping(node, prefix.rstrip("."), where)
+    for key in node:
+        if key not in schema:
+            raise _unknown(key, prefix, schema, where)
+    out = {}
+    for key, rule in schema.items():
+        if isinstance(rule, dict):
+            out[key] = _nested(node.get(key), rule, f"{prefix}{key}.", where)
+        else:
+            out.update(_block({key: node[key]} if key in node else {}, {key: rule}, prefix, where))
+    return out
+
+
+def _stages(node, where: str) -> tuple[dict[str, dict], list[str]]:
+    """``stages:`` -> (stage -> options as given, converted), stages switched off."""
+    from .stages.registry import all_stages
+
+    stages = all_stages()
+    node = _mapping(node, "stages", where)
+    options: dict[str, dict] = {}
+    disabled = []
+    for name, value in node.items():
+        if name not in stages:
+            raise _unknown(name, "stages.", stages, where)
+        prefix = f"stages.{name}."
+        if isinstance(value, bool):
+            value = {"enabled": value}
+        value = dict(_mapping(value, f"stages.{name}", where))
+        for key in value:
+            if f"{prefix}{key}" in MOVED:
+                raise _unknown(key, prefix, [], where)
+        enabled = convert(value.pop("enabled", True), bool, prefix + "enabled", where)
+        if not enabled:
+            disabled.append(name)
+        parsed = stages[name].options.parse(value, where=where, prefix=prefix)
+        options[name] = {k: getattr(parsed, k) for k in value}  # as given, converted: plans fill the defaults
+    return options, disabled
+
+
+def _run(node, where: str) -> list[str]:
+    from .stages.registry import all_stages, pipelines
+
+    known = [*pipelines(), *all_stages()]
+    node = ["align"] if node is None else [node] if isinstance(node, str) else node
+    if not isinstance(node, list):
+        raise ConfigError(f"{where}: 'run' must be a list of pipelines or stages ({', '.join(known)}), got {node!r}")
+    for name in node:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: 'run' names {name!r}, which is no pipeline or stage{hint}; choose from "
+                              f"{', '.join(known)}")
+    return list(node)
+
+
 def load_config(path: str | Path) -> dict:
-    """Read and validate a build config; relative paths are taken from the config file's folder."""
+    """Read and validate a build config; relative paths are taken from the config file's folder.
+
+    Returns ``{"store", "overwrite", "run", "input", "cluster", "stages" (stage -> options given),
+    "disabled" (stages switched off), "report"}``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -104,9 +163,23 @@ def load_config(path: str | Path) -> dict:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    cfg = _validate(raw, SCHEMA, "", str(path))
+    where = str(path)
+    raw = _mapping(raw, "", where)
+    for key in raw:
+        if key not in TOP:
+            raise _unknown(key, "", TOP, where)
+    cfg = _block({k: raw[k] for k in ("store", "overwrite") if k in raw},
+                 {"store": (str, REQUIRED), "overwrite": (bool, False)}, "", where)
+    cfg["run"] = _run(raw.get("run"), where)
+    cfg["input"] = _nested(raw.get("input"), input_schema(), "input.", where)
+    cfg["cluster"] = _block(raw.get("cluster"), CLUSTER, "cluster.", where)
+    cfg["stages"], cfg["disabled"] = _stages(raw.get("stages"), where)
+    cfg["report"] = _block(raw.get("report"), REPORT, "report.", where)
     base = path.parent
-    resolve = lambda p: str(p if Path(p).is_absolute() or "://" in str(p) else (base / p))  # noqa: E731
+
+    def resolve(p: str) -> str:
+        return str(p if Path(p).is_absolute() or "://" in str(p) else (base / p))
+
     inp = cfg["input"]
     inp["path"] = [resolve(p) for p in inp["path"]] if isinstance(inp["path"], list) else resolve(inp["path"])
     inp["paste"] = [resolve(p) for p in inp["paste"]]
@@ -115,32 +188,24 @@ def load_config(path: str | Path) -> dict:
             raise ConfigError(f"{path}: input.path / input.paste: {p} does not exist; fix the path (relative paths "
                               f"are taken from the config file's folder {base})")
     cfg["store"] = resolve(cfg["store"])
-    reg = cfg["stages"]["register"]
-    if reg["matcher_weights"]:
-        reg["matcher_weights"] = resolve(reg["matcher_weights"])
+    weights = cfg["stages"].get("register", {}).get("matcher_weights")
+    if weights:
+        cfg["stages"]["register"]["matcher_weights"] = resolve(weights)
     if cfg["report"]["out"]:
         cfg["report"]["out"] = resolve(cfg["report"]["out"])
     try:
         ingest_spec(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{path}: input: {exc}") from exc
-    from .stages.rasterize import CHANNELS
-
-    if reg["batch"] < 1:
-        raise ConfigError(f"{path}: 'stages.register.batch' (pairs / sections fitted as one batch) must be >= 1, "
-                          f"got {reg['batch']}")
-    channels = cfg["stages"]["register"]["channels"]
-    if channels not in CHANNELS:
-        raise ConfigError(f"{path}: 'stages.register.channels' must be one of {', '.join(CHANNELS)}, got {channels!r}")
     return cfg
 
 
 def ingest_spec(cfg: dict) -> IngestSpec:
-    inp = cfg["input"]
-    cols, sec, ch = inp["columns"], inp["sections"], inp["chunks"]
-    return IngestSpec(x=cols["x"], y=cols["y"], section=cols["section"], z=cols["z"], cell_type=cols["cell_type"],
-                      cell_id=cols["cell_id"], genes=inp["genes"], obs=list(inp["obs"]), units=inp["units"],
-                      pixel_size=inp["pixel_size"], section_order=sec["order"], section_z=sec["z"],
-                      section_spacing=float(sec["spacing"]), gene_join=inp["gene_join"], normalize=inp["normalize"],
-                      min_cells_per_section=sec["min_cells"], spatial_key=inp["spatial_key"],
-                      read_rows=ch["read_rows"], cell_chunk=ch["cell_chunk"], gene_chunk=ch["gene_chunk"])
+    """The :class:`IngestSpec` of a validated config's ``input:`` block."""
+    values = {}
+    for f in dataclasses.fields(IngestSpec):
+        node = cfg["input"]
+        for part in f.metadata["config"].split("."):
+            node = node[part]
+        values[f.name] = node
+    return IngestSpec(**values)

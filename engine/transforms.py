@@ -7,24 +7,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError, StoreError
+from .errors import InputError, MissingInputError
 from .kernels.geometry import apply_affine
 from .kernels.warp import sample_grid, warp_points
 from .store.atlas import Atlas
 
 
 def _source(atlas: Atlas, section) -> tuple:
+    k = atlas.section_index(section)
     if atlas.group_is_complete("deformation"):
         src = atlas.root["deformation"]
     elif atlas.group_is_complete("transforms"):
         src = atlas.root["transforms"]
     else:
-        raise StoreError(f"{atlas.path} has no registration yet; run lamina.align() (or register) first")
-    ids = list(atlas.sections.id)
-    k = ids.index(section) if isinstance(section, str) and section in ids else section
-    if not isinstance(k, (int, np.integer)) or not 0 <= int(k) < len(ids):
-        raise InputError(f"unknown section {section!r}; this atlas has {len(ids)} sections ({ids[:5]}...)")
-    return src, int(k)
+        raise MissingInputError(f"{atlas.path} has no registration yet; run lamina.align() (or register) first")
+    return src, k
 
 
 def _points(xy) -> np.ndarray:

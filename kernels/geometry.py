@@ -25,6 +25,13 @@ def affine_matrix(rotation_rad: float, scale: float, translation, center=(0.0, 0
     return out
 
 
+def grid_to_um(spacing: float, origin) -> np.ndarray:
+    """3x3 map from grid pixel (col, row, 1) to (x, y, 1) um of a grid with pixel ``spacing`` um whose pixel
+    (0, 0) is centred at ``origin`` (the grid convention of :mod:`lamina.kernels.raster`)."""
+    return np.array([[float(spacing), 0.0, float(origin[0])], [0.0, float(spacing), float(origin[1])],
+                     [0.0, 0.0, 1.0]])
+
+
 def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """``q = A[:2, :2] p + A[:2, 2]`` for points ``[n, 2]``; returns ``[n, 2]`` in the dtype of ``points``."""
     points = np.asarray(points)

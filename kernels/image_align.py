@@ -34,6 +34,14 @@ def warp_image(moving: torch.Tensor, A: torch.Tensor, shape: tuple[int, int] | N
     return F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
+def ncc(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Normalised cross-correlation of two images of one shape (any number of channels), in [-1, 1]:
+    ``sum (a - mean a)(b - mean b) / (|a - mean a| |b - mean b|)``, 0 when either is flat."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-12))
+
+
 def _search(fixed: torch.Tensor, moving: torch.Tensor, options: list, batch: int) -> dict:
     C, H, W = fixed.shape
     ctr = ((W - 1) / 2.0, (H - 1) / 2.0)

@@ -95,12 +95,21 @@ def integrate_forward(v: torch.Tensor, points: torch.Tensor, origin=(0.0, 0.0)) 
     return y
 
 
-def forward_displacement_tiled(v: torch.Tensor, tile: int, halo: int) -> torch.Tensor:
+def required_halo(v: torch.Tensor) -> int:
+    """Pixels around a tile that :func:`forward_displacement_tiled` must read for velocities ``v``
+    ``[T, 2, H, W]``: a point moves at most ``max |v|`` pixels in unit time, plus one pixel for the bilinear
+    stencil and one for rounding."""
+    return int(math.ceil(float(v.abs().max()))) + 2
+
+
+def forward_displacement_tiled(v: torch.Tensor, tile: int, halo: int | None = None) -> torch.Tensor:
     """``phi_1(y) - y`` on the whole grid, computed tile by tile.
 
-    Each tile reads velocities only in the tile grown by ``halo`` pixels; with ``halo`` >= the largest
-    displacement + 1 every sampled point stays inside its crop, so the result equals the untiled one.
+    Each tile reads velocities only in the tile grown by ``halo`` pixels (default :func:`required_halo`);
+    with ``halo`` >= the largest displacement + 1 every sampled point stays inside its crop, so the result
+    equals the untiled one.
     """
+    halo = required_halo(v) if halo is None else halo
     T, _, H, W = v.shape
     out = torch.empty((2, H, W), dtype=v.dtype, device=v.device)
     for r0 in range(0, H, tile):

@@ -54,9 +54,45 @@ def expression_channels(pcs: np.ndarray, sd: np.ndarray, share: float = 0.75) ->
     return share * np.where(total > 0, w / np.where(total > 0, total, 1.0), 1.0 / w.shape[1])
 
 
+def normalise_density(img: np.ndarray) -> np.ndarray:
+    """``img`` ``[C, H, W]`` divided by its mean total density over tissue, so rasters whose densities differ
+    10x weigh alike: tissue = pixels whose channel sum exceeds a tenth of the maximum (all non-zero pixels
+    when the image is empty or flat). Same shape and dtype."""
+    total = img.sum(0)
+    tissue = total > 0.1 * total.max() if total.max() > 0 else total > 0
+    level = total[tissue].mean() if tissue.any() else 1.0
+    return img / max(level, 1e-12)
+
+
+def tissue_points(img: np.ndarray, px_to_um: np.ndarray, max_points: int = 400) -> np.ndarray:
+    """Up to ``max_points`` (x, y) um ``[n, 2]`` of tissue pixels of ``img`` ``[C, H, W]``: pixels whose
+    channel sum exceeds a fifth of the maximum, strided evenly in raster order, mapped by ``px_to_um``
+    (3x3, pixel (col, row) -> um)."""
+    from .geometry import apply_affine
+
+    total = img.sum(0)
+    rows, cols = np.nonzero(total > 0.2 * total.max()) if total.max() > 0 else (np.array([]), np.array([]))
+    step = max(1, len(rows) // max_points)
+    return apply_affine(px_to_um, np.stack([cols[::step], rows[::step]], 1).astype(np.float64))
+
+
+TRUNCATE = 4.0
+
+
 def smooth(images: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Gaussian blur of each ``[.., H, W]`` image plane with standard deviation ``sigma_px`` pixels (zero outside)."""
+    """Gaussian blur of each ``[.., H, W]`` image plane with standard deviation ``sigma_px`` pixels.
+
+    Convention: the image is zero outside; the kernel is cut at ``TRUNCATE`` standard deviations, so an
+    output pixel depends on the input within :func:`smooth_halo` pixels of it and on nothing further.
+    Shape ``[.., H, W]`` -> ``[.., H, W]`` float32.
+    """
     if sigma_px <= 0:
         return images
     sigma = (0,) * (images.ndim - 2) + (sigma_px, sigma_px)
-    return ndimage.gaussian_filter(images, sigma=sigma, mode="constant").astype(np.float32)
+    return ndimage.gaussian_filter(images, sigma=sigma, mode="constant", truncate=TRUNCATE).astype(np.float32)
+
+
+def smooth_halo(sigma_px: float) -> int:
+    """Pixels of input around an output pixel that :func:`smooth` reads: scipy's kernel radius
+    ``int(TRUNCATE * sigma + 0.5)`` (0 for no blur). A tiled blur with this halo equals the untiled one."""
+    return int(TRUNCATE * float(sigma_px) + 0.5) if sigma_px > 0 else 0

@@ -104,11 +104,21 @@ def test_export_round_trip(built, phantom_table, tmp_path, fmt):
     (lambda c: c["input"]["columns"].update(x=3), "'input.columns.x' must be a string, got 3 (int)"),
     (lambda c: c["input"].update(path="nope.csv"), "nope.csv does not exist"),
     (lambda c: c.pop("store"), "required key 'store' is missing"),
-    (lambda c: c["input"].update(units="inch"), "units='inch' is not one of um, mm, nm, px"),
-    (lambda c: c.setdefault("stages", {}).setdefault("register", {}).update(channels="genes"),
-     "'stages.register.channels' must be one of auto, types, pcs, types+pcs, density, got 'genes'"),
+    (lambda c: c["input"].update(units="inch"), "'input.units' must be one of um, mm, nm, px, got 'inch'"),
+    (lambda c: c.setdefault("stages", {}).setdefault("rasterize", {}).update(channels="genes"),
+     "'stages.rasterize.channels' must be one of auto, types, pcs, types+pcs, density, got 'genes'"),
     (lambda c: c.setdefault("stages", {}).setdefault("register", {}).update(batch=0),
-     "'stages.register.batch' (pairs / sections fitted as one batch) must be >= 1, got 0"),
+     "'stages.register.batch' (pairs fitted as one batch per task (16-32 on GPU workers)) must be >= 1, got 0"),
+    (lambda c: c.setdefault("stages", {}).setdefault("refine", {}).update(alpha_px="wide"),
+     "'stages.refine.alpha_px' must be a number, got 'wide' (str)"),
+    (lambda c: c.setdefault("stages", {}).update(regster={}), "unknown key 'stages.regster' (did you mean "
+                                                              "'stages.register'?)"),
+    (lambda c: c.setdefault("stages", {}).setdefault("register", {}).update(bach=2),
+     "unknown option 'stages.register.bach' (did you mean 'stages.register.batch'?)"),
+    (lambda c: c.setdefault("stages", {}).update(reconstruct={"enabled": True}),
+     "'stages.reconstruct' is no longer a key: list 'reconstruct' under run:"),
+    (lambda c: c.update(run=["align", "recontruct"]), "'run' names 'recontruct', which is no pipeline or stage "
+                                                      "(did you mean 'reconstruct'?)"),
 ])
 def test_config_errors_name_the_key(tmp_path, built, mutate, message, capsys):
     cfg = yaml.safe_load((built / "build.yaml").read_text())

@@ -5,7 +5,9 @@ import torch
 
 import lamina
 from lamina.cluster import task_device
-from lamina.stages.registration import DEFAULTS, register_pair, register_pairs
+from lamina.stages.registration import RegisterOptions, register_pair, register_pairs
+
+DEFAULTS = RegisterOptions()
 
 
 def test_task_device_honours_the_override_and_defaults_to_what_torch_sees(monkeypatch):
@@ -73,7 +75,7 @@ def test_align_and_reconstruct_on_gpu_workers(tmp_path):
         truth = np.concatenate([xyz for s in range(4) for _, xyz in ph.section_chunks(s)])[:, :2]
         xy = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1).astype(np.float64)
         assert np.median(rigid_residuals(xy, truth)) < 40.0
-        lamina.reconstruct(atlas, client=client, n_pcs=4, flow_options={"steps": 20, "subsample": 128})
+        lamina.reconstruct(atlas, client=client, n_pcs=4, steps=20, subsample=128)
         assert np.isfinite(np.asarray(atlas.root["interpolated/x"][:1000])).all()
     finally:
         client.close()

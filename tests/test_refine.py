@@ -120,7 +120,7 @@ def test_stored_transforms_reapply_to_new_points_and_invert(refined):
     disp = np.linalg.norm(atlas.root["deformation/displacement"][3], axis=0)
     assert disp.max() > 5.0  # the fine stage did move this section
     assert np.median(err) < 1.0 and np.percentile(err, 99) < 5.0, (np.median(err), np.percentile(err, 99))
-    with pytest.raises(lamina.InputError, match="unknown section"):
+    with pytest.raises(lamina.UnknownSectionError, match="no section 'nope'"):
         lamina.to_atlas(atlas, "nope", raw)
     with pytest.raises(lamina.InputError, match="NaN"):
         lamina.to_atlas(atlas, 3, np.array([[np.nan, 0.0]]))
@@ -152,7 +152,7 @@ def test_consensus_step_lets_two_sections_meet_instead_of_swapping(tmp_path):
     A[1] = affine_matrix(np.radians(3.0), 1.0, (0.0, 0.0), centre) @ A[1]
     atlas.root["transforms/affine"][...] = A
     refine(atlas, force=True, lddmm_rounds=0)
-    warp(atlas, force=True, refined=True)
+    warp(atlas, force=True, source="refined")
     assert gap_deg() < 1.0  # measured 0.55; with full moves the sections swap and the gap is 3.4
 
 
@@ -233,7 +233,7 @@ def test_raster_channel_choices_are_checked(tmp_path):
     for channels, message in [("types", "has no cell_type column"), ("pcs", "at least 2 genes"),
                               ("types+pcs", "has no cell_type column"),
                               ("genes", "must be one of auto, types, pcs, types\\+pcs, density")]:
-        with pytest.raises(lamina.InputError, match=message):
+        with pytest.raises(lamina.LaminaError, match=message):  # InputError; ConfigError for the unknown value
             lamina.rasterize(atlas, channels=channels)
     lamina.rasterize(atlas)  # auto: no types, no genes -> one density channel
     assert atlas.root["raster/cells"].attrs["channels"] == ["density"]

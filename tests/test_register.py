@@ -202,6 +202,6 @@ def test_loftr_matcher_needs_a_readable_weights_file(tmp_path, small_table):
                              (corrupt, "not a usable LoFTR weights file")]:
         with pytest.raises(lamina.InputError, match=message):
             lamina.register(atlas, matcher="loftr", matcher_weights=weights)
-    with pytest.raises(lamina.InputError, match="matcher must be one of sift, loftr"):
+    with pytest.raises(lamina.ConfigError, match="'matcher' must be one of sift, loftr, got 'orb'"):
         lamina.register(atlas, matcher="orb")
     assert "register" not in atlas.completed_stages()

@@ -1,4 +1,5 @@
 """Stages are atomic and resumable: killed or failed runs never leave a result that looks complete."""
+import dataclasses
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,8 @@ import pytest
 
 import lamina
 import lamina.stages.qc as stats_module
-from lamina.stages.runner import run_stage
+from lamina.stages import qc as qc_stage
+from lamina.stages.runner import run
 from conftest import tree_digest
 
 
@@ -40,12 +42,13 @@ def test_failure_midway_keeps_the_old_result_and_marks_nothing_complete(store, m
     lamina.section_stats(store)
     before = tree_digest(Path(store.path) / "qc")
 
-    def half_then_crash(group):
-        group.create_array("partial", shape=(10,), dtype="f4")
+    def half_then_crash(ctx):
+        ctx.group.create_array("partial", shape=(10,), dtype="f4")
         raise RuntimeError("worker died")
 
+    crashing = dataclasses.replace(qc_stage.STAGE, build=half_then_crash, version=qc_stage.STAGE.version + 1)
     with pytest.raises(RuntimeError, match="worker died"):
-        run_stage(store, "section_stats", "qc", {"other": "params"}, half_then_crash, inputs=("ingest",))
+        run(crashing, store)
     assert tree_digest(Path(store.path) / "qc") == before  # the previous result is untouched
     assert store.stage_records()["section_stats"]["complete"] is False
     assert "_tmp" not in store.root or not list(store.root["_tmp"].group_keys())

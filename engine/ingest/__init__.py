@@ -21,11 +21,11 @@ import dask
 import numpy as np
 
 from .._version import __version__
-from ..cluster import compute
-from ..errors import ConfigError, InputError, StoreError
-from ..stages.runner import jsonable, params_hash
+from ..errors import ConfigError, InputError, StoreError, ensure
+from ..hashing import jsonable, params_hash
 from ..store import arrays
 from ..store.atlas import Atlas, _is_url, now_iso
+from ..store.elements import CellsV1, GenesV1, MatrixV1, SectionsV1
 from .assemble import Layout, layout_sections, plan_pieces, resolve_genes
 from .readers import H5AD_SUFFIXES, SUPPORTED, H5adFile, PhantomSection, ReadUnit, TableFile, natural_key, stem
 from .spec import IngestSpec
@@ -128,7 +128,10 @@ def ingest(source, store, spec: IngestSpec | None = None, *, paste=None, pattern
         staging = tmp / "_staging"
         genes, _ = resolve_genes(units, spec)
         tasks = [dask.delayed(stage_unit, pure=False)(u, spec, genes, str(staging), i) for i, u in enumerate(units)]
-        summaries = list(compute(*tasks, client=client))
+        from ..cluster import compute
+
+        log.info("ingest: started (%d read unit(s)) -> %s", len(units), path)
+        summaries = list(compute(*tasks, client=client, label="ingest"))
         t_stage = time.perf_counter() - t0
         layout = layout_sections(summaries, spec, folder_mode)
         _write_store(staged, layout, summaries, spec, genes, str(staging), client)
@@ -136,7 +139,8 @@ def ingest(source, store, spec: IngestSpec | None = None, *, paste=None, pattern
         seconds = time.perf_counter() - t0
         record = {"complete": True, "hash": digest, "params": jsonable(spec.to_dict()), "group": "/",
                   "source": [u.label for u in units][:50], "n_units": len(units), "finished": now_iso(),
-                  "seconds": round(seconds, 3), "seconds_pass1": round(t_stage, 3), "version": __version__}
+                  "seconds": round(seconds, 3), "seconds_pass1": round(t_stage, 3), "version": __version__,
+                  "algorithm_version": INGEST_VERSION}
         staged.root.attrs["stages"] = {"ingest": record}
         if path.exists():
             trash = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
@@ -145,6 +149,8 @@ def ingest(source, store, spec: IngestSpec | None = None, *, paste=None, pattern
             shutil.rmtree(trash)
         else:
             tmp.rename(path)
+        log.info("ingest: done in %.1f s -> %s (%d cells, %d sections, %d genes)", seconds, path,
+                 int(layout.n.sum()), len(layout.ids), len(genes))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -200,6 +206,8 @@ def _write_store(atlas: Atlas, layout: Layout, summaries: list[dict], spec: Inge
                     measured[rank[sid], cols] = True
             arrays.write_small(sec, "gene_measured", measured, ("section", "gene"),
                                {"description": "false where the section's file lacked the gene (stored as 0)"})
+    from ..cluster import compute
+
     pieces = plan_pieces(summaries, layout)
     lengths = np.array([hi - lo for _, lo, hi, _ in pieces], dtype=np.int64)
     pstarts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
@@ -207,9 +215,12 @@ def _write_store(atlas: Atlas, layout: Layout, summaries: list[dict], spec: Inge
     tasks = [dask.delayed(write_block, pure=False)(store, staging, a, min(a + chunk, n_total),
                                                     pieces_for_rows(pieces, pstarts, a, min(a + chunk, n_total)), plan)
              for a in range(0, n_total, chunk)]
-    written = sum(compute(*tasks, client=client))
-    if written != n_total:
-        raise AssertionError(f"ingest wrote {written} rows, expected {n_total}")
+    written = sum(compute(*tasks, client=client, label="ingest"))
+    ensure(written == n_total, f"ingest wrote {written} rows, expected {n_total}")
+    for fmt, node in ((CellsV1, cells), (SectionsV1, sec), (GenesV1, gene_group)):
+        fmt.stamp(node)
+    if genes:
+        MatrixV1.stamp(root["X"])
 
 
 from .isost import import_isost  # noqa: E402  (needs ingest defined above)

@@ -3,8 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..errors import ConfigError
+
+
+def _field(default, config: str, doc: str):
+    """A spec field: its default, its place in a config's ``input:`` block and a one-line doc."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"config": config, "doc": doc})
+    return field(default=default, metadata={"config": config, "doc": doc})
+
 
 UNIT_SCALE = {"um": 1.0, "mm": 1000.0, "nm": 1e-3}
 GENE_JOINS = ("strict", "union", "intersection")
@@ -27,26 +36,30 @@ class IngestSpec:
     are 0 and recorded in /sections/gene_measured), ``intersection``.
     """
 
-    x: str = "x"
-    y: str = "y"
-    section: str | None = "section"
-    z: str | None = None
-    cell_type: str | None = None
-    cell_id: str | None = None
-    genes: list | str | None = None
-    obs: list = field(default_factory=list)
-    units: str = "um"
-    pixel_size: float | None = None
-    section_order: list | None = None
-    section_z: dict | None = None
-    section_spacing: float = 10.0
-    gene_join: str = "strict"
-    normalize: str = "none"
-    min_cells_per_section: int = 10
-    spatial_key: str | None = None     # h5ad: obsm key holding (x, y) instead of obs columns
-    read_rows: int | None = None       # rows per read chunk (default from the column count)
-    cell_chunk: int | None = None      # rows per Zarr chunk (default ~32 MiB of expression per chunk)
-    gene_chunk: int = 512
+    x: str = _field("x", "columns.x", "column of x")
+    y: str = _field("y", "columns.y", "column of y")
+    section: str | None = _field("section", "columns.section", "column of the section id (null in a folder of one "
+                                                               "file per section: the file name)")
+    z: str | None = _field(None, "columns.z", "column of z (um); null: from sections.z or sections.spacing")
+    cell_type: str | None = _field(None, "columns.cell_type", "column of cell-type labels")
+    cell_id: str | None = _field(None, "columns.cell_id", "column of cell ids")
+    genes: list[str] | Literal["rest"] | None = _field(None, "genes", "gene columns: a list, 'rest' (every other "
+                                                                      "column) or null (no expression)")
+    obs: list[str] = _field([], "obs", "further columns to keep (text becomes categorical)")
+    units: Literal["um", "mm", "nm", "px"] = _field("um", "units", "unit of x, y (px needs pixel_size)")
+    pixel_size: float | None = _field(None, "pixel_size", "micrometres per pixel when units is px")
+    section_order: list[str | int] | None = _field(None, "sections.order", "section ids in z order")
+    section_z: dict | None = _field(None, "sections.z", "section id -> z (um)")
+    section_spacing: float = _field(10.0, "sections.spacing", "distance between sections (um) when z is not given")
+    gene_join: Literal["strict", "union", "intersection"] = _field(
+        "strict", "gene_join", "files with different genes: error, union (missing = 0), or intersection")
+    normalize: Literal["none", "log1p"] = _field("none", "normalize", "none, or log1p(10^4 counts / total)")
+    min_cells_per_section: int = _field(10, "sections.min_cells", "sections with fewer cells are an error")
+    spatial_key: str | None = _field(None, "spatial_key", "h5ad: the obsm key holding (x, y)")
+    read_rows: int | None = _field(None, "chunks.read_rows", "rows per read chunk (default from the column count)")
+    cell_chunk: int | None = _field(None, "chunks.cell_chunk", "rows per Zarr chunk (default ~32 MiB of "
+                                                               "expression per chunk)")
+    gene_chunk: int = _field(512, "chunks.gene_chunk", "genes per Zarr chunk of /X")
 
     def __post_init__(self):
         if self.units not in (*UNIT_SCALE, "px"):

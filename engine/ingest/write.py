@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from ..errors import ensure
 from ..store.arrays import assert_aligned
 
 
@@ -40,8 +41,7 @@ def write_block(store: str, staging: str, a: int, b: int, pieces: list[tuple], p
     assert_aligned(a, b, plan["chunk"], n, "cells")
     staging = Path(staging)
     sec = np.concatenate([np.full(hi - lo, code, dtype=np.int32) for _, lo, hi, code in pieces])
-    if len(sec) != b - a:
-        raise AssertionError(f"staged rows for [{a}, {b}) add up to {len(sec)}")
+    ensure(len(sec) == b - a, f"staged rows for [{a}, {b}) add up to {len(sec)}")
     root["cells/section"][a:b] = sec
     root["cells/x"][a:b] = _gather(staging, pieces, "x")
     root["cells/y"][a:b] = _gather(staging, pieces, "y")

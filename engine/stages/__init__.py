@@ -1,16 +1,24 @@
-"""Stages: functions ``stage(atlas, ..., client=None)`` that build a lazy Dask graph over the store,
-compute it once, and commit one output group atomically (see :mod:`lamina.stages.runner`)."""
-from .runner import StageResult, run_stage
+"""Stages: functions ``stage(atlas, client=None, force=False, **options)`` that build a Dask graph over the
+store, compute it, and commit one output group atomically. Each is declared once as a
+:class:`~lamina.stages.contract.Stage` (see :mod:`lamina.stages.contract` and :mod:`lamina.stages.registry`)."""
+from .contract import PlanContext, Stage, StageContext
 from .flow import train_flow
 from .interpolate import interpolate
+from .invert import invert
+from .options import Options, option
 from .pca import pca
-from .pipeline import align, reconstruct
+from .pipeline import align, plan, reconstruct, run_plan
 from .qc import section_stats
 from .rasterize import rasterize
 from .refine import refine
 from .registration import register
-from .volume import export_expression_parquet, invert, voxelize
+from .registry import add_stage, all_stages, get_stage, pipelines
+from .runner import StageResult, run
+from .voxelize import voxelize
 from .warp import warp
+from ..export import export_expression_parquet
 
-__all__ = ["StageResult", "run_stage", "align", "reconstruct", "section_stats", "rasterize", "register", "refine", "warp",
-           "pca", "train_flow", "interpolate", "voxelize", "invert", "export_expression_parquet"]
+__all__ = ["Stage", "StageContext", "PlanContext", "Options", "option", "StageResult", "run", "plan", "run_plan",
+           "add_stage", "all_stages", "get_stage", "pipelines", "align", "reconstruct", "section_stats",
+           "rasterize", "register", "refine", "warp", "pca", "train_flow", "interpolate", "voxelize", "invert",
+           "export_expression_parquet"]

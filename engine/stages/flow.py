@@ -14,18 +14,22 @@ interrupted training resumes from the last finished task; the driver shows a pro
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import dask
 import numpy as np
-import torch
 import zarr
 
-from ..cluster import compute, task_device
-from ..errors import InputError, StoreError
-from ..kernels.sde import FlowModel, flow_loss
+from ..cluster import task_device
+from ..errors import InputError, MissingInputError
 from ..store import arrays
 from ..store.atlas import Atlas
-from ..store.tensors import load_optimizer_state, optimizer_state, read_state, write_state
-from .runner import SCRATCH, StageResult, params_hash, run_stage, stage_options
+from .contract import Stage, StageContext
+from .options import Options, option
+from .runner import SCRATCH, params_hash
+
+log = logging.getLogger("lamina")
 
 # action_weight: a displacement d that the samples agree on, over a gap g (both in normalised units), costs
 # |d|^2 in the fit and w |d|^2 / g in the action, so the flow keeps about d / (1 + w / g) of it. Gaps are
@@ -33,9 +37,27 @@ from .runner import SCRATCH, StageResult, params_hash, run_stage, stage_options
 # leave-one-out benchmark); w = 0.3 keeps about a third, enough to move structures, still shrinking what
 # 512-cell subsamples disagree on; w <= 0.03 followed the subsample noise and lost to the blend. 600 steps:
 # at 150 the moving flows were still worse than the blend, at 1200 no better than at 600.
-DEFAULTS = {"dz_um": 10.0, "k": 10, "hidden": 64, "subsample": 512, "steps": 600, "steps_per_task": 25,
-            "lr": 2e-3, "eps": 0.01, "expression_weight": 0.3, "action_weight": 0.3, "noise_pos": 0.01, "noise_expr": 0.02,
-            "pool": 4, "seed": 0}
+
+
+@dataclass(frozen=True)
+class TrainFlowOptions(Options):
+    dz_um: float = option(10.0, "Euler step of the flow along z (um); also the layer spacing of interpolate", gt=0)
+    k: int = option(10, "neighbours of each cell in the flow's kNN graph", ge=1)
+    hidden: int = option(64, "width of the drift networks", ge=1)
+    subsample: int = option(512, "cells per side per training step (the OT loss is O(subsample^2))", ge=1)
+    steps: int = option(600, "training steps", ge=1)
+    steps_per_task: int = option(25, "steps per Dask task (a checkpoint after each)", ge=1)
+    lr: float = option(2e-3, "Adam learning rate", gt=0)
+    eps: float = option(0.01, "Sinkhorn blur (normalised units squared)", gt=0)
+    expression_weight: float = option(0.3, "weight of expression against position in the OT cost", ge=0)
+    action_weight: float = option(0.3, "weight of the flow's kinetic action (keeps the drift near zero where "
+                                        "the samples disagree)", ge=0)
+    noise_pos: float = option(0.01, "diffusion of positions (normalised units per sqrt depth)", ge=0)
+    noise_expr: float = option(0.02, "diffusion of expression (normalised units per sqrt depth)", ge=0)
+    pool: int = option(4, "cells read per section per task, in subsamples", ge=1)
+    seed: int = option(0, "seed of the subsamples, the noise and the initial weights")
+    sections: tuple[str | int, ...] | None = option(None, "sections the flow learns from (ids or positions; "
+                                                          "e.g. to leave one out); null: all")
 MIN_CELLS = 3
 DIRECTIONS = ("forward", "backward")
 
@@ -60,7 +82,7 @@ def flow_sections(atlas: Atlas, sections) -> np.ndarray:
     return use
 
 
-def _read_cells(root: zarr.Group, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def read_cells(root: zarr.Group, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Aligned (x, y) ``[n, 2]`` and PCs ``[n, P]`` of the given sorted row indices."""
     xy = np.stack([root["aligned/x"].oindex[rows], root["aligned/y"].oindex[rows]], 1).astype(np.float32)
     return xy, np.asarray(root["pca/pcs"].oindex[rows, :], np.float32)
@@ -71,16 +93,23 @@ def _pools(root, sec: np.ndarray, starts, stops, size: int, rng) -> dict[int, tu
     for s in sec:
         a, b = int(starts[s]), int(stops[s])
         rows = np.sort(rng.choice(np.arange(a, b), size=min(size, b - a), replace=False))
-        out[int(s)] = _read_cells(root, rows)
+        out[int(s)] = read_cells(root, rows)
     return out
 
 
-def build_models(cfg: dict, n_features: int) -> dict[str, FlowModel]:
+def build_models(cfg: dict, n_features: int) -> dict:
+    from ..kernels.sde import FlowModel
+
     return {d: FlowModel(n_features, cfg["hidden"], cfg["k"]) for d in DIRECTIONS}
 
 
 def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: int) -> list[float]:
     """Train steps ``[a, b)`` from the checkpoint (or from scratch when ``a == 0``) and checkpoint again."""
+    import torch
+
+    from ..kernels.sde import flow_loss
+    from ..store.tensors import load_optimizer_state, optimizer_state, read_state, write_state
+
     root = zarr.open_group(store, mode="r+")
     secs = root["sections"]
     starts, stops = np.asarray(secs["cell_start"][...]), np.asarray(secs["cell_stop"][...])
@@ -143,66 +172,70 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
     return losses
 
 
-def train_flow(atlas: Atlas, client=None, force: bool = False, sections=None, **options) -> StageResult:
-    """Train the forward and backward graph-SDE flows on consecutive aligned sections -> ``/flow``.
+def _check(atlas: Atlas, opts: TrainFlowOptions) -> None:
+    flow_sections(atlas, opts.sections)
 
-    Options (defaults in ``DEFAULTS``): ``dz_um`` Euler step (um), ``k`` neighbours, ``hidden`` width,
-    ``subsample`` cells per side per step, ``steps``, ``steps_per_task``, ``lr``, ``eps`` (OT blur, in
-    normalised units squared), ``expression_weight``, ``action_weight`` (the flow's kinetic action, which keeps
-    the drift near zero where the subsamples give no consistent signal), ``noise_pos`` / ``noise_expr`` (diffusion, normalised
-    units per sqrt(normalised depth)), ``pool`` (cells read per section per task, in subsamples), ``seed``.
-    ``sections`` restricts training to some sections (e.g. leave one out).
-    """
+
+def _prepare(atlas: Atlas, opts: TrainFlowOptions) -> dict:
+    return {"flow_sections": flow_sections(atlas, opts.sections).tolist()}
+
+
+def _build(ctx: StageContext) -> dict:
+    """Train the forward and backward graph-SDE flows on consecutive aligned sections -> ``/flow``."""
     from tqdm.auto import tqdm
 
-    atlas.writable()
-    cfg = stage_options("train_flow", DEFAULTS, options)
-    for key in ("k", "hidden", "subsample", "steps", "steps_per_task", "pool"):
-        if int(cfg[key]) < 1:
-            raise InputError(f"train_flow: {key} must be >= 1, got {cfg[key]}")
-    if not cfg["dz_um"] > 0:
-        raise InputError(f"train_flow: dz_um must be > 0 um, got {cfg['dz_um']}")
+    from ..store.tensors import read_state, write_state
+
+    atlas, group = ctx.atlas, ctx.group
+    cfg = ctx.options.to_dict()
+    sec = np.asarray(ctx.prepared["flow_sections"])
     records = atlas.stage_records()
-    for need in ("warp", "pca"):
-        if not records.get(need, {}).get("complete"):
-            raise StoreError(f"train_flow needs the '{need}' stage of {atlas.path}; run lamina.align() and lamina.pca() first")
-    sec = flow_sections(atlas, sections)
-    params = {**cfg, "sections": sec.tolist()}
-    ckpt = f"{SCRATCH}/ckpt-train_flow-{params_hash(params, records['warp']['hash'], records['pca']['hash'])[:16]}"
+    ckpt = f"{SCRATCH}/ckpt-train_flow-" + params_hash(
+        {**cfg, "sections": sec.tolist()}, records["warp"]["hash"], records["pca"]["hash"])[:16]
+    done = int(atlas.root[ckpt].attrs.get("steps_done", 0)) if ckpt in atlas.root else 0
+    if done:
+        log.info("train_flow: resuming from step %d of %d (checkpoint %s)", done, cfg["steps"], ckpt)
+    bar = tqdm(total=cfg["steps"], initial=done, desc="train_flow", unit="step", disable=None)
+    for a in range(done, cfg["steps"], cfg["steps_per_task"]):
+        b = min(cfg["steps"], a + cfg["steps_per_task"])
+        losses, = ctx.compute(dask.delayed(_train_block, pure=False)(atlas.path, ckpt, cfg, sec.tolist(), a, b))
+        bar.update(b - a)
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        log.debug("train_flow: steps %d-%d of %d, mean loss %.4f", a, b, cfg["steps"], float(np.mean(losses)))
+    bar.close()
+    src = atlas.root[ckpt]
+    for d in DIRECTIONS:
+        write_state(group.require_group(d), read_state(src[d]))
+    loss = np.asarray(src["loss"][...])
+    arrays.write_small(group, "loss", loss, ("step",))
+    arrays.write_small(group, "sections", sec.astype(np.int32), ("flow_section",))
+    n_features = int(atlas.root["pca/pcs"].shape[1])
+    group.attrs.update({"model": {"n_features": n_features, "hidden": cfg["hidden"], "k": cfg["k"]},
+                        "dz_um": cfg["dz_um"], "subsample": cfg["subsample"]})
 
-    def build(group):
-        done = int(atlas.root[ckpt].attrs.get("steps_done", 0)) if ckpt in atlas.root else 0
-        bar = tqdm(total=cfg["steps"], initial=done, desc="train flow", unit="step", disable=None)
-        for a in range(done, cfg["steps"], cfg["steps_per_task"]):
-            b = min(cfg["steps"], a + cfg["steps_per_task"])
-            losses, = compute(dask.delayed(_train_block, pure=False)(atlas.path, ckpt, cfg, sec.tolist(), a, b),
-                              client=client)
-            bar.update(b - a)
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        bar.close()
-        src = atlas.root[ckpt]
-        for d in DIRECTIONS:
-            write_state(group.require_group(d), read_state(src[d]))
-        loss = np.asarray(src["loss"][...])
-        arrays.write_small(group, "loss", loss, ("step",))
-        arrays.write_small(group, "sections", sec.astype(np.int32), ("flow_section",))
-        n_features = int(atlas.root["pca/pcs"].shape[1])
-        group.attrs.update({"model": {"n_features": n_features, "hidden": cfg["hidden"], "k": cfg["k"]},
-                            "dz_um": cfg["dz_um"], "subsample": cfg["subsample"]})
-        # each step samples one gap, and gaps differ in loss: compare means over the first and last tenth
-        tenth = max(1, len(loss) // 10)
-        return {"final_loss": float(np.nanmean(loss[-tenth:])), "first_loss": float(np.nanmean(loss[:tenth]))}
+    def drop_checkpoint():
+        if ckpt in atlas.root:
+            del atlas.root[ckpt]
 
-    result = run_stage(atlas, "train_flow", "flow", params, build, inputs=("warp", "pca"), force=force)
-    if ckpt in atlas.root:
-        del atlas.root[ckpt]
-    return result
+    ctx.after_commit.append(drop_checkpoint)
+    # each step samples one gap, and gaps differ in loss: compare means over the first and last tenth
+    tenth = max(1, len(loss) // 10)
+    return {"final_loss": float(np.nanmean(loss[-tenth:])), "first_loss": float(np.nanmean(loss[:tenth]))}
 
 
-def load_models(root: zarr.Group, flow: str = "flow") -> dict[str, FlowModel]:
+STAGE = Stage(name="train_flow", output="flow", inputs=("warp", "pca"), options=TrainFlowOptions, version=1,
+              summary="Forward and backward graph-SDE flows along z, trained on consecutive aligned sections.",
+              build=_build, element="lamina.flow", pipeline="reconstruct", check=_check, prepare=_prepare)
+train_flow = STAGE.function
+
+
+def load_models(root: zarr.Group, flow: str = "flow") -> dict:
     """The trained forward/backward models of a complete ``/flow`` group, rebuilt from their arrays."""
+    from ..kernels.sde import FlowModel
+    from ..store.tensors import read_state
+
     if flow not in root or not root[flow].attrs.get("complete"):
-        raise StoreError("the atlas has no complete /flow; run lamina.train_flow(atlas) first")
+        raise MissingInputError("the atlas has no complete /flow; run lamina.train_flow(atlas) first")
     g = root[flow]
     m = dict(g.attrs["model"])
     models = {}

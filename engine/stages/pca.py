@@ -12,19 +12,29 @@ so the stage commits one group atomically.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import dask
 import dask.array as da
 import numpy as np
 import zarr
 
-from ..cluster import compute
-from ..errors import InputError, StoreError
+from ..errors import InputError, MissingInputError, ensure
 from ..kernels.pca import project, safe_scale
 from ..store import arrays
 from ..store.atlas import Atlas
-from .runner import StageResult, run_stage
+from .contract import PlanContext, Stage, StageContext
+from .options import Options, option
 
 DEFAULT_N_PCS = 50
+
+
+@dataclass(frozen=True)
+class PCAOptions(Options):
+    n_pcs: int | None = option(None, "principal components; null: min(50, genes)", ge=1)
+    scale: bool = option(True, "scale genes to unit variance before the PCA (as scanpy.pp.scale)")
+    n_power_iter: int = option(2, "power iterations of the randomised subspace iteration", ge=0)
+    seed: int = option(0, "seed of the random start")
 
 
 def _nonfinite_error(atlas: Atlas, row: int, count: int) -> None:
@@ -41,12 +51,13 @@ def _gram_times(store: str, a: int, b: int, mean: np.ndarray, scale: np.ndarray,
     return Z.T @ (Z @ W)
 
 
-def _covariance_times(atlas: Atlas, mean, scale, W, client) -> np.ndarray:
+def _covariance_times(ctx: StageContext, mean, scale, W) -> np.ndarray:
     """``Z^T Z W`` by one streaming pass: a task per cell chunk, partial products tree-summed by dask."""
+    atlas = ctx.atlas
     n, chunk = atlas.n_cells, atlas.cell_chunk
     parts = [da.from_delayed(dask.delayed(_gram_times, pure=False)(atlas.path, a, min(n, a + chunk), mean, scale, W),
                              shape=W.shape, dtype=np.float64) for a in range(0, n, chunk)]
-    return np.asarray(compute(da.stack(parts).sum(axis=0, split_every=8), client=client)[0])
+    return np.asarray(ctx.compute(da.stack(parts).sum(axis=0, split_every=8))[0])
 
 
 def _project_chunk(store: str, target: str, a: int, b: int) -> int:
@@ -57,64 +68,76 @@ def _project_chunk(store: str, target: str, a: int, b: int) -> int:
     return b - a
 
 
-def pca(atlas: Atlas, n_pcs: int | None = None, scale: bool = True, n_power_iter: int = 2, seed: int = 0,
-        client=None, force: bool = False) -> StageResult:
-    """PCA of the expression matrix; ``n_pcs`` defaults to ``min(50, n_genes)``.
+def _resolve(atlas: Atlas, opts: PCAOptions, context: PlanContext) -> PCAOptions:
+    return opts if opts.n_pcs is not None else opts.replace(n_pcs=min(DEFAULT_N_PCS, max(atlas.n_genes, 1)))
+
+
+def _check(atlas: Atlas, opts: PCAOptions) -> None:
+    if "X" not in atlas.root or not atlas.n_genes:
+        raise MissingInputError(f"pca needs expression: {atlas.path} has no expression matrix /X (it was ingested "
+                                f"without genes); ingest with genes= (a list, or 'rest'), or leave out the stages "
+                                f"that need it (reconstruct, PC raster channels)")
+    n, G = atlas.n_cells, atlas.n_genes
+    k = opts.n_pcs if opts.n_pcs is not None else min(DEFAULT_N_PCS, G)
+    if not 1 <= k <= min(G, n):
+        raise InputError(f"pca asked for {k} components but {atlas.path} has {G} genes and {n:,} cells; "
+                         f"n_pcs must be between 1 and {min(G, n)}")
+
+
+def _build(ctx: StageContext) -> dict:
+    """PCA of the expression matrix into ``/pca``.
 
     Components ``[pc, gene]`` have unit norm with the largest loading of each positive (a fixed sign, so
     re-runs and other machines agree); ``explained_variance_ratio`` is over the total variance of the
     centred (scaled) genes.
     """
-    atlas.writable()
-    if "X" not in atlas.root:
-        raise StoreError(f"{atlas.path} has no expression matrix /X; ingest genes before running pca")
+    atlas, opts, group = ctx.atlas, ctx.options, ctx.group
     n, G = atlas.n_cells, atlas.n_genes
-    k = int(n_pcs) if n_pcs is not None else min(DEFAULT_N_PCS, G)
-    if not 1 <= k <= min(G, n):
-        raise InputError(f"pca asked for {k} components but {atlas.path} has {G} genes and {n:,} cells; "
-                         f"n_pcs must be between 1 and {min(G, n)}")
-    params = {"n_pcs": k, "scale": bool(scale), "n_power_iter": int(n_power_iter), "seed": int(seed)}
+    k = int(opts.n_pcs)
+    X = atlas._lazy("X").astype(np.float64)
+    bad = ~da.isfinite(X).all(axis=1)
+    total, total_sq, n_bad, first_bad = ctx.compute(X.sum(0), (X ** 2).sum(0), bad.sum(), da.argmax(bad))
+    if n_bad:
+        _nonfinite_error(atlas, int(first_bad), int(n_bad))
+    mean = total / n
+    var = np.maximum(total_sq / n - mean ** 2, 0.0) * n / max(n - 1, 1)
+    sc = safe_scale(np.sqrt(var)) if opts.scale else np.ones(G)
+    width = min(G, k + 10)
+    W = np.linalg.qr(np.random.default_rng(opts.seed).normal(size=(G, width)))[0]
+    for _ in range(opts.n_power_iter + 1):
+        W = np.linalg.qr(_covariance_times(ctx, mean, sc, W))[0]
+    M = W.T @ _covariance_times(ctx, mean, sc, W)
+    lam, vec = np.linalg.eigh((M + M.T) / 2)
+    top = np.argsort(lam)[::-1][:k]
+    v = (W @ vec[:, top]).T
+    s = np.sqrt(np.maximum(lam[top], 0.0))
+    flip = np.sign(v[np.arange(k), np.abs(v).argmax(1)])
+    v *= np.where(flip == 0, 1.0, flip)[:, None]
+    ev = np.asarray(s) ** 2 / max(n - 1, 1)
+    total_var = float((var / sc ** 2).sum())
+    arrays.write_small(group, "components", v.astype(np.float32), ("pc", "gene"))
+    arrays.write_small(group, "mean", mean.astype(np.float32), ("gene",))
+    arrays.write_small(group, "scale", sc.astype(np.float32), ("gene",))
+    arrays.write_small(group, "explained_variance", ev.astype(np.float32), ("pc",))
+    arrays.write_small(group, "explained_variance_ratio", (ev / max(total_var, 1e-30)).astype(np.float32), ("pc",))
+    chunk = atlas.cell_chunk
+    arrays.create(group, "pcs", (n, k), np.float32, (chunk, k), ("cell", "pc"))
+    tasks = [dask.delayed(_project_chunk, pure=False)(atlas.path, group.path, a, min(a + chunk, n))
+             for a in range(0, n, chunk)]
+    written = sum(ctx.compute(*tasks))
+    ensure(written == n, f"pca wrote PCs of {written} cells, not {n}")
+    return {"n_pcs": k, "explained_variance_ratio_sum": float((ev / max(total_var, 1e-30)).sum())}
 
-    def build(group):
-        X = atlas._lazy("X").astype(np.float64)
-        bad = ~da.isfinite(X).all(axis=1)
-        total, total_sq, n_bad, first_bad = compute(X.sum(0), (X ** 2).sum(0), bad.sum(), da.argmax(bad), client=client)
-        if n_bad:
-            _nonfinite_error(atlas, int(first_bad), int(n_bad))
-        mean = total / n
-        var = np.maximum(total_sq / n - mean ** 2, 0.0) * n / max(n - 1, 1)
-        sc = safe_scale(np.sqrt(var)) if scale else np.ones(G)
-        width = min(G, k + 10)
-        W = np.linalg.qr(np.random.default_rng(seed).normal(size=(G, width)))[0]
-        for _ in range(n_power_iter + 1):
-            W = np.linalg.qr(_covariance_times(atlas, mean, sc, W, client))[0]
-        M = W.T @ _covariance_times(atlas, mean, sc, W, client)
-        lam, vec = np.linalg.eigh((M + M.T) / 2)
-        top = np.argsort(lam)[::-1][:k]
-        v = (W @ vec[:, top]).T
-        s = np.sqrt(np.maximum(lam[top], 0.0))
-        flip = np.sign(v[np.arange(k), np.abs(v).argmax(1)])
-        v *= np.where(flip == 0, 1.0, flip)[:, None]
-        ev = np.asarray(s) ** 2 / max(n - 1, 1)
-        total_var = float((var / sc ** 2).sum())
-        arrays.write_small(group, "components", v.astype(np.float32), ("pc", "gene"))
-        arrays.write_small(group, "mean", mean.astype(np.float32), ("gene",))
-        arrays.write_small(group, "scale", sc.astype(np.float32), ("gene",))
-        arrays.write_small(group, "explained_variance", ev.astype(np.float32), ("pc",))
-        arrays.write_small(group, "explained_variance_ratio", (ev / max(total_var, 1e-30)).astype(np.float32), ("pc",))
-        chunk = atlas.cell_chunk
-        arrays.create(group, "pcs", (n, k), np.float32, (chunk, k), ("cell", "pc"))
-        tasks = [dask.delayed(_project_chunk, pure=False)(atlas.path, group.path, a, min(a + chunk, n))
-                 for a in range(0, n, chunk)]
-        assert sum(compute(*tasks, client=client)) == n
-        return {"n_pcs": k, "explained_variance_ratio_sum": float((ev / max(total_var, 1e-30)).sum())}
 
-    return run_stage(atlas, "pca", "pca", params, build, inputs=("ingest",), force=force)
+STAGE = Stage(name="pca", output="pca", inputs=("ingest",), options=PCAOptions, version=1,
+              summary="Out-of-core PCA of ``/X``: components, mean, scale and per-cell PCs as arrays in ``/pca``.",
+              build=_build, element="lamina.pca", pipeline="reconstruct", check=_check, resolve=_resolve)
+pca = STAGE.function
 
 
 def read_pca(root: zarr.Group) -> dict[str, np.ndarray]:
     """The small PCA arrays (components, mean, scale) of a complete ``/pca`` group."""
     if "pca" not in root or not root["pca"].attrs.get("complete"):
-        raise StoreError("the atlas has no complete /pca; run lamina.pca(atlas) first")
+        raise MissingInputError("the atlas has no complete /pca; run lamina.pca(atlas) first")
     g = root["pca"]
     return {k: np.asarray(g[k][...]) for k in ("components", "mean", "scale")}

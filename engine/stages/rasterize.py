@@ -8,20 +8,35 @@ streams the section's cells chunk by chunk through ``kernels.raster.splat`` and 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import dask
 import numpy as np
 import zarr
 
-from ..cluster import compute
-from ..errors import InputError, StoreError
+from ..errors import InputError
+from ..kernels.geometry import grid_to_um
 from ..kernels.raster import expression_channels, smooth, splat
 from ..store import arrays
 from ..store.atlas import Atlas
-from .runner import StageResult, run_stage
+from .contract import Stage, StageContext
+from .options import Options, option
 
 MAX_CANVAS_PX = 256
 CHANNELS = ("auto", "types", "pcs", "types+pcs", "density")
-DEFAULT_PC_CHANNELS = 8
+
+
+@dataclass(frozen=True)
+class RasterizeOptions(Options):
+    pixel_um: float | None = option(None, "canvas pixel (um); null: the typical cell spacing, no finer than a "
+                                          "256-pixel canvas", gt=0)
+    sigma_px: float = option(1.5, "Gaussian blur of the density images (pixels)", ge=0)
+    channels: Literal["auto", "types", "pcs", "types+pcs", "density"] = option(
+        "auto", "what the images show: cell types, expression PCs (with a density channel), both, or density; "
+                "auto: types, else PCs when there are genes")
+    n_pc_channels: int = option(8, "principal components drawn (2 channels each, by sign)", ge=1)
+    expression_share: float = option(0.75, "share of each cell's mass spread over the PC channels", gt=0, le=1)
 
 
 def channel_kind(atlas: Atlas, channels: str = "auto") -> str:
@@ -61,8 +76,7 @@ def canvas_geometry(atlas: Atlas, pixel_um: float | None, max_px: int = MAX_CANV
 
 def pixel_to_um(raster) -> np.ndarray:
     """3x3 map from canvas pixel (col, row) to section-centred um, read from a ``/raster`` group's attrs."""
-    spacing, origin = float(raster.attrs["spacing"]), raster.attrs["origin"]
-    return np.array([[spacing, 0, origin[0]], [0, spacing, origin[1]], [0, 0, 1.0]])
+    return grid_to_um(float(raster.attrs["spacing"]), raster.attrs["origin"])
 
 
 def _rasterize_section(store: str, s: int, lo: int, hi: int, center, geom: dict, n_channels: int, kind: str,
@@ -95,54 +109,65 @@ def _rasterize_section(store: str, s: int, lo: int, hi: int, center, geom: dict,
     return hi - lo
 
 
-def rasterize(atlas: Atlas, pixel_um: float | None = None, sigma_px: float = 1.5, channels: str = "auto",
-              n_pc_channels: int = DEFAULT_PC_CHANNELS, expression_share: float = 0.75, client=None,
-              force: bool = False) -> StageResult:
+def _needs(atlas: Atlas, opts: RasterizeOptions) -> tuple[str, ...]:
+    return ("ingest", "section_stats") + (("pca",) if "pcs" in channel_kind(atlas, opts.channels) else ())
+
+
+def _check(atlas: Atlas, opts: RasterizeOptions) -> None:
+    channel_kind(atlas, opts.channels)
+
+
+def _layout(atlas: Atlas, opts: RasterizeOptions) -> tuple[str, list[str], int]:
+    """(kind, channel names, PCs drawn) of the rasters."""
+    kind = channel_kind(atlas, opts.channels)
+    names = list(atlas.categories("cell_type")) if "types" in kind else ["density"]
+    n_pcs = 0
+    if "pcs" in kind:
+        n_pcs = min(int(opts.n_pc_channels), int(atlas.root["pca/components"].shape[0]))
+        names += [f"PC{i + 1}{sign}" for i in range(n_pcs) for sign in "+-"]
+    return kind, names, n_pcs
+
+
+def _prepare(atlas: Atlas, opts: RasterizeOptions) -> dict:
+    geom = canvas_geometry(atlas, opts.pixel_um)
+    kind, names, n_pcs = _layout(atlas, opts)
+    return {"canvas_pixel_um": geom["pixel_um"], "canvas_px": geom["size"], "channel_names": names}
+
+
+def _build(ctx: StageContext) -> dict:
     """Rasterize every section into ``/raster/cells`` ``[section, channel, y, x]`` (cells per pixel, smoothed).
 
-    ``pixel_um`` default: the typical cell spacing, but no finer than a 256-pixel canvas. ``channels`` (see
-    :func:`channel_kind`): with PCs, ``expression_share`` of each cell's unit of mass is split over
-    ``2 x n_pc_channels`` channels by the signs and sizes of its first principal components, centred on its
-    section's mean (``kernels.raster.expression_channels``; PCs from the ``pca`` stage), and the rest stays
-    in its type channel (``types+pcs``) or a density channel (``pcs``). The channels always sum to the cell
-    density. Why 0.75 (measured against 0.5): phantom pairs without types, median error 16.7 against 20.6 um
-    (45.5 with the density alone); her2st pairs, cluster agreement 0.624 against 0.618 (density alone 0.621)
-    but 40.3 against 33.9 um from the authors' alignment (35.7). ``types+pcs`` is not the default: on the
+    With PC channels, ``expression_share`` of each cell's unit of mass is split over ``2 x n_pc_channels``
+    channels by the signs and sizes of its first principal components, centred on its section's mean
+    (``kernels.raster.expression_channels``; PCs from the ``pca`` stage), and the rest stays in its type
+    channel (``types+pcs``) or a density channel (``pcs``). The channels always sum to the cell density.
+    Why 0.75 (measured against 0.5): phantom pairs without types, median error 16.7 against 20.6 um (45.5
+    with the density alone); her2st pairs, cluster agreement 0.624 against 0.618 (density alone 0.621) but
+    40.3 against 33.9 um from the authors' alignment (35.7). ``types+pcs`` is not the default: on the
     phantom stack it gave 21.7 um against 22.4 with the types alone, within what other shares moved it.
     """
-    geom = canvas_geometry(atlas.writable(), pixel_um)
-    kind = channel_kind(atlas, channels)
-    if not 0.0 < expression_share <= 1.0:
-        raise InputError(f"rasterize: expression_share must be in (0, 1], not {expression_share}")
-    inputs = ("ingest", "section_stats")
-    n_pcs = 0
-    names = list(atlas.categories("cell_type")) if "types" in kind else ["density"]
-    if "pcs" in kind:
-        if not atlas.group_is_complete("pca"):
-            raise StoreError(f"rasterize: PC channels need the pca stage of {atlas.path}; run lamina.pca(atlas) "
-                             f"first (lamina.align does)")
-        n_pcs = min(int(n_pc_channels), int(atlas.root["pca/components"].shape[0]))
-        names += [f"PC{i + 1}{sign}" for i in range(n_pcs) for sign in "+-"]
-        inputs += ("pca",)
-    share = float(expression_share) if n_pcs else 0.0
-    params = {"pixel_um": geom["pixel_um"], "sigma_px": sigma_px, "size": geom["size"], "channels": names}
-    if n_pcs:
-        params["expression_share"] = share
+    atlas, opts, group = ctx.atlas, ctx.options, ctx.group
+    geom = canvas_geometry(atlas, opts.pixel_um)
+    kind, names, n_pcs = _layout(atlas, opts)
+    share = float(opts.expression_share) if n_pcs else 0.0
+    S, C, N = atlas.n_sections, len(names), geom["size"]
+    arrays.create(group, "cells", (S, C, N, N), np.float32, (1, C, N, N), ("section", "channel", "y", "x"),
+                  {"units": "cells per pixel", "channels": names, "kind": kind})
+    arrays.write_small(group, "centroid", geom["centroid"], ("section", "xy"),
+                       {"units": "um", "description": "raw (x, y) subtracted before drawing"})
+    group.attrs.update({"origin": geom["origin"], "spacing": geom["pixel_um"], "sigma_px": opts.sigma_px,
+                        "frame": "section-centred: canvas (x, y) = raw (x, y) - centroid"})
+    sec = atlas.sections
+    job = dict(geom, target=f"{group.path}/cells")
+    tasks = [dask.delayed(_rasterize_section, pure=False)(
+        atlas.path, s, int(sec.cell_start.iloc[s]), int(sec.cell_stop.iloc[s]), geom["centroid"][s], job, C,
+        kind, n_pcs, share, opts.sigma_px, atlas.cell_chunk) for s in range(S)]
+    ctx.compute(*tasks)
+    return {"pixel_um": geom["pixel_um"], "canvas_px": N, "channels": kind}
 
-    def build(group):
-        S, C, N = atlas.n_sections, len(names), geom["size"]
-        arrays.create(group, "cells", (S, C, N, N), np.float32, (1, C, N, N), ("section", "channel", "y", "x"),
-                      {"units": "cells per pixel", "channels": names, "kind": kind})
-        arrays.write_small(group, "centroid", geom["centroid"], ("section", "xy"),
-                           {"units": "um", "description": "raw (x, y) subtracted before drawing"})
-        group.attrs.update({"origin": geom["origin"], "spacing": geom["pixel_um"], "sigma_px": sigma_px,
-                            "frame": "section-centred: canvas (x, y) = raw (x, y) - centroid"})
-        sec = atlas.sections
-        job = dict(geom, target=f"{group.path}/cells")
-        tasks = [dask.delayed(_rasterize_section, pure=False)(
-            atlas.path, s, int(sec.cell_start.iloc[s]), int(sec.cell_stop.iloc[s]), geom["centroid"][s], job, C,
-            kind, n_pcs, share, sigma_px, atlas.cell_chunk) for s in range(S)]
-        compute(*tasks, client=client)
-        return {"pixel_um": geom["pixel_um"], "canvas_px": N, "channels": kind}
 
-    return run_stage(atlas, "rasterize", "raster", params, build, inputs=inputs, force=force)
+STAGE = Stage(name="rasterize", output="raster", inputs=("ingest", "section_stats"), options=RasterizeOptions,
+              version=1, summary="Every section as smoothed density images on one shared, section-centred canvas.",
+              build=_build, element="lamina.raster", pipeline="align", needs=_needs, check=_check,
+              prepare=_prepare)
+rasterize = STAGE.function

@@ -5,15 +5,29 @@ atlas canvas) when the ``refine`` stage has run, else the affine of ``/transform
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import dask
 import numpy as np
 import zarr
 
-from ..cluster import compute
+from ..errors import ensure
 from ..store import arrays
 from ..store.atlas import Atlas
 from ..transforms import apply_stored
-from .runner import StageResult, run_stage
+from .contract import PlanContext, Stage, StageContext
+from .options import Options, option
+
+#: transform source -> (group it reads, stage that wrote it)
+SOURCES = {"refined": ("deformation", "refine"), "affine": ("transforms", "register"), "identity": (None, "ingest")}
+
+
+@dataclass(frozen=True)
+class WarpOptions(Options):
+    source: Literal["auto", "refined", "affine", "identity"] = option(
+        "auto", "transform applied: refined (affine + displacement), affine, or identity (cells already "
+                "registered, e.g. imported); auto: refined when refine runs or has run, else affine")
 
 
 def _warp_chunk(store: str, target: str, a: int, b: int, source: str, z: np.ndarray) -> int:
@@ -26,40 +40,47 @@ def _warp_chunk(store: str, target: str, a: int, b: int, source: str, z: np.ndar
     for s in np.unique(sec):  # a chunk spans few sections: one vectorised call each
         m = sec == s
         out[m] = apply_stored(src, int(s), xy[m], affine[s])
-    if not np.all(np.isfinite(out)):
-        raise AssertionError(f"non-finite aligned coordinates in rows [{a}, {b})")
+    ensure(bool(np.all(np.isfinite(out))), f"non-finite aligned coordinates in rows [{a}, {b})")
     root[f"{target}/x"][a:b] = out[:, 0].astype(np.float32)
     root[f"{target}/y"][a:b] = out[:, 1].astype(np.float32)
     root[f"{target}/z"][a:b] = z[sec].astype(np.float32)
     return b - a
 
 
-def warp(atlas: Atlas, client=None, force: bool = False, refined: bool | None = None) -> StageResult:
-    """Aligned (x, y, z) of every cell in the atlas frame (um), chunk-aligned with ``/cells``.
-
-    ``refined``: use ``/deformation`` (True), the affine ``/transforms`` (False), or whichever is newest
-    complete (None: ``/deformation`` when ``refine`` has run).
-    """
-    atlas.writable()
-    if refined is None:
-        refined = atlas.stage_records().get("refine", {}).get("complete", False) and atlas.group_is_complete("deformation")
-    source, inputs = ("deformation", ("refine",)) if refined else ("transforms", ("register",))
-
-    def build(group):
-        return _write_aligned(atlas, group, client, _warp_chunk, source)
-
-    return run_stage(atlas, "warp", "aligned", {"source": source}, build, inputs=inputs, force=force)
+def _resolve(atlas: Atlas, opts: WarpOptions, context: PlanContext) -> WarpOptions:
+    if opts.source != "auto":
+        return opts
+    if "refine" in context.disabled:
+        return opts.replace(source="affine")
+    done = atlas.stage_records().get("refine", {}).get("complete", False) and atlas.group_is_complete("deformation")
+    return opts.replace(source="refined" if "refine" in context.planned or done else "affine")
 
 
-def _write_aligned(atlas: Atlas, group, client, chunk_task, source: str) -> dict:
+def _needs(atlas: Atlas, opts: WarpOptions) -> tuple[str, ...]:
+    if opts.source == "auto":  # only when called without a plan and nothing resolved it: what auto picks alone
+        opts = _resolve(atlas, opts, PlanContext())
+    return (SOURCES[opts.source][1],)
+
+
+def _build(ctx: StageContext) -> dict:
+    """Aligned (x, y, z) of every cell in the atlas frame (um), one task per cell chunk, chunk-aligned with
+    ``/cells``."""
+    source = ctx.options.source
+    task = _identity_chunk if source == "identity" else _warp_chunk
+    return _write_aligned(ctx, task, SOURCES[source][0] or "identity")
+
+
+def _write_aligned(ctx: StageContext, chunk_task, source: str) -> dict:
     """``/aligned`` x, y, z: one ``chunk_task(store, target, a, b, source, z)`` per cell chunk."""
+    atlas, group = ctx.atlas, ctx.group
     n, chunk = atlas.n_cells, atlas.cell_chunk
     for k in ("x", "y", "z"):
         arrays.create(group, k, (n,), np.float32, (chunk,), ("cell",), {"units": "um"})
     z = atlas.sections.z.to_numpy(np.float64)
     tasks = [dask.delayed(chunk_task, pure=False)(atlas.path, group.path, a, min(a + chunk, n), source, z)
              for a in range(0, n, chunk)]
-    assert sum(compute(*tasks, client=client)) == n
+    written = sum(ctx.compute(*tasks))
+    ensure(written == n, f"warp wrote {written} rows of {n}")
     return {"n_cells": n, "transform": source}
 
 
@@ -71,12 +92,13 @@ def _identity_chunk(store: str, target: str, a: int, b: int, source: str, z: np.
     return b - a
 
 
-def mark_aligned(atlas: Atlas, client=None, force: bool = False) -> StageResult:
+STAGE = Stage(name="warp", output="aligned", inputs=("refine",), options=WarpOptions, version=1,
+              summary="Each section's transform applied to its cells: aligned x, y, z (um) in ``/aligned``.",
+              build=_build, element="lamina.aligned", pipeline="align", needs=_needs, resolve=_resolve)
+warp = STAGE.function
+
+
+def mark_aligned(atlas: Atlas, client=None, force: bool = False):
     """Record cells that are already registered (e.g. imported from another tool): ``/aligned`` = raw x, y and
     the section's z, as a completed ``warp`` stage, so the downstream stages can run without registration."""
-    atlas.writable()
-
-    def build(group):
-        return _write_aligned(atlas, group, client, _identity_chunk, "identity")
-
-    return run_stage(atlas, "warp", "aligned", {"source": "identity"}, build, inputs=("ingest",), force=force)
+    return warp(atlas, client=client, force=force, source="identity")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
+from ..errors import ensure
+
 #: Rows per cell chunk are chosen so that one chunk of a [cell, gene] float32 block stays near this size.
 TARGET_CHUNK_BYTES = 32 * 2**20
 MAX_CELL_CHUNK = 65536
@@ -47,8 +49,8 @@ def write_small(group: zarr.Group, name: str, values, dims, attrs: dict | None =
 
 def assert_aligned(region_start: int, region_stop: int, chunk: int, length: int, what: str) -> None:
     """Refuse a parallel write that would share a chunk with another task (silent corruption in Zarr)."""
-    if region_start % chunk or (region_stop % chunk and region_stop != length):
-        raise AssertionError(f"misaligned write to {what}: rows [{region_start}, {region_stop}) vs chunk {chunk}")
+    ensure(not (region_start % chunk or (region_stop % chunk and region_stop != length)),
+           f"misaligned write to {what}: rows [{region_start}, {region_stop}) vs chunk {chunk}")
 
 
 def as_text(values) -> np.ndarray:

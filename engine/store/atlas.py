@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 from pathlib import Path
 
 import dask.array as da
@@ -18,9 +19,10 @@ import xarray as xr
 import zarr
 
 from .._version import __version__
-from ..errors import StoreError, TooLargeError
+from ..errors import StoreError, TooLargeError, UnknownGeneError, UnknownSectionError
 from .arrays import as_text
-from .format import FORMAT_NAME, FORMAT_VERSION, UNITS, check_format
+from .elements import EmbeddingV1, ImageV1, expect
+from .format import FORMAT_NAME, FORMAT_VERSION, UNITS, check_format, require_current
 
 CELL_GROUPS = ("cells", "sections", "genes", "X")
 
@@ -49,6 +51,7 @@ class Atlas:
             raise StoreError(f"{path} already exists; open it with lamina.Atlas.open() or pass overwrite=True")
         root = zarr.open_group(path, mode="w", zarr_format=3)
         root.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "units": UNITS,
+                           "encoding-type": FORMAT_NAME, "encoding-version": str(FORMAT_VERSION),
                            "created_by": f"lamina {__version__}", "created": now_iso(), "stages": {}})
         return cls(path, root)
 
@@ -72,10 +75,21 @@ class Atlas:
                 f"{self.n_genes} genes; stages: {', '.join(self.completed_stages()) or 'none'}>")
 
     def writable(self) -> "Atlas":
-        """This handle, reopened for writing if it was opened read-only (stages call this)."""
+        """This handle, reopened for writing if it was opened read-only (stages call this). A store of an older
+        format is refused with the command that upgrades it."""
+        require_current(dict(self.root.attrs), self.path)
         if self.root.store.read_only:
             self.root = zarr.open_group(self.path, mode="r+", zarr_format=3)
         return self
+
+    def check_disk(self, need: int, what: str, hint: str) -> None:
+        """Refuse (``TooLargeError``) to write ``need`` bytes when the store's disk has less free space."""
+        if _is_url(self.path):
+            return
+        free = shutil.disk_usage(Path(self.path).resolve().parent).free
+        if need > free:
+            raise TooLargeError(f"{what} would take up to {need / 2**30:.1f} GiB uncompressed but only "
+                                f"{free / 2**30:.1f} GiB are free next to {self.path}; {hint}")
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -181,13 +195,16 @@ class Atlas:
     def section_index(self, section) -> int:
         """Position of a section given its id (str) or position (int)."""
         sec = self.sections
-        if isinstance(section, (int, np.integer)):
+        ids = list(sec["id"])
+        listed = ", ".join(map(str, ids[:10])) + (f" ... ({len(ids)} in all)" if len(ids) > 10 else "")
+        if isinstance(section, (int, np.integer)) and not isinstance(section, bool):
             if not 0 <= section < len(sec):
-                raise KeyError(f"section position {section} out of range [0, {len(sec)})")
+                raise UnknownSectionError(f"section position {section} is out of range [0, {len(sec)}) in "
+                                          f"{self.path}; pass a position in range or a section id ({listed})")
             return int(section)
         hits = np.flatnonzero(sec["id"].to_numpy() == str(section))
         if not len(hits):
-            raise KeyError(f"no section {section!r} in {self.path}; sections are {list(sec['id'])[:10]}...")
+            raise UnknownSectionError(f"no section {section!r} in {self.path}; its sections are {listed}")
         return int(hits[0])
 
     def section(self, section) -> xr.Dataset:
@@ -265,7 +282,8 @@ class Atlas:
             names = self.genes
             missing = [g for g in genes if g not in set(names)]
             if missing:
-                raise KeyError(f"genes not in {self.path}: {missing[:10]}")
+                raise UnknownGeneError(f"genes not in {self.path}: {missing[:10]}; it has {len(names)} genes "
+                                       f"({', '.join(map(str, names[:5]))} ...)")
             gene_idx = names.get_indexer(list(genes))
         self._guard(n, 4 * len(gene_idx) + 8 * len(self.cell_columns) + 64, "to_anndata", max_bytes)
         obs = self.obs(sections, max_bytes=max_bytes)
@@ -283,6 +301,39 @@ class Atlas:
             adata.obsm["aligned"] = np.stack([self._read_rows(f"aligned/{k}", ranges) for k in ("x", "y", "z")], axis=1)
         adata.uns["lamina"] = {"store": self.path, "format_version": self.attrs.get("format_version")}
         return adata
+
+    # ------------------------------------------------------------------ elements
+    def images(self) -> list[str]:
+        """Section ids that have an image in ``/images``."""
+        if "images" not in self.root:
+            return []
+        return sorted(self.root["images"].group_keys())
+
+    def image(self, section) -> dict:
+        """The image of ``section``: ``levels`` (lazy dask arrays ``[c, y, x]``, finest first), ``pixel_size_um``
+        and ``image_to_section`` (3x3, level-0 pixel -> the section's raw um); dispatched on its encoding."""
+        sid = str(self.sections.id.iloc[self.section_index(section)])
+        if sid not in self.images():
+            raise UnknownSectionError(f"section {sid!r} of {self.path} has no image; sections with images: "
+                                      f"{', '.join(self.images()) or 'none'}")
+        group = self.root[f"images/{sid}"]
+        fmt = expect(group, ImageV1.encoding_type, f"{self.path}/images/{sid}")
+        return {"levels": fmt.levels(group), "pixel_size_um": float(group.attrs["pixel_size_um"]),
+                "image_to_section": fmt.pixel_to_section(group), "source": group.attrs.get("source", "")}
+
+    def embeddings(self) -> list[str]:
+        """Keys of ``/embeddings``."""
+        if "embeddings" not in self.root:
+            return []
+        return sorted(self.root["embeddings"].group_keys())
+
+    def embedding(self, key: str):
+        """``/embeddings/<key>`` as a lazy dask array ``[cell, dim]`` and its provenance (attrs)."""
+        if key not in self.embeddings():
+            raise StoreError(f"{self.path} has no embedding {key!r}; it has {', '.join(self.embeddings()) or 'none'}")
+        group = self.root[f"embeddings/{key}"]
+        fmt = expect(group, EmbeddingV1.encoding_type, f"{self.path}/embeddings/{key}")
+        return fmt.values(group), {k: v for k, v in group.attrs.items() if not k.startswith("encoding")}
 
     # ------------------------------------------------------------------ summary
     def disk_bytes(self) -> dict[str, int]:
@@ -312,12 +363,12 @@ class Atlas:
                 lines.append(f"  {r['id']:<16} {r['z']:>8.1f} {r['n_cells']:>10,}")
             if len(sec) > 12:
                 lines.append(f"  ... ({len(sec) - 12} more)")
-        recs = self.stage_records()
-        lines.append("  stages:" + ("" if recs else " none"))
-        for name, rec in recs.items():
-            state = "complete" if rec.get("complete") else "INCOMPLETE"
-            lines.append(f"    {name:<14} {state:<10} {rec.get('finished', '')}  hash {str(rec.get('hash', ''))[:12]}"
-                         f"  {rec.get('seconds', 0):.1f}s")
+        from ..stages.status import stage_lines  # the registry knows every stage; the store only its records
+
+        lines += stage_lines(self)
+        if self.images() or self.embeddings():
+            lines.append(f"  images: {', '.join(self.images()) or 'none'}   embeddings: "
+                         f"{', '.join(self.embeddings()) or 'none'}")
         sizes = self.disk_bytes()
         if sizes:
             lines.append("  on disk: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items())

@@ -1,0 +1,361 @@
+"""The two maps every stage's work goes through: tiles of an image, neighbourhoods of cells.
+
+``map_tiles(fn, store, source, target, halo=...)``
+    ``fn`` over tiles of a raster or image level ``[..., C, H, W]`` with a halo, written into a target array
+    ``[..., C_out, H / factor, W / factor]`` one target chunk per task (so writes are chunk-aligned). The halo
+    comes from the kernel: ``halo=kernel_halo(params)`` (e.g. :func:`lamina.kernels.raster.smooth_halo`), or
+    from ``fn.required_halo(**kwargs)`` when ``halo`` is not given, as dask-image derives the depth of a
+    filter from its parameters. At the image border the halo is cut; the kernel sees the border as it
+    would untiled, so the result equals ``fn(whole image)`` bit for bit.
+
+``map_neighbourhoods(fn, atlas, target, radius=... | k=...)``
+    ``fn`` over spatial tiles of cells, each with every cell within ``radius`` um (or its ``k`` nearest) as
+    halo, within its section and optionally from the ``z_sections`` adjacent sections (aligned coordinates,
+    3D distances). Data flow::
+
+        pass 1, a task per cell chunk: tile key of each cell -> rows sorted by tile within the chunk
+                                       (chunk-aligned scratch array) + counts per (chunk, tile)
+        pass 2, a task per tile:       its rows + the halo tiles' rows -> coordinates, columns (only those
+                                       rows) -> CSR neighbours -> fn -> the tile's results (scratch array)
+        pass 3, a task per cell chunk: the results of the tiles that touch the chunk -> target rows
+
+    A task holds one tile and its halo (plus one chunk while reading), never a whole section. ``fn`` gets
+    a :class:`Neighbourhood`; neighbour lists are in increasing row order with the cell itself included, so
+    a kernel of :mod:`lamina.kernels.neighbours` gives the same bits as over all cells at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import uuid
+
+import dask
+import numpy as np
+import zarr
+
+from .cluster import compute
+from .errors import InputError, MissingInputError, ensure
+from .store import arrays
+from .store.atlas import Atlas
+
+SCRATCH = "_tmp"
+
+
+# ---------------------------------------------------------------------------------------------- tiles
+def _tile_task(store: str, source: str, target: str, lead: tuple, y: tuple[int, int], x: tuple[int, int],
+               halo: int, factor: int, fn, kwargs: dict) -> int:
+    root = zarr.open_group(store, mode="r+")
+    src, dst = root[source], root[target]
+    H, W = src.shape[-2:]
+    (y0, y1), (x0, x1) = y, x
+    Y0, Y1, X0, X1 = y0 * factor, min(H, y1 * factor), x0 * factor, min(W, x1 * factor)
+    a0, a1, b0, b1 = max(0, Y0 - halo), min(H, Y1 + halo), max(0, X0 - halo), min(W, X1 + halo)
+    leading = tuple(slice(a, b) for a, b in lead)
+    block = np.asarray(src[(*leading, *(slice(None),) * (src.ndim - 2 - len(lead)), slice(a0, a1), slice(b0, b1))])
+    out = np.asarray(fn(block, **kwargs))
+    oy, ox = (Y0 - a0) // factor, (X0 - b0) // factor
+    core = out[..., oy:oy + (y1 - y0), ox:ox + (x1 - x0)]
+    ensure(core.shape[-2:] == (y1 - y0, x1 - x0), f"map_tiles: {getattr(fn, '__name__', fn)} returned "
+                                                  f"{out.shape[-2:]} pixels for a block of {block.shape[-2:]}")
+    dst[(*leading, *(slice(None),) * (dst.ndim - 2 - len(lead)), slice(y0, y1), slice(x0, x1))] = core
+    return 1
+
+
+def map_tiles(fn, store: str, source: str, target: str, *, halo: int | None = None, factor: int = 1,
+              batch_dims: int | None = None, kwargs: dict | None = None, client=None, label: str = "map_tiles") -> int:
+    """Apply ``fn(block, **kwargs)`` tile by tile from ``store``/``source`` into the existing array ``target``.
+
+    Shapes: ``source`` ``[*B, C, H, W]`` (or ``[*B, H, W]``), ``target`` ``[*B, C_out, H // factor, W // factor]``;
+    ``batch_dims`` leading dims (default: all but the channel and spatial dims of ``target``; 0 for a
+    ``[C, H, W]`` image) are sliced alike in both, the channel dims are whole in every task. One task per
+    chunk of ``target``: it reads the source under the chunk grown by ``halo`` input pixels (a multiple of
+    ``factor``), calls ``fn`` and writes the chunk's part of the result. Returns the number of tiles.
+    """
+    kwargs = dict(kwargs or {})
+    if halo is None:
+        if not hasattr(fn, "required_halo"):
+            raise InputError(f"map_tiles: pass halo= or give {getattr(fn, '__name__', fn)} a required_halo(**kwargs)")
+        halo = int(fn.required_halo(**kwargs))
+    factor = int(factor)
+    if factor < 1 or halo < 0:
+        raise InputError(f"map_tiles: factor must be >= 1 and halo >= 0, got {factor} and {halo}")
+    halo = -(-int(halo) // factor) * factor  # whole output pixels on every side
+    root = zarr.open_group(store, mode="r")
+    src, dst = root[source], root[target]
+    H, W = src.shape[-2:]
+    if dst.shape[-2:] != (-(-H // factor), -(-W // factor)):
+        raise InputError(f"map_tiles: {target} is {dst.shape[-2:]} pixels; {source} at factor {factor} needs "
+                         f"{(-(-H // factor), -(-W // factor))}")
+    nb = dst.ndim - 3 if batch_dims is None else int(batch_dims)
+    nb = max(nb, 0)
+    if src.shape[:nb] != dst.shape[:nb]:
+        raise InputError(f"map_tiles: batch dims of {source} {src.shape[:nb]} and {target} {dst.shape[:nb]} differ")
+    for d in range(nb, dst.ndim - 2):
+        if dst.chunks[d] != dst.shape[d]:
+            raise InputError(f"map_tiles: {target} must hold its channel dim {d} in one chunk "
+                             f"(chunks {dst.chunks}, shape {dst.shape})")
+
+    def spans(n, c):
+        return [(a, min(n, a + c)) for a in range(0, n, c)]
+
+    leads = [()]
+    for d in range(nb):
+        leads = [(*lead, span) for lead in leads for span in spans(dst.shape[d], dst.chunks[d])]
+    tasks = [dask.delayed(_tile_task, pure=False)(store, source, target, lead, ys, xs, halo, factor, fn, kwargs)
+             for lead in leads for ys in spans(dst.shape[-2], dst.chunks[-2]) for xs in spans(dst.shape[-1],
+                                                                                               dst.chunks[-1])]
+    return int(sum(compute(*tasks, client=client, label=label)))
+
+
+# -------------------------------------------------------------------------------------- neighbourhoods
+@dataclasses.dataclass
+class Neighbourhood:
+    """One tile of cells and its halo, as ``map_neighbourhoods`` hands it to ``fn``.
+
+    ``rows`` ``[n]``: atlas rows of every cell read (increasing); ``core`` ``[m]``: positions in ``rows`` of the
+    tile's own cells, whose results ``fn`` returns ``[m, F]`` in this order; ``xyz`` ``[n, 3]`` um (z = the
+    section's depth); ``section`` ``[n]``; ``columns``: the arrays asked for, at ``rows`` (e.g.
+    ``columns["pca/pcs"]`` ``[n, P]``); ``indptr`` ``[m + 1]`` / ``indices`` (into ``rows``) / ``distances`` (um):
+    each core cell's neighbours in increasing row order, itself included."""
+
+    rows: np.ndarray
+    core: np.ndarray
+    xyz: np.ndarray
+    section: np.ndarray
+    columns: dict
+    indptr: np.ndarray
+    indices: np.ndarray
+    distances: np.ndarray
+
+
+def neighbours(xyz: np.ndarray, core: np.ndarray, radius: float | None = None, k: int | None = None,
+               z_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR neighbours of the cells ``core`` among all ``xyz`` ``[n, 3]``: every cell within ``radius`` um, or
+    the ``k`` nearest (3D distance, z multiplied by ``z_scale``), each list in increasing index order with the
+    cell itself included. Returns ``(indptr, indices, distances)``."""
+    from scipy.spatial import cKDTree
+
+    pts = np.asarray(xyz, np.float64) * np.array([1.0, 1.0, z_scale])
+    tree = cKDTree(pts)
+    if radius is not None:
+        lists = tree.query_ball_point(pts[core], r=float(radius), return_sorted=True)
+        counts = np.fromiter((len(v) for v in lists), np.int64, len(lists))
+        indices = np.concatenate([np.asarray(v, np.int64) for v in lists]) if len(lists) else np.zeros(0, np.int64)
+    else:
+        kk = min(int(k), len(pts))
+        _, idx = tree.query(pts[core], k=kk)
+        idx = np.sort(np.asarray(idx, np.int64).reshape(len(core), kk), axis=1)
+        counts = np.full(len(core), kk, np.int64)
+        indices = idx.reshape(-1)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    owner = np.repeat(np.asarray(core, np.int64), counts)
+    distances = np.sqrt(((pts[indices] - pts[owner]) ** 2).sum(1))
+    return indptr, indices, distances
+
+
+def _coordinates(root, group: str, a: int, b: int, section_z: np.ndarray) -> np.ndarray:
+    sec = np.asarray(root["cells/section"][a:b])
+    if group == "aligned":
+        return np.stack([np.asarray(root[f"aligned/{c}"][a:b], np.float64) for c in ("x", "y", "z")], 1)
+    xy = [np.asarray(root[f"cells/{c}"][a:b], np.float64) for c in ("x", "y")]
+    return np.stack([*xy, section_z[sec]], 1)
+
+
+def _index_task(store: str, scratch: str, a: int, b: int, coords: str, grid: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 1 for rows ``[a, b)``: the rows sorted by tile key into ``scratch``; returns (keys, counts)."""
+    root = zarr.open_group(store, mode="r+")
+    sec = np.asarray(root["cells/section"][a:b]).astype(np.int64)
+    xyz = _coordinates(root, coords, a, b, np.asarray(grid["section_z"]))
+    tx = np.clip(np.floor((xyz[:, 0] - grid["x0"]) / grid["tile"]).astype(np.int64), 0, grid["nx"] - 1)
+    ty = np.clip(np.floor((xyz[:, 1] - grid["y0"]) / grid["tile"]).astype(np.int64), 0, grid["ny"] - 1)
+    key = (sec * grid["ny"] + ty) * grid["nx"] + tx
+    order = np.argsort(key, kind="stable")
+    root[scratch][a:b] = a + order
+    keys, counts = np.unique(key, return_counts=True)
+    return keys, counts
+
+
+def _rows_of(root, sorted_rows: str, spans: list[tuple[int, int]]) -> np.ndarray:
+    arr = root[sorted_rows]
+    parts = [np.asarray(arr[s:e]) for s, e in spans]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _tile_rows(index: dict, keys) -> list[tuple[int, int]]:
+    return [span for key in keys for span in index.get(int(key), ())]
+
+
+def _neighbourhood_task(store: str, sorted_rows: str, out: str, key: int, index: dict, grid: dict, spec: dict,
+                        fn, kwargs: dict) -> int:
+    """Pass 2 for one tile: gather it and its halo, build the neighbours, run ``fn``, write its results."""
+    root = zarr.open_group(store, mode="r+")
+    nx, ny, n_sec = grid["nx"], grid["ny"], grid["n_sections"]
+    s, rest = divmod(key, nx * ny)
+    ty, tx = divmod(rest, nx)
+    core_rows = _rows_of(root, sorted_rows, _tile_rows(index, [key]))
+    reach = max(1, math.ceil((spec["radius"] or 0.0) / grid["tile"]))
+    secs = range(max(0, s - spec["z_sections"]), min(n_sec, s + spec["z_sections"] + 1))
+    z = np.asarray(grid["section_z"])
+    while True:
+        keys = [(ss * ny + yy) * nx + xx for ss in secs for yy in range(max(0, ty - reach), min(ny, ty + reach + 1))
+                for xx in range(max(0, tx - reach), min(nx, tx + reach + 1))]
+        rows = np.sort(_rows_of(root, sorted_rows, _tile_rows(index, keys)))
+        sec = np.asarray(root["cells/section"].oindex[rows]).astype(np.int64)
+        if spec["coords"] == "aligned":
+            xyz = np.stack([np.asarray(root[f"aligned/{c}"].oindex[rows], np.float64) for c in ("x", "y", "z")], 1)
+        else:
+            xyz = np.stack([np.asarray(root[f"cells/{c}"].oindex[rows], np.float64) for c in ("x", "y")]
+                           + [z[sec]], 1)
+        # core cells in the order the tile's rows were listed (chunk by chunk), which pass 3 relies on
+        core = np.searchsorted(rows, core_rows)
+        indptr, indices, dist = neighbours(xyz, core, spec["radius"], spec["k"], spec["z_scale"])
+        if spec["radius"] is not None:
+            break
+        # k nearest: exact once every core cell's k-th neighbour is nearer than the edge of what was read
+        lo_x, hi_x = grid["x0"] + max(0, tx - reach) * grid["tile"], grid["x0"] + min(nx, tx + reach + 1) * grid["tile"]
+        lo_y, hi_y = grid["y0"] + max(0, ty - reach) * grid["tile"], grid["y0"] + min(ny, ty + reach + 1) * grid["tile"]
+        p = xyz[core]
+        edge = np.minimum.reduce([p[:, 0] - lo_x if tx - reach > 0 else np.full(len(p), np.inf),
+                                  hi_x - p[:, 0] if tx + reach + 1 < nx else np.full(len(p), np.inf),
+                                  p[:, 1] - lo_y if ty - reach > 0 else np.full(len(p), np.inf),
+                                  hi_y - p[:, 1] if ty + reach + 1 < ny else np.full(len(p), np.inf)])
+        kth = np.maximum.reduceat(dist, indptr[:-1]) if len(dist) else np.zeros(0)
+        if np.all(kth <= edge) or (tx - reach <= 0 and ty - reach <= 0 and tx + reach + 1 >= nx and ty + reach + 1 >= ny):
+            break
+        reach += 1
+    columns = {name: np.asarray(root[name].oindex[rows] if root[name].ndim == 1 else root[name].oindex[rows, :])
+               for name in spec["columns"]}
+    nb = Neighbourhood(rows, core, xyz, sec, columns, indptr, indices, dist)
+    values = np.asarray(fn(nb, **kwargs))
+    width, dtype = tuple(spec["width"]), np.dtype(spec["dtype"])
+    ensure(values.shape[0] == len(core), f"map_neighbourhoods: fn returned {values.shape[0]} rows for {len(core)} cells")
+    group, name = out.rsplit("/", 1)
+    target = arrays.create(root[group], name, (len(core), *width), dtype, (max(len(core), 1), *width),
+                           ("row",) + tuple(f"d{i}" for i in range(len(width))))  # this task's own array
+    target[...] = values.reshape((len(core), *width)).astype(dtype)
+    return len(core)
+
+
+def _copy_task(store: str, sorted_rows: str, target: str, a: int, b: int, parts: list) -> int:
+    """Pass 3 for the rows ``[a, b)`` of one chunk: each touching tile's results go to their rows."""
+    root = zarr.open_group(store, mode="r+")
+    out = np.empty((b - a,) + root[target].shape[1:], root[target].dtype)
+    done = 0
+    srt = np.asarray(root[sorted_rows][a:b])
+    for scratch, offset, start, count in parts:
+        out[srt[start:start + count] - a] = np.asarray(root[scratch][offset:offset + count])
+        done += count
+    ensure(done == b - a, f"map_neighbourhoods: rows [{a}, {b}) got {done} results")
+    root[target][a:b] = out
+    return b - a
+
+
+def map_neighbourhoods(fn, atlas: Atlas, target: str, *, radius: float | None = None, k: int | None = None,
+                       columns=(), coords: str = "aligned", z_sections: int = 0, z_scale: float = 1.0,
+                       tile_um: float | None = None, kwargs: dict | None = None, client=None,
+                       label: str = "map_neighbourhoods") -> int:
+    """Apply ``fn(Neighbourhood, **kwargs) -> [m, F]`` over spatial tiles of the atlas's cells and write each
+    cell's row into ``target`` (an existing ``[cell, F]`` array of the store, chunked like ``/cells``).
+
+    ``radius`` (um) or ``k``: who is a neighbour. ``coords``: ``aligned`` (the ``warp`` stage's atlas frame;
+    needed when ``z_sections`` > 0) or ``raw``. ``z_sections``: adjacent sections on each side whose cells
+    join the neighbourhood (3D distance, z times ``z_scale``). ``tile_um``: tile edge (default: about 20,000
+    cells per tile, at least the radius). ``columns``: store arrays ``[cell, ...]`` read for the gathered
+    cells. Returns the number of cells written.
+    """
+    if (radius is None) == (k is None):
+        raise InputError("map_neighbourhoods: give either radius (um) or k (nearest neighbours)")
+    if radius is not None and not (np.isfinite(radius) and radius > 0):
+        raise InputError(f"map_neighbourhoods: radius must be a positive number of um, got {radius}")
+    if k is not None and int(k) < 1:
+        raise InputError(f"map_neighbourhoods: k must be >= 1, got {k}")
+    if coords not in ("aligned", "raw"):
+        raise InputError(f"map_neighbourhoods: coords must be 'aligned' or 'raw', got {coords!r}")
+    if coords == "raw" and z_sections:
+        raise InputError("map_neighbourhoods: neighbours from adjacent sections need coords='aligned' (raw "
+                         "coordinates of different sections are not in one frame)")
+    if coords == "aligned" and not atlas.group_is_complete("aligned"):
+        raise MissingInputError(f"map_neighbourhoods: {atlas.path} is not aligned yet (no complete /aligned); run "
+                                f"lamina.align(atlas) first, or use coords='raw' within sections")
+    root = atlas.root
+    n, chunk = atlas.n_cells, atlas.cell_chunk
+    if root[target].shape[0] != n or root[target].chunks[0] != chunk:
+        raise InputError(f"map_neighbourhoods: {target} must be [cell, ...] with {n} rows in chunks of {chunk}")
+    for name in columns:
+        if name not in root or root[name].shape[0] != n:
+            raise MissingInputError(f"map_neighbourhoods: column {name!r} is not a [cell, ...] array of {atlas.path}")
+    grid = _grid(atlas, coords, tile_um, radius)
+    store = atlas.path
+    token = uuid.uuid4().hex[:8]
+    scratch = root.require_group(f"{SCRATCH}/nbh-{token}")
+    try:
+        arrays.create(scratch, "rows", (n,), np.int64, (chunk,), ("cell",))
+        sorted_rows = f"{scratch.path}/rows"
+        starts = list(range(0, n, chunk))
+        found = compute(*[dask.delayed(_index_task, pure=False)(store, sorted_rows, a, min(n, a + chunk), coords, grid)
+                          for a in starts], client=client, label=label)
+        index: dict[int, list] = {}   # tile key -> spans of sorted rows, chunk by chunk
+        per_chunk: list[list] = []    # chunk -> (key, start in chunk, count)
+        for a, (keys, counts) in zip(starts, found):
+            offs = np.concatenate([[0], np.cumsum(counts)])
+            per_chunk.append([(int(kk), int(o), int(c)) for kk, o, c in zip(keys, offs[:-1], counts)])
+            for kk, o, c in per_chunk[-1]:
+                index.setdefault(kk, []).append((a + o, a + o + c))
+        spec = {"radius": None if radius is None else float(radius), "k": None if k is None else int(k),
+                "z_sections": int(z_sections), "z_scale": float(z_scale), "coords": coords, "columns": list(columns),
+                "width": list(root[target].shape[1:]), "dtype": root[target].dtype.str}
+        tiles = sorted(index)
+        outs = {key: f"{scratch.path}/t{key}" for key in tiles}
+        # a task gets only the index entries of its tile and its halo tiles, not the whole index
+        reach = max(1, math.ceil((radius or 0.0) / grid["tile"])) if radius is not None else None
+        tasks = [dask.delayed(_neighbourhood_task, pure=False)(
+            store, sorted_rows, outs[key], key, _local_index(index, key, grid, reach, int(z_sections)), grid, spec,
+            fn, dict(kwargs or {})) for key in tiles]
+        done = sum(compute(*tasks, client=client, label=label))
+        ensure(done == n, f"map_neighbourhoods: tiles computed {done} cells of {n}")
+        seen: dict[int, int] = {}
+        copies = []
+        for a, entries in zip(starts, per_chunk):
+            parts = []
+            for kk, o, c in entries:
+                parts.append((outs[kk], seen.get(kk, 0), o, c))
+                seen[kk] = seen.get(kk, 0) + c
+            copies.append(dask.delayed(_copy_task, pure=False)(store, sorted_rows, target, a, min(n, a + chunk), parts))
+        return int(sum(compute(*copies, client=client, label=label)))
+    finally:
+        if f"{SCRATCH}/nbh-{token}" in root:
+            del root[f"{SCRATCH}/nbh-{token}"]
+
+
+def _local_index(index: dict, key: int, grid: dict, reach: int | None, z_sections: int) -> dict:
+    """The entries of ``index`` a tile's task may read: all of its section band for k nearest (the halo
+    grows until it is exact), the tiles within ``reach`` for a radius."""
+    nx, ny = grid["nx"], grid["ny"]
+    s, rest = divmod(key, nx * ny)
+    ty, tx = divmod(rest, nx)
+    out = {}
+    for kk, spans in index.items():
+        ss, r = divmod(kk, nx * ny)
+        yy, xx = divmod(r, nx)
+        if abs(ss - s) > z_sections:
+            continue
+        if reach is None or (abs(yy - ty) <= reach and abs(xx - tx) <= reach):
+            out[kk] = spans
+    return out
+
+
+def _grid(atlas: Atlas, coords: str, tile_um: float | None, radius: float | None,
+          cells_per_tile: int = 20_000) -> dict:
+    """One tile grid for all sections: origin, tile edge (um) and tiles along x and y."""
+    names = ("aligned/x", "aligned/y") if coords == "aligned" else ("cells/x", "cells/y")
+    x, y = (atlas._lazy(nm) for nm in names)
+    x0, x1, y0, y1 = (float(v) for v in dask.compute(x.min(), x.max(), y.min(), y.max()))
+    sec = atlas.sections
+    if tile_um is None:
+        area = max((x1 - x0) * (y1 - y0), 1e-6)
+        per_section = float(np.median(sec.n_cells.to_numpy())) or 1.0
+        tile_um = math.sqrt(area * cells_per_tile / per_section)
+    tile = max(float(tile_um), float(radius or 0.0), 1e-6)
+    nx, ny = max(1, math.ceil((x1 - x0) / tile + 1e-9)), max(1, math.ceil((y1 - y0) / tile + 1e-9))
+    return {"x0": x0, "y0": y0, "tile": tile, "nx": int(nx), "ny": int(ny), "n_sections": int(len(sec)),
+            "section_z": sec.z.to_numpy(np.float64).tolist()}

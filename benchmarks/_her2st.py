@@ -1,5 +1,6 @@
 """her2st patients A-D as the benchmarks use them: per patient, the most variable genes' counts and
 log-normalised values (log1p of counts per 10,000), spot obs unchanged."""
+
 from __future__ import annotations
 
 from pathlib import Path

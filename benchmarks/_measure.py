@@ -1,4 +1,5 @@
 """Wall time and the peak RSS of a whole process tree (Dask workers included), sampled in a thread."""
+
 from __future__ import annotations
 
 import subprocess

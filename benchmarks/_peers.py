@@ -39,6 +39,7 @@ Settings (stated in RESULTS.md with the table):
   expression is not used), else the given expression (her2st: log1p of counts per 10k) drawn as
   principal-component channels (``rasterize`` with ``channels="auto"``).
 """
+
 from __future__ import annotations
 
 import time
@@ -56,17 +57,17 @@ class Pair:
     name: str
     xy_a: np.ndarray
     xy_b: np.ndarray
-    features: str                       # what the tools were given besides positions (for the table)
-    feat_a: np.ndarray | None = None    # [n, F] float features (expression or one-hot labels)
+    features: str  # what the tools were given besides positions (for the table)
+    feat_a: np.ndarray | None = None  # [n, F] float features (expression or one-hot labels)
     feat_b: np.ndarray | None = None
-    counts: bool = False                # features are counts (PASTE uses its KL dissimilarity)
-    given_labels_a: np.ndarray | None = None   # labels given to the tools as features (DLPFC, MERFISH)
+    counts: bool = False  # features are counts (PASTE uses its KL dissimilarity)
+    given_labels_a: np.ndarray | None = None  # labels given to the tools as features (DLPFC, MERFISH)
     given_labels_b: np.ndarray | None = None
     labels_a: np.ndarray | None = None  # evaluation only
     labels_b: np.ndarray | None = None
-    truth_a: np.ndarray | None = None   # evaluation only (phantom): where the cells belong in A's frame
+    truth_a: np.ndarray | None = None  # evaluation only (phantom): where the cells belong in A's frame
     truth_b: np.ndarray | None = None
-    ref_a: np.ndarray | None = None     # evaluation only (authors' reference alignment)
+    ref_a: np.ndarray | None = None  # evaluation only (authors' reference alignment)
     ref_b: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
 
@@ -96,7 +97,7 @@ def score(pair: Pair, a: np.ndarray, b: np.ndarray) -> dict:
             coarse_b = pair.extra["coarse_b"][ok_b][j]
             out["agreement_coarse"] = float(np.mean(pair.extra["coarse_a"][ok_a] == coarse_b))
     if pair.truth_a is not None:
-        err = similarity_residuals(np.vstack([a, b]), np.vstack([pair.truth_a, pair.truth_b]))[len(a):]
+        err = similarity_residuals(np.vstack([a, b]), np.vstack([pair.truth_a, pair.truth_b]))[len(a) :]
         out["median_um"], out["p95_um"] = float(np.median(err)), float(np.percentile(err, 95))
     if pair.ref_a is not None:
         # the reference is mapped into the tool's frame, so the distance is in the tool's um; spots the
@@ -121,8 +122,10 @@ def similarity_residuals(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def baselines(pair: Pair) -> dict:
     """The unaligned and centroid-matched coordinates."""
-    return {"unaligned": (pair.xy_a, pair.xy_b),
-            "centroid": (pair.xy_a, pair.xy_b - pair.xy_b.mean(0) + pair.xy_a.mean(0))}
+    return {
+        "unaligned": (pair.xy_a, pair.xy_b),
+        "centroid": (pair.xy_a, pair.xy_b - pair.xy_b.mean(0) + pair.xy_a.mean(0)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -149,9 +152,13 @@ def run_lamina(pair: Pair, work: Path, client) -> tuple[np.ndarray, np.ndarray, 
     import lamina
 
     n_a = len(pair.xy_a)
-    table = pd.DataFrame({"x": np.concatenate([pair.xy_a[:, 0], pair.xy_b[:, 0]]),
-                          "y": np.concatenate([pair.xy_a[:, 1], pair.xy_b[:, 1]]),
-                          "section": ["A"] * n_a + ["B"] * len(pair.xy_b)})
+    table = pd.DataFrame(
+        {
+            "x": np.concatenate([pair.xy_a[:, 0], pair.xy_b[:, 0]]),
+            "y": np.concatenate([pair.xy_a[:, 1], pair.xy_b[:, 1]]),
+            "section": ["A"] * n_a + ["B"] * len(pair.xy_b),
+        }
+    )
     typed = pair.given_labels_a is not None
     genes = None
     if typed:
@@ -164,9 +171,17 @@ def run_lamina(pair: Pair, work: Path, client) -> tuple[np.ndarray, np.ndarray, 
     table.to_csv(src, index=False)
     # counts get ingest's usual normalisation: log1p of counts per 10k
     t = time.perf_counter()
-    atlas = lamina.ingest(src, work / f"{_slug(pair.name)}.lamina.zarr", section="section", section_order=["A", "B"],
-                          cell_type="cell_type" if typed else None, genes=genes,
-                          normalize="log1p" if genes and pair.counts else "none", overwrite=True, client=client)
+    atlas = lamina.ingest(
+        src,
+        work / f"{_slug(pair.name)}.lamina.zarr",
+        section="section",
+        section_order=["A", "B"],
+        cell_type="cell_type" if typed else None,
+        genes=genes,
+        normalize="log1p" if genes and pair.counts else "none",
+        overwrite=True,
+        client=client,
+    )
     steps = {"ingest": time.perf_counter() - t, **lamina.align(atlas, client, reference="A")}
     xy = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1).astype(np.float64)
     return xy[:n_a], xy[n_a:], {f"step_{k}": v for k, v in steps.items()}
@@ -191,7 +206,7 @@ def weighted_procrustes(a: np.ndarray, b: np.ndarray, pi: np.ndarray) -> np.ndar
     """Rigid 3x3 map of B onto A that minimises ``sum_ij pi_ij |R b_j + t - a_i|^2`` (rotation only, Kabsch)."""
     w = pi / pi.sum()
     ma, mb = w.sum(1) @ a, w.sum(0) @ b
-    H = (b - mb).T @ w.T @ (a - ma)                      # [2, 2] = sum_ij w_ij (b_j - mb)(a_i - ma)^T
+    H = (b - mb).T @ w.T @ (a - ma)  # [2, 2] = sum_ij w_ij (b_j - mb)(a_i - ma)^T
     U, _, Vt = np.linalg.svd(H)
     D = np.diag([1.0, np.sign(np.linalg.det(Vt.T @ U.T)) or 1.0])
     R = Vt.T @ D @ U.T
@@ -200,7 +215,9 @@ def weighted_procrustes(a: np.ndarray, b: np.ndarray, pi: np.ndarray) -> np.ndar
     return out
 
 
-def run_paste(pair: Pair, max_cells: int = 2000, seed: int = 0, alpha: float = 0.1) -> tuple[np.ndarray, np.ndarray, dict]:
+def run_paste(
+    pair: Pair, max_cells: int = 2000, seed: int = 0, alpha: float = 0.1
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """PASTE ``pairwise_align`` on a subsample (settings in the module docstring); B moved rigidly onto A."""
     import anndata as ad
     import ot
@@ -218,10 +235,21 @@ def run_paste(pair: Pair, max_cells: int = 2000, seed: int = 0, alpha: float = 0
     dissimilarity = "kl" if pair.counts else "euclidean"
     best = None
     for init in ("uniform", "spatial"):
-        G = None if init == "uniform" else match_spots_using_spatial_heuristic(
-            sa.obsm["spatial"], sb.obsm["spatial"], use_ot=True)
-        pi, obj = pairwise_align(sa, sb, alpha=alpha, dissimilarity=dissimilarity, G_init=G, return_obj=True,
-                                 backend=ot.backend.NumpyBackend(), gpu_verbose=False)
+        G = (
+            None
+            if init == "uniform"
+            else match_spots_using_spatial_heuristic(sa.obsm["spatial"], sb.obsm["spatial"], use_ot=True)
+        )
+        pi, obj = pairwise_align(
+            sa,
+            sb,
+            alpha=alpha,
+            dissimilarity=dissimilarity,
+            G_init=G,
+            return_obj=True,
+            backend=ot.backend.NumpyBackend(),
+            gpu_verbose=False,
+        )
         if best is None or float(obj) < best[1]:
             best = (pi, float(obj), init)
     pi, obj, init = best
@@ -243,8 +271,9 @@ def stalign_available() -> str | None:
     return None
 
 
-def rasterize_for_stalign(xy: np.ndarray, labels: np.ndarray | None, classes, dx: float, blur: float = 1.0,
-                          expand: float = 1.1) -> tuple[list[np.ndarray], np.ndarray]:
+def rasterize_for_stalign(
+    xy: np.ndarray, labels: np.ndarray | None, classes, dx: float, blur: float = 1.0, expand: float = 1.1
+) -> tuple[list[np.ndarray], np.ndarray]:
     """STalign's documented rasteriser: every cell drawn as a Gaussian of sd ``blur * dx`` (um) on a grid of
     pitch ``dx`` over the cells' bounding box grown by ``expand``; one channel per class (or density).
 
@@ -272,8 +301,15 @@ def rasterize_for_stalign(xy: np.ndarray, labels: np.ndarray | None, classes, dx
     return [rows, cols], img
 
 
-def run_stalign(pair: Pair, niter: int = 1000, dx_cells: float = 1.5, a_dx: float = 16.0, ep_l: float = 2e-5,
-                ep_t: float = 20.0, ep_v: float = 2e3) -> tuple[np.ndarray, np.ndarray, dict]:
+def run_stalign(
+    pair: Pair,
+    niter: int = 1000,
+    dx_cells: float = 1.5,
+    a_dx: float = 16.0,
+    ep_l: float = 2e-5,
+    ep_t: float = 20.0,
+    ep_v: float = 2e3,
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """STalign ``LDDMM`` of B's image onto A's (settings in the module docstring); B's cells mapped by
     ``transform_points_source_to_target``."""
     import torch
@@ -294,11 +330,22 @@ def run_stalign(pair: Pair, niter: int = 1000, dx_cells: float = 1.5, a_dx: floa
         shift = pair.xy_a.mean(0) - pair.xy_b.mean(0)
         A0 = torch.eye(3, dtype=torch.float64)
         A0[:2, 2] = torch.tensor([shift[1], shift[0]], dtype=torch.float64)
-        out = STalign.LDDMM(xI, I, xJ, J, A=A0, a=a_dx * dx, niter=niter, epL=ep_l, epT=ep_t, epV=ep_v,
-                            device="cpu", dtype=torch.float64)
+        out = STalign.LDDMM(
+            xI,
+            I,
+            xJ,
+            J,
+            A=A0,
+            a=a_dx * dx,
+            niter=niter,
+            epL=ep_l,
+            epT=ep_t,
+            epV=ep_v,
+            device="cpu",
+            dtype=torch.float64,
+        )
         pts = torch.tensor(pair.xy_b[:, ::-1].copy(), dtype=torch.float64)
         moved = STalign.transform_points_source_to_target(out["xv"], out["v"], out["A"], pts).numpy()
     finally:
         torch.set_num_threads(threads)
     return pair.xy_a, moved[:, ::-1].copy(), {"dx_um": dx, "image_px": tuple(J.shape[1:])}
-

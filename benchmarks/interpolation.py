@@ -23,6 +23,7 @@ the blend, and any difference is what the learned flows add). All three are scor
 representation (PCs -> genes with the atlas's own inversion), so the comparison is about the interpolation,
 not about PCA denoising. The held-out section takes part in registration and PCA (never in the flow).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,9 @@ sys.path.insert(0, str(HERE))
 from ingest import write_results  # noqa: E402
 
 
-def bin_maps(xy: np.ndarray, values: np.ndarray, origin, bin_um: float, shape, weights=None) -> tuple[np.ndarray, np.ndarray]:
+def bin_maps(
+    xy: np.ndarray, values: np.ndarray, origin, bin_um: float, shape, weights=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-bin (weighted) mean of ``values [n, G]`` -> ``[G, nbins]`` (NaN where empty) and weights ``[nbins]``."""
     ij = np.floor((xy - np.asarray(origin)) / bin_um).astype(np.int64)
     ok = (ij >= 0).all(1) & (ij[:, 0] < shape[1]) & (ij[:, 1] < shape[0])
@@ -58,7 +61,7 @@ def bin_maps(xy: np.ndarray, values: np.ndarray, origin, bin_um: float, shape, w
 def pearson_genes(A: np.ndarray, B: np.ndarray, ok: np.ndarray) -> float:
     """Mean over genes of the Pearson r across the bins ``ok`` of ``A``, ``B`` ``[G, nbins]``."""
     a, b = A[:, ok] - A[:, ok].mean(1, keepdims=True), B[:, ok] - B[:, ok].mean(1, keepdims=True)
-    den = np.sqrt((a ** 2).sum(1) * (b ** 2).sum(1))
+    den = np.sqrt((a**2).sum(1) * (b**2).sum(1))
     r = np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1), np.nan)
     return float(np.nanmean(r))
 
@@ -75,10 +78,11 @@ def _rows(atlas, s):
 
 def loo(atlas, k: int, bin_um: float, flow_options: dict, client=None, truth=None) -> dict:
     """Scores of copy / blend / lamina for held-out section ``k`` (see the module docstring)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
     import lamina
     from lamina.kernels.pca import invert
     from lamina.stages.pca import read_pca
-    from sklearn.neighbors import KNeighborsClassifier
 
     root = atlas.root
     z = atlas.sections.z.to_numpy(np.float64)
@@ -106,32 +110,54 @@ def loo(atlas, k: int, bin_um: float, flow_options: dict, client=None, truth=Non
     neighbours = {}
     for s in (k - 1, k + 1):
         c, d = _rows(atlas, s)
-        neighbours[s] = (xy("aligned", c, d), np.asarray(root["pca/pcs"][c:d]), types[c:d] if types is not None else None)
+        neighbours[s] = (
+            xy("aligned", c, d),
+            np.asarray(root["pca/pcs"][c:d]),
+            types[c:d] if types is not None else None,
+        )
     inv = lambda pcs: invert(pcs, p["mean"], p["scale"], p["components"]).astype(np.float64)  # noqa: E731
     maps = {s: bin_maps(v[0], inv(v[1]), lo_mn, bin_um, shape)[0] for s, v in neighbours.items()}
     w = (z[k + 1] - z[k]) / gap
     near = k - 1 if z[k] - z[k - 1] <= z[k + 1] - z[k] else k + 1
-    flowed = {d: bin_maps(pred_xy[pred_dir == d], inv(pred_pcs[pred_dir == d]), lo_mn, bin_um, shape)[0] for d in (0, 1)}
-    pred = {"copy": maps[near], "blend": w * maps[k - 1] + (1 - w) * maps[k + 1],
-            "lamina": w * flowed[0] + (1 - w) * flowed[1]}
+    flowed = {
+        d: bin_maps(pred_xy[pred_dir == d], inv(pred_pcs[pred_dir == d]), lo_mn, bin_um, shape)[0] for d in (0, 1)
+    }
+    pred = {
+        "copy": maps[near],
+        "blend": w * maps[k - 1] + (1 - w) * maps[k + 1],
+        "lamina": w * flowed[0] + (1 - w) * flowed[1],
+    }
     obs_map = bin_maps(true_xy, true_X, lo_mn, bin_um, shape)[0]
     # every method is scored on the same bins: those where all of them and the truth have cells
     ok = np.isfinite(obs_map).all(0)
     for m in pred.values():
         ok &= np.isfinite(m).all(0)
-    out = {"section": str(atlas.sections.id.iloc[k]), "cells_pred": len(layer), "cells_true": b - a,
-           "bins": int(ok.sum()), "seconds": seconds}
+    out = {
+        "section": str(atlas.sections.id.iloc[k]),
+        "cells_pred": len(layer),
+        "cells_true": b - a,
+        "bins": int(ok.sum()),
+        "seconds": seconds,
+    }
     for name, m in pred.items():
         out[f"r_{name}"] = pearson_genes(m, obs_map, ok)
     if types is not None:
         n_types = int(types.max()) + 1
         onehot = lambda lab: np.eye(n_types)[lab]  # noqa: E731
-        clf = KNeighborsClassifier(15).fit(np.concatenate([neighbours[s][1] for s in neighbours]),
-                                           np.concatenate([neighbours[s][2] for s in neighbours]))
+        clf = KNeighborsClassifier(15).fit(
+            np.concatenate([neighbours[s][1] for s in neighbours]),
+            np.concatenate([neighbours[s][2] for s in neighbours]),
+        )
         frac = {s: bin_maps(v[0], onehot(clf.predict(v[1])), lo_mn, bin_um, shape)[0] for s, v in neighbours.items()}
-        fl = {d: bin_maps(pred_xy[pred_dir == d], onehot(clf.predict(pred_pcs[pred_dir == d])), lo_mn, bin_um, shape)[0]
-              for d in (0, 1)}
-        comp = {"copy": frac[near], "blend": w * frac[k - 1] + (1 - w) * frac[k + 1], "lamina": w * fl[0] + (1 - w) * fl[1]}
+        fl = {
+            d: bin_maps(pred_xy[pred_dir == d], onehot(clf.predict(pred_pcs[pred_dir == d])), lo_mn, bin_um, shape)[0]
+            for d in (0, 1)
+        }
+        comp = {
+            "copy": frac[near],
+            "blend": w * frac[k - 1] + (1 - w) * frac[k + 1],
+            "lamina": w * fl[0] + (1 - w) * fl[1],
+        }
         true_comp = bin_maps(true_xy, onehot(types[a:b]), lo_mn, bin_um, shape)[0]
         for name, m in comp.items():
             out[f"comp_{name}"] = composition_agreement(m, true_comp, ok)
@@ -143,8 +169,16 @@ def loo(atlas, k: int, bin_um: float, flow_options: dict, client=None, truth=Non
     return out
 
 
-def phantom_rows(work: Path, client, n_cells: int, n_sections: int, n_genes: int, holdouts: list[int],
-                 flow_options: dict, bin_um: float) -> list[dict]:
+def phantom_rows(
+    work: Path,
+    client,
+    n_cells: int,
+    n_sections: int,
+    n_genes: int,
+    holdouts: list[int],
+    flow_options: dict,
+    bin_um: float,
+) -> list[dict]:
     import lamina
 
     ph = lamina.datasets.phantom(n_cells=n_cells, n_sections=n_sections, n_genes=n_genes, seed=5)
@@ -170,8 +204,9 @@ def her2st_rows(work: Path, client, flow_options: dict, n_genes: int = 300, bin_
     """Patients A-D (6 serial sections each, assumed equally spaced): log-normalised counts, the ``n_genes``
     most variable genes; expression clusters as types."""
     import anndata as ad
-    import lamina
     from _her2st import her2st_patients
+
+    import lamina
 
     rows = []
     for patient, obs, _, logn, var in her2st_patients(n_genes):
@@ -180,9 +215,19 @@ def her2st_rows(work: Path, client, flow_options: dict, n_genes: int = 300, bin_
         a.obs["section"] = a.obs["section"].astype(str)
         src = work / f"her2st_{patient}.h5ad"
         a.write_h5ad(src)
-        atlas = lamina.ingest(src, work / f"her2st_{patient}.lamina.zarr", x="array_x", y="array_y", section="section",
-                              cell_type="cluster", genes="rest", units="px", pixel_size=200.0, overwrite=True,
-                              client=client)
+        atlas = lamina.ingest(
+            src,
+            work / f"her2st_{patient}.lamina.zarr",
+            x="array_x",
+            y="array_y",
+            section="section",
+            cell_type="cluster",
+            genes="rest",
+            units="px",
+            pixel_size=200.0,
+            overwrite=True,
+            client=client,
+        )
         lamina.align(atlas, client=client)
         lamina.pca(atlas, n_pcs=20, client=client)
         for k in range(1, atlas.n_sections - 1):
@@ -193,12 +238,29 @@ def her2st_rows(work: Path, client, flow_options: dict, n_genes: int = 300, bin_
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["dataset", "section", "r_copy", "r_blend", "r_lamina", "comp_copy", "comp_blend", "comp_lamina",
-            "r_true_copy", "r_true_blend", "r_true_lamina", "rmse_true_copy", "rmse_true_blend", "rmse_true_lamina", "seconds"]
+    cols = [
+        "dataset",
+        "section",
+        "r_copy",
+        "r_blend",
+        "r_lamina",
+        "comp_copy",
+        "comp_blend",
+        "comp_lamina",
+        "r_true_copy",
+        "r_true_blend",
+        "r_true_lamina",
+        "rmse_true_copy",
+        "rmse_true_blend",
+        "rmse_true_lamina",
+        "seconds",
+    ]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |")
+        lines.append(
+            "| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -208,8 +270,10 @@ def summary(rows: list[dict]) -> str:
         sub = [r for r in rows if r["dataset"].split()[0] == ds]
         wins = sum(r["r_lamina"] > max(r["r_copy"], r["r_blend"]) for r in sub)
         means = {m: np.mean([r[f"r_{m}"] for r in sub]) for m in ("copy", "blend", "lamina")}
-        out.append(f"- {ds}: lamina beats both baselines (expression r) on {wins}/{len(sub)} held-out sections; mean r "
-                   + ", ".join(f"{m} {v:.3f}" for m, v in means.items()))
+        out.append(
+            f"- {ds}: lamina beats both baselines (expression r) on {wins}/{len(sub)} held-out sections; mean r "
+            + ", ".join(f"{m} {v:.3f}" for m, v in means.items())
+        )
     return "\n".join(out)
 
 
@@ -242,10 +306,12 @@ def main(argv=None) -> int:
     finally:
         client.close()
         shutil.rmtree(work, ignore_errors=True)
-    text = (f"Leave-one-section-out interpolation, {dt.date.today()}, {platform.processor() or platform.machine()}, "
-            f"{len(__import__('os').sched_getaffinity(0))} cores, lamina {lamina.__version__}; "
-            f"`python benchmarks/interpolation.py{' --smoke' if args.smoke else ''}` "
-            f"(flow: {flow}); total {time.perf_counter() - t0:.0f} s\n\n" + table(rows) + "\n\n" + summary(rows))
+    text = (
+        f"Leave-one-section-out interpolation, {dt.date.today()}, {platform.processor() or platform.machine()}, "
+        f"{len(__import__('os').sched_getaffinity(0))} cores, lamina {lamina.__version__}; "
+        f"`python benchmarks/interpolation.py{' --smoke' if args.smoke else ''}` "
+        f"(flow: {flow}); total {time.perf_counter() - t0:.0f} s\n\n" + table(rows) + "\n\n" + summary(rows)
+    )
     print(text)
     if args.write:
         write_results(text, "interpolation")

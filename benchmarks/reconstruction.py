@@ -11,6 +11,7 @@ process tree (Dask workers included). The inversion is compared with this machin
 same run on the same chunk grid: Dask tasks that only do the block matmul (no reads, no writes) and tasks
 that only write precomputed blocks of the same shape and codec (no reads, no matmul).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,9 @@ def _write_only(store: str, name: str, zc: int, yc: int, cz: int, ty: int, gene_
     zs, ys = slice(zc * cz, min(Z, (zc + 1) * cz)), slice(yc * ty, min(Y, (yc + 1) * ty))
     rng = np.random.default_rng(seed)
     # values like an expression volume (smooth-ish floats, not constants that compress to nothing)
-    block = (rng.normal(size=(min(gene_chunk, G), zs.stop - zs.start, ys.stop - ys.start, X)) * 0.5 + 1).astype(np.float32)
+    block = (rng.normal(size=(min(gene_chunk, G), zs.stop - zs.start, ys.stop - ys.start, X)) * 0.5 + 1).astype(
+        np.float32
+    )
     for g0 in range(0, G, gene_chunk):
         gs = slice(g0, min(G, g0 + gene_chunk))
         arr[gs, zs, ys, :] = block[: gs.stop - gs.start]
@@ -60,6 +63,7 @@ def _write_only(store: str, name: str, zc: int, yc: int, cz: int, ty: int, gene_
 
 def child(args) -> None:
     import dask
+
     import lamina
     from lamina.cluster import compute
     from lamina.stages.warp import mark_aligned
@@ -71,9 +75,18 @@ def child(args) -> None:
     times = {}
     try:
         t = time.perf_counter()
-        ph = lamina.datasets.phantom(n_cells=args.cells, n_sections=args.sections, n_genes=args.genes, seed=1,
-                                     extent=(2690.0, 2170.0), max_rotation_deg=0.0, max_translation_um=0.0,
-                                     scale_range=0.0, warp_um=0.0, tube_travel_um=300.0)
+        ph = lamina.datasets.phantom(
+            n_cells=args.cells,
+            n_sections=args.sections,
+            n_genes=args.genes,
+            seed=1,
+            extent=(2690.0, 2170.0),
+            max_rotation_deg=0.0,
+            max_translation_um=0.0,
+            scale_range=0.0,
+            warp_um=0.0,
+            tube_travel_um=300.0,
+        )
         atlas = lamina.ingest(ph, work / "recon.lamina.zarr", overwrite=True, client=client)
         times["ingest"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -87,20 +100,41 @@ def child(args) -> None:
         gene_chunk = int(atlas.root["expression/values"].chunks[0])
         grid = [(zc, yc) for zc in range(-(-Z // cz)) for yc in range(-(-Y // ty))]
         t = time.perf_counter()
-        compute(*[dask.delayed(_matmul_only, pure=False)(P, args.genes, (min(cz, Z - zc * cz), min(ty, Y - yc * ty), X),
-                                                         gene_chunk, i) for i, (zc, yc) in enumerate(grid)], client=client)
+        compute(
+            *[
+                dask.delayed(_matmul_only, pure=False)(
+                    P, args.genes, (min(cz, Z - zc * cz), min(ty, Y - yc * ty), X), gene_chunk, i
+                )
+                for i, (zc, yc) in enumerate(grid)
+            ],
+            client=client,
+        )
         times["floor_matmul"] = time.perf_counter() - t
         scratch = atlas.root.require_group("_floor")
-        arrays.create(scratch, "values", (args.genes, Z, Y, X), np.float32, (gene_chunk, cz, ty, X), ("gene", "z", "y", "x"))
+        arrays.create(
+            scratch, "values", (args.genes, Z, Y, X), np.float32, (gene_chunk, cz, ty, X), ("gene", "z", "y", "x")
+        )
         t = time.perf_counter()
-        compute(*[dask.delayed(_write_only, pure=False)(atlas.path, "_floor/values", zc, yc, cz, ty, gene_chunk, i)
-                  for i, (zc, yc) in enumerate(grid)], client=client)
+        compute(
+            *[
+                dask.delayed(_write_only, pure=False)(atlas.path, "_floor/values", zc, yc, cz, ty, gene_chunk, i)
+                for i, (zc, yc) in enumerate(grid)
+            ],
+            client=client,
+        )
         times["floor_write"] = time.perf_counter() - t
         rec = atlas.stage_records()
-        info = {"times": times, "grid": [Z, Y, X], "pcs": P, "genes": args.genes, "cells": atlas.n_cells,
-                "interpolated": int(atlas.root["interpolated/x"].shape[0]),
-                "expression_gb": args.genes * Z * Y * X * 4 / 1e9,
-                "final_loss": rec["train_flow"].get("final_loss"), "first_loss": rec["train_flow"].get("first_loss")}
+        info = {
+            "times": times,
+            "grid": [Z, Y, X],
+            "pcs": P,
+            "genes": args.genes,
+            "cells": atlas.n_cells,
+            "interpolated": int(atlas.root["interpolated/x"].shape[0]),
+            "expression_gb": args.genes * Z * Y * X * 4 / 1e9,
+            "final_loss": rec["train_flow"].get("final_loss"),
+            "first_loss": rec["train_flow"].get("first_loss"),
+        }
         print("RESULT " + json.dumps(info), flush=True)
     finally:
         client.close()
@@ -125,9 +159,25 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
-    cmd = [sys.executable, __file__, "--child", "--cells", str(args.cells), "--sections", str(args.sections),
-           "--genes", str(args.genes), "--pcs", str(args.pcs), "--dz", str(args.dz), "--steps", str(args.steps),
-           "--work", args.work]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--cells",
+        str(args.cells),
+        "--sections",
+        str(args.sections),
+        "--genes",
+        str(args.genes),
+        "--pcs",
+        str(args.pcs),
+        "--dz",
+        str(args.dz),
+        "--steps",
+        str(args.steps),
+        "--work",
+        args.work,
+    ]
     try:
         m = run_measured(cmd)
     finally:
@@ -139,25 +189,30 @@ def main(argv=None) -> int:
     vox_genes = Z * Y * X * info["genes"]
     floor = t["floor_matmul"] + t["floor_write"]
     steps = ["ingest", "mark_aligned", "pca", "train_flow", "interpolate", "voxelize", "invert"]
-    lines = [f"Reconstruction at scale, {dt.date.today()}, {platform.processor() or platform.machine()}, "
-             f"{len(os.sched_getaffinity(0))} cores, {os.cpu_count()} CPUs; `python benchmarks/reconstruction.py"
-             f"{' --smoke' if args.smoke else ''}`",
-             "",
-             f"{info['cells']:,} cells, {args.sections} sections, {info['genes']} genes, {info['pcs']} PCs; "
-             f"{info['interpolated']:,} interpolated (weighted) cells at dz = {args.dz:g} um; voxel grid "
-             f"{X}x{Y}x{Z} (x, y, z) at {args.dz:g} um; expression volume {info['expression_gb']:.2f} GB as float32. "
-             f"Flow loss (mean over the first -> the last tenth of the steps) {info['first_loss']:.4f} -> "
-             f"{info['final_loss']:.4f}.",
-             "",
-             "| step | seconds |", "|---|---|"]
+    lines = [
+        f"Reconstruction at scale, {dt.date.today()}, {platform.processor() or platform.machine()}, "
+        f"{len(os.sched_getaffinity(0))} cores, {os.cpu_count()} CPUs; `python benchmarks/reconstruction.py"
+        f"{' --smoke' if args.smoke else ''}`",
+        "",
+        f"{info['cells']:,} cells, {args.sections} sections, {info['genes']} genes, {info['pcs']} PCs; "
+        f"{info['interpolated']:,} interpolated (weighted) cells at dz = {args.dz:g} um; voxel grid "
+        f"{X}x{Y}x{Z} (x, y, z) at {args.dz:g} um; expression volume {info['expression_gb']:.2f} GB as float32. "
+        f"Flow loss (mean over the first -> the last tenth of the steps) {info['first_loss']:.4f} -> "
+        f"{info['final_loss']:.4f}.",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {s} | {t[s]:.1f} |" for s in steps if s in t]
-    lines += [f"| **total (wall, whole process)** | **{m['seconds']:.1f}** |",
-              "",
-              f"Peak RSS of the process tree: **{m['peak_rss'] / 2**30:.2f} GiB** (target <= 4 GiB).",
-              "",
-              f"Inversion: {vox_genes / t['invert'] / 1e6:.1f} M voxel-genes/s; this machine's floor on the same chunk "
-              f"grid: matmul only {t['floor_matmul']:.1f} s + write only {t['floor_write']:.1f} s = {floor:.1f} s "
-              f"({vox_genes / floor / 1e6:.1f} M voxel-genes/s); inversion / floor = **{t['invert'] / floor:.2f}x**."]
+    lines += [
+        f"| **total (wall, whole process)** | **{m['seconds']:.1f}** |",
+        "",
+        f"Peak RSS of the process tree: **{m['peak_rss'] / 2**30:.2f} GiB** (target <= 4 GiB).",
+        "",
+        f"Inversion: {vox_genes / t['invert'] / 1e6:.1f} M voxel-genes/s; this machine's floor on the same chunk "
+        f"grid: matmul only {t['floor_matmul']:.1f} s + write only {t['floor_write']:.1f} s = {floor:.1f} s "
+        f"({vox_genes / floor / 1e6:.1f} M voxel-genes/s); inversion / floor = **{t['invert'] / floor:.2f}x**.",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.write:

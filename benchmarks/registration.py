@@ -1,4 +1,5 @@
-"""Registration benchmark (affine stage and refinement): phantom accuracy against ground truth, real-data label agreement, speed.
+"""Registration benchmark (affine stage and refinement): phantom accuracy against ground truth, real-data label
+agreement, speed.
 
     python benchmarks/registration.py            # stacks (phantom, MERFISH, DLPFC pairs) + peers on all data sets
     python benchmarks/registration.py --no-stack --peers her2st   # only the peer comparison on her2st
@@ -11,6 +12,7 @@ reach; the rest is the phantom's non-linear warps). Real data: for each cell of 
 nearest cell of section k+1 in the aligned frame; the share that agree, against raw coordinates and against
 centroid-matched sections. Labels are never used in fitting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +32,14 @@ DATA = HERE.parent.parent / "shared" / "data"
 sys.path.insert(0, str(HERE))
 from ingest import write_results  # noqa: E402
 
-
-DLPFC_PAIRS = [("151507", "151508"), ("151509", "151510"), ("151669", "151670"), ("151671", "151672"),
-               ("151673", "151674"), ("151675", "151676")]
+DLPFC_PAIRS = [
+    ("151507", "151508"),
+    ("151509", "151510"),
+    ("151669", "151670"),
+    ("151671", "151672"),
+    ("151673", "151674"),
+    ("151675", "151676"),
+]
 
 
 def _agreement(atlas, P: np.ndarray, labels: np.ndarray) -> list[float]:
@@ -68,8 +75,15 @@ def _label_rows(atlas, labels_col: str = "cell_type", client=None) -> dict:
         s = slice(int(sec.cell_start[k]), int(sec.cell_stop[k]))
         cen[s] -= raw[s].mean(0)
     labels = obs[labels_col].astype(str).to_numpy()
-    return {name: _agreement(atlas, P, labels) for name, P in [("unaligned", raw), ("centroid", cen),
-                                                               ("lamina affine", affine), ("lamina refined", _aligned(atlas))]}
+    return {
+        name: _agreement(atlas, P, labels)
+        for name, P in [
+            ("unaligned", raw),
+            ("centroid", cen),
+            ("lamina affine", affine),
+            ("lamina refined", _aligned(atlas)),
+        ]
+    }
 
 
 def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str, dict]:
@@ -104,14 +118,15 @@ def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str
     oracle = affine_residuals(obs[["x", "y"]].to_numpy(np.float64))
     # the gauge bound: even perfect pairwise knowledge cannot see a deformation shared by all sections; an
     # estimator that sets the mean deformation to zero is off by the mean of the sections' warps
-    sub = truth[::max(1, len(truth) // 50_000)]
-    shared = np.mean([fourier_displacement(sub, ph.warp_k[s], ph.warp_phase[s], ph.warp_amp[s])
-                      for s in range(n_sections)], axis=0)
+    sub = truth[:: max(1, len(truth) // 50_000)]
+    shared = np.mean(
+        [fourier_displacement(sub, ph.warp_k[s], ph.warp_phase[s], ph.warp_amp[s]) for s in range(n_sections)], axis=0
+    )
     bound = rigid_residuals(sub + shared, sub)
 
     def drift(e):
         per = np.array([np.median(e[sec == k]) for k in range(n_sections)])
-        return max(per[0], per[-1]) / np.median(per[n_sections // 4: 3 * n_sections // 4])
+        return max(per[0], per[-1]) / np.median(per[n_sections // 4 : 3 * n_sections // 4])
 
     rec = atlas.stage_records()["register"]
     n_refined = int(np.sum(atlas.root["deformation/sections/refined"][...]))
@@ -125,43 +140,52 @@ def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str
     still_atlas = lamina.ingest(still, work / "phantom_still.lamina.zarr", client=client)
     lamina.align(still_atlas, client)
     still_err = rigid_residuals(_aligned(still_atlas), true_xy(still))
-    text = (f"### Phantom, {n_sections} sections, {n_cells:,} cells (default perturbations: rotation up to 180 deg, "
-            f"translation up to 1 mm, scale +-10%, 3 warp modes of 30 um)\n\n"
-            "| method | median error (um) | p95 (um) | first/last section vs middle (median) |\n|---|---|---|---|\n"
-            f"| lamina affine stage (pairwise + joint solve) | {np.median(affine_err):.1f} | "
-            f"{np.percentile(affine_err, 95):.1f} | {drift(affine_err):.2f}x |\n"
-            f"| **lamina refined** (group-wise affine + LDDMM) | **{np.median(err):.1f}** | "
-            f"**{np.percentile(err, 95):.1f}** | **{drift(err):.2f}x** |\n"
-            f"| lamina refined, `channels=\"types+pcs\"` (types + 8 expression PCs) | {np.median(both):.1f} | "
-            f"{np.percentile(both, 95):.1f} | {drift(both):.2f}x |\n"
-            f"| oracle per-section affine (fitted with the truth) | {np.median(oracle):.1f} | "
-            f"{np.percentile(oracle, 95):.1f} | - |\n"
-            f"| gauge bound: exact per-section warps, mean deformation set to zero | {np.median(bound):.1f} | "
-            f"{np.percentile(bound, 95):.1f} | - |\n"
-            f"| lamina refined, the same phantom with a tube that stays put (`tube_travel_um=0`) | "
-            f"{np.median(still_err):.1f} | {np.percentile(still_err, 95):.1f} | {drift(still_err):.2f}x |\n\n"
-            "Where the refined error comes from (the refined positions above, parts removed with the truth):\n\n"
-            "| removed | median (um) | p95 (um) |\n|---|---|---|\n"
-            f"| nothing | {np.median(err):.1f} | {np.percentile(err, 95):.1f} |\n"
-            f"| a linear trend along z of the sections' rigid offsets (drift per section: x {slopes[1]:+.2f} um, "
-            f"y {slopes[2]:+.2f} um, {slopes[0]:+.3f} deg) | {np.median(detrended):.1f} | "
-            f"{np.percentile(detrended, 95):.1f} |\n"
-            f"| one affine per section (what is left is non-linear) | {np.median(nonlinear):.1f} | "
-            f"{np.percentile(nonlinear, 95):.1f} |\n\n"
-            f"The same line through the affine stage's positions: x {affine_slopes[1]:+.2f} um, "
-            f"y {affine_slopes[2]:+.2f} um, {affine_slopes[0]:+.3f} deg per section.\n\n"
-            f"Time per step (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
-            + f"; {rec['n_pairs']} pairs registered ({rec['n_pairs'] and times['register'] / rec['n_pairs']:.2f} s "
-              f"per pair), {n_refined} sections refined ({times['refine'] / max(n_refined, 1):.2f} s per section), "
-              f"on 2 workers.\n")
-    return text, {"median": float(np.median(err)), "affine": float(np.median(affine_err)),
-                  "oracle": float(np.median(oracle)), "bound": float(np.median(bound)),
-                  "detrended": float(np.median(detrended)), "nonlinear": float(np.median(nonlinear)),
-                  "still": float(np.median(still_err))}
+    text = (
+        f"### Phantom, {n_sections} sections, {n_cells:,} cells (default perturbations: rotation up to 180 deg, "
+        f"translation up to 1 mm, scale +-10%, 3 warp modes of 30 um)\n\n"
+        "| method | median error (um) | p95 (um) | first/last section vs middle (median) |\n|---|---|---|---|\n"
+        f"| lamina affine stage (pairwise + joint solve) | {np.median(affine_err):.1f} | "
+        f"{np.percentile(affine_err, 95):.1f} | {drift(affine_err):.2f}x |\n"
+        f"| **lamina refined** (group-wise affine + LDDMM) | **{np.median(err):.1f}** | "
+        f"**{np.percentile(err, 95):.1f}** | **{drift(err):.2f}x** |\n"
+        f'| lamina refined, `channels="types+pcs"` (types + 8 expression PCs) | {np.median(both):.1f} | '
+        f"{np.percentile(both, 95):.1f} | {drift(both):.2f}x |\n"
+        f"| oracle per-section affine (fitted with the truth) | {np.median(oracle):.1f} | "
+        f"{np.percentile(oracle, 95):.1f} | - |\n"
+        f"| gauge bound: exact per-section warps, mean deformation set to zero | {np.median(bound):.1f} | "
+        f"{np.percentile(bound, 95):.1f} | - |\n"
+        f"| lamina refined, the same phantom with a tube that stays put (`tube_travel_um=0`) | "
+        f"{np.median(still_err):.1f} | {np.percentile(still_err, 95):.1f} | {drift(still_err):.2f}x |\n\n"
+        "Where the refined error comes from (the refined positions above, parts removed with the truth):\n\n"
+        "| removed | median (um) | p95 (um) |\n|---|---|---|\n"
+        f"| nothing | {np.median(err):.1f} | {np.percentile(err, 95):.1f} |\n"
+        f"| a linear trend along z of the sections' rigid offsets (drift per section: x {slopes[1]:+.2f} um, "
+        f"y {slopes[2]:+.2f} um, {slopes[0]:+.3f} deg) | {np.median(detrended):.1f} | "
+        f"{np.percentile(detrended, 95):.1f} |\n"
+        f"| one affine per section (what is left is non-linear) | {np.median(nonlinear):.1f} | "
+        f"{np.percentile(nonlinear, 95):.1f} |\n\n"
+        f"The same line through the affine stage's positions: x {affine_slopes[1]:+.2f} um, "
+        f"y {affine_slopes[2]:+.2f} um, {affine_slopes[0]:+.3f} deg per section.\n\n"
+        f"Time per step (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
+        + f"; {rec['n_pairs']} pairs registered ({rec['n_pairs'] and times['register'] / rec['n_pairs']:.2f} s "
+        f"per pair), {n_refined} sections refined ({times['refine'] / max(n_refined, 1):.2f} s per section), "
+        f"on 2 workers.\n"
+    )
+    return text, {
+        "median": float(np.median(err)),
+        "affine": float(np.median(affine_err)),
+        "oracle": float(np.median(oracle)),
+        "bound": float(np.median(bound)),
+        "detrended": float(np.median(detrended)),
+        "nonlinear": float(np.median(nonlinear)),
+        "still": float(np.median(still_err)),
+    }
 
 
-def drift_trend(points: np.ndarray, truth: np.ndarray, sec: np.ndarray, n_sections: int
-                ) -> tuple[np.ndarray, np.ndarray]:
+def drift_trend(
+    points: np.ndarray, truth: np.ndarray, sec: np.ndarray, n_sections: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Drift along z: after the one global rigid transform, each section's own rigid offset from the truth
     (rotation about the tissue centre, translation), and a straight line through those offsets over the
     section index. Returns the line's slopes ``[deg, um x, um y]`` per section and the per-point error left
@@ -199,19 +223,32 @@ def merfish_rows(work: Path, client) -> str:
     folder = DATA / "merfish_moffitt"
     if not folder.exists():
         return "### MERFISH: skipped (../shared/data/merfish_moffitt not present)\n"
-    atlas = lamina.ingest(folder / "merFISH_3D_data_cell_locations.txt", work / "merfish.lamina.zarr",
-                          paste=[folder / "merFISH_3D_metadata.txt"], section="layer_ID", z="z",
-                          cell_type="orig_cell_types", client=client)
+    atlas = lamina.ingest(
+        folder / "merFISH_3D_data_cell_locations.txt",
+        work / "merfish.lamina.zarr",
+        paste=[folder / "merFISH_3D_metadata.txt"],
+        section="layer_ID",
+        z="z",
+        cell_type="orig_cell_types",
+        client=client,
+    )
     t0 = time.perf_counter()
     rows = _label_rows(atlas, client=client)
     seconds = time.perf_counter() - t0
     ids = atlas.sections.id.tolist()
     head = "| pair | " + " | ".join(rows) + " |\n|---|" + "---|" * len(rows) + "\n"
-    body = "".join(f"| {ids[k]} -> {ids[k + 1]} | " + " | ".join(f"{rows[m][k]:.3f}" for m in rows) + " |\n"
-                   for k in range(len(ids) - 1))
+    body = "".join(
+        f"| {ids[k]} -> {ids[k + 1]} | " + " | ".join(f"{rows[m][k]:.3f}" for m in rows) + " |\n"
+        for k in range(len(ids) - 1)
+    )
     mean = "| **mean** | " + " | ".join(f"**{np.mean(rows[m]):.3f}**" for m in rows) + " |\n"
-    return ("### MERFISH (Moffitt 2018), 12 sections 50 um apart: nearest-neighbour class agreement (16 classes)\n\n"
-            + head + body + mean + f"\nregistration (affine stage, then refined): {seconds:.1f} s.\n")
+    return (
+        "### MERFISH (Moffitt 2018), 12 sections 50 um apart: nearest-neighbour class agreement (16 classes)\n\n"
+        + head
+        + body
+        + mean
+        + f"\nregistration (affine stage, then refined): {seconds:.1f} s.\n"
+    )
 
 
 def dlpfc_rows(work: Path, client) -> str:
@@ -232,16 +269,28 @@ def dlpfc_rows(work: Path, client) -> str:
         part = table[table.section.astype(str).isin([a, b])]
         src = work / f"dlpfc_{a}.csv"
         part.to_csv(src, index=False)
-        atlas = lamina.ingest(src, work / f"dlpfc_{a}.lamina.zarr", x="pxl_col_fullres", y="pxl_row_fullres",
-                              section="section", cell_type="layer", units="px",
-                              pixel_size=65.0 / scale["spot_diameter_fullres"], section_order=[a, b], client=client)
+        atlas = lamina.ingest(
+            src,
+            work / f"dlpfc_{a}.lamina.zarr",
+            x="pxl_col_fullres",
+            y="pxl_row_fullres",
+            section="section",
+            cell_type="layer",
+            units="px",
+            pixel_size=65.0 / scale["spot_diameter_fullres"],
+            section_order=[a, b],
+            client=client,
+        )
         rows = _label_rows(atlas, client=client)
         for m in means:
             means[m].append(rows[m][0])
         lines.append(f"| {a} -> {b} | " + " | ".join(f"{rows[m][0]:.3f}" for m in means) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{np.mean(means[m]):.3f}**" for m in means) + " |")
-    return ("### DLPFC (Maynard 2021), adjacent pairs 10 um apart: nearest-neighbour layer agreement\n\n"
-            + "\n".join(lines) + "\n")
+    return (
+        "### DLPFC (Maynard 2021), adjacent pairs 10 um apart: nearest-neighbour layer agreement\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- against the peers
@@ -256,9 +305,9 @@ def _onehot(labels: np.ndarray) -> np.ndarray:
 def phantom_pairs(n_cells: int, n_sections: int, starts, n_genes: int = 20) -> list:
     """Pairs (k, k+1) of the phantom with default perturbations; tools get expression and cell types."""
     import pandas as pd
+    from _peers import Pair
 
     import lamina
-    from _peers import Pair
 
     ph = lamina.datasets.phantom(n_cells=n_cells, n_sections=n_sections, n_genes=n_genes, seed=0)
     out = []
@@ -268,12 +317,32 @@ def phantom_pairs(n_cells: int, n_sections: int, starts, n_genes: int = 20) -> l
             frames = list(ph.section_chunks(s))
             table = pd.concat([f for f, _ in frames], ignore_index=True)
             truth = np.concatenate([t for _, t in frames])[:, :2]
-            parts.append((table[["x", "y"]].to_numpy(np.float64), table[ph.gene_names].to_numpy(np.float32),
-                          table.cell_type.astype(str).to_numpy(), truth))
+            parts.append(
+                (
+                    table[["x", "y"]].to_numpy(np.float64),
+                    table[ph.gene_names].to_numpy(np.float32),
+                    table.cell_type.astype(str).to_numpy(),
+                    truth,
+                )
+            )
         (xa, fa, la, _), (xb, fb, lb, tb) = parts
-        out.append(Pair("phantom", f"{ph.section_ids[k]}->{ph.section_ids[k + 1]}", xa, xb,
-                        f"expression ({n_genes} genes) + cell types", fa, fb, given_labels_a=la, given_labels_b=lb,
-                        labels_a=la, labels_b=lb, truth_a=xa, truth_b=ph.to_observed(k, tb)))
+        out.append(
+            Pair(
+                "phantom",
+                f"{ph.section_ids[k]}->{ph.section_ids[k + 1]}",
+                xa,
+                xb,
+                f"expression ({n_genes} genes) + cell types",
+                fa,
+                fb,
+                given_labels_a=la,
+                given_labels_b=lb,
+                labels_a=la,
+                labels_b=lb,
+                truth_a=xa,
+                truth_b=ph.to_observed(k, tb),
+            )
+        )
     return out
 
 
@@ -297,8 +366,21 @@ def dlpfc_pairs() -> list:
         xa, xb = (t[["pxl_col_fullres", "pxl_row_fullres"]].to_numpy(np.float64) * um for t in (A, B))
         la, lb = A.layer.astype(str).to_numpy(), B.layer.astype(str).to_numpy()
         fa, fb = np.split(_onehot(np.concatenate([la, lb])), [len(la)])
-        out.append(Pair("DLPFC", f"{a}->{b}", xa, xb, "layer labels (one-hot; no expression in this data)", fa, fb,
-                        given_labels_a=la, given_labels_b=lb, labels_a=la, labels_b=lb))
+        out.append(
+            Pair(
+                "DLPFC",
+                f"{a}->{b}",
+                xa,
+                xb,
+                "layer labels (one-hot; no expression in this data)",
+                fa,
+                fb,
+                given_labels_a=la,
+                given_labels_b=lb,
+                labels_a=la,
+                labels_b=lb,
+            )
+        )
     return out
 
 
@@ -317,9 +399,22 @@ def her2st_pairs(n_genes: int = 300) -> list:
         names = sorted(set(section))
         for s, t in zip(names[:-1], names[1:]):
             ma, mb = section == s, section == t
-            out.append(Pair("her2st", f"{s}->{t}", xy[ma], xy[mb], f"counts of {n_genes} most variable genes",
-                            counts[ma], counts[mb], counts=True, labels_a=lab[ma], labels_b=lab[mb],
-                            ref_a=ref[ma], ref_b=ref[mb]))
+            out.append(
+                Pair(
+                    "her2st",
+                    f"{s}->{t}",
+                    xy[ma],
+                    xy[mb],
+                    f"counts of {n_genes} most variable genes",
+                    counts[ma],
+                    counts[mb],
+                    counts=True,
+                    labels_a=lab[ma],
+                    labels_b=lab[mb],
+                    ref_a=ref[ma],
+                    ref_b=ref[mb],
+                )
+            )
     return out
 
 
@@ -342,9 +437,22 @@ def merfish_pairs() -> list:
         ma, mb = (loc.z == s).to_numpy(), (loc.z == t).to_numpy()
         xy = loc[["x", "y"]].to_numpy(np.float64)
         fa, fb = np.split(_onehot(np.concatenate([cls[ma], cls[mb]])), [int(ma.sum())])
-        out.append(Pair("MERFISH", f"{s}->{t}", xy[ma], xy[mb], "cell classes (one-hot; 16 classes)", fa, fb,
-                        given_labels_a=cls[ma], given_labels_b=cls[mb], labels_a=cls[ma], labels_b=cls[mb],
-                        extra={"coarse_a": coarse_cls[ma], "coarse_b": coarse_cls[mb]}))
+        out.append(
+            Pair(
+                "MERFISH",
+                f"{s}->{t}",
+                xy[ma],
+                xy[mb],
+                "cell classes (one-hot; 16 classes)",
+                fa,
+                fb,
+                given_labels_a=cls[ma],
+                given_labels_b=cls[mb],
+                labels_a=cls[ma],
+                labels_b=cls[mb],
+                extra={"coarse_a": coarse_cls[ma], "coarse_b": coarse_cls[mb]},
+            )
+        )
     return out
 
 
@@ -361,9 +469,11 @@ def run_peers(pairs: list, work: Path, client, tools=PEERS, paste_cells: int = 1
     import _peers
 
     why_not = {"PASTE": _peers.paste_available(), "STalign": _peers.stalign_available(), "lamina": None}
-    runners = {"lamina": lambda p: _peers.run_lamina(p, work, client),
-               "PASTE": lambda p: _peers.run_paste(p, max_cells=paste_cells),
-               "STalign": lambda p: _peers.run_stalign(p, niter=stalign_iter)}
+    runners = {
+        "lamina": lambda p: _peers.run_lamina(p, work, client),
+        "PASTE": lambda p: _peers.run_paste(p, max_cells=paste_cells),
+        "STalign": lambda p: _peers.run_stalign(p, niter=stalign_iter),
+    }
     for tool in tools:
         if why_not[tool]:
             print(f"skip {tool}: {why_not[tool]}", flush=True)
@@ -381,8 +491,16 @@ def run_peers(pairs: list, work: Path, client, tools=PEERS, paste_cells: int = 1
                 rows.append({**base, "method": tool, "failed": f"{type(e).__name__}: {str(e)[:80]}"})
                 print(f"{pair.dataset} {pair.name} {tool} FAILED: {e}", flush=True)
                 continue
-            rows.append({**base, "method": tool, "seconds": seconds, "peak_mib": peak / 2**20, **info,
-                         **_peers.score(pair, a, b)})
+            rows.append(
+                {
+                    **base,
+                    "method": tool,
+                    "seconds": seconds,
+                    "peak_mib": peak / 2**20,
+                    **info,
+                    **_peers.score(pair, a, b),
+                }
+            )
             print({k: v for k, v in rows[-1].items() if k not in ("objective",)}, flush=True)
     return rows
 
@@ -404,27 +522,45 @@ def peer_tables(rows: list) -> str:
                 continue
             wide = d.pivot_table(index="pair", columns="method", values=key, aggfunc="first", sort=False)
             head = f"| pair ({title}) | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods) + "\n"
-            body = "".join(f"| {pair} | " + " | ".join(_cell(wide, pair, m) for m in methods) + " |\n"
-                           for pair in wide.index)
+            body = "".join(
+                f"| {pair} | " + " | ".join(_cell(wide, pair, m) for m in methods) + " |\n" for pair in wide.index
+            )
             means = {m: wide[m].mean() for m in methods if m in wide}
             best = (min if lower else max)(means.values())
-            mean = "| **mean** | " + " | ".join(
-                (f"**{means[m]:.3f}**" if means[m] == best else f"{means[m]:.3f}") if m in means else "-"
-                for m in methods) + " |\n"
+            mean = (
+                "| **mean** | "
+                + " | ".join(
+                    (f"**{means[m]:.3f}**" if means[m] == best else f"{means[m]:.3f}") if m in means else "-"
+                    for m in methods
+                )
+                + " |\n"
+            )
             out.append(f"#### {dataset}: {title} ({'lower' if lower else 'higher'} is better)\n\n{head}{body}{mean}")
         if "paste_score" in d and d.paste_score.notna().any():
-            out.append(f"PASTE's own score (share of transported mass between same-label cells), mean over pairs: "
-                       f"{d.paste_score.mean():.3f}.\n")
+            out.append(
+                f"PASTE's own score (share of transported mass between same-label cells), mean over pairs: "
+                f"{d.paste_score.mean():.3f}.\n"
+            )
         cost = d[d.method.isin(tools)].groupby("method").agg(seconds=("seconds", "median"), peak=("peak_mib", "max"))
-        out.append("Per pair: " + "; ".join(f"{m} median {cost.seconds[m]:.2f} s, peak +{cost.peak[m]:.0f} MiB"
-                                            for m in tools if m in cost.index) + ".\n")
+        out.append(
+            "Per pair: "
+            + "; ".join(
+                f"{m} median {cost.seconds[m]:.2f} s, peak +{cost.peak[m]:.0f} MiB" for m in tools if m in cost.index
+            )
+            + ".\n"
+        )
         order = ["ingest", "section_stats", "pca", "rasterize", "register", "refine", "warp"]  # as they run
-        steps = sorted((c for c in d.columns if c.startswith("step_")),
-                       key=lambda c: order.index(c[5:]) if c[5:] in order else len(order))
+        steps = sorted(
+            (c for c in d.columns if c.startswith("step_")),
+            key=lambda c: order.index(c[5:]) if c[5:] in order else len(order),
+        )
         mine = d[d.method == "lamina"][steps].dropna(axis=1, how="all")
         if not mine.empty:
-            out.append("lamina's steps, median s per pair: " + ", ".join(
-                f"{c[5:]} {mine[c].median():.2f}" for c in mine.columns) + ".\n")
+            out.append(
+                "lamina's steps, median s per pair: "
+                + ", ".join(f"{c[5:]} {mine[c].median():.2f}" for c in mine.columns)
+                + ".\n"
+            )
         for _, r in (d[d.failed.notna()] if "failed" in d else d.iloc[:0]).iterrows():
             out.append(f"{r.method} failed on {r.pair}: {r.failed}\n")
     return "\n".join(out)
@@ -453,35 +589,49 @@ def peer_targets(rows: list) -> str:
     if (df.dataset == "phantom").any() and peers:
         lam = mean("phantom", "lamina", "median_um")
         best = min(mean("phantom", m, "median_um") for m in peers)
-        lines.append(f"- phantom: lamina median error {lam:.1f} um vs best peer {best:.1f} um: "
-                     f"{best / lam:.1f}x lower (target >= 2x): **{'met' if best >= 2 * lam else 'not met'}**")
+        lines.append(
+            f"- phantom: lamina median error {lam:.1f} um vs best peer {best:.1f} um: "
+            f"{best / lam:.1f}x lower (target >= 2x): **{'met' if best >= 2 * lam else 'not met'}**"
+        )
     for dataset in ("DLPFC", "her2st"):
         if (df.dataset == dataset).any() and peers:
             lam = mean(dataset, "lamina", "agreement")
             others = {m: mean(dataset, m, "agreement") for m in peers}
             ok = all(lam > v for v in others.values())
-            lines.append(f"- {dataset}: mean agreement lamina {lam:.3f} vs " + ", ".join(
-                f"{m} {v:.3f}" for m, v in others.items()) + f" (target: higher than both): **{'met' if ok else 'not met'}**")
+            lines.append(
+                f"- {dataset}: mean agreement lamina {lam:.3f} vs "
+                + ", ".join(f"{m} {v:.3f}" for m, v in others.items())
+                + f" (target: higher than both): **{'met' if ok else 'not met'}**"
+            )
     if "STalign" in peers:
         t = df[df.method.isin(["lamina", "STalign"])].groupby("method").seconds.median()
-        lines.append(f"- speed: median per pair lamina {t['lamina']:.2f} s, STalign {t['STalign']:.2f} s: "
-                     f"{t['STalign'] / t['lamina']:.1f}x (target >= 10x at equal or better accuracy): "
-                     f"**{'met' if t['STalign'] >= 10 * t['lamina'] else 'not met'}**")
+        lines.append(
+            f"- speed: median per pair lamina {t['lamina']:.2f} s, STalign {t['STalign']:.2f} s: "
+            f"{t['STalign'] / t['lamina']:.1f}x (target >= 10x at equal or better accuracy): "
+            f"**{'met' if t['STalign'] >= 10 * t['lamina'] else 'not met'}**"
+        )
     return "\n".join(lines) + "\n"
 
 
-def peer_section(work: Path, client, datasets, n_cells: int, n_sections: int, paste_cells: int,
-                 stalign_iter: int) -> str:
-    loaders = {"phantom": lambda: phantom_pairs(n_cells, n_sections, range(0, n_sections - 1, 4)),
-               "DLPFC": dlpfc_pairs, "her2st": her2st_pairs, "MERFISH": merfish_pairs}
+def peer_section(
+    work: Path, client, datasets, n_cells: int, n_sections: int, paste_cells: int, stalign_iter: int
+) -> str:
+    loaders = {
+        "phantom": lambda: phantom_pairs(n_cells, n_sections, range(0, n_sections - 1, 4)),
+        "DLPFC": dlpfc_pairs,
+        "her2st": her2st_pairs,
+        "MERFISH": merfish_pairs,
+    }
     pairs = [p for d in datasets for p in loaders[d]()]
     rows = run_peers(pairs, work, client, paste_cells=paste_cells, stalign_iter=stalign_iter)
     given = "; ".join(sorted({f"{p.dataset}: {p.features}" for p in pairs}))
-    return ("Each pair is aligned by every tool on its own (section B onto A). What the tools were given besides "
-            f"positions: {given}. Settings: PASTE on at most {paste_cells} cells per section, STalign "
-            f"{stalign_iter} iterations; the rest as stated in `benchmarks/_peers.py`. Time: wall seconds per pair, "
-            "lamina's including ingest of the pair into a store; peak: the largest rise of the RSS of this process "
-            "and its Dask workers during a pair.\n\n" + peer_tables(rows) + "\n**Targets**\n\n" + peer_targets(rows))
+    return (
+        "Each pair is aligned by every tool on its own (section B onto A). What the tools were given besides "
+        f"positions: {given}. Settings: PASTE on at most {paste_cells} cells per section, STalign "
+        f"{stalign_iter} iterations; the rest as stated in `benchmarks/_peers.py`. Time: wall seconds per pair, "
+        "lamina's including ingest of the pair into a store; peak: the largest rise of the RSS of this process "
+        "and its Dask workers during a pair.\n\n" + peer_tables(rows) + "\n**Targets**\n\n" + peer_targets(rows)
+    )
 
 
 def main(argv=None) -> int:
@@ -490,10 +640,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", type=int, default=100_000)
     p.add_argument("--sections", type=int, default=20)
-    p.add_argument("--stack", action=argparse.BooleanOptionalAction, default=True,
-                   help="the stack benchmarks (phantom stack, MERFISH stack, DLPFC pairs with lamina only)")
-    p.add_argument("--peers", nargs="*", default=list(METRICS), choices=list(METRICS),
-                   help="data sets for the comparison with PASTE and STalign (none: skip it)")
+    p.add_argument(
+        "--stack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the stack benchmarks (phantom stack, MERFISH stack, DLPFC pairs with lamina only)",
+    )
+    p.add_argument(
+        "--peers",
+        nargs="*",
+        default=list(METRICS),
+        choices=list(METRICS),
+        help="data sets for the comparison with PASTE and STalign (none: skip it)",
+    )
     p.add_argument("--paste-cells", type=int, default=1500)
     p.add_argument("--stalign-iter", type=int, default=1000)
     p.add_argument("--write", action="store_true")
@@ -505,24 +664,35 @@ def main(argv=None) -> int:
     try:
         if args.smoke:
             sections["registration"] = phantom_rows(work, client, 8_000, 4)[0]
-            sections["registration_peers"] = peer_section(work, client, ["phantom"], 4_000, 2, paste_cells=300,
-                                                          stalign_iter=20)
+            sections["registration_peers"] = peer_section(
+                work, client, ["phantom"], 4_000, 2, paste_cells=300, stalign_iter=20
+            )
         else:
             if args.stack:
-                sections["registration"] = "\n".join([phantom_rows(work, client, args.cells, args.sections)[0],
-                                                      merfish_rows(work, client), dlpfc_rows(work, client)])
+                sections["registration"] = "\n".join(
+                    [
+                        phantom_rows(work, client, args.cells, args.sections)[0],
+                        merfish_rows(work, client),
+                        dlpfc_rows(work, client),
+                    ]
+                )
             if args.peers:
-                sections["registration_peers"] = peer_section(work, client, args.peers, args.cells, args.sections,
-                                                              args.paste_cells, args.stalign_iter)
+                sections["registration_peers"] = peer_section(
+                    work, client, args.peers, args.cells, args.sections, args.paste_cells, args.stalign_iter
+                )
     finally:
         client.close()
         shutil.rmtree(work, ignore_errors=True)
-    titles = {"registration": "Registration (benchmarks/registration.py)",
-              "registration_peers": "Registration against the peers (benchmarks/registration.py)"}
+    titles = {
+        "registration": "Registration (benchmarks/registration.py)",
+        "registration_peers": "Registration against the peers (benchmarks/registration.py)",
+    }
     for block, text in sections.items():
-        header = (f"## {titles[block]}\n\n{dt.date.today()} · {os.cpu_count()} cores, no GPU · lamina "
-                  f"{lamina.__version__}, Python {platform.python_version()}{_versions()} · command: "
-                  f"`python benchmarks/registration.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
+        header = (
+            f"## {titles[block]}\n\n{dt.date.today()} · {os.cpu_count()} cores, no GPU · lamina "
+            f"{lamina.__version__}, Python {platform.python_version()}{_versions()} · command: "
+            f"`python benchmarks/registration.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        )
         print(header + text)
         if args.write and not args.smoke:
             write_results(header + text, section=block)

@@ -10,6 +10,7 @@ register -> refine -> warp`` and ``pca``. Peak RSS is summed over the child and 
 every 50 ms. The flow stages (train_flow, interpolate, voxelize, invert) are timed at 3M cells by
 ``benchmarks/reconstruction.py``; ``--reconstruct`` adds them here too (hours at 10M on 2 cores).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,21 @@ def main(argv=None) -> int:
     rows = []
     try:
         for n in args.sizes:
-            cmd = [sys.executable, __file__, "--child", "--cells", str(int(n)), "--sections", str(args.sections),
-                   "--genes", str(args.genes), "--pcs", str(args.pcs), "--work", str(Path(args.work) / f"{int(n)}")]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--cells",
+                str(int(n)),
+                "--sections",
+                str(args.sections),
+                "--genes",
+                str(args.genes),
+                "--pcs",
+                str(args.pcs),
+                "--work",
+                str(Path(args.work) / f"{int(n)}"),
+            ]
             if args.reconstruct:
                 cmd.append("--reconstruct")
             m = run_measured(cmd)
@@ -87,29 +101,43 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     stages = [s for s in [*STAGES, "train_flow", "interpolate", "voxelize", "invert"] if s in rows[0]]
-    head = ("| cells | " + " | ".join(f"{s} (s)" for s in stages)
-            + " | wall (s) | s per M cells | peak RSS (GiB) |\n|---|" + "---|" * (len(stages) + 3))
-    body = "\n".join(f"| {r['cells']:,} | " + " | ".join(f"{r[s]:.1f}" for s in stages)
-                     + f" | {r['wall']:.1f} | {r['wall'] / (r['cells'] / 1e6):.1f} | {r['peak'] / 2**30:.2f} |"
-                     for r in rows)
+    head = (
+        "| cells | "
+        + " | ".join(f"{s} (s)" for s in stages)
+        + " | wall (s) | s per M cells | peak RSS (GiB) |\n|---|"
+        + "---|" * (len(stages) + 3)
+    )
+    body = "\n".join(
+        f"| {r['cells']:,} | "
+        + " | ".join(f"{r[s]:.1f}" for s in stages)
+        + f" | {r['wall']:.1f} | {r['wall'] / (r['cells'] / 1e6):.1f} | {r['peak'] / 2**30:.2f} |"
+        for r in rows
+    )
     notes = []
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         growth = (b["wall"] - a["wall"]) / (b["cells"] - a["cells"]) * 1e6
-        notes.append(f"Marginal cost from {a['cells']:,} to {b['cells']:,} cells: {growth:.1f} s per million cells "
-                     f"(the rest is fixed cost: cluster start and the raster-based register/refine, which do not "
-                     f"grow with cells). Peak RSS grows {(b['peak'] - a['peak']) / 2**30:.2f} GiB over "
-                     f"{b['cells'] / a['cells']:.0f}x the cells.")
+        notes.append(
+            f"Marginal cost from {a['cells']:,} to {b['cells']:,} cells: {growth:.1f} s per million cells "
+            f"(the rest is fixed cost: cluster start and the raster-based register/refine, which do not "
+            f"grow with cells). Peak RSS grows {(b['peak'] - a['peak']) / 2**30:.2f} GiB over "
+            f"{b['cells'] / a['cells']:.0f}x the cells."
+        )
     big = [r for r in rows if r["cells"] >= 10_000_000]
     if big:
         worst = max(r["peak"] for r in big) / 2**30
-        notes.append(f"Target: peak RSS <= 6 GiB at 10M cells: {worst:.2f} GiB, **{'met' if worst <= 6 else 'not met'}**.")
-    text = (f"## Scaling (benchmarks/scaling.py)\n\n{dt.date.today()} · {platform.machine()}, "
-            f"{len(os.sched_getaffinity(0))} cores, no GPU · Python {platform.python_version()} · command: "
-            f"`python benchmarks/scaling.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-            f"Phantom with default perturbations, {args.sections} sections, {args.genes} genes, {args.pcs} PCs; "
-            f"one child process per size on the in-process cluster (2 workers).\n\n{head}\n{body}\n\n"
-            + "\n".join(notes) + "\n")
+        notes.append(
+            f"Target: peak RSS <= 6 GiB at 10M cells: {worst:.2f} GiB, **{'met' if worst <= 6 else 'not met'}**."
+        )
+    text = (
+        f"## Scaling (benchmarks/scaling.py)\n\n{dt.date.today()} · {platform.machine()}, "
+        f"{len(os.sched_getaffinity(0))} cores, no GPU · Python {platform.python_version()} · command: "
+        f"`python benchmarks/scaling.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        f"Phantom with default perturbations, {args.sections} sections, {args.genes} genes, {args.pcs} PCs; "
+        f"one child process per size on the in-process cluster (2 workers).\n\n{head}\n{body}\n\n"
+        + "\n".join(notes)
+        + "\n"
+    )
     print(text)
     if args.write and not args.smoke:
         write_results(text, "scaling")

@@ -12,29 +12,101 @@ Python API::
 imported on first use (PEP 562), so ``lamina --version`` and a script that only opens a store never pay for
 torch or distributed.
 """
+
 from __future__ import annotations
 
 import importlib
 
 from ._version import __version__
+from .errors import (
+    ClusterError,
+    ConfigError,
+    FormatVersionError,
+    InputError,
+    LaminaError,
+    MissingInputError,
+    StoreError,
+    TooLargeError,
+    UnknownGeneError,
+    UnknownOptionError,
+    UnknownSectionError,
+)
 from .ingest import IngestSpec, import_isost, ingest  # eager: the function shadows its own subpackage's name
-from .errors import (ClusterError, ConfigError, FormatVersionError, InputError, LaminaError, MissingInputError,
-                     StoreError, TooLargeError, UnknownGeneError, UnknownOptionError, UnknownSectionError)
 
 #: public name -> module that defines it (relative to this package)
 _LAZY = {
-    "config": ".config", "datasets": ".datasets", "stages": ".stages", "kernels": ".kernels",
+    "config": ".config",
+    "datasets": ".datasets",
+    "stages": ".stages",
+    "kernels": ".kernels",
     "connect": ".cluster",
-    "Atlas": ".store", "FORMAT_VERSION": ".store", "to_atlas": ".transforms", "to_section": ".transforms",
-    "map_tiles": ".maps", "map_neighbourhoods": ".maps",
-    **{name: ".stages" for name in ("align", "reconstruct", "section_stats", "rasterize", "register", "refine",
-                                    "warp", "pca", "train_flow", "interpolate", "voxelize", "invert",
-                                    "export_expression_parquet")},
+    "Atlas": ".store",
+    "FORMAT_VERSION": ".store",
+    "to_atlas": ".transforms",
+    "to_section": ".transforms",
+    "map_tiles": ".maps",
+    "map_neighbourhoods": ".maps",
+    **{
+        name: ".stages"
+        for name in (
+            "align",
+            "reconstruct",
+            "section_stats",
+            "rasterize",
+            "register",
+            "refine",
+            "warp",
+            "pca",
+            "train_flow",
+            "interpolate",
+            "voxelize",
+            "invert",
+            "export_expression_parquet",
+        )
+    },
 }
 
-__all__ = sorted([*_LAZY, "IngestSpec", "import_isost", "ingest", "LaminaError", "InputError", "ConfigError", "StoreError", "FormatVersionError",
-                  "ClusterError", "TooLargeError", "MissingInputError", "UnknownSectionError", "UnknownGeneError",
-                  "UnknownOptionError", "__version__"])
+__all__ = [
+    "Atlas",
+    "ClusterError",
+    "ConfigError",
+    "FORMAT_VERSION",
+    "FormatVersionError",
+    "IngestSpec",
+    "InputError",
+    "LaminaError",
+    "MissingInputError",
+    "StoreError",
+    "TooLargeError",
+    "UnknownGeneError",
+    "UnknownOptionError",
+    "UnknownSectionError",
+    "__version__",
+    "align",
+    "config",
+    "connect",
+    "datasets",
+    "export_expression_parquet",
+    "import_isost",
+    "ingest",
+    "interpolate",
+    "invert",
+    "kernels",
+    "map_neighbourhoods",
+    "map_tiles",
+    "pca",
+    "rasterize",
+    "reconstruct",
+    "refine",
+    "register",
+    "section_stats",
+    "stages",
+    "to_atlas",
+    "to_section",
+    "train_flow",
+    "voxelize",
+    "warp",
+]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
 """The ``lamina`` command line: demo, build, info, export, phantom."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,12 @@ def _client(args, cfg_cluster: dict | None = None):
 
     cfg_cluster = cfg_cluster or {}
     address = getattr(args, "scheduler", None) or cfg_cluster.get("scheduler")
-    return connect(address=address, gpu=cfg_cluster.get("gpu") or None,
-                   n_workers=getattr(args, "workers", None) or cfg_cluster.get("n_workers"),
-                   threads_per_worker=cfg_cluster.get("threads_per_worker"))
+    return connect(
+        address=address,
+        gpu=cfg_cluster.get("gpu") or None,
+        n_workers=getattr(args, "workers", None) or cfg_cluster.get("n_workers"),
+        threads_per_worker=cfg_cluster.get("threads_per_worker"),
+    )
 
 
 def cmd_demo(args) -> int:
@@ -45,26 +49,32 @@ def cmd_demo(args) -> int:
         steps.append(("ground truth", time.perf_counter() - t))
         steps += list(align(atlas, client=client).items())
         if args.reconstruct:
-            steps += list(reconstruct(atlas, client=client, n_pcs=min(20, args.genes), dz_um=args.dz,
-                                      steps=args.flow_steps, subsample=512).items())
+            steps += list(
+                reconstruct(
+                    atlas, client=client, n_pcs=min(20, args.genes), dz_um=args.dz, steps=args.flow_steps, subsample=512
+                ).items()
+            )
         t = time.perf_counter()
         pictures = write_report(atlas, out)
         steps.append(("pictures", time.perf_counter() - t))
     finally:
         client.close()
     print(atlas.info())
-    print("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in steps)
-          + f"; total {time.perf_counter() - t0:.1f}s")
+    print("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in steps) + f"; total {time.perf_counter() - t0:.1f}s")
     print(f"ground truth: {truth}")
     median, p95 = _truth_error(atlas, truth)
-    print(f"registration error against ground truth (one global rigid transform removed, {len(atlas.sections)} "
-          f"sections): median {median:.1f} um, p95 {p95:.1f} um")
+    print(
+        f"registration error against ground truth (one global rigid transform removed, {len(atlas.sections)} "
+        f"sections): median {median:.1f} um, p95 {p95:.1f} um"
+    )
     if args.reconstruct:
         vol = atlas.root["volume"]
         Z, Y, X = vol["density"].shape
-        print(f"reconstruction: {atlas.root['interpolated/x'].shape[0]:,} interpolated cells (weighted layers "
-              f"every ~{args.dz:g} um), voxel grid {X}x{Y}x{Z} at {vol.attrs['voxel_um']:g} um, expression volume "
-              f"of {atlas.n_genes} genes in /expression")
+        print(
+            f"reconstruction: {atlas.root['interpolated/x'].shape[0]:,} interpolated cells (weighted layers "
+            f"every ~{args.dz:g} um), voxel grid {X}x{Y}x{Z} at {vol.attrs['voxel_um']:g} um, expression volume "
+            f"of {atlas.n_genes} genes in /expression"
+        )
     for p in pictures:
         print(f"picture: {p}")
     return 0
@@ -95,8 +105,15 @@ def cmd_build(args) -> int:
     client = _client(args, cfg["cluster"])
     try:
         inp = cfg["input"]
-        atlas = ingest(inp["path"], cfg["store"], ingest_spec(cfg), paste=inp["paste"] or None,
-                       pattern=inp["pattern"], overwrite=args.overwrite or cfg["overwrite"], client=client)
+        atlas = ingest(
+            inp["path"],
+            cfg["store"],
+            ingest_spec(cfg),
+            paste=inp["paste"] or None,
+            pattern=inp["pattern"],
+            overwrite=args.overwrite or cfg["overwrite"],
+            client=client,
+        )
         steps = plan(atlas, cfg["run"], cfg["stages"], cfg["disabled"], where=str(args.config))
         log.info("build: %s", " -> ".join(s.stage.name for s in steps) or "nothing to run")
         run_plan(atlas, steps, client)
@@ -148,7 +165,9 @@ def cmd_export(args) -> int:
         from .stages import export_expression_parquet
 
         if args.format != "parquet" or sections:
-            raise ConfigError("--volume exports the expression volume as Parquet only (use --format parquet, no --sections)")
+            raise ConfigError(
+                "--volume exports the expression volume as Parquet only (use --format parquet, no --sections)"
+            )
         out = args.out or str(Path(args.store).with_suffix("")) + "-volume.parquet"
         print(f"wrote {export_expression_parquet(atlas, out, genes):,} voxels to {out}")
         return 0
@@ -180,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def scheduler(sp):
-        sp.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler (tcp://host:port); default: local cluster")
+        sp.add_argument(
+            "--scheduler", metavar="ADDRESS", help="Dask scheduler (tcp://host:port); default: local cluster"
+        )
         sp.add_argument("--workers", type=int, help="worker processes of the local cluster (default: per core)")
 
     d = sub.add_parser("demo", help="synthetic phantom -> atlas store -> every stage -> summary and pictures")
@@ -191,8 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--dz", type=float, default=10.0, help="layer spacing and voxel size of the reconstruction (um)")
     d.add_argument("--flow-steps", type=int, default=60, help="training steps of the z-flow")
-    d.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the 3D reconstruction (--no-reconstruct: registration only)")
+    d.add_argument(
+        "--reconstruct",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the 3D reconstruction (--no-reconstruct: registration only)",
+    )
     scheduler(d)
     d.set_defaults(func=cmd_demo)
 
@@ -212,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output file (default: beside the store)")
     e.add_argument("--sections", help="comma-separated section ids")
     e.add_argument("--genes", help="comma-separated gene names")
-    e.add_argument("--volume", action="store_true", help="export the voxel expression volume (x, y, z, genes) instead of cells")
+    e.add_argument(
+        "--volume", action="store_true", help="export the voxel expression volume (x, y, z, genes) instead of cells"
+    )
     e.set_defaults(func=cmd_export)
 
     st = sub.add_parser("stages", help="the stages lamina knows, their options and defaults")

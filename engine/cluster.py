@@ -1,10 +1,10 @@
 """Dask cluster: ``connect()`` and the one place where graphs are computed (``compute``)."""
+
 from __future__ import annotations
 
 import logging
 import os
 import sys
-
 import time
 
 import dask
@@ -106,10 +106,16 @@ def default_layout(cores: int | None = None) -> tuple[int, int]:
     return max(1, cores // threads), threads
 
 
-def connect(address: str | None = None, gpu: bool | None = None, n_workers: int | None = None,
-            threads_per_worker: int | None = None, memory_limit: str | int = "auto",
-            dashboard_address: str | None = "127.0.0.1:0", processes: bool = True,
-            timeout: float = 30.0) -> Client:
+def connect(
+    address: str | None = None,
+    gpu: bool | None = None,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | int = "auto",
+    dashboard_address: str | None = "127.0.0.1:0",
+    processes: bool = True,
+    timeout: float = 30.0,
+) -> Client:
     """A ``distributed.Client`` for lamina's stages.
 
     * ``address`` given: connect to that scheduler (``tcp://host:port``), nothing is started.
@@ -124,17 +130,23 @@ def connect(address: str | None = None, gpu: bool | None = None, n_workers: int 
         try:
             client = Client(address, timeout=timeout)
         except (OSError, TimeoutError) as exc:
-            raise ClusterError(f"cannot reach a Dask scheduler at {address}: {exc}; start one with "
-                               f"`dask scheduler` and workers with `dask worker {address}`, or omit --scheduler "
-                               f"to use a local cluster") from exc
+            raise ClusterError(
+                f"cannot reach a Dask scheduler at {address}: {exc}; start one with "
+                f"`dask scheduler` and workers with `dask worker {address}`, or omit --scheduler "
+                f"to use a local cluster"
+            ) from exc
     elif gpu:
         client = _connect_gpu(n_workers, memory_limit, dashboard_address)
     else:
         auto_workers, auto_threads = default_layout()
-        cluster = LocalCluster(n_workers=n_workers or auto_workers,
-                               threads_per_worker=threads_per_worker or auto_threads,
-                               processes=processes, memory_limit=memory_limit, host="127.0.0.1",
-                               dashboard_address=dashboard_address)
+        cluster = LocalCluster(
+            n_workers=n_workers or auto_workers,
+            threads_per_worker=threads_per_worker or auto_threads,
+            processes=processes,
+            memory_limit=memory_limit,
+            host="127.0.0.1",
+            dashboard_address=dashboard_address,
+        )
         client = Client(cluster)
     client.register_plugin(WorkerSetup(1))
     link = getattr(client, "dashboard_link", None)
@@ -159,15 +171,22 @@ def _connect_gpu(n_workers, memory_limit, dashboard_address) -> Client:
         except ImportError:
             pass
     if not usable:
-        raise ClusterError("gpu=True but no usable CUDA device was found (torch.cuda.is_available() and "
-                           "cupy.is_available() are both false); run without --gpu to use CPU workers")
+        raise ClusterError(
+            "gpu=True but no usable CUDA device was found (torch.cuda.is_available() and "
+            "cupy.is_available() are both false); run without --gpu to use CPU workers"
+        )
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError as exc:
         raise ClusterError("gpu=True needs dask-cuda: pip install 'lamina[gpu]'") from exc
-    cluster = LocalCUDACluster(n_workers=n_workers, memory_limit=memory_limit, ip="127.0.0.1",
-                               dashboard_address=dashboard_address, rmm_pool_size="0.5",
-                               rmm_allocator_external_lib_list=["cupy", "torch"])
+    cluster = LocalCUDACluster(
+        n_workers=n_workers,
+        memory_limit=memory_limit,
+        ip="127.0.0.1",
+        dashboard_address=dashboard_address,
+        rmm_pool_size="0.5",
+        rmm_allocator_external_lib_list=["cupy", "torch"],
+    )
     return Client(cluster)
 
 

@@ -14,6 +14,7 @@ stages:
   refine: false                    # a stage switched off (here: the affine stage's result is kept)
 ```
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,18 +30,22 @@ from .stages.options import convert
 
 REQUIRED = object()
 #: fixed top-level blocks: key -> (annotation, default); ``input``, ``stages`` and ``run`` are derived
-CLUSTER = {"scheduler": (str | None, None), "n_workers": (int | None, None),
-           "threads_per_worker": (int | None, None), "gpu": (bool, False)}
+CLUSTER = {
+    "scheduler": (str | None, None),
+    "n_workers": (int | None, None),
+    "threads_per_worker": (int | None, None),
+    "gpu": (bool, False),
+}
 REPORT = {"enabled": (bool, True), "out": (str | None, None)}
 INPUT_EXTRA = {"path": (str | list[str], REQUIRED), "paste": (list[str], []), "pattern": (str | None, None)}
 TOP = ("store", "overwrite", "run", "input", "cluster", "stages", "report")
 #: keys of the format before the stage contract, and where their settings went
 MOVED = {
     "stages.reconstruct": "list 'reconstruct' under run: (run: [align, reconstruct]) and give the options to "
-                          "their stages: stages.pca.n_pcs, stages.train_flow (dz_um, steps, subsample, k, ...), "
-                          "stages.voxelize.voxel_um; interpolate: false voxelizes the sections only",
+    "their stages: stages.pca.n_pcs, stages.train_flow (dz_um, steps, subsample, k, ...), "
+    "stages.voxelize.voxel_um; interpolate: false voxelizes the sections only",
     "stages.register.fine": "the fine stage is the stage 'refine': stages.refine (enabled, z_sigma_sections, "
-                            "alpha_px, lddmm_rounds, affine_rounds, batch)",
+    "alpha_px, lddmm_rounds, affine_rounds, batch)",
     "stages.register.pixel_um": "the canvas is drawn by the stage 'rasterize': stages.rasterize.pixel_um",
     "stages.register.channels": "the raster channels are drawn by the stage 'rasterize': stages.rasterize.channels",
     "stages.register.enabled": "to skip registration, leave 'align' out of run:",
@@ -146,8 +151,9 @@ def _run(node, where: str) -> list[str]:
         if name not in known:
             close = difflib.get_close_matches(str(name), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: 'run' names {name!r}, which is no pipeline or stage{hint}; choose from "
-                              f"{', '.join(known)}")
+            raise ConfigError(
+                f"{where}: 'run' names {name!r}, which is no pipeline or stage{hint}; choose from {', '.join(known)}"
+            )
     return list(node)
 
 
@@ -168,8 +174,12 @@ def load_config(path: str | Path) -> dict:
     for key in raw:
         if key not in TOP:
             raise _unknown(key, "", TOP, where)
-    cfg = _block({k: raw[k] for k in ("store", "overwrite") if k in raw},
-                 {"store": (str, REQUIRED), "overwrite": (bool, False)}, "", where)
+    cfg = _block(
+        {k: raw[k] for k in ("store", "overwrite") if k in raw},
+        {"store": (str, REQUIRED), "overwrite": (bool, False)},
+        "",
+        where,
+    )
     cfg["run"] = _run(raw.get("run"), where)
     cfg["input"] = _nested(raw.get("input"), input_schema(), "input.", where)
     cfg["cluster"] = _block(raw.get("cluster"), CLUSTER, "cluster.", where)
@@ -185,8 +195,10 @@ def load_config(path: str | Path) -> dict:
     inp["paste"] = [resolve(p) for p in inp["paste"]]
     for p in ([inp["path"]] if isinstance(inp["path"], str) else inp["path"]) + inp["paste"]:
         if not Path(p).exists():
-            raise ConfigError(f"{path}: input.path / input.paste: {p} does not exist; fix the path (relative paths "
-                              f"are taken from the config file's folder {base})")
+            raise ConfigError(
+                f"{path}: input.path / input.paste: {p} does not exist; fix the path (relative paths "
+                f"are taken from the config file's folder {base})"
+            )
     cfg["store"] = resolve(cfg["store"])
     weights = cfg["stages"].get("register", {}).get("matcher_weights")
     if weights:

@@ -64,8 +64,10 @@ class InternalError(RuntimeError):
     """An invariant of lamina itself does not hold: a bug, never the user's input."""
 
     def __init__(self, message: str):
-        super().__init__(f"{message} (an internal check failed: this is a bug in lamina, please report it with "
-                         f"the command that led here)")
+        super().__init__(
+            f"{message} (an internal check failed: this is a bug in lamina, please report it with "
+            f"the command that led here)"
+        )
 
 
 def ensure(condition: bool, message: str) -> None:

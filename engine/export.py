@@ -1,8 +1,9 @@
 """Export an atlas to CSV / Parquet (streamed chunk by chunk) or AnnData (in memory, size-guarded)."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -44,8 +45,10 @@ def gene_positions(atlas: Atlas, genes=None) -> np.ndarray:
         return np.arange(len(names))
     gidx = names.get_indexer(list(genes))
     if (gidx < 0).any():
-        raise UnknownGeneError(f"genes not in {atlas.path}: {[g for g, i in zip(genes, gidx) if i < 0][:10]}; it has "
-                               f"{len(names)} genes ({', '.join(map(str, names[:5]))} ...)")
+        raise UnknownGeneError(
+            f"genes not in {atlas.path}: {[g for g, i in zip(genes, gidx) if i < 0][:10]}; it has "
+            f"{len(names)} genes ({', '.join(map(str, names[:5]))} ...)"
+        )
     return gidx
 
 
@@ -120,14 +123,19 @@ def export_expression_parquet(atlas: Atlas, path, genes=None, row_group_rows: in
     if genes is not None:
         missing = [g for g in genes if g not in names]
         if missing:
-            raise UnknownGeneError(f"genes not in the expression volume of {atlas.path}: {missing[:10]}; the volume has "
-                                   f"{len(names)} genes ({', '.join(names[:5])} ...)")
+            raise UnknownGeneError(
+                f"genes not in the expression volume of {atlas.path}: {missing[:10]}; the volume has "
+                f"{len(names)} genes ({', '.join(names[:5])} ...)"
+            )
         idx = np.array([names.index(g) for g in genes])
     v, (ox, oy, oz) = float(expr.attrs["voxel_um"]), expr.attrs["origin"]
     _, Z, Y, X = values.shape
     cz, ty = values.chunks[1:3]
-    schema = pa.schema([(k, pa.float32()) for k in ("x", "y", "z")] + [("cells", pa.float32())]
-                       + [(names[i], pa.float32()) for i in idx])
+    schema = pa.schema(
+        [(k, pa.float32()) for k in ("x", "y", "z")]
+        + [("cells", pa.float32())]
+        + [(names[i], pa.float32()) for i in idx]
+    )
     rows = 0
     with pq.ParquetWriter(str(path), schema) as writer:
         buffer: list[pa.Table] = []
@@ -141,7 +149,9 @@ def export_expression_parquet(atlas: Atlas, path, genes=None, row_group_rows: in
                     continue
                 block = np.asarray(values.oindex[idx, zs, ys, :])[:, k, j, i]
                 cols = {"x": ox + (i + 0.5) * v, "y": oy + (y0 + j + 0.5) * v, "z": oz + (z0 + k + 0.5) * v}
-                data = [pa.array(cols[c].astype(np.float32)) for c in ("x", "y", "z")] + [pa.array(count[k, j, i].astype(np.float32))]
+                data = [pa.array(cols[c].astype(np.float32)) for c in ("x", "y", "z")] + [
+                    pa.array(count[k, j, i].astype(np.float32))
+                ]
                 data += [pa.array(block[g]) for g in range(len(idx))]
                 buffer.append(pa.Table.from_arrays(data, schema=schema))
                 buffered += len(k)

@@ -1,4 +1,5 @@
 """Canonical hashes of parameters: what a stage's completion record and an ingest's identity are made of."""
+
 from __future__ import annotations
 
 import hashlib

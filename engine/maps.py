@@ -23,6 +23,7 @@
     a :class:`Neighbourhood`; neighbour lists are in increasing row order with the cell itself included, so
     a kernel of :mod:`lamina.kernels.neighbours` gives the same bits as over all cells at once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,18 @@ SCRATCH = "_tmp"
 
 
 # ---------------------------------------------------------------------------------------------- tiles
-def _tile_task(store: str, source: str, target: str, lead: tuple, y: tuple[int, int], x: tuple[int, int],
-               halo: int, factor: int, fn, kwargs: dict) -> int:
+def _tile_task(
+    store: str,
+    source: str,
+    target: str,
+    lead: tuple,
+    y: tuple[int, int],
+    x: tuple[int, int],
+    halo: int,
+    factor: int,
+    fn,
+    kwargs: dict,
+) -> int:
     root = zarr.open_group(store, mode="r+")
     src, dst = root[source], root[target]
     H, W = src.shape[-2:]
@@ -54,15 +65,28 @@ def _tile_task(store: str, source: str, target: str, lead: tuple, y: tuple[int, 
     block = np.asarray(src[(*leading, *(slice(None),) * (src.ndim - 2 - len(lead)), slice(a0, a1), slice(b0, b1))])
     out = np.asarray(fn(block, **kwargs))
     oy, ox = (Y0 - a0) // factor, (X0 - b0) // factor
-    core = out[..., oy:oy + (y1 - y0), ox:ox + (x1 - x0)]
-    ensure(core.shape[-2:] == (y1 - y0, x1 - x0), f"map_tiles: {getattr(fn, '__name__', fn)} returned "
-                                                  f"{out.shape[-2:]} pixels for a block of {block.shape[-2:]}")
+    core = out[..., oy : oy + (y1 - y0), ox : ox + (x1 - x0)]
+    ensure(
+        core.shape[-2:] == (y1 - y0, x1 - x0),
+        f"map_tiles: {getattr(fn, '__name__', fn)} returned {out.shape[-2:]} pixels for a block of {block.shape[-2:]}",
+    )
     dst[(*leading, *(slice(None),) * (dst.ndim - 2 - len(lead)), slice(y0, y1), slice(x0, x1))] = core
     return 1
 
 
-def map_tiles(fn, store: str, source: str, target: str, *, halo: int | None = None, factor: int = 1,
-              batch_dims: int | None = None, kwargs: dict | None = None, client=None, label: str = "map_tiles") -> int:
+def map_tiles(
+    fn,
+    store: str,
+    source: str,
+    target: str,
+    *,
+    halo: int | None = None,
+    factor: int = 1,
+    batch_dims: int | None = None,
+    kwargs: dict | None = None,
+    client=None,
+    label: str = "map_tiles",
+) -> int:
     """Apply ``fn(block, **kwargs)`` tile by tile from ``store``/``source`` into the existing array ``target``.
 
     Shapes: ``source`` ``[*B, C, H, W]`` (or ``[*B, H, W]``), ``target`` ``[*B, C_out, H // factor, W // factor]``;
@@ -84,16 +108,20 @@ def map_tiles(fn, store: str, source: str, target: str, *, halo: int | None = No
     src, dst = root[source], root[target]
     H, W = src.shape[-2:]
     if dst.shape[-2:] != (-(-H // factor), -(-W // factor)):
-        raise InputError(f"map_tiles: {target} is {dst.shape[-2:]} pixels; {source} at factor {factor} needs "
-                         f"{(-(-H // factor), -(-W // factor))}")
+        raise InputError(
+            f"map_tiles: {target} is {dst.shape[-2:]} pixels; {source} at factor {factor} needs "
+            f"{(-(-H // factor), -(-W // factor))}"
+        )
     nb = dst.ndim - 3 if batch_dims is None else int(batch_dims)
     nb = max(nb, 0)
     if src.shape[:nb] != dst.shape[:nb]:
         raise InputError(f"map_tiles: batch dims of {source} {src.shape[:nb]} and {target} {dst.shape[:nb]} differ")
     for d in range(nb, dst.ndim - 2):
         if dst.chunks[d] != dst.shape[d]:
-            raise InputError(f"map_tiles: {target} must hold its channel dim {d} in one chunk "
-                             f"(chunks {dst.chunks}, shape {dst.shape})")
+            raise InputError(
+                f"map_tiles: {target} must hold its channel dim {d} in one chunk "
+                f"(chunks {dst.chunks}, shape {dst.shape})"
+            )
 
     def spans(n, c):
         return [(a, min(n, a + c)) for a in range(0, n, c)]
@@ -101,9 +129,12 @@ def map_tiles(fn, store: str, source: str, target: str, *, halo: int | None = No
     leads = [()]
     for d in range(nb):
         leads = [(*lead, span) for lead in leads for span in spans(dst.shape[d], dst.chunks[d])]
-    tasks = [dask.delayed(_tile_task, pure=False)(store, source, target, lead, ys, xs, halo, factor, fn, kwargs)
-             for lead in leads for ys in spans(dst.shape[-2], dst.chunks[-2]) for xs in spans(dst.shape[-1],
-                                                                                               dst.chunks[-1])]
+    tasks = [
+        dask.delayed(_tile_task, pure=False)(store, source, target, lead, ys, xs, halo, factor, fn, kwargs)
+        for lead in leads
+        for ys in spans(dst.shape[-2], dst.chunks[-2])
+        for xs in spans(dst.shape[-1], dst.chunks[-1])
+    ]
     return int(sum(compute(*tasks, client=client, label=label)))
 
 
@@ -128,8 +159,9 @@ class Neighbourhood:
     distances: np.ndarray
 
 
-def neighbours(xyz: np.ndarray, core: np.ndarray, radius: float | None = None, k: int | None = None,
-               z_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def neighbours(
+    xyz: np.ndarray, core: np.ndarray, radius: float | None = None, k: int | None = None, z_scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR neighbours of the cells ``core`` among all ``xyz`` ``[n, 3]``: every cell within ``radius`` um, or
     the ``k`` nearest (3D distance, z multiplied by ``z_scale``), each list in increasing index order with the
     cell itself included. Returns ``(indptr, indices, distances)``."""
@@ -185,8 +217,9 @@ def _tile_rows(index: dict, keys) -> list[tuple[int, int]]:
     return [span for key in keys for span in index.get(int(key), ())]
 
 
-def _neighbourhood_task(store: str, sorted_rows: str, out: str, key: int, index: dict, grid: dict, spec: dict,
-                        fn, kwargs: dict) -> int:
+def _neighbourhood_task(
+    store: str, sorted_rows: str, out: str, key: int, index: dict, grid: dict, spec: dict, fn, kwargs: dict
+) -> int:
     """Pass 2 for one tile: gather it and its halo, build the neighbours, run ``fn``, write its results."""
     root = zarr.open_group(store, mode="r+")
     nx, ny, n_sec = grid["nx"], grid["ny"], grid["n_sections"]
@@ -197,15 +230,18 @@ def _neighbourhood_task(store: str, sorted_rows: str, out: str, key: int, index:
     secs = range(max(0, s - spec["z_sections"]), min(n_sec, s + spec["z_sections"] + 1))
     z = np.asarray(grid["section_z"])
     while True:
-        keys = [(ss * ny + yy) * nx + xx for ss in secs for yy in range(max(0, ty - reach), min(ny, ty + reach + 1))
-                for xx in range(max(0, tx - reach), min(nx, tx + reach + 1))]
+        keys = [
+            (ss * ny + yy) * nx + xx
+            for ss in secs
+            for yy in range(max(0, ty - reach), min(ny, ty + reach + 1))
+            for xx in range(max(0, tx - reach), min(nx, tx + reach + 1))
+        ]
         rows = np.sort(_rows_of(root, sorted_rows, _tile_rows(index, keys)))
         sec = np.asarray(root["cells/section"].oindex[rows]).astype(np.int64)
         if spec["coords"] == "aligned":
             xyz = np.stack([np.asarray(root[f"aligned/{c}"].oindex[rows], np.float64) for c in ("x", "y", "z")], 1)
         else:
-            xyz = np.stack([np.asarray(root[f"cells/{c}"].oindex[rows], np.float64) for c in ("x", "y")]
-                           + [z[sec]], 1)
+            xyz = np.stack([np.asarray(root[f"cells/{c}"].oindex[rows], np.float64) for c in ("x", "y")] + [z[sec]], 1)
         # core cells in the order the tile's rows were listed (chunk by chunk), which pass 3 relies on
         core = np.searchsorted(rows, core_rows)
         indptr, indices, dist = neighbours(xyz, core, spec["radius"], spec["k"], spec["z_scale"])
@@ -215,23 +251,39 @@ def _neighbourhood_task(store: str, sorted_rows: str, out: str, key: int, index:
         lo_x, hi_x = grid["x0"] + max(0, tx - reach) * grid["tile"], grid["x0"] + min(nx, tx + reach + 1) * grid["tile"]
         lo_y, hi_y = grid["y0"] + max(0, ty - reach) * grid["tile"], grid["y0"] + min(ny, ty + reach + 1) * grid["tile"]
         p = xyz[core]
-        edge = np.minimum.reduce([p[:, 0] - lo_x if tx - reach > 0 else np.full(len(p), np.inf),
-                                  hi_x - p[:, 0] if tx + reach + 1 < nx else np.full(len(p), np.inf),
-                                  p[:, 1] - lo_y if ty - reach > 0 else np.full(len(p), np.inf),
-                                  hi_y - p[:, 1] if ty + reach + 1 < ny else np.full(len(p), np.inf)])
+        edge = np.minimum.reduce(
+            [
+                p[:, 0] - lo_x if tx - reach > 0 else np.full(len(p), np.inf),
+                hi_x - p[:, 0] if tx + reach + 1 < nx else np.full(len(p), np.inf),
+                p[:, 1] - lo_y if ty - reach > 0 else np.full(len(p), np.inf),
+                hi_y - p[:, 1] if ty + reach + 1 < ny else np.full(len(p), np.inf),
+            ]
+        )
         kth = np.maximum.reduceat(dist, indptr[:-1]) if len(dist) else np.zeros(0)
-        if np.all(kth <= edge) or (tx - reach <= 0 and ty - reach <= 0 and tx + reach + 1 >= nx and ty + reach + 1 >= ny):
+        if np.all(kth <= edge) or (
+            tx - reach <= 0 and ty - reach <= 0 and tx + reach + 1 >= nx and ty + reach + 1 >= ny
+        ):
             break
         reach += 1
-    columns = {name: np.asarray(root[name].oindex[rows] if root[name].ndim == 1 else root[name].oindex[rows, :])
-               for name in spec["columns"]}
+    columns = {
+        name: np.asarray(root[name].oindex[rows] if root[name].ndim == 1 else root[name].oindex[rows, :])
+        for name in spec["columns"]
+    }
     nb = Neighbourhood(rows, core, xyz, sec, columns, indptr, indices, dist)
     values = np.asarray(fn(nb, **kwargs))
     width, dtype = tuple(spec["width"]), np.dtype(spec["dtype"])
-    ensure(values.shape[0] == len(core), f"map_neighbourhoods: fn returned {values.shape[0]} rows for {len(core)} cells")
+    ensure(
+        values.shape[0] == len(core), f"map_neighbourhoods: fn returned {values.shape[0]} rows for {len(core)} cells"
+    )
     group, name = out.rsplit("/", 1)
-    target = arrays.create(root[group], name, (len(core), *width), dtype, (max(len(core), 1), *width),
-                           ("row",) + tuple(f"d{i}" for i in range(len(width))))  # this task's own array
+    target = arrays.create(
+        root[group],
+        name,
+        (len(core), *width),
+        dtype,
+        (max(len(core), 1), *width),
+        ("row",) + tuple(f"d{i}" for i in range(len(width))),
+    )  # this task's own array
     target[...] = values.reshape((len(core), *width)).astype(dtype)
     return len(core)
 
@@ -243,17 +295,29 @@ def _copy_task(store: str, sorted_rows: str, target: str, a: int, b: int, parts:
     done = 0
     srt = np.asarray(root[sorted_rows][a:b])
     for scratch, offset, start, count in parts:
-        out[srt[start:start + count] - a] = np.asarray(root[scratch][offset:offset + count])
+        out[srt[start : start + count] - a] = np.asarray(root[scratch][offset : offset + count])
         done += count
     ensure(done == b - a, f"map_neighbourhoods: rows [{a}, {b}) got {done} results")
     root[target][a:b] = out
     return b - a
 
 
-def map_neighbourhoods(fn, atlas: Atlas, target: str, *, radius: float | None = None, k: int | None = None,
-                       columns=(), coords: str = "aligned", z_sections: int = 0, z_scale: float = 1.0,
-                       tile_um: float | None = None, kwargs: dict | None = None, client=None,
-                       label: str = "map_neighbourhoods") -> int:
+def map_neighbourhoods(
+    fn,
+    atlas: Atlas,
+    target: str,
+    *,
+    radius: float | None = None,
+    k: int | None = None,
+    columns=(),
+    coords: str = "aligned",
+    z_sections: int = 0,
+    z_scale: float = 1.0,
+    tile_um: float | None = None,
+    kwargs: dict | None = None,
+    client=None,
+    label: str = "map_neighbourhoods",
+) -> int:
     """Apply ``fn(Neighbourhood, **kwargs) -> [m, F]`` over spatial tiles of the atlas's cells and write each
     cell's row into ``target`` (an existing ``[cell, F]`` array of the store, chunked like ``/cells``).
 
@@ -272,11 +336,15 @@ def map_neighbourhoods(fn, atlas: Atlas, target: str, *, radius: float | None = 
     if coords not in ("aligned", "raw"):
         raise InputError(f"map_neighbourhoods: coords must be 'aligned' or 'raw', got {coords!r}")
     if coords == "raw" and z_sections:
-        raise InputError("map_neighbourhoods: neighbours from adjacent sections need coords='aligned' (raw "
-                         "coordinates of different sections are not in one frame)")
+        raise InputError(
+            "map_neighbourhoods: neighbours from adjacent sections need coords='aligned' (raw "
+            "coordinates of different sections are not in one frame)"
+        )
     if coords == "aligned" and not atlas.group_is_complete("aligned"):
-        raise MissingInputError(f"map_neighbourhoods: {atlas.path} is not aligned yet (no complete /aligned); run "
-                                f"lamina.align(atlas) first, or use coords='raw' within sections")
+        raise MissingInputError(
+            f"map_neighbourhoods: {atlas.path} is not aligned yet (no complete /aligned); run "
+            f"lamina.align(atlas) first, or use coords='raw' within sections"
+        )
     root = atlas.root
     n, chunk = atlas.n_cells, atlas.cell_chunk
     if root[target].shape[0] != n or root[target].chunks[0] != chunk:
@@ -292,25 +360,49 @@ def map_neighbourhoods(fn, atlas: Atlas, target: str, *, radius: float | None = 
         arrays.create(scratch, "rows", (n,), np.int64, (chunk,), ("cell",))
         sorted_rows = f"{scratch.path}/rows"
         starts = list(range(0, n, chunk))
-        found = compute(*[dask.delayed(_index_task, pure=False)(store, sorted_rows, a, min(n, a + chunk), coords, grid)
-                          for a in starts], client=client, label=label)
-        index: dict[int, list] = {}   # tile key -> spans of sorted rows, chunk by chunk
-        per_chunk: list[list] = []    # chunk -> (key, start in chunk, count)
+        found = compute(
+            *[
+                dask.delayed(_index_task, pure=False)(store, sorted_rows, a, min(n, a + chunk), coords, grid)
+                for a in starts
+            ],
+            client=client,
+            label=label,
+        )
+        index: dict[int, list] = {}  # tile key -> spans of sorted rows, chunk by chunk
+        per_chunk: list[list] = []  # chunk -> (key, start in chunk, count)
         for a, (keys, counts) in zip(starts, found):
             offs = np.concatenate([[0], np.cumsum(counts)])
             per_chunk.append([(int(kk), int(o), int(c)) for kk, o, c in zip(keys, offs[:-1], counts)])
             for kk, o, c in per_chunk[-1]:
                 index.setdefault(kk, []).append((a + o, a + o + c))
-        spec = {"radius": None if radius is None else float(radius), "k": None if k is None else int(k),
-                "z_sections": int(z_sections), "z_scale": float(z_scale), "coords": coords, "columns": list(columns),
-                "width": list(root[target].shape[1:]), "dtype": root[target].dtype.str}
+        spec = {
+            "radius": None if radius is None else float(radius),
+            "k": None if k is None else int(k),
+            "z_sections": int(z_sections),
+            "z_scale": float(z_scale),
+            "coords": coords,
+            "columns": list(columns),
+            "width": list(root[target].shape[1:]),
+            "dtype": root[target].dtype.str,
+        }
         tiles = sorted(index)
         outs = {key: f"{scratch.path}/t{key}" for key in tiles}
         # a task gets only the index entries of its tile and its halo tiles, not the whole index
         reach = max(1, math.ceil((radius or 0.0) / grid["tile"])) if radius is not None else None
-        tasks = [dask.delayed(_neighbourhood_task, pure=False)(
-            store, sorted_rows, outs[key], key, _local_index(index, key, grid, reach, int(z_sections)), grid, spec,
-            fn, dict(kwargs or {})) for key in tiles]
+        tasks = [
+            dask.delayed(_neighbourhood_task, pure=False)(
+                store,
+                sorted_rows,
+                outs[key],
+                key,
+                _local_index(index, key, grid, reach, int(z_sections)),
+                grid,
+                spec,
+                fn,
+                dict(kwargs or {}),
+            )
+            for key in tiles
+        ]
         done = sum(compute(*tasks, client=client, label=label))
         ensure(done == n, f"map_neighbourhoods: tiles computed {done} cells of {n}")
         seen: dict[int, int] = {}
@@ -344,8 +436,7 @@ def _local_index(index: dict, key: int, grid: dict, reach: int | None, z_section
     return out
 
 
-def _grid(atlas: Atlas, coords: str, tile_um: float | None, radius: float | None,
-          cells_per_tile: int = 20_000) -> dict:
+def _grid(atlas: Atlas, coords: str, tile_um: float | None, radius: float | None, cells_per_tile: int = 20_000) -> dict:
     """One tile grid for all sections: origin, tile edge (um) and tiles along x and y."""
     names = ("aligned/x", "aligned/y") if coords == "aligned" else ("cells/x", "cells/y")
     x, y = (atlas._lazy(nm) for nm in names)
@@ -357,5 +448,12 @@ def _grid(atlas: Atlas, coords: str, tile_um: float | None, radius: float | None
         tile_um = math.sqrt(area * cells_per_tile / per_section)
     tile = max(float(tile_um), float(radius or 0.0), 1e-6)
     nx, ny = max(1, math.ceil((x1 - x0) / tile + 1e-9)), max(1, math.ceil((y1 - y0) / tile + 1e-9))
-    return {"x0": x0, "y0": y0, "tile": tile, "nx": int(nx), "ny": int(ny), "n_sections": int(len(sec)),
-            "section_z": sec.z.to_numpy(np.float64).tolist()}
+    return {
+        "x0": x0,
+        "y0": y0,
+        "tile": tile,
+        "nx": int(nx),
+        "ny": int(ny),
+        "n_sections": int(len(sec)),
+        "section_z": sec.z.to_numpy(np.float64).tolist(),
+    }

@@ -2,6 +2,7 @@
 
 Only a bounded subsample per section is read (strided rows), so pictures cost the same at any atlas size.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,7 +63,9 @@ def section_grid(atlas: Atlas, path: str | Path, max_cells: int = 4000) -> Path:
         ax.set_aspect("equal")
         ax.set_title(f"{sec.id.iloc[i]}  z={sec.z.iloc[i]:g} um\n{sec.n_cells.iloc[i]:,} cells", fontsize=8)
     if cats:
-        handles = [plt.Line2D([], [], marker="o", ls="", color=cmap(k % cmap.N), label=c) for k, c in enumerate(cats[:20])]
+        handles = [
+            plt.Line2D([], [], marker="o", ls="", color=cmap(k % cmap.N), label=c) for k, c in enumerate(cats[:20])
+        ]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
     fig.suptitle(f"{Path(atlas.path).name}: sections as acquired (raw coordinates, um)", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
@@ -82,14 +85,19 @@ def stack_html(atlas: Atlas, path: str | Path, max_points: int = 60_000) -> Path
     if cats:
         for k, name in enumerate(cats):
             m = d["type"] == k
-            traces.append(go.Scatter3d(x=d["x"][m], y=d["y"][m], z=d["z"][m], mode="markers", name=name,
-                                       marker={"size": 1.5}))
+            traces.append(
+                go.Scatter3d(x=d["x"][m], y=d["y"][m], z=d["z"][m], mode="markers", name=name, marker={"size": 1.5})
+            )
     else:
         traces.append(go.Scatter3d(x=d["x"], y=d["y"], z=d["z"], mode="markers", marker={"size": 1.5}))
     title = "aligned atlas" if aligned else "stack before registration (raw x, y; section z)"
-    fig = go.Figure(traces, layout={"title": f"{Path(atlas.path).name}: {title}",
-                                    "scene": {"aspectmode": "data", "xaxis_title": "x (um)", "yaxis_title": "y (um)",
-                                              "zaxis_title": "z (um)"}})
+    fig = go.Figure(
+        traces,
+        layout={
+            "title": f"{Path(atlas.path).name}: {title}",
+            "scene": {"aspectmode": "data", "xaxis_title": "x (um)", "yaxis_title": "y (um)", "zaxis_title": "z (um)"},
+        },
+    )
     path = Path(path)
     fig.write_html(path, include_plotlyjs=True)
     return path
@@ -128,8 +136,9 @@ def pair_overlays(atlas: Atlas, path: str | Path, max_pairs: int = 12) -> Path:
         f = np.asarray(raster["cells"][j]).sum(0)
         A_px = np.linalg.inv(P) @ pairs["affine_um"][i] @ P
         warped = warp_image(torch.from_numpy(m)[None, None].double(), torch.from_numpy(A_px)[None])[0, 0].numpy()
-        for col, (img, title) in enumerate([(m, f"before  ncc {ncc0[i]:.2f}"),
-                                            (warped, f"after ({methods[i]})  ncc {ncc1[i]:.2f}")]):
+        for col, (img, title) in enumerate(
+            [(m, f"before  ncc {ncc0[i]:.2f}"), (warped, f"after ({methods[i]})  ncc {ncc1[i]:.2f}")]
+        ):
             ax = axes[row, col]
             ax.imshow(_composite(f, img), origin="lower")
             ax.set_title(f"{ids[k]} -> {ids[j]}: {title}", fontsize=7)
@@ -160,7 +169,7 @@ def stack_view(atlas: Atlas, path: str | Path) -> Path:
         xz, yz = np.zeros((S, W)), np.zeros((S, H))
         for k in range(S):
             total = np.asarray(g[name][k]).sum(0)
-            xz[k], yz[k] = total[H // 2 - 1:H // 2 + 2].mean(0), total[:, W // 2 - 1:W // 2 + 2].mean(1)
+            xz[k], yz[k] = total[H // 2 - 1 : H // 2 + 2].mean(0), total[:, W // 2 - 1 : W // 2 + 2].mean(1)
         views[name] = (xz, yz)
     fig, axes = plt.subplots(2, 2, figsize=(9, 4 + 0.1 * S), squeeze=False)
     for r, (name, title) in enumerate([("canvas", "affine stage"), ("current", "refined")]):
@@ -188,15 +197,22 @@ def volume_slices(atlas: Atlas, path: str | Path, gene: str | None = None) -> Pa
     dens = atlas.root["volume/density"]
     Z, Y, X = dens.shape
     v, origin = float(dens.attrs["voxel_um"]), dens.attrs["origin"]
-    planes = [("x-y", np.s_[Z // 2, :, :], ("x", "y")), ("x-z", np.s_[:, Y // 2, :], ("x", "z")),
-              ("y-z", np.s_[:, :, X // 2], ("y", "z"))]
+    planes = [
+        ("x-y", np.s_[Z // 2, :, :], ("x", "y")),
+        ("x-z", np.s_[:, Y // 2, :], ("x", "z")),
+        ("y-z", np.s_[:, :, X // 2], ("y", "z")),
+    ]
     rows = [("cells per voxel", lambda sl: np.asarray(dens[sl]), "magma")]
     if atlas.group_is_complete("expression"):
         values = atlas.root["expression/values"]
         names = list(as_text(atlas.root["expression/gene"][...]))
         if gene is None:
             mid = np.asarray(values[:, Z // 2, :, :])
-            gene = names[int(np.nanargmax(np.nanstd(mid.reshape(len(names), -1), axis=1)))] if np.isfinite(mid).any() else names[0]
+            gene = (
+                names[int(np.nanargmax(np.nanstd(mid.reshape(len(names), -1), axis=1)))]
+                if np.isfinite(mid).any()
+                else names[0]
+            )
         if gene not in names:
             raise KeyError(f"gene {gene!r} not in the expression volume of {atlas.path}")
         gi = names.index(gene)
@@ -208,8 +224,14 @@ def volume_slices(atlas: Atlas, path: str | Path, gene: str | None = None) -> Pa
             img = read(sl)
             (h0, nh), (w0, nw) = axis_um[h], axis_um[w]
             ax = axes[r, c]
-            im = ax.imshow(img, origin="lower", cmap=cmap, interpolation="nearest", aspect="equal",
-                           extent=(h0, h0 + nh * v, w0, w0 + nw * v))
+            im = ax.imshow(
+                img,
+                origin="lower",
+                cmap=cmap,
+                interpolation="nearest",
+                aspect="equal",
+                extent=(h0, h0 + nh * v, w0, w0 + nw * v),
+            )
             ax.set_title(f"{label}: {name} slice", fontsize=9)
             ax.set_xlabel(f"{h} (um)", fontsize=8)
             ax.set_ylabel(f"{w} (um)", fontsize=8)

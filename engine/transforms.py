@@ -3,6 +3,7 @@
 The transforms live in the store as arrays: ``/deformation`` (affine + displacement grids, when the
 ``refine`` stage ran) or ``/transforms/affine``. Only the one section's grid is read.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,7 +1,8 @@
 """First steps: a phantom atlas, ingested and inspected from Python.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
+
 import numpy as np
 
 import lamina
@@ -14,12 +15,12 @@ if __name__ == "__main__":
     lamina.section_stats(atlas, client=client)
     print(atlas.info())
 
-    ds = atlas.to_xarray()                                  # lazy
-    mean_expr = ds["X"].mean("cell").compute()              # computed chunk by chunk on the cluster
+    ds = atlas.to_xarray()  # lazy
+    mean_expr = ds["X"].mean("cell").compute()  # computed chunk by chunk on the cluster
     print("mean expression of the first genes:", np.round(mean_expr.values[:5], 3))
 
     one = atlas.section("S003")
     xy = np.stack([one["x"].values, one["y"].values], axis=1)
-    true_xy = ph.to_true(3, xy)                             # exact ground truth for this section
+    true_xy = ph.to_true(3, xy)  # exact ground truth for this section
     print(f"section S003: {len(xy):,} cells; first cell observed {xy[0]} um, truly at {true_xy[0].round(2)} um")
     client.close()

@@ -1,4 +1,5 @@
 """Globally consistent section transforms from redundant pairwise estimates (NumPy, small dense solve)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,13 @@ def _theta(A: np.ndarray) -> np.ndarray:
     return A[:2, :].reshape(-1)
 
 
-def joint_affines(n: int, reference: int, pairs: list[tuple[int, int, np.ndarray, float, np.ndarray]],
-                  prior: np.ndarray, prior_weight: float = 1e-4) -> np.ndarray:
+def joint_affines(
+    n: int,
+    reference: int,
+    pairs: list[tuple[int, int, np.ndarray, float, np.ndarray]],
+    prior: np.ndarray,
+    prior_weight: float = 1e-4,
+) -> np.ndarray:
     """Section affines ``G_k`` (``[n, 3, 3]``, ``G_reference = I``) that best agree with all pairwise estimates.
 
     Each pair ``(k, j, A_kj, w, P_k)`` says that section k's points ``P_k`` ``[m, 2]`` land, in section j's
@@ -43,12 +49,12 @@ def joint_affines(n: int, reference: int, pairs: list[tuple[int, int, np.ndarray
         blocks = [(k, Dk), (j, Dj)]
         for a, Da in blocks:
             for c, Dc in blocks:
-                N[6 * a:6 * a + 6, 6 * c:6 * c + 6] += w * Da.T @ Dc
+                N[6 * a : 6 * a + 6, 6 * c : 6 * c + 6] += w * Da.T @ Dc
         scale = max(scale, w * len(P))
     reg = prior_weight * max(scale, 1.0)
     for k in range(n):
-        N[6 * k:6 * k + 6, 6 * k:6 * k + 6] += reg * np.eye(6)
-        b[6 * k:6 * k + 6] += reg * _theta(prior[k])
+        N[6 * k : 6 * k + 6, 6 * k : 6 * k + 6] += reg * np.eye(6)
+        b[6 * k : 6 * k + 6] += reg * _theta(prior[k])
     # the reference is fixed: move its columns to the right-hand side and drop its rows
     free = np.array([i for i in range(dim) if i // 6 != reference])
     fixed = np.arange(6 * reference, 6 * reference + 6)

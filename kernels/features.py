@@ -2,6 +2,7 @@
 
 Points are returned in pixel coordinates ``(col, row)`` of their own image.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,8 +41,13 @@ def match(desc_a: torch.Tensor, desc_b: torch.Tensor, ratio: float = 0.9) -> np.
     return idx.cpu().numpy().astype(np.int64)
 
 
-def correspondences(fixed: torch.Tensor, moving: torch.Tensor, reflect: bool = False, num_features: int | None = None,
-                    ratio: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+def correspondences(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    reflect: bool = False,
+    num_features: int | None = None,
+    ratio: float = 0.9,
+) -> tuple[np.ndarray, np.ndarray]:
     """Matched points (moving ``[n, 2]``, fixed ``[n, 2]``) between two ``[C, H, W]`` rasters.
 
     With ``reflect`` the moving image is also matched mirrored (SIFT is not mirror invariant); those matches
@@ -69,14 +75,16 @@ def correspondences(fixed: torch.Tensor, moving: torch.Tensor, reflect: bool = F
     return np.concatenate(src), np.concatenate(dst)
 
 
-def loftr_correspondences(fixed: torch.Tensor, moving: torch.Tensor, model, reflect: bool = False,
-                          min_confidence: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def loftr_correspondences(
+    fixed: torch.Tensor, moving: torch.Tensor, model, reflect: bool = False, min_confidence: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """Matched points (moving ``[n, 2]``, fixed ``[n, 2]``) between two ``[C, H, W]`` rasters by ``model``, a
     kornia ``LoFTR`` (dense transformer matching) on their device, keeping matches of confidence at least
     ``min_confidence``. Images are the grey mixes of :func:`to_gray`, zero-padded to a multiple of 8 pixels
     (LoFTR's coarse grid); matches in the padding are dropped. With ``reflect`` the mirrored moving image
     is matched too, as in :func:`correspondences`.
     """
+
     def padded(img):
         H, W = img.shape
         return torch.nn.functional.pad(img, (0, -W % 8, 0, -H % 8))[None, None].float()
@@ -84,7 +92,7 @@ def loftr_correspondences(fixed: torch.Tensor, moving: torch.Tensor, model, refl
     gf, gm = to_gray(fixed), to_gray(moving)
     W = gm.shape[1]
     src, dst = [], []
-    for mirrored in ([False, True] if reflect else [False]):
+    for mirrored in [False, True] if reflect else [False]:
         img = torch.flip(gm, dims=[1]) if mirrored else gm
         with torch.no_grad():
             out = model({"image0": padded(img), "image1": padded(gf)})

@@ -2,6 +2,7 @@
 
 All positions are ``[n, 3]`` arrays of (x, y, z) in micrometres (NumPy).
 """
+
 from __future__ import annotations
 
 import numpy as np

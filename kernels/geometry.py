@@ -2,13 +2,15 @@
 
 Coordinates are micrometres in every function here. Points are ``[n, 2]`` arrays of (x, y).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 
-def affine_matrix(rotation_rad: float, scale: float, translation, center=(0.0, 0.0),
-                  reflect: bool = False) -> np.ndarray:
+def affine_matrix(
+    rotation_rad: float, scale: float, translation, center=(0.0, 0.0), reflect: bool = False
+) -> np.ndarray:
     """Homogeneous 3x3 matrix of ``p -> s R (p - c) + c + t`` (optionally reflected in x first).
 
     ``R`` is the counter-clockwise rotation by ``rotation_rad``; ``s`` an isotropic scale; ``c`` the
@@ -28,8 +30,7 @@ def affine_matrix(rotation_rad: float, scale: float, translation, center=(0.0, 0
 def grid_to_um(spacing: float, origin) -> np.ndarray:
     """3x3 map from grid pixel (col, row, 1) to (x, y, 1) um of a grid with pixel ``spacing`` um whose pixel
     (0, 0) is centred at ``origin`` (the grid convention of :mod:`lamina.kernels.raster`)."""
-    return np.array([[float(spacing), 0.0, float(origin[0])], [0.0, float(spacing), float(origin[1])],
-                     [0.0, 0.0, 1.0]])
+    return np.array([[float(spacing), 0.0, float(origin[0])], [0.0, float(spacing), float(origin[1])], [0.0, 0.0, 1.0]])
 
 
 def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -39,8 +40,9 @@ def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return out
 
 
-def fourier_displacement(points: np.ndarray, wavevectors: np.ndarray, phases: np.ndarray,
-                         amplitudes: np.ndarray) -> np.ndarray:
+def fourier_displacement(
+    points: np.ndarray, wavevectors: np.ndarray, phases: np.ndarray, amplitudes: np.ndarray
+) -> np.ndarray:
     """Smooth displacement ``u(p) = sum_m a_m sin(k_m . p + phi_m)``.
 
     points ``[n, 2]`` um; wavevectors ``[M, 2]`` rad/um; phases ``[M]`` rad; amplitudes ``[M, 2]`` um.
@@ -54,8 +56,14 @@ def fourier_lipschitz(wavevectors: np.ndarray, amplitudes: np.ndarray) -> float:
     return float(np.sum(np.linalg.norm(wavevectors, axis=1) * np.linalg.norm(amplitudes, axis=1)))
 
 
-def invert_displacement(targets: np.ndarray, wavevectors: np.ndarray, phases: np.ndarray,
-                        amplitudes: np.ndarray, tol_um: float = 1e-9, max_iter: int = 200) -> np.ndarray:
+def invert_displacement(
+    targets: np.ndarray,
+    wavevectors: np.ndarray,
+    phases: np.ndarray,
+    amplitudes: np.ndarray,
+    tol_um: float = 1e-9,
+    max_iter: int = 200,
+) -> np.ndarray:
     """Solve ``p + u(p) = q`` for ``p`` given targets ``q`` ``[n, 2]`` (um).
 
     Fixed-point iteration ``p <- q - u(p)``; it contracts because ``Lip(u) < 1`` (checked), so the error

@@ -7,13 +7,13 @@ Registering each section to a template made from the sections on *both* sides ha
 What the images cannot tell apart (a deformation shared by every section) is fixed by convention, the
 gauge: the mean correction is the identity, and the atlas frame has no mean shear.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from .lddmm import sample
-
 
 TRUNCATE = 4.0
 
@@ -92,8 +92,9 @@ def frame_stretch(linear: np.ndarray) -> np.ndarray:
     return _sym_fn(-dev, np.exp)
 
 
-def remove_common(forward: torch.Tensor, inverse: torch.Tensor, common: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def remove_common(
+    forward: torch.Tensor, inverse: torch.Tensor, common: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Compose a section's flow with ``x -> x - c(x)``, the inverse of a shared deformation ``c``.
 
     All fields ``[2, H, W]`` in pixels on one grid: ``forward`` ``f`` maps point ``a`` to ``a + f(a)``,

@@ -3,6 +3,7 @@
 Images are ``[C, H, W]`` tensors on the grid convention of :mod:`lamina.kernels.raster`. Transforms returned
 here map *moving pixel coordinates* ``(col, row)`` to *fixed pixel coordinates* as 3x3 float64 NumPy arrays.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,9 @@ from .geometry import affine_matrix
 
 def _pix_to_norm(H: int, W: int, device, dtype) -> torch.Tensor:
     """3x3 map from pixel (col, row) to grid_sample's normalised coordinates (align_corners=True)."""
-    return torch.tensor([[2.0 / max(W - 1, 1), 0, -1], [0, 2.0 / max(H - 1, 1), -1], [0, 0, 1]], device=device,
-                        dtype=dtype)
+    return torch.tensor(
+        [[2.0 / max(W - 1, 1), 0, -1], [0, 2.0 / max(H - 1, 1), -1], [0, 0, 1]], device=device, dtype=dtype
+    )
 
 
 def warp_image(moving: torch.Tensor, A: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
@@ -30,7 +32,7 @@ def warp_image(moving: torch.Tensor, A: torch.Tensor, shape: tuple[int, int] | N
     Hf, Wf = shape or (H, W)
     Nm, Nf = _pix_to_norm(H, W, A.device, A.dtype), _pix_to_norm(Hf, Wf, A.device, A.dtype)
     theta = (Nm @ torch.linalg.inv(A) @ torch.linalg.inv(Nf))[:, :2, :]
-    grid = F.affine_grid(theta.to(moving.dtype), (B, C, Hf, Wf), align_corners=True)
+    grid = F.affine_grid(theta.to(moving.dtype), [B, C, Hf, Wf], align_corners=True)
     return F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
@@ -51,9 +53,12 @@ def _search(fixed: torch.Tensor, moving: torch.Tensor, options: list, batch: int
     fnorm = torch.linalg.vector_norm(fixed.double())
     best = {"score": -1.0}
     for start in range(0, len(options), batch):
-        opts = options[start:start + batch]
-        A = torch.tensor(np.stack([affine_matrix(math.radians(a), 1.0, (0.0, 0.0), ctr, r) for a, r in opts]),
-                         dtype=torch.float64, device=fixed.device)
+        opts = options[start : start + batch]
+        A = torch.tensor(
+            np.stack([affine_matrix(math.radians(a), 1.0, (0.0, 0.0), ctr, r) for a, r in opts]),
+            dtype=torch.float64,
+            device=fixed.device,
+        )
         rot = warp_image(moving[None].double().expand(len(opts), -1, -1, -1), A)
         # the inverse transform is linear: summing the channels' spectra first takes one inverse per angle
         corr = torch.fft.irfft2((Ff[None] * torch.conj(torch.fft.rfft2(rot, s=(ph, pw)))).sum(1), s=(ph, pw))
@@ -65,13 +70,23 @@ def _search(fixed: torch.Tensor, moving: torch.Tensor, options: list, batch: int
             r_, c_ = divmod(int(where[k]), pw)
             T = np.eye(3)
             T[:2, 2] = (c_ if c_ < pw // 2 else c_ - pw, r_ if r_ < ph // 2 else r_ - ph)
-            best = {"score": float(score[k]), "angle_deg": float(opts[k][0]), "reflect": bool(opts[k][1]),
-                    "transform": T @ A[k].cpu().numpy()}
+            best = {
+                "score": float(score[k]),
+                "angle_deg": float(opts[k][0]),
+                "reflect": bool(opts[k][1]),
+                "transform": T @ A[k].cpu().numpy(),
+            }
     return best
 
 
-def rotation_search(fixed: torch.Tensor, moving: torch.Tensor, step_deg: float = 4.0, reflect: bool = False,
-                    max_side: int = 64, batch: int = 32) -> dict:
+def rotation_search(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    step_deg: float = 4.0,
+    reflect: bool = False,
+    max_side: int = 64,
+    batch: int = 32,
+) -> dict:
     """Exhaustive rotation (x optional mirror) search with FFT cross-correlation for the translation.
 
     For every angle ``theta`` in ``[0, 360)`` (step ``step_deg``, then 1-degree steps around the best) the
@@ -112,8 +127,14 @@ def _perturbed(A: torch.Tensor, D: torch.Tensor, t: torch.Tensor, c: torch.Tenso
     return torch.cat([top, bottom], -2) @ A
 
 
-def refine_affine(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, scales=(4, 2, 1),
-                  iterations=(120, 60, 25), lr: float = 0.01) -> tuple[np.ndarray, float]:
+def refine_affine(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    init: np.ndarray,
+    scales=(4, 2, 1),
+    iterations=(120, 60, 25),
+    lr: float = 0.01,
+) -> tuple[np.ndarray, float]:
     """Refine all 6 affine parameters by Adam on the multi-channel MSE, coarse to fine.
 
     ``iterations`` gives the Adam steps per scale (fewer where pixels are many; a scale stops early when
@@ -127,8 +148,14 @@ def refine_affine(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, s
     return A[0], float(loss[0])
 
 
-def refine_affine_batch(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndarray, scales=(4, 2, 1),
-                        iterations=(120, 60, 25), lr: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def refine_affine_batch(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    init: np.ndarray,
+    scales=(4, 2, 1),
+    iterations=(120, 60, 25),
+    lr: float = 0.01,
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`refine_affine` of ``B`` independent pairs at once: ``fixed``, ``moving`` ``[B, C, H, W]``, ``init``
     ``[B, 3, 3]``; returns transforms ``[B, 3, 3]`` and final losses ``[B]``.
 
@@ -153,7 +180,9 @@ def refine_affine_batch(fixed: torch.Tensor, moving: torch.Tensor, init: np.ndar
         active = torch.ones(B, dtype=torch.bool)
         for it in range(n_iter):
             opt.zero_grad()
-            loss = ((warp_image(mv, _perturbed(A_s, D, t, c), fx.shape[-2:]) - fx) ** 2).mean(dim=(1, 2, 3))
+            loss = ((warp_image(mv, _perturbed(A_s, D, t, c), (fx.shape[-2], fx.shape[-1])) - fx) ** 2).mean(
+                dim=(1, 2, 3)
+            )
             loss.sum().backward()
             if active.all():
                 opt.step()

@@ -17,6 +17,7 @@ optimise ``u`` with ``v = K * u`` (a preconditioned, Beg-style Sobolev gradient)
 Units: pixels of the grid the images are given on; displacements are returned in pixels.
 :func:`register_batch` fits several independent pairs at once (a leading batch dimension on every field).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,9 @@ def smooth(u: torch.Tensor, K_hat: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(H: int, W: int, device, dtype) -> torch.Tensor:
-    ys, xs = torch.meshgrid(torch.arange(H, device=device, dtype=dtype), torch.arange(W, device=device, dtype=dtype),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(H, device=device, dtype=dtype), torch.arange(W, device=device, dtype=dtype), indexing="ij"
+    )
     return torch.stack([xs, ys])  # [2, H, W] (x, y) pixel coordinates
 
 
@@ -61,7 +63,7 @@ def sample(field: torch.Tensor, points: torch.Tensor, origin=(0.0, 0.0)) -> torc
     shape = points.shape[2:]
     x = (points[:, 0].reshape(B, -1) - origin[0]) * (2.0 / max(W - 1, 1)) - 1.0
     y = (points[:, 1].reshape(B, -1) - origin[1]) * (2.0 / max(H - 1, 1)) - 1.0
-    grid = torch.stack([x, y], -1).to(field.dtype)[:, None]          # [B, 1, P, 2]
+    grid = torch.stack([x, y], -1).to(field.dtype)[:, None]  # [B, 1, P, 2]
     out = F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)
     out = out.reshape(B, K, *shape)
     return out if batched else out[0]
@@ -117,8 +119,11 @@ def forward_displacement_tiled(v: torch.Tensor, tile: int, halo: int | None = No
             r1, c1 = min(H, r0 + tile), min(W, c0 + tile)
             R0, C0, R1, C1 = max(0, r0 - halo), max(0, c0 - halo), min(H, r1 + halo), min(W, c1 + halo)
             crop = v[:, :, R0:R1, C0:C1]
-            ys, xs = torch.meshgrid(torch.arange(r0, r1, dtype=v.dtype, device=v.device),
-                                    torch.arange(c0, c1, dtype=v.dtype, device=v.device), indexing="ij")
+            ys, xs = torch.meshgrid(
+                torch.arange(r0, r1, dtype=v.dtype, device=v.device),
+                torch.arange(c0, c1, dtype=v.dtype, device=v.device),
+                indexing="ij",
+            )
             pts = torch.stack([xs, ys])
             out[:, r0:r1, c0:c1] = integrate_forward(crop, pts, origin=(C0, R0)) - pts
     return out
@@ -155,15 +160,28 @@ def deform(moving: torch.Tensor, d: torch.Tensor, mass: bool, grid: torch.Tensor
     sparser instead of staying as dense and growing). ``grid``: the pixel grid ``[2, H, W]`` when the caller
     already holds it (an optimisation loop)."""
     if grid is None:
-        grid = _grid(*moving.shape[-2:], moving.device, moving.dtype)
+        H, W = moving.shape[-2:]
+        grid = _grid(H, W, moving.device, moving.dtype)
     out = sample(moving, grid + d)
     return out * jacobian_det(d).clamp_min(0.0).unsqueeze(-3) if mass else out
 
 
-def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: float = 4.0, power: float = 2.0,
-             sigma: float = 0.05, iterations=(150, 75), scales=(2, 1), lr: float = 0.5,
-             robust_scale: float | None = 0.5, init: torch.Tensor | None = None, tol: float = 1e-5,
-             dtype: torch.dtype = torch.float64, mass: bool = False) -> tuple[torch.Tensor, dict]:
+def register(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    steps: int = 5,
+    alpha: float = 4.0,
+    power: float = 2.0,
+    sigma: float = 0.05,
+    iterations=(150, 75),
+    scales=(2, 1),
+    lr: float = 0.5,
+    robust_scale: float | None = 0.5,
+    init: torch.Tensor | None = None,
+    tol: float = 1e-5,
+    dtype: torch.dtype = torch.float64,
+    mass: bool = False,
+) -> tuple[torch.Tensor, dict]:
     """LDDMM of ``moving`` onto ``fixed`` (both ``[C, H, W]``, already affinely aligned).
 
     Returns velocities ``v`` ``[steps, 2, H, W]`` (pixels per unit time at full resolution) and a report
@@ -175,15 +193,41 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: f
     stops early when the energy changes by less than ``tol`` relative over 10 iterations. ``mass``: the
     moving image is a density and is carried with its Jacobian (see :func:`deform`).
     """
-    v, reports = register_batch(fixed[None], moving[None], steps, alpha, power, sigma, iterations, scales, lr,
-                                robust_scale, None if init is None else init[None], tol, dtype, mass)
+    v, reports = register_batch(
+        fixed[None],
+        moving[None],
+        steps,
+        alpha,
+        power,
+        sigma,
+        iterations,
+        scales,
+        lr,
+        robust_scale,
+        None if init is None else init[None],
+        tol,
+        dtype,
+        mass,
+    )
     return v[0], reports[0]
 
 
-def register_batch(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, alpha: float = 4.0,
-                   power: float = 2.0, sigma: float = 0.05, iterations=(150, 75), scales=(2, 1), lr: float = 0.5,
-                   robust_scale: float | None = 0.5, init: torch.Tensor | None = None, tol: float = 1e-5,
-                   dtype: torch.dtype = torch.float64, mass: bool = False) -> tuple[torch.Tensor, list[dict]]:
+def register_batch(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    steps: int = 5,
+    alpha: float = 4.0,
+    power: float = 2.0,
+    sigma: float = 0.05,
+    iterations=(150, 75),
+    scales=(2, 1),
+    lr: float = 0.5,
+    robust_scale: float | None = 0.5,
+    init: torch.Tensor | None = None,
+    tol: float = 1e-5,
+    dtype: torch.dtype = torch.float64,
+    mass: bool = False,
+) -> tuple[torch.Tensor, list[dict]]:
     """:func:`register` of ``B`` independent pairs at once: ``fixed``, ``moving`` ``[B, C, H, W]``, ``init``
     ``[B, steps, 2, h, w]`` or None; returns ``v`` ``[B, steps, 2, H, W]`` and one report per pair.
 
@@ -199,8 +243,8 @@ def register_batch(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, al
     level = torch.quantile(both, 0.99, dim=1).clamp_min(1e-12).reshape(B, 1, 1, 1)
     fixed, moving = (fixed.double() / level).to(dtype), (moving.double() / level).to(dtype)
     before = ((moving - fixed) ** 2).mean(dim=(1, 2, 3))
-    reports = [{"data_before": float(before[b]), "energy": [], "iterations": []} for b in range(B)]
-    u = None
+    reports: list[dict] = [{"data_before": float(before[b]), "energy": [], "iterations": []} for b in range(B)]
+    u: torch.Tensor | None = None
     for f, n_iter in zip(scales, iterations):
         fx, mv = _pool(fixed, f), _pool(moving, f)
         H, W = fx.shape[-2:]
@@ -250,8 +294,10 @@ def register_batch(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 5, al
             n = int(ran[b])
             reports[b]["energy"].append(float(history[n - 1, b]) if n else float("nan"))
             reports[b]["iterations"].append(n)
+    if u is None:
+        raise ValueError("lddmm.register_batch needs at least one scale")
     with torch.no_grad():
-        v = resize_velocity(smooth(u.detach(), K_hat), tuple(fixed.shape[-2:]))
+        v = resize_velocity(smooth(u.detach(), K_hat), (fixed.shape[-2], fixed.shape[-1]))
         warped = deform(moving, integrate_inverse(v), mass)
         after = ((warped - fixed) ** 2).mean(dim=(1, 2, 3))
     for b in range(B):

@@ -5,6 +5,7 @@ Convention: a neighbourhood of ``m`` cells is ``indptr [m + 1]`` (int64), ``indi
 ``distances [nnz]`` (um). Every result of cell ``i`` depends only on its own neighbours, taken in that order,
 so a tiled computation equals the one over all cells bit for bit.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,7 @@ def neighbour_mean(values: np.ndarray, indptr: np.ndarray, indices: np.ndarray) 
         return np.where(nonempty[:, None], sums / counts[:, None], np.nan)
 
 
-def ring_means(values: np.ndarray, indptr: np.ndarray, indices: np.ndarray, distances: np.ndarray,
-               radii) -> np.ndarray:
+def ring_means(values: np.ndarray, indptr: np.ndarray, indices: np.ndarray, distances: np.ndarray, radii) -> np.ndarray:
     """Means of ``values`` ``[n, F]`` over rings of each cell's neighbours: ``[m, F * R]`` float64.
 
     Ring ``r`` holds the neighbours at distance ``radii[r-1] < d <= radii[r]`` (ring 0: ``d <= radii[0]``, the

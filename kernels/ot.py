@@ -6,11 +6,12 @@ eps-annealing (start at the cloud's squared diameter, halve to ``eps``), and the
 
     S_eps(x, y) = OT_eps(x, y) - OT_eps(x, x) / 2 - OT_eps(y, y) / 2          (>= 0, = 0 iff x ~ y)
 
-is returned. For training, :func:`sinkhorn_loss` drops the ``OT_eps(y, y)`` term, a constant of the
-target sample that moves no gradient. Gradients use the envelope theorem: at the optimum dOT/dC = pi*, so the backward pass is one
-differentiable evaluation of ``<pi*, C(x, y)>`` with the plan held fixed, not back-propagation through the
-Sinkhorn iterations (memory O(n m) once instead of per iteration).
+is returned. For training, :func:`sinkhorn_loss` drops the ``OT_eps(y, y)`` term, a constant of the target sample
+that moves no gradient. Gradients use the envelope theorem: at the optimum dOT/dC = pi*, so the backward pass is one
+differentiable evaluation of ``<pi*, C(x, y)>`` with the plan held fixed, not back-propagation through the Sinkhorn
+iterations (memory O(n m) once instead of per iteration).
 """
+
 from __future__ import annotations
 
 import math

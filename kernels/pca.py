@@ -8,6 +8,7 @@ With per-gene mean ``mu`` [G], scale ``s`` [G] and orthonormal components ``C`` 
 ``invert_volume`` is the same map applied to a voxel block ``[P, z, y, x]`` -> ``[G, z, y, x]`` as one
 tensordot (a block matmul), so a volume chunk never needs reshaping into per-voxel rows.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,10 @@ def project(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, components: np.n
 
 def invert(pcs: np.ndarray, mean: np.ndarray, scale: np.ndarray, components: np.ndarray) -> np.ndarray:
     """``[n, P]`` PCs -> ``[n, G]`` expression (float32)."""
-    return ((np.asarray(pcs, np.float32) @ components.astype(np.float32)) * scale.astype(np.float32)
-            + mean.astype(np.float32)).astype(np.float32)
+    return (
+        (np.asarray(pcs, np.float32) @ components.astype(np.float32)) * scale.astype(np.float32)
+        + mean.astype(np.float32)
+    ).astype(np.float32)
 
 
 def invert_volume(pcs: np.ndarray, mean: np.ndarray, scale: np.ndarray, components: np.ndarray) -> np.ndarray:

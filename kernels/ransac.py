@@ -2,6 +2,7 @@
 
 Transforms are 3x3 homogeneous matrices mapping ``src`` points to ``dst`` points (same units as the points).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,8 +56,16 @@ def _similarity_hypotheses(src, dst, pairs, reflect):
     return lin, np.stack([b.real, b.imag], -1)
 
 
-def ransac(src: np.ndarray, dst: np.ndarray, threshold: float, model: str = "similarity", reflect: bool = False,
-           hypotheses: int = 2000, scale_range: tuple = (0.5, 2.0), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def ransac(
+    src: np.ndarray,
+    dst: np.ndarray,
+    threshold: float,
+    model: str = "similarity",
+    reflect: bool = False,
+    hypotheses: int = 2000,
+    scale_range: tuple = (0.5, 2.0),
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """RANSAC over ``hypotheses`` minimal samples at once; returns (transform refitted on inliers, inlier mask).
 
     ``model``: ``similarity`` (2-point samples; with ``reflect`` mirrored similarities are tried as well) or
@@ -72,17 +81,17 @@ def ransac(src: np.ndarray, dst: np.ndarray, threshold: float, model: str = "sim
     idx = idx[np.all(np.diff(np.sort(idx, 1), axis=1) > 0, axis=1)]
     cands = []
     if model == "similarity":
-        for r in ([False, True] if reflect else [False]):
+        for r in [False, True] if reflect else [False]:
             lin, t = _similarity_hypotheses(src, dst, idx, r)
             cands.append((lin, t, r))
     else:
-        X = np.concatenate([src[idx], np.ones((len(idx), 3, 1))], axis=2)      # [M, 3, 3]
+        X = np.concatenate([src[idx], np.ones((len(idx), 3, 1))], axis=2)  # [M, 3, 3]
         ok = np.abs(np.linalg.det(X)) > 1e-9
-        M = np.linalg.solve(X[ok], dst[idx][ok])                               # [M, 3, 2]
+        M = np.linalg.solve(X[ok], dst[idx][ok])  # [M, 3, 2]
         lin, t = M[:, :2, :].transpose(0, 2, 1), M[:, 2, :]
         dets = np.linalg.det(lin)
         keep = dets > 0 if not reflect else np.ones(len(dets), bool)
-        cands.append((lin[keep], t[keep], None))
+        cands.append((lin[keep], t[keep], bool(reflect)))
     best, best_count, best_reflect = None, -1, False
     for lin, t, r in cands:
         good = np.all(np.isfinite(lin.reshape(len(lin), -1)), axis=1)
@@ -105,7 +114,11 @@ def ransac(src: np.ndarray, dst: np.ndarray, threshold: float, model: str = "sim
         inl = inliers(best)
         if inl.sum() < k:
             break
-        best = fit_similarity(src[inl], dst[inl], best_reflect) if model == "similarity" else fit_affine(src[inl], dst[inl])
+        best = (
+            fit_similarity(src[inl], dst[inl], best_reflect)
+            if model == "similarity"
+            else fit_affine(src[inl], dst[inl])
+        )
     return best, inliers(best)
 
 

@@ -3,14 +3,23 @@
 Grid convention everywhere in lamina: pixel ``(i, j)`` of an ``[.., H, W]`` image has its centre at
 ``(x, y) = origin + (j * spacing, i * spacing)`` in micrometres; x runs along columns, y along rows.
 """
+
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
 
-def splat(x: np.ndarray, y: np.ndarray, channel: np.ndarray | None, n_channels: int, origin, spacing: float,
-          shape: tuple[int, int], weights: np.ndarray | None = None) -> np.ndarray:
+def splat(
+    x: np.ndarray,
+    y: np.ndarray,
+    channel: np.ndarray | None,
+    n_channels: int,
+    origin,
+    spacing: float,
+    shape: tuple[int, int],
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
     """Bilinear scatter-add of one unit of mass per cell onto a ``[C, H, W]`` float32 grid.
 
     Each cell at ``f = (p - origin) / spacing`` (pixel units) spreads its mass over the 4 surrounding pixel
@@ -34,7 +43,7 @@ def splat(x: np.ndarray, y: np.ndarray, channel: np.ndarray | None, n_channels: 
             out += np.bincount(c[ok] * H * W + pixel, weights=w[ok], minlength=out.size)
         else:
             for k in range(n_channels):
-                out[k * H * W:(k + 1) * H * W] += np.bincount(pixel, weights=w[ok] * weights[ok, k], minlength=H * W)
+                out[k * H * W : (k + 1) * H * W] += np.bincount(pixel, weights=w[ok] * weights[ok, k], minlength=H * W)
     return out.reshape(n_channels, H, W).astype(np.float32)
 
 

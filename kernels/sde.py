@@ -18,6 +18,7 @@ with ``psi``, ``phi`` small MLPs. The last layer of ``phi`` starts at zero, so a
 identity (it copies the section), and training can only move it away from that baseline where the data
 ask for it. Noise draws come from a ``torch.Generator``: the same seed gives the same output.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ def knn_graph(pos: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
         return torch.empty((n, 0), dtype=torch.long, device=pos.device)
     out = []
     for a in range(0, n, block):
-        d = torch.cdist(pos[a:a + block], pos)
+        d = torch.cdist(pos[a : a + block], pos)
         rows = torch.arange(d.shape[0], device=pos.device)
         d[rows, rows + a] = float("inf")
         out.append(d.topk(kk, dim=1, largest=False).indices)
@@ -46,13 +47,15 @@ def knn_graph(pos: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
 
 def _mlp(sizes: list[int], zero_last: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = []
+    linear = None
     for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        linear = nn.Linear(sizes[i], sizes[i + 1])
+        layers.append(linear)
         if i < len(sizes) - 2:
             layers.append(nn.SiLU())
-    if zero_last:
-        nn.init.zeros_(layers[-1].weight)
-        nn.init.zeros_(layers[-1].bias)
+    if zero_last and linear is not None:
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
     return nn.Sequential(*layers)
 
 
@@ -84,14 +87,19 @@ class FlowModel(nn.Module):
     rebuild it from arrays stored in the atlas: no pickled modules.
     """
 
+    center: torch.Tensor
+    length: torch.Tensor
+    neighbour: torch.Tensor
+    feature_scale: torch.Tensor
+
     def __init__(self, n_features: int, hidden: int = 64, k: int = 10):
         super().__init__()
         self.n_features, self.hidden, self.k = int(n_features), int(hidden), int(k)
         self.shape = GraphDrift(n_features, 2, hidden)
         self.expression = GraphDrift(n_features, n_features, hidden)
         self.register_buffer("center", torch.zeros(2))
-        self.register_buffer("length", torch.ones(()))          # um per normalised unit (p and z)
-        self.register_buffer("neighbour", torch.ones(()))       # typical kNN distance, um
+        self.register_buffer("length", torch.ones(()))  # um per normalised unit (p and z)
+        self.register_buffer("neighbour", torch.ones(()))  # typical kNN distance, um
         self.register_buffer("feature_scale", torch.ones(n_features))
 
     def config(self) -> dict:
@@ -109,8 +117,16 @@ class FlowModel(nn.Module):
     def decode(self, p: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return p * self.length + self.center, h * self.feature_scale
 
-    def step(self, p, h, z_um: float, dz_um: float, noise_pos: float, noise_expr: float,
-             generator: torch.Generator | None = None):
+    def step(
+        self,
+        p,
+        h,
+        z_um: float,
+        dz_um: float,
+        noise_pos: float,
+        noise_expr: float,
+        generator: torch.Generator | None = None,
+    ):
         """One Euler-Maruyama step of ``dz_um`` (> 0, in this model's direction) on normalised ``p``, ``h``."""
         nbr = knn_graph(p.detach(), self.k)
         rel = float(self.length / self.neighbour)
@@ -119,9 +135,13 @@ class FlowModel(nn.Module):
         dp = self.shape(h, p, z, nbr, rel) * dz
         dh = self.expression(h, p, z, nbr, rel) * dz
         if noise_pos > 0:
-            dp = dp + noise_pos * math.sqrt(dz) * torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+            dp = dp + noise_pos * math.sqrt(dz) * torch.randn(
+                p.shape, generator=generator, device=p.device, dtype=p.dtype
+            )
         if noise_expr > 0:
-            dh = dh + noise_expr * math.sqrt(dz) * torch.randn(h.shape, generator=generator, device=h.device, dtype=h.dtype)
+            dh = dh + noise_expr * math.sqrt(dz) * torch.randn(
+                h.shape, generator=generator, device=h.device, dtype=h.dtype
+            )
         return p + dp, h + dh
 
 
@@ -130,8 +150,17 @@ def n_steps(gap_um: float, dz_um: float) -> int:
     return max(1, int(round(abs(gap_um) / dz_um)))
 
 
-def integrate(model: FlowModel, p_um: torch.Tensor, h: torch.Tensor, z0: float, z1: float, dz_um: float,
-              noise_pos: float = 0.0, noise_expr: float = 0.0, generator: torch.Generator | None = None):
+def integrate(
+    model: FlowModel,
+    p_um: torch.Tensor,
+    h: torch.Tensor,
+    z0: float,
+    z1: float,
+    dz_um: float,
+    noise_pos: float = 0.0,
+    noise_expr: float = 0.0,
+    generator: torch.Generator | None = None,
+):
     """Flow cells from depth ``z0`` to ``z1`` (um; ``z1 < z0`` for a backward model) in ``n_steps`` equal steps.
 
     Returns the list of ``(z_um, p_um [n, 2], h [n, F])`` after each step; the last entry is at ``z1``.
@@ -149,10 +178,22 @@ def integrate(model: FlowModel, p_um: torch.Tensor, h: torch.Tensor, z0: float, 
     return out
 
 
-def flow_loss(model: FlowModel, src_p: torch.Tensor, src_h: torch.Tensor, z0: float, z1: float,
-              tgt_p: torch.Tensor, tgt_h: torch.Tensor, dz_um: float, expression_weight: float = 1.0,
-              eps: float = 0.01, noise_pos: float = 0.0, noise_expr: float = 0.0, action_weight: float = 0.0,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+def flow_loss(
+    model: FlowModel,
+    src_p: torch.Tensor,
+    src_h: torch.Tensor,
+    z0: float,
+    z1: float,
+    tgt_p: torch.Tensor,
+    tgt_h: torch.Tensor,
+    dz_um: float,
+    expression_weight: float = 1.0,
+    eps: float = 0.01,
+    noise_pos: float = 0.0,
+    noise_expr: float = 0.0,
+    action_weight: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Sinkhorn divergence (up to a constant of the target) between cells flowed from ``z0`` to ``z1`` and
     the cells observed at ``z1``, plus ``action_weight`` times the flow's kinetic action.
 

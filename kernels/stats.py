@@ -1,4 +1,5 @@
 """Per-group reductions over cells, as partial sums that add across chunks (tree-reducible)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -3,6 +3,7 @@
 A grid is ``origin`` (um, the corner of voxel 0 along x, y, z), a voxel edge ``size`` (um) and a shape
 ``(Z, Y, X)``; voxel ``(k, j, i)`` spans ``origin + [i, i+1) * size`` in x (likewise y, z).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,14 @@ def voxel_index(coord: np.ndarray, origin: float, size: float) -> np.ndarray:
     return np.floor((np.asarray(coord, np.float64) - origin) / size).astype(np.int64)
 
 
-def accumulate(iz: np.ndarray, iy: np.ndarray, ix: np.ndarray, values: np.ndarray,
-               shape: tuple[int, int, int], weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def accumulate(
+    iz: np.ndarray,
+    iy: np.ndarray,
+    ix: np.ndarray,
+    values: np.ndarray,
+    shape: tuple[int, int, int],
+    weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-voxel weighted sums and total weights of points with voxel indices ``iz, iy, ix`` [n] in ``shape``.
 
     ``values`` ``[n, P]``, ``weights`` ``[n]`` (default 1) -> ``sums [P, Z, Y, X]`` and ``counts [Z, Y, X]``
@@ -28,8 +35,11 @@ def accumulate(iz: np.ndarray, iy: np.ndarray, ix: np.ndarray, values: np.ndarra
     w = np.ones(len(flat)) if weights is None else np.asarray(weights, np.float64)
     counts = np.bincount(flat, weights=w, minlength=nvox).reshape(shape)
     values = np.asarray(values, np.float64)
-    sums = np.stack([np.bincount(flat, weights=w * values[:, p], minlength=nvox) for p in range(values.shape[1])]) \
-        if values.shape[1] else np.zeros((0, nvox))
+    sums = (
+        np.stack([np.bincount(flat, weights=w * values[:, p], minlength=nvox) for p in range(values.shape[1])])
+        if values.shape[1]
+        else np.zeros((0, nvox))
+    )
     return sums.reshape((values.shape[1],) + tuple(shape)), counts
 
 

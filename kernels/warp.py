@@ -1,4 +1,5 @@
 """Apply registration transforms to points: affine then a displacement sampled from a grid (NumPy)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,11 +21,12 @@ def sample_grid(field: np.ndarray, xy: np.ndarray, origin, spacing: float) -> np
     wx, wy = (fx - j0)[:, None], (fy - i0)[:, None]
     j1, i1 = np.minimum(j0 + 1, W - 1), np.minimum(i0 + 1, H - 1)
     f = field.transpose(1, 2, 0)
-    return ((1 - wy) * ((1 - wx) * f[i0, j0] + wx * f[i0, j1]) + wy * ((1 - wx) * f[i1, j0] + wx * f[i1, j1]))
+    return (1 - wy) * ((1 - wx) * f[i0, j0] + wx * f[i0, j1]) + wy * ((1 - wx) * f[i1, j0] + wx * f[i1, j1])
 
 
-def warp_points(xy: np.ndarray, affine: np.ndarray, displacement: np.ndarray | None = None, origin=(0.0, 0.0),
-                spacing: float = 1.0) -> np.ndarray:
+def warp_points(
+    xy: np.ndarray, affine: np.ndarray, displacement: np.ndarray | None = None, origin=(0.0, 0.0), spacing: float = 1.0
+) -> np.ndarray:
     """``p' = A p + u(A p)``: affine ``A`` (3x3, um) then displacement ``u`` ``[2, H, W]`` (um) on a grid.
 
     xy ``[n, 2]`` um -> ``[n, 2]`` float64 um. ``displacement`` None means affine only.

@@ -76,5 +76,8 @@ def tree_digest(path: Path) -> dict:
     """Relative file path -> (size, bytes hash) for every file under ``path``."""
     import hashlib
 
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(path).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(path).rglob("*"))
+        if p.is_file()
+    }

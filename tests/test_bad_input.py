@@ -1,4 +1,5 @@
 """Every kind of bad input gives an InputError that names what and where, and leaves an existing store intact."""
+
 import shutil
 import subprocess
 import sys
@@ -7,15 +8,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import tree_digest
 
 import lamina
-from conftest import tree_digest
 
 
 def _table(n=60, sections=("A", "B", "C"), seed=0):
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({"section": np.repeat(sections, n // len(sections)), "x": rng.uniform(0, 500, n),
-                         "y": rng.uniform(0, 500, n), "g1": rng.random(n), "g2": rng.random(n)})
+    return pd.DataFrame(
+        {
+            "section": np.repeat(sections, n // len(sections)),
+            "x": rng.uniform(0, 500, n),
+            "y": rng.uniform(0, 500, n),
+            "g1": rng.random(n),
+            "g2": rng.random(n),
+        }
+    )
 
 
 def case_missing_column(tmp):
@@ -68,7 +76,11 @@ def case_mismatched_genes(tmp):
     (tmp / "in").mkdir()
     _table(30, ("A",)).drop(columns="section").to_csv(tmp / "in" / "A.csv", index=False)
     _table(30, ("B",)).drop(columns="section").rename(columns={"g2": "g3"}).to_csv(tmp / "in" / "B.csv", index=False)
-    return tmp / "in", {"genes": "rest"}, r"B\.csv has different genes from .*A\.csv: 1 missing \(e\.g\. \['g2'\]\).*gene_join"
+    return (
+        tmp / "in",
+        {"genes": "rest"},
+        r"B\.csv has different genes from .*A\.csv: 1 missing \(e\.g\. \['g2'\]\).*gene_join",
+    )
 
 
 def case_truncated_gzip(tmp):
@@ -138,8 +150,12 @@ def test_cli_build_exits_nonzero_and_names_the_problem(tmp_path):
     source, _, _ = case_nan_coordinates(tmp_path)
     cfg = tmp_path / "build.yaml"
     cfg.write_text(yaml.safe_dump({"store": "out.lamina.zarr", "input": {"path": source.name}}))
-    proc = subprocess.run([sys.executable, "-m", "lamina.cli", "build", str(cfg), "--workers", "1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lamina.cli", "build", str(cfg), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "t.parquet: column 'y' has NaN/inf" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out.lamina.zarr").exists()

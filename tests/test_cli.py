@@ -12,18 +12,45 @@ from lamina.cli import main
 
 
 def run(*args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "lamina.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lamina.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_demo_end_to_end(tmp_path):
-    proc = run("demo", "--out", tmp_path / "d", "--cells", 8000, "--sections", 4, "--genes", 10, "--workers", 2,
-               "--flow-steps", 4, "--dz", 20)
+    proc = run(
+        "demo",
+        "--out",
+        tmp_path / "d",
+        "--cells",
+        8000,
+        "--sections",
+        4,
+        "--genes",
+        10,
+        "--workers",
+        2,
+        "--flow-steps",
+        4,
+        "--dz",
+        20,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "cells 8,000" in proc.stdout and "section_stats" in proc.stdout
     atlas = lamina.Atlas.open(tmp_path / "d" / "demo.lamina.zarr")
-    assert atlas.completed_stages() == ["ingest", "section_stats", "rasterize", "register", "refine", "warp",
-                                        "pca", "train_flow", "interpolate", "voxelize", "invert"]
+    assert atlas.completed_stages() == [
+        "ingest",
+        "section_stats",
+        "rasterize",
+        "register",
+        "refine",
+        "warp",
+        "pca",
+        "train_flow",
+        "interpolate",
+        "voxelize",
+        "invert",
+    ]
     assert atlas.root["expression/values"].shape[0] == 10 and float(atlas.root["volume"].attrs["voxel_um"]) == 20.0
     assert "reconstruction:" in proc.stdout
     assert (tmp_path / "d" / "volume_slices.png").stat().st_size > 10_000
@@ -39,8 +66,20 @@ def test_demo_end_to_end(tmp_path):
 
 
 def test_demo_without_reconstruction_stops_after_the_registration(tmp_path):
-    proc = run("demo", "--out", tmp_path / "d", "--cells", 3000, "--sections", 3, "--genes", 5, "--workers", 1,
-               "--no-reconstruct")
+    proc = run(
+        "demo",
+        "--out",
+        tmp_path / "d",
+        "--cells",
+        3000,
+        "--sections",
+        3,
+        "--genes",
+        5,
+        "--workers",
+        1,
+        "--no-reconstruct",
+    )
     assert proc.returncode == 0, proc.stderr
     atlas = lamina.Atlas.open(tmp_path / "d" / "demo.lamina.zarr")
     assert atlas.completed_stages() == ["ingest", "section_stats", "rasterize", "register", "refine", "warp"]
@@ -52,10 +91,16 @@ def built(tmp_path_factory, phantom_table):
     table, _ = phantom_table
     folder = tmp_path_factory.mktemp("build")
     table.to_csv(folder / "cells.csv.gz", index=False)
-    cfg = {"store": "out/atlas.lamina.zarr",
-           "input": {"path": "cells.csv.gz", "columns": {"cell_type": "cell_type", "cell_id": "cell_id"},
-                     "genes": "rest", "sections": {"spacing": 35}},
-           "cluster": {"n_workers": 1}}
+    cfg = {
+        "store": "out/atlas.lamina.zarr",
+        "input": {
+            "path": "cells.csv.gz",
+            "columns": {"cell_type": "cell_type", "cell_id": "cell_id"},
+            "genes": "rest",
+            "sections": {"spacing": 35},
+        },
+        "cluster": {"n_workers": 1},
+    }
     (folder / "build.yaml").write_text(yaml.safe_dump(cfg))
     proc = run("build", folder / "build.yaml")
     assert proc.returncode == 0, proc.stderr
@@ -99,27 +144,44 @@ def test_export_round_trip(built, phantom_table, tmp_path, fmt):
     assert list(df.columns[:5]) == ["cell", "section", "x", "y", "z"]
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda c: c["input"].update(colums={}), "unknown key 'input.colums' (did you mean 'input.columns'?)"),
-    (lambda c: c["input"]["columns"].update(x=3), "'input.columns.x' must be a string, got 3 (int)"),
-    (lambda c: c["input"].update(path="nope.csv"), "nope.csv does not exist"),
-    (lambda c: c.pop("store"), "required key 'store' is missing"),
-    (lambda c: c["input"].update(units="inch"), "'input.units' must be one of um, mm, nm, px, got 'inch'"),
-    (lambda c: c.setdefault("stages", {}).setdefault("rasterize", {}).update(channels="genes"),
-     "'stages.rasterize.channels' must be one of auto, types, pcs, types+pcs, density, got 'genes'"),
-    (lambda c: c.setdefault("stages", {}).setdefault("register", {}).update(batch=0),
-     "'stages.register.batch' (pairs fitted as one batch per task (16-32 on GPU workers)) must be >= 1, got 0"),
-    (lambda c: c.setdefault("stages", {}).setdefault("refine", {}).update(alpha_px="wide"),
-     "'stages.refine.alpha_px' must be a number, got 'wide' (str)"),
-    (lambda c: c.setdefault("stages", {}).update(regster={}), "unknown key 'stages.regster' (did you mean "
-                                                              "'stages.register'?)"),
-    (lambda c: c.setdefault("stages", {}).setdefault("register", {}).update(bach=2),
-     "unknown option 'stages.register.bach' (did you mean 'stages.register.batch'?)"),
-    (lambda c: c.setdefault("stages", {}).update(reconstruct={"enabled": True}),
-     "'stages.reconstruct' is no longer a key: list 'reconstruct' under run:"),
-    (lambda c: c.update(run=["align", "recontruct"]), "'run' names 'recontruct', which is no pipeline or stage "
-                                                      "(did you mean 'reconstruct'?)"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c["input"].update(colums={}), "unknown key 'input.colums' (did you mean 'input.columns'?)"),
+        (lambda c: c["input"]["columns"].update(x=3), "'input.columns.x' must be a string, got 3 (int)"),
+        (lambda c: c["input"].update(path="nope.csv"), "nope.csv does not exist"),
+        (lambda c: c.pop("store"), "required key 'store' is missing"),
+        (lambda c: c["input"].update(units="inch"), "'input.units' must be one of um, mm, nm, px, got 'inch'"),
+        (
+            lambda c: c.setdefault("stages", {}).setdefault("rasterize", {}).update(channels="genes"),
+            "'stages.rasterize.channels' must be one of auto, types, pcs, types+pcs, density, got 'genes'",
+        ),
+        (
+            lambda c: c.setdefault("stages", {}).setdefault("register", {}).update(batch=0),
+            "'stages.register.batch' (pairs fitted as one batch per task (16-32 on GPU workers)) must be >= 1, got 0",
+        ),
+        (
+            lambda c: c.setdefault("stages", {}).setdefault("refine", {}).update(alpha_px="wide"),
+            "'stages.refine.alpha_px' must be a number, got 'wide' (str)",
+        ),
+        (
+            lambda c: c.setdefault("stages", {}).update(regster={}),
+            "unknown key 'stages.regster' (did you mean 'stages.register'?)",
+        ),
+        (
+            lambda c: c.setdefault("stages", {}).setdefault("register", {}).update(bach=2),
+            "unknown option 'stages.register.bach' (did you mean 'stages.register.batch'?)",
+        ),
+        (
+            lambda c: c.setdefault("stages", {}).update(reconstruct={"enabled": True}),
+            "'stages.reconstruct' is no longer a key: list 'reconstruct' under run:",
+        ),
+        (
+            lambda c: c.update(run=["align", "recontruct"]),
+            "'run' names 'recontruct', which is no pipeline or stage (did you mean 'reconstruct'?)",
+        ),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, built, mutate, message, capsys):
     cfg = yaml.safe_load((built / "build.yaml").read_text())
     cfg["input"]["path"] = str(built / "cells.csv.gz")
@@ -136,8 +198,23 @@ def test_info_on_a_missing_store_exits_nonzero(tmp_path, capsys):
 
 
 def test_phantom_command_writes_parquet_and_truth(tmp_path):
-    assert main(["phantom", str(tmp_path / "p"), "--cells", "2000", "--sections", "3", "--genes", "5",
-                 "--truth", str(tmp_path / "p.truth.zarr")]) == 0
+    assert (
+        main(
+            [
+                "phantom",
+                str(tmp_path / "p"),
+                "--cells",
+                "2000",
+                "--sections",
+                "3",
+                "--genes",
+                "5",
+                "--truth",
+                str(tmp_path / "p.truth.zarr"),
+            ]
+        )
+        == 0
+    )
     files = sorted((tmp_path / "p").glob("*.parquet"))
     assert [f.name for f in files] == ["S000.parquet", "S001.parquet", "S002.parquet"]
     assert sum(len(pd.read_parquet(f)) for f in files) == 2000

@@ -25,12 +25,29 @@ def _mmapped_bytes_of_a_malloc(n: int) -> int:
     import ctypes
 
     class MallInfo2(ctypes.Structure):
-        _fields_ = [(k, ctypes.c_size_t) for k in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                  "fsmblks", "uordblks", "fordblks", "keepcost")]
+        _fields_ = [
+            (k, ctypes.c_size_t)
+            for k in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
-    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = (
+        ctypes.c_void_p,
+        [ctypes.c_size_t],
+        [ctypes.c_void_p],
+    )
     before = libc.mallinfo2().hblkhd
     block = libc.malloc(n)
     during = libc.mallinfo2().hblkhd

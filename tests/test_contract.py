@@ -1,5 +1,6 @@
 """The stage contract: one declaration per stage, from which config validation, plans, `build`, `info`,
 the docs and the completion hashes derive."""
+
 import dataclasses
 import shutil
 from pathlib import Path
@@ -39,8 +40,16 @@ class ToyV1(Element):
     attrs = ("label",)
 
 
-TOY = Stage(name="toy", output="toy", inputs=("section_stats",), options=ToyOptions, version=1,
-            summary="A toy stage: cells per section times a factor.", build=_toy_build, element=ToyV1)
+TOY = Stage(
+    name="toy",
+    output="toy",
+    inputs=("section_stats",),
+    options=ToyOptions,
+    version=1,
+    summary="A toy stage: cells per section times a factor.",
+    build=_toy_build,
+    element=ToyV1,
+)
 
 
 @pytest.fixture
@@ -59,8 +68,14 @@ def toy():
 def test_a_toy_stage_appears_in_config_validation_build_info_and_docs(toy, tmp_path, phantom_table, capsys):
     table, _ = phantom_table
     table.to_parquet(tmp_path / "cells.parquet")
-    cfg = {"store": "t.lamina.zarr", "input": {"path": "cells.parquet", "columns": {"cell_type": "cell_type"}},
-           "run": ["toy"], "stages": {"toy": {"scale": 3}}, "cluster": {"n_workers": 1}, "report": {"enabled": False}}
+    cfg = {
+        "store": "t.lamina.zarr",
+        "input": {"path": "cells.parquet", "columns": {"cell_type": "cell_type"}},
+        "run": ["toy"],
+        "stages": {"toy": {"scale": 3}},
+        "cluster": {"n_workers": 1},
+        "report": {"enabled": False},
+    }
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump(cfg))
     loaded = lamina.config.load_config(path)
@@ -105,7 +120,7 @@ def test_bumping_a_stage_version_reruns_it_and_skips_the_others(store, monkeypat
 
 def test_options_are_normalised_through_their_types_before_hashing(store):
     lamina.section_stats(store)
-    first = lamina.rasterize(store, sigma_px=2)          # an int for a float option, as YAML gives it
+    first = lamina.rasterize(store, sigma_px=2)  # an int for a float option, as YAML gives it
     again = lamina.rasterize(store, sigma_px=2.0)
     assert first.ran and not again.ran and again.hash == first.hash
     assert store.stage_records()["rasterize"]["params"]["sigma_px"] == 2.0
@@ -135,7 +150,7 @@ def test_a_plan_checks_every_stage_before_the_first_runs(tmp_path, phantom_table
 
 def test_readme_option_tables_are_the_registry(capsys):
     text = (ROOT / "README.md").read_text()
-    block = text[text.index(BEGIN):text.index(END) + len(END)]
+    block = text[text.index(BEGIN) : text.index(END) + len(END)]
     assert block == readme_block(), "README option tables are stale: run python -m lamina.stages.docs README.md"
     for name, stage in registry.all_stages().items():
         for f in stage.options.fields():

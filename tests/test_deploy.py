@@ -1,4 +1,5 @@
 """The deploy/ recipes render and hold what lamina needs (no SLURM or Kubernetes needed to check them)."""
+
 import importlib.util
 from pathlib import Path
 
@@ -18,14 +19,21 @@ def _slurm():
 def test_slurm_job_script_runs_single_threaded_workers(tmp_path, monkeypatch):
     pytest.importorskip("dask_jobqueue")
     monkeypatch.chdir(tmp_path)
-    cluster = _slurm().make_cluster(queue="normal", account="lab", cores=8, memory="32GiB", walltime="02:00:00",
-                                    python_env="/opt/venv")
+    cluster = _slurm().make_cluster(
+        queue="normal", account="lab", cores=8, memory="32GiB", walltime="02:00:00", python_env="/opt/venv"
+    )
     try:
         script = cluster.job_script()
     finally:
         cluster.close()
-    for line in ("#SBATCH -p normal", "#SBATCH -A lab", "#SBATCH --cpus-per-task=8", "#SBATCH -t 02:00:00",
-                 "source /opt/venv/bin/activate", "OMP_NUM_THREADS=1"):
+    for line in (
+        "#SBATCH -p normal",
+        "#SBATCH -A lab",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH -t 02:00:00",
+        "source /opt/venv/bin/activate",
+        "OMP_NUM_THREADS=1",
+    ):
         assert line in script, line
     assert "--nthreads 1" in script and "--nworkers 8" in script and "--memory-limit 4.00GiB" in script
     assert "python -m distributed.cli.dask_worker tcp://" in script
@@ -72,7 +80,10 @@ def test_kubernetes_daskcluster_manifest_is_complete():
 def test_container_recipes_install_this_project(name):
     text = (DEPLOY / "docker" / name).read_text()
     assert "COPY engine engine" in text and "COPY kernels kernels" in text and "COPY pyproject.toml" in text
-    torch_at, project_at = text.index("torch==2.13.0"), text.index('install ".[gpu]"' if "cuda" in name else "install .")
+    torch_at, project_at = (
+        text.index("torch==2.13.0"),
+        text.index('install ".[gpu]"' if "cuda" in name else "install ."),
+    )
     assert torch_at < project_at  # the pinned torch first, so pip does not choose one
     assert "USER lamina" in text  # workers do not run as root
 
@@ -83,7 +94,9 @@ def test_kubernetes_manifest_validates_against_the_operator_crd_schema():
     resources = pytest.importorskip("importlib.resources")
     pytest.importorskip("dask_kubernetes", reason="the deploy extra (dask-kubernetes) is not installed")
     jsonschema = pytest.importorskip("jsonschema")
-    crd_file = resources.files("dask_kubernetes") / "operator/deployment/helm/dask-kubernetes-operator/crds/daskcluster.yaml"
+    crd_file = (
+        resources.files("dask_kubernetes") / "operator/deployment/helm/dask-kubernetes-operator/crds/daskcluster.yaml"
+    )
     crd = yaml.safe_load(crd_file.read_text())
     doc = yaml.safe_load((DEPLOY / "kubernetes" / "daskcluster.yaml").read_text())
     version = next(v for v in crd["spec"]["versions"] if doc["apiVersion"].endswith("/" + v["name"]))

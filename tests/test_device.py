@@ -1,4 +1,5 @@
 """Where a task's torch work runs: ``lamina.cluster.task_device`` and the stages that use it."""
+
 import numpy as np
 import pytest
 import torch
@@ -39,8 +40,11 @@ def test_pairs_registered_as_one_batch_get_what_each_gets_alone():
     """``register_pairs`` (the batch a task runs) against ``register_pair`` one by one, with a blank section in
     the batch: same transforms and QC numbers; the blank pair is flagged, not registered."""
     fixed = _blobs()
-    pairs = [(_blobs(shift=(3.0, -2.0), angle=6.0), fixed), (np.zeros_like(fixed), fixed),
-             (_blobs(shift=(-4.0, 1.0), angle=-25.0), fixed)]
+    pairs = [
+        (_blobs(shift=(3.0, -2.0), angle=6.0), fixed),
+        (np.zeros_like(fixed), fixed),
+        (_blobs(shift=(-4.0, 1.0), angle=-25.0), fixed),
+    ]
     cpu = torch.device("cpu")
     batch = register_pairs(pairs, DEFAULTS, seeds=[1, 2, 3], device=cpu)
     for (moving, fixed_), seed, row in zip(pairs, [1, 2, 3], batch):
@@ -87,8 +91,9 @@ def test_lddmm_batch_on_gpu_matches_cpu():
     from lamina.kernels import lddmm
 
     fixed = torch.from_numpy(np.stack([_blobs(angle=a) for a in (0.0, 3.0, -3.0)]))
-    moving = torch.from_numpy(np.stack([_blobs(shift=s, angle=a) for s, a in [((2.0, 1.0), 1.0), ((0.0, -2.0), 4.0),
-                                                                              ((-1.5, 0.5), -2.0)]]))
+    moving = torch.from_numpy(
+        np.stack([_blobs(shift=s, angle=a) for s, a in [((2.0, 1.0), 1.0), ((0.0, -2.0), 4.0), ((-1.5, 0.5), -2.0)]])
+    )
     kw = dict(steps=4, alpha=4.0, iterations=(60, 30), dtype=torch.float32, mass=True)
     v_cpu, _ = lddmm.register_batch(fixed, moving, **kw)
     v_gpu, _ = lddmm.register_batch(fixed.cuda(), moving.cuda(), **kw)

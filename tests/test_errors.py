@@ -1,5 +1,6 @@
 """Faults a user can cause are LaminaErrors that say what, where and the fix; the CLI exits 2 without a
 traceback and leaves no half-written output."""
+
 import subprocess
 import sys
 
@@ -22,8 +23,9 @@ def test_unknown_section_and_gene_name_the_store_and_what_exists(phantom_store):
 
 
 def test_unknown_and_mistyped_options_are_config_errors(phantom_store, tmp_path):
-    with pytest.raises(lamina.UnknownOptionError, match="unknown option 'sigm' \\(did you mean 'sigma_px'\\?\\)|"
-                                                        "unknown option 'sigm'"):
+    with pytest.raises(
+        lamina.UnknownOptionError, match="unknown option 'sigm' \\(did you mean 'sigma_px'\\?\\)|unknown option 'sigm'"
+    ):
         lamina.rasterize(phantom_store, sigm=2)
     assert issubclass(lamina.UnknownOptionError, TypeError)
     with pytest.raises(lamina.ConfigError, match="'batch' .* must be >= 1, got 0"):
@@ -34,14 +36,21 @@ def test_unknown_and_mistyped_options_are_config_errors(phantom_store, tmp_path)
         lamina.align(phantom_store, alpha=3)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sections", "NOPE"], "no section 'NOPE'"),
-    (["--genes", "Xist"], "genes not in"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sections", "NOPE"], "no section 'NOPE'"),
+        (["--genes", "Xist"], "genes not in"),
+    ],
+)
 def test_export_of_unknown_sections_or_genes_exits_2_and_writes_nothing(phantom_store, tmp_path, args, message):
     out = tmp_path / "e.csv.gz"
-    proc = subprocess.run([sys.executable, "-m", "lamina.cli", "export", phantom_store.path, "--format", "csv",
-                           "--out", str(out), *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lamina.cli", "export", phantom_store.path, "--format", "csv", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
@@ -62,8 +71,10 @@ def test_a_failed_export_leaves_no_partial_file(phantom_store, tmp_path, monkeyp
 
 
 def test_stages_missing_their_inputs_name_what_to_run(phantom_store, capsys):
-    with pytest.raises(lamina.MissingInputError, match="stage 'register' needs the output of rasterize .* run "
-                                                       "lamina.rasterize\\(\\) first"):
+    with pytest.raises(
+        lamina.MissingInputError,
+        match="stage 'register' needs the output of rasterize .* run lamina.rasterize\\(\\) first",
+    ):
         lamina.register(phantom_store)
     assert main(["info", phantom_store.path]) == 0
     assert "not run" in capsys.readouterr().out

@@ -1,13 +1,14 @@
 """The shipped examples and benchmark scripts keep working (smoke sizes)."""
+
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import need
 
 import lamina
-from conftest import need
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +25,12 @@ def test_example_configs_build(tmp_path, name, data_dir):
 
 
 def test_ingest_benchmark_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ingest.py"), "--smoke", "--work", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ingest.py"), "--smoke", "--work", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = [line for line in proc.stdout.splitlines() if line.startswith("| 20,000 |")][0]
     cells = row.split("|")
@@ -34,23 +39,33 @@ def test_ingest_benchmark_smoke(tmp_path):
 
 
 def test_registration_benchmark_smoke():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "registration.py"), "--smoke"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "registration.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")}
     affine = float(rows["lamina affine stage (pairwise + joint solve)"][2])
     refined = float(rows["**lamina refined** (group-wise affine + LDDMM)"][2].strip(" *"))
     bound = float(rows["gauge bound: exact per-section warps, mean deformation set to zero"][2])
     assert 1.0 < bound < refined < affine < 80.0, (bound, refined, affine)  # um
-    parts = {line.split("|")[1].strip().split(" (")[0]: float(line.split("|")[2]) for line in proc.stdout.splitlines()
-             if line.startswith("| nothing") or line.startswith("| a linear trend") or line.startswith("| one affine")}
+    parts = {
+        line.split("|")[1].strip().split(" (")[0]: float(line.split("|")[2])
+        for line in proc.stdout.splitlines()
+        if line.startswith("| nothing") or line.startswith("| a linear trend") or line.startswith("| one affine")
+    }
     assert parts["one affine per section"] <= parts["nothing"] == refined, parts
     assert parts["a linear trend along z of the sections' rigid offsets"] <= parts["nothing"] + 1.0, parts
     still = [line for line in proc.stdout.splitlines() if "tube that stays put" in line][0].split("|")
     assert 0.0 < float(still[2]) < affine
     # the peer comparison: the same phantom pair through every tool, scored by the same code
-    peers = {line.split("|")[1].strip(): line.split("|") for line in proc.stdout.split("#### phantom: median")[1]
-             .split("####")[0].splitlines() if line.startswith("| S000")}
+    peers = {
+        line.split("|")[1].strip(): line.split("|")
+        for line in proc.stdout.split("#### phantom: median")[1].split("####")[0].splitlines()
+        if line.startswith("| S000")
+    }
     row = [float(c) for c in peers["S000->S001"][2:-1]]  # unaligned, centroid, lamina, PASTE, STalign (um)
     assert len(row) == 5, proc.stdout[-3000:]
     unaligned, centroid, lamina, paste, stalign = row
@@ -87,18 +102,26 @@ def test_drift_trend_recovers_a_linear_twist_and_shift_along_z():
 
 
 def test_scaling_benchmark_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--smoke", "--work", str(tmp_path / "s")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--smoke", "--work", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = [line for line in proc.stdout.splitlines() if line.startswith("| 12,000 |")][0].split("|")
-    assert all(float(c) >= 0 for c in row[2:-1])              # seconds per stage, wall, s per M cells
-    assert 0.2 < float(row[-2]) < 4.0                          # peak RSS (GiB) of the process tree
-    assert not (tmp_path / "s").exists()                       # cleaned up
+    assert all(float(c) >= 0 for c in row[2:-1])  # seconds per stage, wall, s per M cells
+    assert 0.2 < float(row[-2]) < 4.0  # peak RSS (GiB) of the process tree
+    assert not (tmp_path / "s").exists()  # cleaned up
 
 
 def test_interpolation_benchmark_smoke():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "interpolation.py"), "--smoke"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "interpolation.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| phantom |")][0]
     r_copy, r_blend, r_lamina = (float(v) for v in row[3:6])
@@ -107,8 +130,12 @@ def test_interpolation_benchmark_smoke():
 
 
 def test_reconstruction_benchmark_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reconstruction.py"), "--smoke",
-                           "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "reconstruction.py"), "--smoke", "--work", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "| invert |" in out and "inversion / floor" in out

@@ -1,4 +1,5 @@
 """Every module imports on a fresh install, and the light entry points stay light."""
+
 import ast
 import importlib
 import pkgutil
@@ -12,13 +13,16 @@ import lamina
 import lamina.kernels
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = sorted({m.name for pkg in (lamina, lamina.kernels)
-                  for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")})
+MODULES = sorted(
+    {m.name for pkg in (lamina, lamina.kernels) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")}
+)
 
 
 def test_the_walk_finds_the_packages():
     assert len(MODULES) >= 50
-    assert {"lamina.stages.registration", "lamina.maps", "lamina.kernels.lddmm", "lamina.store.elements"} <= set(MODULES)
+    assert {"lamina.stages.registration", "lamina.maps", "lamina.kernels.lddmm", "lamina.store.elements"} <= set(
+        MODULES
+    )
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -26,12 +30,15 @@ def test_module_imports(name):
     importlib.import_module(name)
 
 
-@pytest.mark.parametrize("code", [
-    "import lamina",
-    "import lamina.cli as c\ntry:\n    c.main(['--version'])\nexcept SystemExit:\n    pass",
-    "import lamina\nlamina.stages.registry.all_stages()",  # the registry lists the stages without torch
-    "import lamina\nlamina.config",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import lamina",
+        "import lamina.cli as c\ntry:\n    c.main(['--version'])\nexcept SystemExit:\n    pass",
+        "import lamina\nlamina.stages.registry.all_stages()",  # the registry lists the stages without torch
+        "import lamina\nlamina.config",
+    ],
+)
 def test_light_entry_points_do_not_import_torch(code):
     probe = code + "\nimport sys\nprint('torch' in sys.modules, 'distributed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
@@ -50,8 +57,11 @@ def test_no_assert_statements_guard_invariants_in_the_packages():
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Assert):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-                if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and \
-                        getattr(node.exc.func, "id", "") == "AssertionError":
+                if (
+                    isinstance(node, ast.Raise)
+                    and isinstance(node.exc, ast.Call)
+                    and getattr(node.exc.func, "id", "") == "AssertionError"
+                ):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} (raise AssertionError)")
     assert not found, found
 
@@ -64,9 +74,17 @@ def test_every_import_of_the_project_is_declared():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = " ".join(meta["dependencies"] + [d for v in meta["optional-dependencies"].values() for d in v])
     # import name -> distribution name where they differ
-    dist = {"yaml": "pyyaml", "sklearn": "scikit-learn", "paste": "paste-bio", "ot": "pot", "STalign": "stalign-modern",
-            "dask_cuda": "dask-cuda", "cupy": "cupy-cuda12x", "dask_jobqueue": "dask-jobqueue",
-            "dask_kubernetes": "dask-kubernetes"}
+    dist = {
+        "yaml": "pyyaml",
+        "sklearn": "scikit-learn",
+        "paste": "paste-bio",
+        "ot": "pot",
+        "STalign": "stalign-modern",
+        "dask_cuda": "dask-cuda",
+        "cupy": "cupy-cuda12x",
+        "dask_jobqueue": "dask-jobqueue",
+        "dask_kubernetes": "dask-kubernetes",
+    }
     local = {"lamina", "conftest"} | {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
     missing = []
     for folder in ("engine", "kernels", "benchmarks", "deploy"):

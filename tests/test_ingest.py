@@ -29,8 +29,9 @@ def _check(atlas, table):
     sec = atlas.sections
     assert np.all(np.diff(sec.z) > 0)
     np.testing.assert_array_equal(sec.cell_stop.to_numpy()[:-1], sec.cell_start.to_numpy()[1:])
-    np.testing.assert_array_equal(atlas.to_xarray()["cell_section"].values,
-                                  np.repeat(np.arange(len(sec)), sec.n_cells.to_numpy()))
+    np.testing.assert_array_equal(
+        atlas.to_xarray()["cell_section"].values, np.repeat(np.arange(len(sec)), sec.n_cells.to_numpy())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,9 @@ def test_single_table_formats(tmp_path, shuffled, suffix):
         shuffled.to_parquet(path, row_group_size=800)
     else:
         shuffled.to_csv(path, index=False)
-    atlas = lamina.ingest(path, tmp_path / "a.lamina.zarr", read_rows=700,
-                          section_z={f"S{i:03d}": 35.0 * i for i in range(5)}, **OPTS)
+    atlas = lamina.ingest(
+        path, tmp_path / "a.lamina.zarr", read_rows=700, section_z={f"S{i:03d}": 35.0 * i for i in range(5)}, **OPTS
+    )
     _check(atlas, shuffled)
     assert atlas.root["X"].chunks == (1024, 24)
     assert atlas.root["cells/x"].chunks == (1024,)
@@ -78,9 +80,16 @@ def test_h5ad_streamed_by_rows(tmp_path, shuffled):
         adata.obsm["spatial"] = shuffled[["x", "y"]].to_numpy()
         path = tmp_path / f"{kind}.h5ad"
         adata.write_h5ad(path)
-        atlas = lamina.ingest(path, tmp_path / f"{kind}.lamina.zarr", spatial_key="spatial", cell_type="cell_type",
-                              cell_id="_index", genes="rest", read_rows=500,
-                              section_order=[f"S{i:03d}" for i in range(5)])
+        atlas = lamina.ingest(
+            path,
+            tmp_path / f"{kind}.lamina.zarr",
+            spatial_key="spatial",
+            cell_type="cell_type",
+            cell_id="_index",
+            genes="rest",
+            read_rows=500,
+            section_order=[f"S{i:03d}" for i in range(5)],
+        )
         exp = _expect(shuffled.assign(**{g: X[:, i] for i, g in enumerate(GENES)}))
         np.testing.assert_array_equal(atlas.to_xarray()["X"].values, exp[GENES].to_numpy(np.float32))
         np.testing.assert_array_equal(atlas.obs().cell_id, exp.cell_id.astype(str))
@@ -92,8 +101,14 @@ def test_paste_files_side_by_side_and_z_column(tmp_path, shuffled):
     right = shuffled[["section", "cell_type"]]
     left.to_csv(tmp_path / "pos.tsv", sep="\t", index=False)
     right.to_csv(tmp_path / "meta.tsv", sep="\t", index=False)
-    atlas = lamina.ingest(tmp_path / "pos.tsv", tmp_path / "p.lamina.zarr", paste=[tmp_path / "meta.tsv"],
-                          z="z", cell_type="cell_type", read_rows=1000)
+    atlas = lamina.ingest(
+        tmp_path / "pos.tsv",
+        tmp_path / "p.lamina.zarr",
+        paste=[tmp_path / "meta.tsv"],
+        z="z",
+        cell_type="cell_type",
+        read_rows=1000,
+    )
     assert atlas.n_cells == 6000 and atlas.n_genes == 0
     np.testing.assert_array_equal(atlas.sections.z, [0, 35, 70, 105, 140])
     assert atlas.sections.attrs == {} and atlas.root["sections/z"].attrs["source"] == "column z"
@@ -106,8 +121,15 @@ def test_order_spacing_units_and_normalisation(tmp_path, phantom_table):
     path = tmp_path / "mm.parquet"
     t.to_parquet(path)
     order = ["S004", "S003", "S002", "S001", "S000"]
-    atlas = lamina.ingest(path, tmp_path / "mm.lamina.zarr", units="mm", section_order=order, section_spacing=20.0,
-                          normalize="log1p", **OPTS)
+    atlas = lamina.ingest(
+        path,
+        tmp_path / "mm.lamina.zarr",
+        units="mm",
+        section_order=order,
+        section_spacing=20.0,
+        normalize="log1p",
+        **OPTS,
+    )
     assert list(atlas.sections.id) == order and list(atlas.sections.z) == [0, 20, 40, 60, 80]
     first = atlas.obs(sections=["S004"])
     np.testing.assert_allclose(first.x, table.x[table.section == "S004"].to_numpy(np.float32), rtol=1e-6)

@@ -2,8 +2,13 @@ import numpy as np
 import pandas as pd
 
 from lamina.kernels.fields import fourier_features, soft_bins
-from lamina.kernels.geometry import (affine_matrix, apply_affine, fourier_displacement, fourier_lipschitz,
-                                     invert_displacement)
+from lamina.kernels.geometry import (
+    affine_matrix,
+    apply_affine,
+    fourier_displacement,
+    fourier_lipschitz,
+    invert_displacement,
+)
 from lamina.kernels.stats import group_category_counts, group_extents, group_moments
 
 

@@ -36,15 +36,18 @@ def test_sample_is_bilinear_and_clamped_at_the_borders_of_a_crop():
     y = np.clip(pts[1] - origin[1], 0, 6)
     x0, y0 = np.minimum(np.floor(x), 7).astype(int), np.minimum(np.floor(y), 5).astype(int)
     wx, wy = x - x0, y - y0
-    expected = ((1 - wy) * ((1 - wx) * field[:, y0, x0] + wx * field[:, y0, x0 + 1])
-                + wy * ((1 - wx) * field[:, y0 + 1, x0] + wx * field[:, y0 + 1, x0 + 1]))
+    expected = (1 - wy) * ((1 - wx) * field[:, y0, x0] + wx * field[:, y0, x0 + 1]) + wy * (
+        (1 - wx) * field[:, y0 + 1, x0] + wx * field[:, y0 + 1, x0 + 1]
+    )
     points = torch.tensor(pts.reshape(2, 5, 10), requires_grad=True)
     got = lddmm.sample(torch.from_numpy(field), points, origin)
     assert got.shape == (3, 5, 10)
     np.testing.assert_allclose(got.detach().numpy().reshape(3, 50), expected, atol=1e-12)
     got[0].sum().backward()
     inside = (x > 0) & (x < 8) & (wx > 1e-6) & (wx < 1 - 1e-6)
-    slope_x = (1 - wy) * (field[0, y0, x0 + 1] - field[0, y0, x0]) + wy * (field[0, y0 + 1, x0 + 1] - field[0, y0 + 1, x0])
+    slope_x = (1 - wy) * (field[0, y0, x0 + 1] - field[0, y0, x0]) + wy * (
+        field[0, y0 + 1, x0 + 1] - field[0, y0 + 1, x0]
+    )
     np.testing.assert_allclose(points.grad[0].numpy().reshape(50)[inside], slope_x[inside], atol=1e-9)
 
 
@@ -89,7 +92,9 @@ def test_lddmm_recovers_a_known_diffeomorphism():
     assert report["data_after"] < 0.1 * report["data_before"]
     warped = lddmm.sample(moving, grid + lddmm.integrate_inverse(v))
     tissue = fixed.sum(0) > 0.2 * fixed.sum(0).max()
-    assert float(((warped - fixed) ** 2).sum(0)[tissue].mean()) < 0.1 * float(((moving - fixed) ** 2).sum(0)[tissue].mean())
+    assert float(((warped - fixed) ** 2).sum(0)[tissue].mean()) < 0.1 * float(
+        ((moving - fixed) ** 2).sum(0)[tissue].mean()
+    )
 
 
 def test_lddmm_flow_matches_the_true_flow_on_tissue():
@@ -115,8 +120,12 @@ def test_a_batch_of_pairs_gives_each_pair_what_it_gets_alone():
     for i, (amp, gain) in enumerate([(2.0, 1.0), (0.5, 7.0), (2.5, 0.2)]):
         f = _image(seed=10 + i)
         fixed.append(f)
-        moving.append(gain * lddmm.sample(f, grid + lddmm.forward_displacement_tiled(
-            _smooth_velocity(amp=amp, seed=20 + i), 10_000, 0)))
+        moving.append(
+            gain
+            * lddmm.sample(
+                f, grid + lddmm.forward_displacement_tiled(_smooth_velocity(amp=amp, seed=20 + i), 10_000, 0)
+            )
+        )
         inits.append(0.3 * _smooth_velocity(shape=(32, 32), steps=4, amp=1.0, seed=30 + i))
     kw = dict(steps=4, alpha=4.0, iterations=(80, 40), scales=(2, 1), lr=0.3, tol=1e-4, mass=True)
     v, reports = lddmm.register_batch(torch.stack(fixed), torch.stack(moving), init=torch.stack(inits), **kw)

@@ -1,4 +1,5 @@
 """`lamina build` through a real multi-process cluster started with the standard `dask` CLI on loopback."""
+
 import contextlib
 import json
 import os
@@ -18,7 +19,9 @@ import lamina
 def _dask(*args, log: Path):
     exe = Path(sys.executable).with_name("dask")
     cmd = [str(exe) if exe.exists() else "dask", *args]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.Popen(
+        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
 
 
 @contextlib.contextmanager
@@ -27,16 +30,39 @@ def dask_cli_cluster(folder: Path, n_workers: int = 2):
     (address, worker processes)."""
     folder.mkdir(parents=True, exist_ok=True)
     sched_file = folder / "scheduler.json"
-    procs = [_dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",
-                   str(sched_file), log=folder / "scheduler.log")]
+    procs = [
+        _dask(
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(sched_file),
+            log=folder / "scheduler.log",
+        )
+    ]
     try:
         deadline = time.time() + 60
         while not sched_file.exists() and time.time() < deadline:
             time.sleep(0.2)
         address = json.loads(sched_file.read_text())["address"]
         for i in range(n_workers):
-            procs.append(_dask("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
-                               "--name", f"w{i}", log=folder / f"worker{i}.log"))
+            procs.append(
+                _dask(
+                    "worker",
+                    address,
+                    "--host",
+                    "127.0.0.1",
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                    "--name",
+                    f"w{i}",
+                    log=folder / f"worker{i}.log",
+                )
+            )
         from distributed import Client
 
         with Client(address, timeout=30) as c:
@@ -87,10 +113,17 @@ def _build(folder: Path, table, scheduler: str | None, name: str, background: bo
     src = folder / "cells.csv.gz"
     if not src.exists():
         table.to_csv(src, index=False)
-    cfg = {"store": f"{name}.lamina.zarr",
-           "input": {"path": "cells.csv.gz", "columns": {"cell_type": "cell_type", "cell_id": "cell_id"},
-                     "genes": "rest", "sections": {"spacing": 35}},
-           "cluster": {"n_workers": 2, "threads_per_worker": 1}, "report": {"enabled": False}}
+    cfg = {
+        "store": f"{name}.lamina.zarr",
+        "input": {
+            "path": "cells.csv.gz",
+            "columns": {"cell_type": "cell_type", "cell_id": "cell_id"},
+            "genes": "rest",
+            "sections": {"spacing": 35},
+        },
+        "cluster": {"n_workers": 2, "threads_per_worker": 1},
+        "report": {"enabled": False},
+    }
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "lamina.cli", "build", str(folder / f"{name}.yaml")]
     if scheduler:
@@ -134,8 +167,12 @@ def test_a_killed_client_resumes_from_the_completed_stages(tmp_path, local_build
     build.communicate(timeout=60)
     before = lamina.Atlas.open(store).stage_records()
     assert before["register"]["complete"] and not before["refine"]["complete"]
-    again = subprocess.run([sys.executable, "-m", "lamina.cli", "build", str(tmp_path / "resumed.yaml")],
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [sys.executable, "-m", "lamina.cli", "build", str(tmp_path / "resumed.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     after = lamina.Atlas.open(store).stage_records()
     for stage in ("ingest", "section_stats", "rasterize", "register"):  # not recomputed

@@ -1,4 +1,5 @@
 """map_tiles and map_neighbourhoods equal the untiled / all-cells computation bit for bit."""
+
 import shutil
 
 import numpy as np
@@ -93,13 +94,22 @@ def test_ring_means_over_3d_neighbourhoods_equal_the_all_cells_computation(cells
         return ring_means(nb.columns["pca/pcs"], nb.indptr, nb.indices, nb.distances, radii)
 
     arrays.create(atlas.root, "rings", (atlas.n_cells, 8), np.float64, (atlas.cell_chunk, 8), ("cell", "f"))
-    n = map_neighbourhoods(fn, atlas, "rings", radius=required_radius(radii), columns=["pca/pcs"], z_sections=1,
-                           tile_um=250.0, kwargs={"radii": radii})
+    n = map_neighbourhoods(
+        fn,
+        atlas,
+        "rings",
+        radius=required_radius(radii),
+        columns=["pca/pcs"],
+        z_sections=1,
+        tile_um=250.0,
+        kwargs={"radii": radii},
+    )
     assert n == atlas.n_cells
     sample = np.random.default_rng(1).choice(atlas.n_cells, 400, replace=False)
     ptr, idx, dist = _brute(xyz, sec, sample, radius=60.0, band=1)
-    np.testing.assert_array_equal(atlas.root["rings"].oindex[np.sort(sample)],
-                                  ring_means(pcs, ptr, idx, dist, radii)[np.argsort(sample)])
+    np.testing.assert_array_equal(
+        atlas.root["rings"].oindex[np.sort(sample)], ring_means(pcs, ptr, idx, dist, radii)[np.argsort(sample)]
+    )
     # memory follows the tile: no task read a whole section, and each read at most its section and neighbours
     per_section = atlas.sections.n_cells.max()
     assert len(calls) > atlas.n_sections and max(c[1] for c in calls) < per_section
@@ -111,8 +121,15 @@ def test_k_nearest_within_sections_are_exact_whatever_the_tiles(cells):
     atlas, xyz, sec, pcs = cells
     for tile in (80.0, None):  # small tiles make the halo grow until the k nearest are certain
         arrays.create(atlas.root, "knn", (atlas.n_cells, 4), np.float64, (atlas.cell_chunk, 4), ("cell", "f"))
-        map_neighbourhoods(lambda nb: neighbour_mean(nb.columns["pca/pcs"], nb.indptr, nb.indices), atlas, "knn",
-                           k=15, columns=["pca/pcs"], coords="raw", tile_um=tile)
+        map_neighbourhoods(
+            lambda nb: neighbour_mean(nb.columns["pca/pcs"], nb.indptr, nb.indices),
+            atlas,
+            "knn",
+            k=15,
+            columns=["pca/pcs"],
+            coords="raw",
+            tile_um=tile,
+        )
         raw = np.stack([atlas.root[f"cells/{c}"][...] for c in "xy"] + [atlas.sections.z.to_numpy()[sec]], 1)
         sample = np.sort(np.random.default_rng(2).choice(atlas.n_cells, 300, replace=False))
         ptr, idx, _ = _brute(raw.astype(np.float64), sec, sample, k=15)

@@ -29,8 +29,12 @@ def test_transforms_are_within_the_advertised_ranges():
     shift = np.array([ph.to_observed(s, center[None])[0] - center for s in range(40)])
     assert np.abs(shift).max() <= 1000 + 60  # translation <= 1 mm (+ warp at the centre)
     grid = np.stack(np.meshgrid(np.linspace(0, 2000, 40), np.linspace(0, 1600, 40)), -1).reshape(-1, 2)
-    disp = np.array([np.linalg.norm(fourier_displacement(grid, ph.warp_k[s], ph.warp_phase[s], ph.warp_amp[s]),
-                                    axis=1).max() for s in range(40)])
+    disp = np.array(
+        [
+            np.linalg.norm(fourier_displacement(grid, ph.warp_k[s], ph.warp_phase[s], ph.warp_amp[s]), axis=1).max()
+            for s in range(40)
+        ]
+    )
     assert 10 < np.median(disp) < 90  # tens of um
 
 
@@ -53,7 +57,7 @@ def test_field_is_smooth_low_rank_and_matches_expression(small_phantom, phantom_
     resid = expr - f
     assert abs(resid.std() - ph.spec.noise) < 0.02
     sv = np.linalg.svd(f - f.mean(0), compute_uv=False)
-    assert sv[ph.spec.n_types + ph.spec.rank:].max() < 1e-8 * sv[0]  # rank <= types + Fourier components
+    assert sv[ph.spec.n_types + ph.spec.rank :].max() < 1e-8 * sv[0]  # rank <= types + Fourier components
     # cells of the same true layer share a profile: per-type mean expression differs between types
     types = table.cell_type.to_numpy()
     means = np.array([expr[types == t].mean(0) for t in ph.type_names])

@@ -1,10 +1,11 @@
 """Ingest of the three shipped real data sets (skipped when ../shared/data is absent)."""
+
 import json
 
 import numpy as np
+from conftest import need
 
 import lamina
-from conftest import need
 
 
 def test_dlpfc_csv(tmp_path, data_dir):
@@ -12,9 +13,18 @@ def test_dlpfc_csv(tmp_path, data_dir):
     scale = json.loads((data_dir / "dlpfc/raw/151507/scalefactors_json.json").read_text())
     # Space Ranger's spot_diameter_fullres is the pixel span of a 65 um circle around each 55 um spot
     um_per_px = 65.0 / scale["spot_diameter_fullres"]
-    atlas = lamina.ingest(path, tmp_path / "dlpfc.lamina.zarr", x="pxl_col_fullres", y="pxl_row_fullres",
-                          section="section", cell_type="layer", cell_id="barcode", obs=["donor"], units="px",
-                          pixel_size=um_per_px)
+    atlas = lamina.ingest(
+        path,
+        tmp_path / "dlpfc.lamina.zarr",
+        x="pxl_col_fullres",
+        y="pxl_row_fullres",
+        section="section",
+        cell_type="layer",
+        cell_id="barcode",
+        obs=["donor"],
+        units="px",
+        pixel_size=um_per_px,
+    )
     sec = atlas.sections
     assert atlas.n_cells == 47_681 and len(sec) == 12
     assert sec.n_cells.min() == 3_460 and sec.n_cells.max() == 4_789
@@ -32,9 +42,14 @@ def test_dlpfc_csv(tmp_path, data_dir):
 
 def test_merfish_paste_positions_and_metadata(tmp_path, data_dir):
     folder = need(data_dir / "merfish_moffitt")
-    atlas = lamina.ingest(folder / "merFISH_3D_data_cell_locations.txt", tmp_path / "m.lamina.zarr",
-                          paste=[folder / "merFISH_3D_metadata.txt"], section="layer_ID", z="z",
-                          cell_type="orig_cell_types")
+    atlas = lamina.ingest(
+        folder / "merFISH_3D_data_cell_locations.txt",
+        tmp_path / "m.lamina.zarr",
+        paste=[folder / "merFISH_3D_metadata.txt"],
+        section="layer_ID",
+        z="z",
+        cell_type="orig_cell_types",
+    )
     sec = atlas.sections
     assert atlas.n_cells == 73_655 and len(sec) == 12
     np.testing.assert_array_equal(sec.z, np.arange(-290, 261, 50))
@@ -51,9 +66,19 @@ def test_her2st_h5ad_sparse_counts(tmp_path, data_dir):
     with h5py.File(path, "r") as f:
         total = float(np.asarray(f["X/data"][...], dtype=np.float64).sum())
         x0 = f["X/indptr"][:3]
-    atlas = lamina.ingest(path, tmp_path / "h.lamina.zarr", x="array_x", y="array_y", section="section",
-                          cell_type="cluster", obs=["patient"], genes="rest", cell_id="_index",
-                          units="px", pixel_size=200.0)  # legacy ST: spot centres 200 um apart
+    atlas = lamina.ingest(
+        path,
+        tmp_path / "h.lamina.zarr",
+        x="array_x",
+        y="array_y",
+        section="section",
+        cell_type="cluster",
+        obs=["patient"],
+        genes="rest",
+        cell_id="_index",
+        units="px",
+        pixel_size=200.0,
+    )  # legacy ST: spot centres 200 um apart
     assert atlas.n_cells == 13_620 and atlas.n_genes == 18_758 and atlas.n_sections == 36
     X = atlas.to_xarray()["X"].data
     assert X.chunks[1][0] == 512  # gene-chunked

@@ -1,6 +1,7 @@
 """Stages of the isotropic reconstruction on a small phantom: pca -> train_flow -> interpolate -> voxelize ->
 invert -> Parquet, plus resume, determinism, bad input and the isoST import. Registration is replaced by
 ``mark_aligned`` (raw coordinates taken as aligned) so the tests exercise these stages alone."""
+
 import shutil
 
 import numpy as np
@@ -41,7 +42,7 @@ def test_pca_matches_numpy_svd(recon):
     assert np.abs((vt[:8] * comp).sum(1)).min() > 0.999
     np.testing.assert_allclose(np.asarray(recon.root["pca/pcs"][...]), Z @ comp.T, atol=1e-3)
     ratio = np.asarray(recon.root["pca/explained_variance_ratio"][...])
-    np.testing.assert_allclose(ratio, s[:8] ** 2 / (s ** 2).sum(), rtol=1e-3)
+    np.testing.assert_allclose(ratio, s[:8] ** 2 / (s**2).sum(), rtol=1e-3)
     assert recon.root["pca/pcs"].chunks[0] == recon.cell_chunk  # chunk-aligned with /cells
 
 
@@ -74,7 +75,7 @@ def test_interpolated_layers_have_the_planned_depths_weights_and_counts(recon):
     starts, stops = np.asarray(g["gap_start"][...]), np.asarray(g["gap_stop"][...])
     gap = np.asarray(g["gap"][...])
     for i, s in enumerate(np.asarray(g["gap_section"][...])):
-        assert (gap[starts[i]:stops[i]] == s).all()
+        assert (gap[starts[i] : stops[i]] == s).all()
 
 
 def test_interpolation_is_deterministic_for_a_seed(recon, tmp_path):
@@ -83,10 +84,13 @@ def test_interpolation_is_deterministic_for_a_seed(recon, tmp_path):
     again = lamina.Atlas.open(path, mode="r+")
     lamina.interpolate(again, force=True)
     for k in ("x", "y", "pcs"):
-        np.testing.assert_array_equal(np.asarray(again.root[f"interpolated/{k}"][...]),
-                                      np.asarray(recon.root[f"interpolated/{k}"][...]))
+        np.testing.assert_array_equal(
+            np.asarray(again.root[f"interpolated/{k}"][...]), np.asarray(recon.root[f"interpolated/{k}"][...])
+        )
     lamina.interpolate(again, seed=1)
-    assert not np.array_equal(np.asarray(again.root["interpolated/pcs"][...]), np.asarray(recon.root["interpolated/pcs"][...]))
+    assert not np.array_equal(
+        np.asarray(again.root["interpolated/pcs"][...]), np.asarray(recon.root["interpolated/pcs"][...])
+    )
 
 
 def test_training_resumes_from_its_checkpoint(recon, tmp_path, monkeypatch):
@@ -139,12 +143,16 @@ def test_voxel_volume_sums_and_means(recon):
     sec = np.asarray(recon.root["cells/section"][...])
     obs = cells("aligned", recon.sections.z.to_numpy()[sec])
     itp = cells("interpolated", np.asarray(recon.root["interpolated/z"][...]))
-    index = lambda x, y, z: np.stack([np.floor((z - oz) / v), np.floor((y - oy) / v), np.floor((x - ox) / v)], 1).astype(int)  # noqa: E731
+    index = lambda x, y, z: np.stack(
+        [np.floor((z - oz) / v), np.floor((y - oy) / v), np.floor((x - ox) / v)], 1
+    ).astype(int)  # noqa: E731
     io, ii = index(*obs), index(*itp)
     k, j, i = np.argwhere(dens > 0)[len(np.argwhere(dens > 0)) // 2]
     mo, mi = (io == (k, j, i)).all(1), (ii == (k, j, i)).all(1)
     wi = w[mi]
-    total = np.asarray(recon.root["pca/pcs"][...])[mo].sum(0) + (np.asarray(recon.root["interpolated/pcs"][...])[mi] * wi[:, None]).sum(0)
+    total = np.asarray(recon.root["pca/pcs"][...])[mo].sum(0) + (
+        np.asarray(recon.root["interpolated/pcs"][...])[mi] * wi[:, None]
+    ).sum(0)
     np.testing.assert_allclose(dens[k, j, i], mo.sum() + wi.sum(), rtol=1e-5)
     np.testing.assert_allclose(vol["pcs"][:, k, j, i], total / (mo.sum() + wi.sum()), rtol=1e-4, atol=1e-5)
     assert np.isnan(np.asarray(vol["pcs"][0])[np.asarray(vol["density"]) == 0]).all()
@@ -189,12 +197,17 @@ def test_reconstruction_tolerates_a_section_without_some_cell_type(tmp_path, sma
     table = pd.concat(frames, ignore_index=True)
     table = table[~((table.section == "S001") & (table.cell_type == "tube"))]
     table.to_parquet(tmp_path / "cells.parquet")
-    atlas = lamina.ingest(tmp_path / "cells.parquet", tmp_path / "t.lamina.zarr", cell_type="cell_type",
-                          genes=[g for g in table.columns if g.startswith("g")],
-                          section_z={s: 35.0 * i for i, s in enumerate(sorted(table.section.unique()))})
+    atlas = lamina.ingest(
+        tmp_path / "cells.parquet",
+        tmp_path / "t.lamina.zarr",
+        cell_type="cell_type",
+        genes=[g for g in table.columns if g.startswith("g")],
+        section_z={s: 35.0 * i for i, s in enumerate(sorted(table.section.unique()))},
+    )
     mark_aligned(atlas)
-    seconds = lamina.reconstruct(atlas, n_pcs=4, dz_um=FLOW["dz_um"], voxel_um=50.0,
-                                 **{k: v for k, v in FLOW.items() if k != "dz_um"})
+    seconds = lamina.reconstruct(
+        atlas, n_pcs=4, dz_um=FLOW["dz_um"], voxel_um=50.0, **{k: v for k, v in FLOW.items() if k != "dz_um"}
+    )
     assert set(seconds) == {"pca", "train_flow", "interpolate", "voxelize", "invert"}
     assert np.isfinite(np.asarray(atlas.root["interpolated/pcs"][...])).all()
 

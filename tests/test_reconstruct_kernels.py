@@ -1,4 +1,5 @@
 """Kernels of the isotropic reconstruction: PCA maps, entropic OT, graph SDE, voxel sums."""
+
 import numpy as np
 import pytest
 import torch
@@ -76,8 +77,15 @@ def test_untrained_flow_is_the_identity_and_seeded_noise_is_reproducible():
 
 def _field(p):
     x, y = p[:, 0], p[:, 1]
-    return torch.stack([torch.sin(2 * np.pi * x / 600), torch.cos(2 * np.pi * y / 600),
-                        torch.sin(2 * np.pi * (x + y) / 800), x / 1000 - 0.5], 1)
+    return torch.stack(
+        [
+            torch.sin(2 * np.pi * x / 600),
+            torch.cos(2 * np.pi * y / 600),
+            torch.sin(2 * np.pi * (x + y) / 800),
+            x / 1000 - 0.5,
+        ],
+        1,
+    )
 
 
 def test_training_learns_a_known_drift():

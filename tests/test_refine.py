@@ -1,4 +1,5 @@
 """Group-wise refinement (affine consistency + LDDMM) on the phantom: accuracy, inverse maps, kernels."""
+
 import numpy as np
 import pytest
 import torch
@@ -83,8 +84,10 @@ def _tube_path(ph, atlas, truth):
     sec, tube = obs.section.cat.codes.to_numpy(), (obs.cell_type == "tube").to_numpy()
     xy = rigid_align(np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1).astype(np.float64), truth)
     S = atlas.n_sections
-    return (np.stack([xy[(sec == k) & tube].mean(0) for k in range(S)]),
-            np.stack([truth[(sec == k) & tube].mean(0) for k in range(S)]))
+    return (
+        np.stack([xy[(sec == k) & tube].mean(0) for k in range(S)]),
+        np.stack([truth[(sec == k) & tube].mean(0) for k in range(S)]),
+    )
 
 
 def test_a_curved_stack_stays_curved_and_a_straight_one_straight(refined, tmp_path):
@@ -132,8 +135,9 @@ def test_consensus_step_lets_two_sections_meet_instead_of_swapping(tmp_path):
     stays 3 degrees, the other way round); the consensus step (1 - own weight = 1/2) meets in the middle."""
     assert groupwise.consensus_step(0.5) == 0.5 and groupwise.consensus_step(1 / 20) == pytest.approx(0.95)
     assert groupwise.consensus_step(0.5, template_moves=False) == 1.0  # a held template is a fixed target
-    ph = lamina.datasets.phantom(n_cells=8_000, n_sections=2, n_genes=4, seed=3, warp_um=0.0, max_rotation_deg=20.0,
-                                 tube_travel_um=0.0)
+    ph = lamina.datasets.phantom(
+        n_cells=8_000, n_sections=2, n_genes=4, seed=3, warp_um=0.0, max_rotation_deg=20.0, tube_travel_um=0.0
+    )
     atlas = lamina.ingest(ph, tmp_path / "two.lamina.zarr")
     truth = [np.concatenate([xyz for _, xyz in ph.section_chunks(s)])[:, :2] for s in range(2)]
     lamina.align(atlas, fine=False)
@@ -141,14 +145,16 @@ def test_consensus_step_lets_two_sections_meet_instead_of_swapping(tmp_path):
     def gap_deg():
         xy = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1).astype(np.float64)
         n0 = len(truth[0])
-        angle = [np.degrees(np.arctan2(T[1, 0], T[0, 0])) for T in
-                 (fit_similarity(xy[:n0], truth[0]), fit_similarity(xy[n0:], truth[1]))]
+        angle = [
+            np.degrees(np.arctan2(T[1, 0], T[0, 0]))
+            for T in (fit_similarity(xy[:n0], truth[0]), fit_similarity(xy[n0:], truth[1]))
+        ]
         return abs(angle[0] - angle[1])
 
     assert gap_deg() < 0.5
     A = np.asarray(atlas.root["transforms/affine"][...])
     raw_centre = [float(np.asarray(atlas.root[f"qc/centroid_{k}"][...])[1]) for k in "xy"]
-    centre = (A[1] @ [*raw_centre, 1.0])[:2]                      # section 1's centre in the atlas frame
+    centre = (A[1] @ [*raw_centre, 1.0])[:2]  # section 1's centre in the atlas frame
     A[1] = affine_matrix(np.radians(3.0), 1.0, (0.0, 0.0), centre) @ A[1]
     atlas.root["transforms/affine"][...] = A
     refine(atlas, force=True, lddmm_rounds=0)
@@ -178,8 +184,10 @@ def test_a_held_reference_stays_put_and_the_other_section_lands_on_it(tmp_path):
     # the affine stage alone, and then with the fine stage (no similarity removed: the frame is S000's own)
     affine_only = np.linalg.norm(raw[n0:] @ np.asarray(A[1])[:2, :2].T + np.asarray(A[1])[:2, 2] - truth_b, axis=1)
     # measured: 23.0 um after the fine stage, 29.5 um after the affine stage
-    assert np.median(err) < 0.85 * np.median(affine_only) and np.median(err) < 26.0, (np.median(err),
-                                                                                      np.median(affine_only))
+    assert np.median(err) < 0.85 * np.median(affine_only) and np.median(err) < 26.0, (
+        np.median(err),
+        np.median(affine_only),
+    )
 
 
 def test_without_cell_types_the_rasters_show_expression_and_align_better_than_density(tmp_path):
@@ -220,7 +228,7 @@ def test_types_and_expression_channels_keep_the_type_image_summed(tmp_path):
     lamina.rasterize(atlas, channels="types+pcs")
     both = np.asarray(atlas.root["raster/cells"][...])
     n_types = types_only.shape[1]
-    assert atlas.root["raster/cells"].attrs["channels"][n_types:n_types + 2] == ["PC1+", "PC1-"]
+    assert atlas.root["raster/cells"].attrs["channels"][n_types : n_types + 2] == ["PC1+", "PC1-"]
     assert both.shape[1] == n_types + 12  # 6 genes: 6 PCs, two signs each
     np.testing.assert_allclose(both.sum(1), types_only.sum(1), atol=1e-3)
     np.testing.assert_allclose(both[:, :n_types], 0.25 * types_only, atol=1e-4)
@@ -230,9 +238,12 @@ def test_raster_channel_choices_are_checked(tmp_path):
     ph = lamina.datasets.phantom(n_cells=2_000, n_sections=2, n_genes=1, seed=1)
     atlas = lamina.ingest(ph, tmp_path / "a.lamina.zarr", cell_type=None, genes=None)
     lamina.section_stats(atlas)
-    for channels, message in [("types", "has no cell_type column"), ("pcs", "at least 2 genes"),
-                              ("types+pcs", "has no cell_type column"),
-                              ("genes", "must be one of auto, types, pcs, types\\+pcs, density")]:
+    for channels, message in [
+        ("types", "has no cell_type column"),
+        ("pcs", "at least 2 genes"),
+        ("types+pcs", "has no cell_type column"),
+        ("genes", "must be one of auto, types, pcs, types\\+pcs, density"),
+    ]:
         with pytest.raises(lamina.LaminaError, match=message):  # InputError; ConfigError for the unknown value
             lamina.rasterize(atlas, channels=channels)
     lamina.rasterize(atlas)  # auto: no types, no genes -> one density channel
@@ -246,7 +257,9 @@ def test_mass_preserving_deformation_keeps_the_cell_count():
 
     H = W = 96
     grid = lddmm._grid(H, W, "cpu", torch.float64)
-    d = torch.stack([(1 / 1.2 - 1) * (grid[0] - 47.5), torch.zeros(H, W, dtype=torch.float64)])  # x -> 47.5 + (x-47.5)/1.2
+    d = torch.stack(
+        [(1 / 1.2 - 1) * (grid[0] - 47.5), torch.zeros(H, W, dtype=torch.float64)]
+    )  # x -> 47.5 + (x-47.5)/1.2
     np.testing.assert_allclose(lddmm.jacobian_det(d).numpy(), 1 / 1.2, rtol=1e-12)
     img = torch.zeros(1, H, W, dtype=torch.float64)
     img[0, 30:66, 30:66] = 1.0

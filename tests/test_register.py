@@ -1,4 +1,5 @@
 """Registration stages on the phantom (affine part): accuracy against ground truth, QC flags, no NaN."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,8 +22,12 @@ def _pairs(atlas):
     g = atlas.root["transforms/pairs"]
     from lamina.store.arrays import as_text
 
-    return pd.DataFrame({k: as_text(g[k][...]) if k in ("method", "flag") else g[k][...]
-                         for k in ("moving", "fixed", "method", "n_inliers", "ncc_after", "overlap", "flag")})
+    return pd.DataFrame(
+        {
+            k: as_text(g[k][...]) if k in ("method", "flag") else g[k][...]
+            for k in ("moving", "fixed", "method", "n_inliers", "ncc_after", "overlap", "flag")
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +48,20 @@ def test_affine_registration_recovers_the_phantom_up_to_its_warps(registered):
     # what any affine can reach: the best per-section affine fitted with the truth (the warps remain)
     sec = atlas.to_xarray()["cell_section"].values
     obs = table[["x", "y"]].to_numpy()
-    oracle = np.concatenate([np.linalg.norm(obs[sec == k] @ A[:2, :2].T + A[:2, 2] - truth[sec == k, :2], axis=1)
-                             for k in range(6) for A in [fit_affine(obs[sec == k], truth[sec == k, :2])]])
+    oracle = np.concatenate(
+        [
+            np.linalg.norm(obs[sec == k] @ A[:2, :2].T + A[:2, 2] - truth[sec == k, :2], axis=1)
+            for k in range(6)
+            for A in [fit_affine(obs[sec == k], truth[sec == k, :2])]
+        ]
+    )
     # pairwise affines also absorb the neighbours' warps, so the stack lands within 2x of the oracle
     assert np.median(err) < 2.0 * np.median(oracle) and np.median(err) < 60, (np.median(err), np.median(oracle))
     per_section = [np.median(err[sec == k]) for k in range(6)]
     assert max(per_section) < 2.5 * np.median(per_section)  # no drift towards the ends
     pairs = _pairs(atlas)
     assert len(pairs) == 5 + 4 and (pairs.ncc_after > 0.6).all()
-    assert (pairs.flag.str.contains("low").sum() == 0)
+    assert pairs.flag.str.contains("low").sum() == 0
 
 
 def test_pair_transforms_match_the_known_transforms(registered):
@@ -77,8 +87,14 @@ def test_pair_transforms_match_the_known_transforms(registered):
 def _table_store(tmp_path, table, name="t"):
     path = tmp_path / f"{name}.parquet"
     table.to_parquet(path)
-    return lamina.ingest(path, tmp_path / f"{name}.lamina.zarr", cell_type="cell_type", min_cells_per_section=5,
-                         section_order=sorted(table.section.unique()), section_spacing=35.0)
+    return lamina.ingest(
+        path,
+        tmp_path / f"{name}.lamina.zarr",
+        cell_type="cell_type",
+        min_cells_per_section=5,
+        section_order=sorted(table.section.unique()),
+        section_spacing=35.0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +120,12 @@ def test_blank_tiny_low_overlap_and_sparse_sections_are_flagged_not_nan(tmp_path
     ph, table = small_table
     t = table.copy()
     s1 = t[t.section == "S001"]
-    keep_left = s1.x < s1.x.quantile(0.15)                      # S001: a sliver of the tissue
+    keep_left = s1.x < s1.x.quantile(0.15)  # S001: a sliver of the tissue
     t = t.drop(s1.index[~keep_left])
     s3 = t[t.section == "S003"]
-    t = t.drop(s3.index[12:])                                   # S003: 12 cells only
+    t = t.drop(s3.index[12:])  # S003: 12 cells only
     s0 = t[t.section == "S000"]
-    t = t.drop(s0.sample(frac=0.9, random_state=0).index)       # S000: 10x sparser than the others
+    t = t.drop(s0.sample(frac=0.9, random_state=0).index)  # S000: 10x sparser than the others
     atlas = _pipeline(_table_store(tmp_path, t, "bad"), fine=True)
     aligned = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1)
     assert np.isfinite(aligned).all() and len(aligned) == len(t)
@@ -177,7 +193,7 @@ def test_loftr_matches_are_filtered_and_mirrored_back():
 
     def fake_model(data):
         seen.append((tuple(data["image0"].shape), tuple(data["image1"].shape)))
-        k0 = torch.tensor([[3.0, 4.0], [10.0, 2.0], [21.0, 5.0], [6.0, 6.0]])   # (21, 5) lies in the padding
+        k0 = torch.tensor([[3.0, 4.0], [10.0, 2.0], [21.0, 5.0], [6.0, 6.0]])  # (21, 5) lies in the padding
         k1 = torch.tensor([[5.0, 6.0], [12.0, 4.0], [7.0, 8.0], [8.0, 8.0]])
         return {"keypoints0": k0, "keypoints1": k1, "confidence": torch.tensor([0.9, 0.3, 0.95, 0.7])}
 
@@ -198,8 +214,11 @@ def test_loftr_matcher_needs_a_readable_weights_file(tmp_path, small_table):
     lamina.rasterize(atlas)
     corrupt = tmp_path / "half.ckpt"
     corrupt.write_bytes(b"PK\x03\x04 not a torch file")
-    for weights, message in [(None, "needs matcher_weights"), (tmp_path / "none.ckpt", "do not exist"),
-                             (corrupt, "not a usable LoFTR weights file")]:
+    for weights, message in [
+        (None, "needs matcher_weights"),
+        (tmp_path / "none.ckpt", "do not exist"),
+        (corrupt, "not a usable LoFTR weights file"),
+    ]:
         with pytest.raises(lamina.InputError, match=message):
             lamina.register(atlas, matcher="loftr", matcher_weights=weights)
     with pytest.raises(lamina.ConfigError, match="'matcher' must be one of sift, loftr, got 'orb'"):

@@ -52,7 +52,9 @@ def test_warp_points_affine_then_displacement():
     out = warp_points(xy, A, disp, origin=(-100.0, -100.0), spacing=30.0)
     np.testing.assert_allclose(out, apply_affine(A, xy) + [3.0, 0.0])
     ramp = np.stack(np.meshgrid(np.arange(5.0), np.arange(4.0)))[[0]]  # value = column index
-    np.testing.assert_allclose(sample_grid(ramp, np.array([[1.5, 0.0], [99.0, 2.0]]), (0.0, 0.0), 1.0)[:, 0], [1.5, 4.0])
+    np.testing.assert_allclose(
+        sample_grid(ramp, np.array([[1.5, 0.0], [99.0, 2.0]]), (0.0, 0.0), 1.0)[:, 0], [1.5, 4.0]
+    )
 
 
 def test_ransac_recovers_similarity_despite_outliers_and_reflection():
@@ -100,7 +102,9 @@ def test_a_batch_of_affine_refinements_gives_each_pair_what_it_gets_alone():
         moving.append(warp_image(f[None], torch.from_numpy(np.linalg.inv(true))[None])[0])
         starts.append(affine_matrix(math.radians(deg / 2), 1.0, (0.0, 0.0), center=(47.5, 47.5)))
         truths.append(true)
-    A, losses = refine_affine_batch(torch.stack(fixed), torch.stack(moving), np.stack(starts), iterations=(300, 100, 60))
+    A, losses = refine_affine_batch(
+        torch.stack(fixed), torch.stack(moving), np.stack(starts), iterations=(300, 100, 60)
+    )
     pts = np.array([[30.0, 30.0], [60.0, 40.0], [50.0, 70.0]])
     for b in range(3):
         A_b, loss_b = refine_affine(fixed[b], moving[b], starts[b], iterations=(300, 100, 60))
@@ -112,7 +116,9 @@ def test_a_batch_of_affine_refinements_gives_each_pair_what_it_gets_alone():
 def test_joint_solve_is_exact_for_consistent_pairs_and_removes_chained_drift():
     rng = np.random.default_rng(2)
     n, ref = 7, 3
-    truth = np.stack([affine_matrix(rng.uniform(-1, 1), rng.uniform(0.95, 1.05), rng.normal(0, 50, 2)) for _ in range(n)])
+    truth = np.stack(
+        [affine_matrix(rng.uniform(-1, 1), rng.uniform(0.95, 1.05), rng.normal(0, 50, 2)) for _ in range(n)]
+    )
     truth = np.linalg.inv(truth[ref]) @ truth  # G_ref = I
     pts = rng.uniform(-500, 500, (50, 2))
     rel = lambda k, j: np.linalg.inv(truth[j]) @ truth[k]  # noqa: E731  section k -> section j

@@ -1,4 +1,5 @@
 """Stages are atomic and resumable: killed or failed runs never leave a result that looks complete."""
+
 import dataclasses
 import shutil
 import signal
@@ -10,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tree_digest
 
 import lamina
 import lamina.stages.qc as stats_module
 from lamina.stages import qc as qc_stage
 from lamina.stages.runner import run
-from conftest import tree_digest
 
 
 @pytest.fixture
@@ -125,8 +126,12 @@ def test_killed_ingest_leaves_the_old_store_and_rerun_completes(store, tmp_path)
     before = tree_digest(Path(store.path))
     proc = subprocess.Popen([sys.executable, str(script), store.path])
     parent = Path(store.path).parent
-    assert _wait_for(lambda: any(p.joinpath("_staging").exists() and any(p.joinpath("_staging").iterdir())
-                                 for p in parent.glob("s.lamina.zarr.tmp-*")))
+    assert _wait_for(
+        lambda: any(
+            p.joinpath("_staging").exists() and any(p.joinpath("_staging").iterdir())
+            for p in parent.glob("s.lamina.zarr.tmp-*")
+        )
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert tree_digest(Path(store.path)) == before

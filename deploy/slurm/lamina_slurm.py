@@ -7,25 +7,43 @@ Each SLURM job runs ``processes`` single-threaded Dask workers (torch threads = 
 what lamina's kernels want). The store and inputs must be on a filesystem every node mounts (e.g. /scratch).
 ``--print-job-script`` only prints the sbatch script that would be submitted.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 
 
-def make_cluster(queue: str | None = None, account: str | None = None, cores: int = 8, memory: str = "32GiB",
-                 walltime: str = "04:00:00", local_directory: str = "$TMPDIR", python_env: str | None = None,
-                 interface: str | None = None, security=None):
+def make_cluster(
+    queue: str | None = None,
+    account: str | None = None,
+    cores: int = 8,
+    memory: str = "32GiB",
+    walltime: str = "04:00:00",
+    local_directory: str = "$TMPDIR",
+    python_env: str | None = None,
+    interface: str | None = None,
+    security=None,
+):
     """A ``dask_jobqueue.SLURMCluster`` sized for lamina: one worker process per core, one thread each."""
     from dask_jobqueue import SLURMCluster
 
     prologue = [f"source {python_env}/bin/activate"] if python_env else []
     prologue += ["export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1"]
-    return SLURMCluster(queue=queue, account=account, cores=cores, processes=cores, memory=memory,
-                        walltime=walltime, local_directory=local_directory, interface=interface,
-                        job_script_prologue=prologue, security=security,
-                        python="python" if python_env else None,
-                        scheduler_options={"dashboard_address": "127.0.0.1:8787"})
+    return SLURMCluster(
+        queue=queue,
+        account=account,
+        cores=cores,
+        processes=cores,
+        memory=memory,
+        walltime=walltime,
+        local_directory=local_directory,
+        interface=interface,
+        job_script_prologue=prologue,
+        security=security,
+        python="python" if python_env else None,
+        scheduler_options={"dashboard_address": "127.0.0.1:8787"},
+    )
 
 
 def main(argv=None) -> int:
@@ -39,8 +57,12 @@ def main(argv=None) -> int:
     p.add_argument("--walltime", default="04:00:00")
     p.add_argument("--python-env", help="virtualenv / conda prefix to activate on the nodes")
     p.add_argument("--interface", help="network interface of the nodes (e.g. ib0)")
-    p.add_argument("--tls", action="store_true", help="encrypt and authenticate every connection (a temporary "
-                   "self-signed certificate, shared with the jobs through their job script)")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="encrypt and authenticate every connection (a temporary "
+        "self-signed certificate, shared with the jobs through their job script)",
+    )
     p.add_argument("--print-job-script", action="store_true")
     args = p.parse_args(argv)
     security = None
@@ -48,8 +70,16 @@ def main(argv=None) -> int:
         from distributed.security import Security
 
         security = Security.temporary()
-    cluster = make_cluster(args.queue, args.account, args.cores, args.memory, args.walltime,
-                           python_env=args.python_env, interface=args.interface, security=security)
+    cluster = make_cluster(
+        args.queue,
+        args.account,
+        args.cores,
+        args.memory,
+        args.walltime,
+        python_env=args.python_env,
+        interface=args.interface,
+        security=security,
+    )
     if args.print_job_script:
         print(cluster.job_script())
         cluster.close()
@@ -63,9 +93,13 @@ def main(argv=None) -> int:
         if security is not None:  # the client needs the same certificate as the cluster
             import dask
 
-            dask.config.set({"distributed.comm.tls.ca-file": security.tls_ca_file,
-                             "distributed.comm.tls.client.cert": security.tls_client_cert,
-                             "distributed.comm.require-encryption": True})
+            dask.config.set(
+                {
+                    "distributed.comm.tls.ca-file": security.tls_ca_file,
+                    "distributed.comm.tls.client.cert": security.tls_client_cert,
+                    "distributed.comm.require-encryption": True,
+                }
+            )
         return lamina_main(["build", args.config, "--scheduler", cluster.scheduler_address])
     finally:
         cluster.close()

@@ -1,12 +1,12 @@
 """Synthetic serial-section phantom with exact ground truth.
 
-A 3D tissue (a lobed outline; curved, wavy layers; a tube winding through z) carries a smooth low-rank
-expression field over G genes. The outline and the layers do not move with depth: an image-based
-registration cannot tell a tissue that shifts with z from a misaligned section, so ground-truth errors are
-only meaningful when the bulk stays put. What is curved along z is the tube (``tube_travel_um`` from the
-first section to the last), so "a curved structure stays curved" can be checked. It is cut into S sections; every section is deformed by a
-known smooth non-linear warp and a known affine (rotation, scale, translation, optional reflection), loses
-cells to random dropout and a tear, and gets expression noise.
+A 3D tissue (a lobed outline; curved, wavy layers; a tube winding through z) carries a smooth low-rank expression
+field over G genes. The outline and the layers do not move with depth: an image-based registration cannot tell a
+tissue that shifts with z from a misaligned section, so ground-truth errors are only meaningful when the bulk stays
+put. What is curved along z is the tube (``tube_travel_um`` from the first section to the last), so "a curved
+structure stays curved" can be checked. It is cut into S sections; every section is deformed by a known smooth
+non-linear warp and a known affine (rotation, scale, translation, optional reflection), loses cells to random dropout
+and a tear, and gets expression noise.
 
 Ground truth, per section ``s`` (coordinates in um)::
 
@@ -20,13 +20,14 @@ N(0, noise^2); it is not clipped, so values can be slightly negative (it plays l
 Generation streams: cells are produced in chunks of at most ``chunk_rows`` per section from seeds derived
 from (seed, section, chunk), so any part can be regenerated alone and 10M cells never sit in memory.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -42,27 +43,29 @@ class PhantomSpec:
     n_cells: int = 20_000
     n_sections: int = 10
     n_genes: int = 50
-    section_spacing: float = 35.0          # um between sections
-    extent: tuple = (2000.0, 1600.0)       # um, tissue bounding box (x, y) in the true frame
-    n_types: int = 5                       # n_types - 1 curved layers + 1 tube
-    rank: int = 8                          # Fourier components of the field (on top of one per type)
+    section_spacing: float = 35.0  # um between sections
+    extent: tuple = (2000.0, 1600.0)  # um, tissue bounding box (x, y) in the true frame
+    n_types: int = 5  # n_types - 1 curved layers + 1 tube
+    rank: int = 8  # Fourier components of the field (on top of one per type)
     max_rotation_deg: float = 180.0
     max_translation_um: float = 1000.0
-    scale_range: float = 0.10              # isotropic scale in [1 - r, 1 + r]
-    warp_um: float = 30.0                  # amplitude of each of the 3 warp modes (um)
-    flip_fraction: float = 0.0             # share of sections mirrored (reflection)
-    dropout: float = 0.05                  # share of cells lost at random
-    tear_fraction: float = 0.05            # up to this share of each section's area lost to one tear
-    noise: float = 0.3                     # sd of expression noise
-    type_noise: float = 0.03               # share of cells whose type label is random
-    tube_travel_um: float = 300.0          # lateral travel of the tube from the first section to the last
+    scale_range: float = 0.10  # isotropic scale in [1 - r, 1 + r]
+    warp_um: float = 30.0  # amplitude of each of the 3 warp modes (um)
+    flip_fraction: float = 0.0  # share of sections mirrored (reflection)
+    dropout: float = 0.05  # share of cells lost at random
+    tear_fraction: float = 0.05  # up to this share of each section's area lost to one tear
+    noise: float = 0.3  # sd of expression noise
+    type_noise: float = 0.03  # share of cells whose type label is random
+    tube_travel_um: float = 300.0  # lateral travel of the tube from the first section to the last
     seed: int = 0
     chunk_rows: int = 200_000
 
     def __post_init__(self):
         if self.n_sections < 1 or self.n_cells < self.n_sections:
-            raise ValueError(f"phantom needs n_sections >= 1 and n_cells >= n_sections "
-                             f"(got {self.n_cells} cells, {self.n_sections} sections)")
+            raise ValueError(
+                f"phantom needs n_sections >= 1 and n_cells >= n_sections "
+                f"(got {self.n_cells} cells, {self.n_sections} sections)"
+            )
         if self.n_types < 2 or self.n_genes < 1:
             raise ValueError("phantom needs n_types >= 2 and n_genes >= 1")
 
@@ -94,8 +97,7 @@ class Phantom:
         scale = rng.uniform(1 - sp.scale_range, 1 + sp.scale_range, S)
         shift = rng.uniform(-sp.max_translation_um, sp.max_translation_um, (S, 2))
         flips = rng.random(S) < sp.flip_fraction
-        self.affine = np.stack([affine_matrix(theta[s], scale[s], shift[s], center, bool(flips[s]))
-                                for s in range(S)])
+        self.affine = np.stack([affine_matrix(theta[s], scale[s], shift[s], center, bool(flips[s])) for s in range(S)])
         self.flipped = flips
         direction = rng.uniform(0, 2 * np.pi, (S, N_WARP_MODES))
         wavelength = rng.uniform(800.0, 2000.0, (S, N_WARP_MODES))
@@ -152,8 +154,11 @@ class Phantom:
     def field(self, xyz: np.ndarray) -> np.ndarray:
         """The true expression field ``[n, G]`` at true positions ``xyz`` ``[n, 3]`` (um)."""
         xyz = np.asarray(xyz, dtype=np.float64)
-        return (self.field_mu + self.memberships(xyz) @ self.field_types
-                + fourier_features(xyz, self.field_freqs, self.field_phases) @ self.field_weights)
+        return (
+            self.field_mu
+            + self.memberships(xyz) @ self.field_types
+            + fourier_features(xyz, self.field_freqs, self.field_phases) @ self.field_weights
+        )
 
     # ------------------------------------------------------------------ known transforms
     def to_true(self, section: int, xy_observed: np.ndarray) -> np.ndarray:
@@ -163,8 +168,12 @@ class Phantom:
 
     def to_observed(self, section: int, xy_true: np.ndarray) -> np.ndarray:
         """True (x, y) -> observed (x, y) of section ``section`` (warp inverted by fixed point to 1e-9 um)."""
-        q = invert_displacement(np.asarray(xy_true, dtype=np.float64), self.warp_k[section],
-                                self.warp_phase[section], self.warp_amp[section])
+        q = invert_displacement(
+            np.asarray(xy_true, dtype=np.float64),
+            self.warp_k[section],
+            self.warp_phase[section],
+            self.warp_amp[section],
+        )
         return apply_affine(self.affine[section], q)
 
     # ------------------------------------------------------------------ streaming cells
@@ -177,7 +186,9 @@ class Phantom:
         out, have = [], 0
         while have < n:
             m = int((n - have) * 1.6 / keep_p) + 64
-            xy = np.stack([rng.uniform(cx - 1.2 * rx, cx + 1.2 * rx, m), rng.uniform(cy - 1.2 * ry, cy + 1.2 * ry, m)], 1)
+            xy = np.stack(
+                [rng.uniform(cx - 1.2 * rx, cx + 1.2 * rx, m), rng.uniform(cy - 1.2 * ry, cy + 1.2 * ry, m)], 1
+            )
             ok = self._inside(np.column_stack([xy, np.full(m, z)]))
             ok &= np.hypot(xy[:, 0] - tear_c[0], xy[:, 1] - tear_c[1]) > tear_r
             ok &= rng.random(m) < keep_p
@@ -204,9 +215,15 @@ class Phantom:
             types[scramble] = rng.integers(0, sp.n_types, int(scramble.sum()))
             expr = self.field(xyz) + rng.normal(0.0, sp.noise, (n, sp.n_genes))
             obs_xy = self.to_observed(section, true_xy)
-            frame = pd.DataFrame({"section": self.section_ids[section], "x": obs_xy[:, 0], "y": obs_xy[:, 1],
-                                  "cell_type": pd.Categorical.from_codes(types, self.type_names),
-                                  "cell_id": np.arange(n, dtype=np.int64) + self.cell_offset[section] + start})
+            frame = pd.DataFrame(
+                {
+                    "section": self.section_ids[section],
+                    "x": obs_xy[:, 0],
+                    "y": obs_xy[:, 1],
+                    "cell_type": pd.Categorical.from_codes(types, self.type_names),
+                    "cell_id": np.arange(n, dtype=np.int64) + self.cell_offset[section] + start,
+                }
+            )
             genes = pd.DataFrame(expr.astype(np.float32), columns=self.gene_names)
             yield pd.concat([frame, genes], axis=1), xyz
 
@@ -241,10 +258,17 @@ class Phantom:
         from ..store import arrays
 
         root = zarr.open_group(str(path), mode="w", zarr_format=3)
-        root.attrs.update({"kind": "lamina.phantom.truth", "units": "um", "spec": dataclasses.asdict(self.spec),
-                           "section_ids": self.section_ids, "type_names": self.type_names,
-                           "equation": "true_xy = q + v(q), q = inv(affine) @ observed_xy; "
-                                       "v(q) = sin(q @ warp_k.T + warp_phase) @ warp_amp"})
+        root.attrs.update(
+            {
+                "kind": "lamina.phantom.truth",
+                "units": "um",
+                "spec": dataclasses.asdict(self.spec),
+                "section_ids": self.section_ids,
+                "type_names": self.type_names,
+                "equation": "true_xy = q + v(q), q = inv(affine) @ observed_xy; "
+                "v(q) = sin(q @ warp_k.T + warp_phase) @ warp_amp",
+            }
+        )
         n = int(self.cell_offset[-1])
         cells = root.create_group("cells")
         chunk = self.spec.chunk_rows
@@ -255,30 +279,39 @@ class Phantom:
             for frame, xyz in self.section_chunks(s):
                 m = len(frame)
                 for i, k in enumerate(("x", "y", "z")):
-                    out[k][pos:pos + m] = xyz[:, i]
-                out["cell_id"][pos:pos + m] = frame["cell_id"].to_numpy()
+                    out[k][pos : pos + m] = xyz[:, i]
+                out["cell_id"][pos : pos + m] = frame["cell_id"].to_numpy()
                 pos += m
         sec = root.create_group("sections")
-        for name, values, dims in [("id", np.array(self.section_ids), ("section",)), ("z", self.z, ("section",)),
-                                   ("n_cells", self.n_per_section, ("section",)),
-                                   ("affine", self.affine, ("section", "i", "j")),
-                                   ("warp_k", self.warp_k, ("section", "mode", "xy")),
-                                   ("warp_phase", self.warp_phase, ("section", "mode")),
-                                   ("warp_amp", self.warp_amp, ("section", "mode", "xy"))]:
+        for name, values, dims in [
+            ("id", np.array(self.section_ids), ("section",)),
+            ("z", self.z, ("section",)),
+            ("n_cells", self.n_per_section, ("section",)),
+            ("affine", self.affine, ("section", "i", "j")),
+            ("warp_k", self.warp_k, ("section", "mode", "xy")),
+            ("warp_phase", self.warp_phase, ("section", "mode")),
+            ("warp_amp", self.warp_amp, ("section", "mode", "xy")),
+        ]:
             arrays.write_small(sec, name, values, dims)
         fld = root.create_group("field")
-        for name, values, dims in [("mu", self.field_mu, ("gene",)), ("type_loadings", self.field_types, ("type", "gene")),
-                                   ("freqs", self.field_freqs, ("rank", "xyz")), ("phases", self.field_phases, ("rank",)),
-                                   ("weights", self.field_weights, ("rank", "gene"))]:
+        for name, values, dims in [
+            ("mu", self.field_mu, ("gene",)),
+            ("type_loadings", self.field_types, ("type", "gene")),
+            ("freqs", self.field_freqs, ("rank", "xyz")),
+            ("phases", self.field_phases, ("rank",)),
+            ("weights", self.field_weights, ("rank", "gene")),
+        ]:
             arrays.write_small(fld, name, values, dims)
         return Path(path)
 
     def describe(self) -> str:
         sp = self.spec
-        return (f"phantom: {int(self.cell_offset[-1]):,} cells, {sp.n_sections} sections {sp.section_spacing:g} um apart, "
-                f"{sp.n_genes} genes, {sp.n_types} cell types; rotations up to {sp.max_rotation_deg:g} deg, "
-                f"translations up to {sp.max_translation_um:g} um, scale +-{100 * sp.scale_range:g}%, "
-                f"warp {sp.warp_um:g} um/mode, dropout {100 * sp.dropout:g}%, seed {sp.seed}")
+        return (
+            f"phantom: {int(self.cell_offset[-1]):,} cells, {sp.n_sections} sections {sp.section_spacing:g} um apart, "
+            f"{sp.n_genes} genes, {sp.n_types} cell types; rotations up to {sp.max_rotation_deg:g} deg, "
+            f"translations up to {sp.max_translation_um:g} um, scale +-{100 * sp.scale_range:g}%, "
+            f"warp {sp.warp_um:g} um/mode, dropout {100 * sp.dropout:g}%, seed {sp.seed}"
+        )
 
     def spec_json(self) -> str:
         return json.dumps(dataclasses.asdict(self.spec), sort_keys=True)

@@ -9,6 +9,7 @@ Neither pass holds more than one read chunk (pass 1) or one cell chunk (pass 2) 
 built beside the target (``NAME.tmp-XXXX``) and renamed into place only when complete, so a failure never
 touches an existing store; re-running with the same input and parameters is a no-op.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,11 +68,15 @@ def read_units(source, spec: IngestSpec, paste=None, pattern: str | None = None)
             raise InputError(f"input {path} does not exist; check the path")
         if path.is_file():
             return [_unit_for(path, spec, paste)], False
-        files = sorted((p for p in path.glob(pattern or "*") if p.is_file() and p.name.lower().endswith(SUPPORTED)),
-                       key=natural_key)
+        files = sorted(
+            (p for p in path.glob(pattern or "*") if p.is_file() and p.name.lower().endswith(SUPPORTED)),
+            key=natural_key,
+        )
         if not files:
-            raise InputError(f"folder {path} has no readable files ({', '.join(SUPPORTED)})"
-                             + (f" matching {pattern!r}" if pattern else ""))
+            raise InputError(
+                f"folder {path} has no readable files ({', '.join(SUPPORTED)})"
+                + (f" matching {pattern!r}" if pattern else "")
+            )
     if paste:
         raise ConfigError("paste files apply to a single input file, not to a folder or list of files")
     return [_unit_for(p, spec, None, default_section=stem(p)) for p in files], True
@@ -79,8 +84,12 @@ def read_units(source, spec: IngestSpec, paste=None, pattern: str | None = None)
 
 def phantom_spec(ph, **overrides) -> IngestSpec:
     """The :class:`IngestSpec` that reads a phantom's columns (z from the phantom's section depths)."""
-    options = {"cell_type": "cell_type", "cell_id": "cell_id", "genes": "rest",
-               "section_z": {sid: float(z) for sid, z in zip(ph.section_ids, ph.z)}}
+    options = {
+        "cell_type": "cell_type",
+        "cell_id": "cell_id",
+        "genes": "rest",
+        "section_z": {sid: float(z) for sid, z in zip(ph.section_ids, ph.z)},
+    }
     return IngestSpec(**{**options, **overrides})
 
 
@@ -90,8 +99,17 @@ def _clean_stale(path: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def ingest(source, store, spec: IngestSpec | None = None, *, paste=None, pattern: str | None = None,
-           overwrite: bool = False, client=None, **spec_kwargs) -> Atlas:
+def ingest(
+    source,
+    store,
+    spec: IngestSpec | None = None,
+    *,
+    paste=None,
+    pattern: str | None = None,
+    overwrite: bool = False,
+    client=None,
+    **spec_kwargs,
+) -> Atlas:
     """Stream ``source`` into the atlas store ``store`` and return it (see the module docstring).
 
     Column mapping and options come from ``spec`` or keyword arguments of :class:`IngestSpec`
@@ -106,8 +124,10 @@ def ingest(source, store, spec: IngestSpec | None = None, *, paste=None, pattern
     elif spec_kwargs:
         raise ConfigError("pass either spec= or keyword options to ingest(), not both")
     if _is_url(str(store)):
-        raise ConfigError(f"ingest writes to a local or shared filesystem path; {store} is a URL. Ingest to a "
-                          f"shared path, then copy the store to object storage")
+        raise ConfigError(
+            f"ingest writes to a local or shared filesystem path; {store} is a URL. Ingest to a "
+            f"shared path, then copy the store to object storage"
+        )
     path = Path(store)
     units, folder_mode = read_units(source, spec, paste, pattern)
     digest = params_hash("ingest", INGEST_VERSION, spec.to_dict(), [u.fingerprint() for u in units])
@@ -118,8 +138,10 @@ def ingest(source, store, spec: IngestSpec | None = None, *, paste=None, pattern
             log.info("ingest: %s is up to date, skipped", path)
             return existing
         if not overwrite:
-            raise StoreError(f"{path} already holds an atlas from other input or options; pass overwrite=True "
-                             f"(CLI: --overwrite) to replace it, or choose another store path")
+            raise StoreError(
+                f"{path} already holds an atlas from other input or options; pass overwrite=True "
+                f"(CLI: --overwrite) to replace it, or choose another store path"
+            )
     _clean_stale(path)
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     t0 = time.perf_counter()
@@ -137,10 +159,19 @@ def ingest(source, store, spec: IngestSpec | None = None, *, paste=None, pattern
         _write_store(staged, layout, summaries, spec, genes, str(staging), client)
         shutil.rmtree(staging)
         seconds = time.perf_counter() - t0
-        record = {"complete": True, "hash": digest, "params": jsonable(spec.to_dict()), "group": "/",
-                  "source": [u.label for u in units][:50], "n_units": len(units), "finished": now_iso(),
-                  "seconds": round(seconds, 3), "seconds_pass1": round(t_stage, 3), "version": __version__,
-                  "algorithm_version": INGEST_VERSION}
+        record = {
+            "complete": True,
+            "hash": digest,
+            "params": jsonable(spec.to_dict()),
+            "group": "/",
+            "source": [u.label for u in units][:50],
+            "n_units": len(units),
+            "finished": now_iso(),
+            "seconds": round(seconds, 3),
+            "seconds_pass1": round(t_stage, 3),
+            "version": __version__,
+            "algorithm_version": INGEST_VERSION,
+        }
         staged.root.attrs["stages"] = {"ingest": record}
         if path.exists():
             trash = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
@@ -149,23 +180,37 @@ def ingest(source, store, spec: IngestSpec | None = None, *, paste=None, pattern
             shutil.rmtree(trash)
         else:
             tmp.rename(path)
-        log.info("ingest: done in %.1f s -> %s (%d cells, %d sections, %d genes)", seconds, path,
-                 int(layout.n.sum()), len(layout.ids), len(genes))
+        log.info(
+            "ingest: done in %.1f s -> %s (%d cells, %d sections, %d genes)",
+            seconds,
+            path,
+            int(layout.n.sum()),
+            len(layout.ids),
+            len(genes),
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Atlas.open(path, mode="r+")
 
 
-def _write_store(atlas: Atlas, layout: Layout, summaries: list[dict], spec: IngestSpec, genes: list[str],
-                 staging: str, client) -> None:
+def _write_store(
+    atlas: Atlas, layout: Layout, summaries: list[dict], spec: IngestSpec, genes: list[str], staging: str, client
+) -> None:
     root = atlas.root
     n_total = int(layout.n.sum())
     chunk = arrays.cell_chunk_rows(len(genes), spec.gene_chunk, spec.cell_chunk)
     cells = root.create_group("cells")
     um = {"units": "um"}
-    arrays.create(cells, "section", (n_total,), np.int32, (chunk,), ("cell",),
-                  {"description": "position of the cell's section in /sections"})
+    arrays.create(
+        cells,
+        "section",
+        (n_total,),
+        np.int32,
+        (chunk,),
+        ("cell",),
+        {"description": "position of the cell's section in /sections"},
+    )
     arrays.create(cells, "x", (n_total,), np.float32, (chunk,), ("cell",), um)
     arrays.create(cells, "y", (n_total,), np.float32, (chunk,), ("cell",), um)
     plan = {"cats": {}, "texts": [], "nums": {}, "genes": bool(genes), "chunk": chunk}
@@ -173,8 +218,16 @@ def _write_store(atlas: Atlas, layout: Layout, summaries: list[dict], spec: Inge
         if kind == "cat":
             cats = layout.categories.get(col, [])
             dtype = np.int16 if len(cats) < 2**15 else np.int32
-            arrays.create(cells, col, (n_total,), dtype, (chunk,), ("cell",),
-                          {"categories": cats, "encoding": "categorical"}, fill_value=-1)
+            arrays.create(
+                cells,
+                col,
+                (n_total,),
+                dtype,
+                (chunk,),
+                ("cell",),
+                {"categories": cats, "encoding": "categorical"},
+                fill_value=-1,
+            )
             plan["cats"][col] = cats
         elif kind == "text":
             arrays.create(cells, col, (n_total,), str, (chunk,), ("cell",))
@@ -194,8 +247,15 @@ def _write_store(atlas: Atlas, layout: Layout, summaries: list[dict], spec: Inge
     arrays.write_small(gene_group, "name", np.array(genes, dtype=str), ("gene",))
     if genes:
         gc = min(spec.gene_chunk, len(genes))
-        arrays.create(root, "X", (n_total, len(genes)), np.float32, (chunk, gc), ("cell", "gene"),
-                      {"normalization": spec.normalize, "gene_join": spec.gene_join, "dtype": "float32"})
+        arrays.create(
+            root,
+            "X",
+            (n_total, len(genes)),
+            np.float32,
+            (chunk, gc),
+            ("cell", "gene"),
+            {"normalization": spec.normalize, "gene_join": spec.gene_join, "dtype": "float32"},
+        )
         if spec.gene_join == "union":
             pos = {g: i for i, g in enumerate(genes)}
             measured = np.zeros((len(layout.ids), len(genes)), dtype=bool)
@@ -204,17 +264,30 @@ def _write_store(atlas: Atlas, layout: Layout, summaries: list[dict], spec: Inge
                 cols = [pos[g] for g in s["genes"] if g in pos]
                 for sid in s["sections"]:
                     measured[rank[sid], cols] = True
-            arrays.write_small(sec, "gene_measured", measured, ("section", "gene"),
-                               {"description": "false where the section's file lacked the gene (stored as 0)"})
+            arrays.write_small(
+                sec,
+                "gene_measured",
+                measured,
+                ("section", "gene"),
+                {"description": "false where the section's file lacked the gene (stored as 0)"},
+            )
     from ..cluster import compute
 
     pieces = plan_pieces(summaries, layout)
     lengths = np.array([hi - lo for _, lo, hi, _ in pieces], dtype=np.int64)
     pstarts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
     store = str(atlas.path)
-    tasks = [dask.delayed(write_block, pure=False)(store, staging, a, min(a + chunk, n_total),
-                                                    pieces_for_rows(pieces, pstarts, a, min(a + chunk, n_total)), plan)
-             for a in range(0, n_total, chunk)]
+    tasks = [
+        dask.delayed(write_block, pure=False)(
+            store,
+            staging,
+            a,
+            min(a + chunk, n_total),
+            pieces_for_rows(pieces, pstarts, a, min(a + chunk, n_total)),
+            plan,
+        )
+        for a in range(0, n_total, chunk)
+    ]
     written = sum(compute(*tasks, client=client, label="ingest"))
     ensure(written == n_total, f"ingest wrote {written} rows, expected {n_total}")
     for fmt, node in ((CellsV1, cells), (SectionsV1, sec), (GenesV1, gene_group)):

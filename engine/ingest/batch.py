@@ -1,4 +1,5 @@
 """Validate one raw chunk and turn it into typed arrays (coordinates in um, ids as text, X as float32)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,14 +17,14 @@ MISSING = "\x00"
 
 @dataclass
 class CellBatch:
-    section: np.ndarray            # [n] str section ids
-    x: np.ndarray                  # [n] float64 um
+    section: np.ndarray  # [n] str section ids
+    x: np.ndarray  # [n] float64 um
     y: np.ndarray
-    z: np.ndarray | None           # [n] float64 um, when the input has a z column
-    cats: dict                     # name -> [n] str (MISSING for missing), stored as categorical codes
-    texts: dict                    # name -> [n] str, stored as text (cell ids: too many to be categories)
-    nums: dict                     # name -> [n] numeric
-    X: np.ndarray | None           # [n, G] float32
+    z: np.ndarray | None  # [n] float64 um, when the input has a z column
+    cats: dict  # name -> [n] str (MISSING for missing), stored as categorical codes
+    texts: dict  # name -> [n] str, stored as text (cell ids: too many to be categories)
+    nums: dict  # name -> [n] numeric
+    X: np.ndarray | None  # [n, G] float32
 
 
 def stored_names(spec: IngestSpec) -> dict:
@@ -57,19 +58,29 @@ def check_columns(spec: IngestSpec, unit: ReadUnit) -> None:
     """Fail before reading any rows when a named column is absent."""
     have = unit.columns()
     if unit.default_section is None and not spec.section:
-        raise InputError(f"{unit.label}: no section column given; set section: <column> (or ingest a folder with "
-                         f"one file per section)")
+        raise InputError(
+            f"{unit.label}: no section column given; set section: <column> (or ingest a folder with "
+            f"one file per section)"
+        )
     for col in required_columns(spec, unit):
         if col not in have:
-            role = {spec.x: "x", spec.y: "y", spec.section: "section", spec.z: "z", spec.cell_type: "cell_type",
-                    spec.cell_id: "cell_id"}.get(col, "obs")
+            role = {
+                spec.x: "x",
+                spec.y: "y",
+                spec.section: "section",
+                spec.z: "z",
+                spec.cell_type: "cell_type",
+                spec.cell_id: "cell_id",
+            }.get(col, "obs")
             import difflib
 
             close = difflib.get_close_matches(col, have, n=3)
             hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-            raise InputError(f"{unit.label}: column {col!r} (the {role} column) not found{hint}; columns are "
-                             f"{have[:20]}{' ...' if len(have) > 20 else ''}. Set {role}: <column name> in the config "
-                             f"(or {role}=... in lamina.ingest).")
+            raise InputError(
+                f"{unit.label}: column {col!r} (the {role} column) not found{hint}; columns are "
+                f"{have[:20]}{' ...' if len(have) > 20 else ''}. Set {role}: <column name> in the config "
+                f"(or {role}=... in lamina.ingest)."
+            )
 
 
 def _numeric(values, name: str, unit: ReadUnit, row0: int) -> np.ndarray:
@@ -79,8 +90,10 @@ def _numeric(values, name: str, unit: ReadUnit, row0: int) -> np.ndarray:
         bad = np.flatnonzero(conv.isna().to_numpy() & s.notna().to_numpy())
         if len(bad):
             i = int(bad[0])
-            raise InputError(f"{unit.label}: column {name!r} has a non-numeric value {s.iloc[i]!r} at data row "
-                             f"{row0 + i} ({len(bad)} such rows in this chunk); coordinates must be numbers")
+            raise InputError(
+                f"{unit.label}: column {name!r} has a non-numeric value {s.iloc[i]!r} at data row "
+                f"{row0 + i} ({len(bad)} such rows in this chunk); coordinates must be numbers"
+            )
         s = conv
     return s.to_numpy(dtype=np.float64, na_value=np.nan)
 
@@ -89,8 +102,10 @@ def _finite(values: np.ndarray, name: str, unit: ReadUnit, row0: int) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
         rows = np.flatnonzero(bad if bad.ndim == 1 else bad.any(axis=1))
-        raise InputError(f"{unit.label}: {name} has NaN/inf at data rows {[int(r) + row0 for r in rows[:5]]}"
-                         f"{' ...' if len(rows) > 5 else ''} ({len(rows)} rows in this chunk); drop or fix those rows")
+        raise InputError(
+            f"{unit.label}: {name} has NaN/inf at data rows {[int(r) + row0 for r in rows[:5]]}"
+            f"{' ...' if len(rows) > 5 else ''} ({len(rows)} rows in this chunk); drop or fix those rows"
+        )
 
 
 def _text(values) -> np.ndarray:
@@ -127,8 +142,10 @@ def normalise(raw: RawChunk, unit: ReadUnit, spec: IngestSpec, genes: list[str],
         sec = pd.Series(f[spec.section])
         if sec.isna().any():
             i = int(np.flatnonzero(sec.isna().to_numpy())[0])
-            raise InputError(f"{unit.label}: section column {spec.section!r} is empty at data row {row0 + i}; every "
-                             f"cell needs a section")
+            raise InputError(
+                f"{unit.label}: section column {spec.section!r} is empty at data row {row0 + i}; every "
+                f"cell needs a section"
+            )
         section = sec.astype(str).to_numpy(dtype=object)
     z = None
     if spec.z:
@@ -157,8 +174,10 @@ def normalise(raw: RawChunk, unit: ReadUnit, spec: IngestSpec, genes: list[str],
                 col = nonnum[0]
                 conv = pd.to_numeric(f[col], errors="coerce")
                 i = int(np.flatnonzero(conv.isna().to_numpy() & f[col].notna().to_numpy())[0])
-                raise InputError(f"{unit.label}: gene column {col!r} has a non-numeric value {f[col].iloc[i]!r} "
-                                 f"at data row {row0 + i}; expression must be numbers (or leave {col!r} out of genes)")
+                raise InputError(
+                    f"{unit.label}: gene column {col!r} has a non-numeric value {f[col].iloc[i]!r} "
+                    f"at data row {row0 + i}; expression must be numbers (or leave {col!r} out of genes)"
+                )
             if have == genes:  # the usual case: one copy, straight into float32
                 X = f[have].to_numpy(dtype=np.float32)
             else:
@@ -166,12 +185,16 @@ def normalise(raw: RawChunk, unit: ReadUnit, spec: IngestSpec, genes: list[str],
         bad = ~np.isfinite(X)
         if bad.any():
             r, c = (int(v[0]) for v in np.nonzero(bad))
-            raise InputError(f"{unit.label}: expression of gene {genes[c]!r} is NaN/inf at data row {row0 + r} "
-                             f"({int(bad.any(axis=1).sum())} rows in this chunk); fill or drop those values")
+            raise InputError(
+                f"{unit.label}: expression of gene {genes[c]!r} is NaN/inf at data row {row0 + r} "
+                f"({int(bad.any(axis=1).sum())} rows in this chunk); fill or drop those values"
+            )
         if spec.normalize == "log1p":
             if (X < 0).any():
-                raise InputError(f"{unit.label}: negative expression cannot be log1p-normalised; the data looks "
-                                 f"already normalised: use normalize: none")
+                raise InputError(
+                    f"{unit.label}: negative expression cannot be log1p-normalised; the data looks "
+                    f"already normalised: use normalize: none"
+                )
             total = X.sum(axis=1, keepdims=True)
             X = np.log1p(np.divide(X * 1e4, total, out=np.zeros_like(X), where=total > 0)).astype(np.float32)
     return CellBatch(section=section, x=x, y=y, z=z, cats=cats, texts=texts, nums=nums, X=X)

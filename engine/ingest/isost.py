@@ -15,6 +15,7 @@ Files are opened with ``torch.load(weights_only=True)``: tensors only, never pic
 taken as already aligned in 3D (isoST works on registered slices), so the atlas gets a completed ``warp``
 stage (``/aligned`` = the given x, y, z) and can go straight to ``lamina.pca`` / ``train_flow``.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -60,14 +61,18 @@ def read_isost_slice(path: Path, coords: int) -> tuple[np.ndarray, np.ndarray]:
         ck = next((k for k in COORD_KEYS if k in obj), None)
         fk = next((k for k in FEATURE_KEYS if k in obj), None)
         if ck is None or fk is None:
-            raise InputError(f"isoST import: {path} is a dict with keys {sorted(obj)}; need coordinates under one of "
-                             f"{COORD_KEYS} and features under one of {FEATURE_KEYS}")
+            raise InputError(
+                f"isoST import: {path} is a dict with keys {sorted(obj)}; need coordinates under one of "
+                f"{COORD_KEYS} and features under one of {FEATURE_KEYS}"
+            )
         xyz, feats = np.asarray(obj[ck], np.float64), np.asarray(obj[fk], np.float64)
     elif torch.is_tensor(obj):
         t = obj.detach().cpu().numpy().astype(np.float64)
         if t.ndim != 2 or t.shape[1] <= coords:
-            raise InputError(f"isoST import: {path} holds a tensor of shape {tuple(t.shape)}; expected [cells, "
-                             f"{coords} coordinates + features]")
+            raise InputError(
+                f"isoST import: {path} holds a tensor of shape {tuple(t.shape)}; expected [cells, "
+                f"{coords} coordinates + features]"
+            )
         xyz, feats = t[:, :coords], t[:, coords:]
     else:
         raise InputError(f"isoST import: {path} holds a {type(obj).__name__}, not a tensor or a dict of tensors")
@@ -76,12 +81,22 @@ def read_isost_slice(path: Path, coords: int) -> tuple[np.ndarray, np.ndarray]:
     return xyz, feats
 
 
-def import_isost(folder, store, min_csv=None, scale_csv=None, coords: int = 3, spacing: float = 10.0,
-                 order: list[str] | None = None, units: str = "um", pixel_size: float | None = None,
-                 overwrite: bool = False, client=None):
+def import_isost(
+    folder,
+    store,
+    min_csv=None,
+    scale_csv=None,
+    coords: int = 3,
+    spacing: float = 10.0,
+    order: list[str] | None = None,
+    units: str = "um",
+    pixel_size: float | None = None,
+    overwrite: bool = False,
+    client=None,
+):
     """Build an atlas at ``store`` from an isoST folder (see the module docstring); returns the ``Atlas``."""
-    from . import ingest
     from ..stages.warp import mark_aligned
+    from . import ingest
 
     folder = Path(folder)
     files = sorted(folder.glob("*.pt"), key=natural_key)
@@ -113,13 +128,26 @@ def import_isost(folder, store, min_csv=None, scale_csv=None, coords: int = 3, s
             table.insert(1, "y", xyz[:, 1])
             z = xyz[:, 2] if coords == 3 else np.full(len(xyz), k * spacing)
             if coords == 3 and np.ptp(z) > 1e-6 * max(1.0, abs(z).max()):
-                raise InputError(f"isoST import: slice {path.name} spans z {z.min():g}..{z.max():g}; a slice must "
-                                 f"have one depth")
+                raise InputError(
+                    f"isoST import: slice {path.name} spans z {z.min():g}..{z.max():g}; a slice must have one depth"
+                )
             table.insert(2, "z", z)
             table.insert(3, "section", path.stem)
             table.to_parquet(staging / f"{k:05d}.parquet", index=False)
-        atlas = ingest(staging, store, x="x", y="y", z="z", section="section", genes=list(names), units=units,
-                       pixel_size=pixel_size, overwrite=overwrite, client=client, min_cells_per_section=1)
+        atlas = ingest(
+            staging,
+            store,
+            x="x",
+            y="y",
+            z="z",
+            section="section",
+            genes=list(names),
+            units=units,
+            pixel_size=pixel_size,
+            overwrite=overwrite,
+            client=client,
+            min_cells_per_section=1,
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     mark_aligned(atlas, client=client)

@@ -3,14 +3,15 @@
 A unit never holds more than one chunk of rows. ``columns()`` and ``genes()`` read only headers.
 Every failure to read becomes an :class:`InputError` naming the file and the fix.
 """
+
 from __future__ import annotations
 
 import gzip
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -24,10 +25,10 @@ SUPPORTED = TABLE_SUFFIXES + H5AD_SUFFIXES
 
 @dataclass
 class RawChunk:
-    frame: pd.DataFrame                 # columns as named in the input (may hold gene columns)
-    X: np.ndarray | None = None         # [n, len(genes)] when expression comes apart from the frame (h5ad)
+    frame: pd.DataFrame  # columns as named in the input (may hold gene columns)
+    X: np.ndarray | None = None  # [n, len(genes)] when expression comes apart from the frame (h5ad)
     genes: list | None = None
-    row0: int = 0                       # first row's 0-based data-row number in the unit (header excluded)
+    row0: int = 0  # first row's 0-based data-row number in the unit (header excluded)
 
 
 def stem(path: Path) -> str:
@@ -44,12 +45,13 @@ def natural_key(path: Path):
 
 
 def _corrupt(label: str, row: int, exc: BaseException) -> InputError:
-    return InputError(f"{label}: cannot read past data row ~{row}: {type(exc).__name__}: {exc}. The file looks "
-                      f"truncated or corrupt; re-download or re-export it.")
+    return InputError(
+        f"{label}: cannot read past data row ~{row}: {type(exc).__name__}: {exc}. The file looks "
+        f"truncated or corrupt; re-download or re-export it."
+    )
 
 
-_READ_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, OSError, UnicodeDecodeError, pd.errors.ParserError,
-                ValueError)
+_READ_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, OSError, UnicodeDecodeError, pd.errors.ParserError, ValueError)
 
 
 class ReadUnit:
@@ -114,8 +116,10 @@ class TableFile(ReadUnit):
         self.paste = [Path(p) for p in self.paste]
         for p in [self.path, *self.paste]:
             if not p.is_file():
-                raise InputError(f"input file {p} does not exist; check the path (relative paths are taken from "
-                                 f"the directory you run lamina in)")
+                raise InputError(
+                    f"input file {p} does not exist; check the path (relative paths are taken from "
+                    f"the directory you run lamina in)"
+                )
         self.label = str(self.path) + (f" (+ {', '.join(map(str, self.paste))})" if self.paste else "")
 
     @staticmethod
@@ -137,16 +141,20 @@ class TableFile(ReadUnit):
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise _corrupt(str(p), 0, exc) from exc
         except Exception as exc:  # pandas and pyarrow raise many types for files that are not tables
-            raise InputError(f"{p}: cannot read the header: {type(exc).__name__}: {exc}. Is it a CSV/TSV/Parquet "
-                             f"table with a header row?") from exc
+            raise InputError(
+                f"{p}: cannot read the header: {type(exc).__name__}: {exc}. Is it a CSV/TSV/Parquet "
+                f"table with a header row?"
+            ) from exc
 
     def columns(self) -> list[str]:
         cols, owner = [], {}
         for p in [self.path, *self.paste]:
             for c in self._header(p):
                 if c in owner:
-                    raise InputError(f"column {c!r} is in both {owner[c]} and {p}; pasted files must not share "
-                                     f"column names (rename one)")
+                    raise InputError(
+                        f"column {c!r} is in both {owner[c]} and {p}; pasted files must not share "
+                        f"column names (rename one)"
+                    )
                 owner[c] = p
                 cols.append(c)
         return cols
@@ -182,8 +190,10 @@ class TableFile(ReadUnit):
                 return
             lengths = {str(p): (0 if part is None else len(part)) for p, part in zip(files, parts)}
             if len(set(lengths.values())) > 1:
-                raise InputError(f"pasted files do not have the same number of rows (near data row {row0}): "
-                                 f"{lengths}; rows of pasted files must correspond 1:1")
+                raise InputError(
+                    f"pasted files do not have the same number of rows (near data row {row0}): "
+                    f"{lengths}; rows of pasted files must correspond 1:1"
+                )
             frame = parts[0] if len(parts) == 1 else pd.concat([x.reset_index(drop=True) for x in parts], axis=1)
             yield RawChunk(frame=frame, row0=row0)
             row0 += len(frame)
@@ -212,8 +222,10 @@ class H5adFile(ReadUnit):
         try:
             return h5py.File(self.path, "r")
         except OSError as exc:
-            raise InputError(f"{self.path}: not a readable HDF5/h5ad file ({exc}); the file looks truncated or "
-                             f"corrupt: re-download or re-write it with anndata") from exc
+            raise InputError(
+                f"{self.path}: not a readable HDF5/h5ad file ({exc}); the file looks truncated or "
+                f"corrupt: re-download or re-write it with anndata"
+            ) from exc
 
     def columns(self) -> list[str]:
         with self._open() as f:
@@ -235,7 +247,10 @@ class H5adFile(ReadUnit):
         with self._open() as f:
             if "var" not in f or "X" not in f:
                 raise InputError(f"{self.path}: no 'var'/'X'; cannot read genes from it (set genes: null)")
-            names = [v.decode() if isinstance(v, bytes) else str(v) for v in f["var"][f["var"].attrs.get("_index", "_index")][...]]
+            names = [
+                v.decode() if isinstance(v, bytes) else str(v)
+                for v in f["var"][f["var"].attrs.get("_index", "_index")][...]
+            ]
         if spec.genes == "rest":
             return names
         return [g for g in spec.genes if g in set(names)]
@@ -272,8 +287,10 @@ class H5adFile(ReadUnit):
                     if self.spatial_key:
                         key = f"obsm/{self.spatial_key}"
                         if key not in f:
-                            raise InputError(f"{self.path}: no obsm['{self.spatial_key}']; available: "
-                                             f"{list(f['obsm'].keys()) if 'obsm' in f else []}")
+                            raise InputError(
+                                f"{self.path}: no obsm['{self.spatial_key}']; available: "
+                                f"{list(f['obsm'].keys()) if 'obsm' in f else []}"
+                            )
                         xy = np.asarray(f[key][a:b])
                         data[f"obsm:{self.spatial_key}:0"], data[f"obsm:{self.spatial_key}:1"] = xy[:, 0], xy[:, 1]
                     block = None
@@ -281,12 +298,20 @@ class H5adFile(ReadUnit):
                         enc = X.attrs.get("encoding-type", "array")
                         if enc == "csr_matrix":
                             shape = tuple(X.attrs["shape"])
-                            ptr = np.asarray(X["indptr"][a:b + 1])
-                            block = sp.csr_matrix((X["data"][ptr[0]:ptr[-1]], X["indices"][ptr[0]:ptr[-1]], ptr - ptr[0]),
-                                                  shape=(b - a, shape[1])).toarray().astype(np.float32, copy=False)
+                            ptr = np.asarray(X["indptr"][a : b + 1])
+                            block = (
+                                sp.csr_matrix(
+                                    (X["data"][ptr[0] : ptr[-1]], X["indices"][ptr[0] : ptr[-1]], ptr - ptr[0]),
+                                    shape=(b - a, shape[1]),
+                                )
+                                .toarray()
+                                .astype(np.float32, copy=False)
+                            )
                         elif enc == "csc_matrix":
-                            raise InputError(f"{self.path}: X is CSC (column-major), which cannot be streamed by rows; "
-                                             f"convert once with adata.X = adata.X.tocsr(); adata.write_h5ad(...)")
+                            raise InputError(
+                                f"{self.path}: X is CSC (column-major), which cannot be streamed by rows; "
+                                f"convert once with adata.X = adata.X.tocsr(); adata.write_h5ad(...)"
+                            )
                         else:
                             block = np.asarray(X[a:b], dtype=np.float32)
                 except InputError:

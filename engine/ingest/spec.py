@@ -1,4 +1,5 @@
 """What to read from the input and how: column names, units, sections, genes (one validated object)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,13 +39,17 @@ class IngestSpec:
 
     x: str = _field("x", "columns.x", "column of x")
     y: str = _field("y", "columns.y", "column of y")
-    section: str | None = _field("section", "columns.section", "column of the section id (null in a folder of one "
-                                                               "file per section: the file name)")
+    section: str | None = _field(
+        "section",
+        "columns.section",
+        "column of the section id (null in a folder of one file per section: the file name)",
+    )
     z: str | None = _field(None, "columns.z", "column of z (um); null: from sections.z or sections.spacing")
     cell_type: str | None = _field(None, "columns.cell_type", "column of cell-type labels")
     cell_id: str | None = _field(None, "columns.cell_id", "column of cell ids")
-    genes: list[str] | Literal["rest"] | None = _field(None, "genes", "gene columns: a list, 'rest' (every other "
-                                                                      "column) or null (no expression)")
+    genes: list[str] | Literal["rest"] | None = _field(
+        None, "genes", "gene columns: a list, 'rest' (every other column) or null (no expression)"
+    )
     obs: list[str] = _field([], "obs", "further columns to keep (text becomes categorical)")
     units: Literal["um", "mm", "nm", "px"] = _field("um", "units", "unit of x, y (px needs pixel_size)")
     pixel_size: float | None = _field(None, "pixel_size", "micrometres per pixel when units is px")
@@ -52,13 +57,15 @@ class IngestSpec:
     section_z: dict | None = _field(None, "sections.z", "section id -> z (um)")
     section_spacing: float = _field(10.0, "sections.spacing", "distance between sections (um) when z is not given")
     gene_join: Literal["strict", "union", "intersection"] = _field(
-        "strict", "gene_join", "files with different genes: error, union (missing = 0), or intersection")
+        "strict", "gene_join", "files with different genes: error, union (missing = 0), or intersection"
+    )
     normalize: Literal["none", "log1p"] = _field("none", "normalize", "none, or log1p(10^4 counts / total)")
     min_cells_per_section: int = _field(10, "sections.min_cells", "sections with fewer cells are an error")
     spatial_key: str | None = _field(None, "spatial_key", "h5ad: the obsm key holding (x, y)")
     read_rows: int | None = _field(None, "chunks.read_rows", "rows per read chunk (default from the column count)")
-    cell_chunk: int | None = _field(None, "chunks.cell_chunk", "rows per Zarr chunk (default ~32 MiB of "
-                                                               "expression per chunk)")
+    cell_chunk: int | None = _field(
+        None, "chunks.cell_chunk", "rows per Zarr chunk (default ~32 MiB of expression per chunk)"
+    )
     gene_chunk: int = _field(512, "chunks.gene_chunk", "genes per Zarr chunk of /X")
 
     def __post_init__(self):

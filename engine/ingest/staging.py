@@ -4,6 +4,7 @@ A fragment is one read chunk, sorted by section (stable), saved as ``.npy`` file
 can memory-map exactly the rows it needs. The summary returned to the client is small: per-fragment
 section segments, per-section counts / z range / extent, categories and column kinds.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -74,8 +75,18 @@ def stage_unit(unit: ReadUnit, spec: IngestSpec, genes: list[str], staging: str,
             segments.append([str(sid), int(counts[j])])
             sel = slice(start, start + int(counts[j]))
             idx = sel if ordered else order[sel]
-            rec = sections.setdefault(str(sid), {"n": 0, "zmin": np.inf, "zmax": -np.inf, "xmin": np.inf,
-                                                 "xmax": -np.inf, "ymin": np.inf, "ymax": -np.inf})
+            rec = sections.setdefault(
+                str(sid),
+                {
+                    "n": 0,
+                    "zmin": np.inf,
+                    "zmax": -np.inf,
+                    "xmin": np.inf,
+                    "xmax": -np.inf,
+                    "ymin": np.inf,
+                    "ymax": -np.inf,
+                },
+            )
             rec["n"] += int(counts[j])
             if batch.z is not None:
                 rec["zmin"] = min(rec["zmin"], float(batch.z[idx].min()))
@@ -90,9 +101,18 @@ def stage_unit(unit: ReadUnit, spec: IngestSpec, genes: list[str], staging: str,
             categories.setdefault(name, set()).update(v for v in pd.unique(values) if v != MISSING)
         for name, kind in _kind(batch).items():
             if kinds.setdefault(name, kind) != kind and {kinds[name][:3], kind[:3]} != {"num"}:
-                raise InputError(f"{unit.label}: column {name!r} holds text in some rows and numbers in others; "
-                                 f"make it one type")
+                raise InputError(
+                    f"{unit.label}: column {name!r} holds text in some rows and numbers in others; make it one type"
+                )
         total += rows_read
-    return {"unit": unit.label, "index": index, "rows": total, "fragments": fragments, "sections": sections,
-            "categories": {k: sorted(v) for k, v in categories.items()}, "kinds": kinds,
-            "genes": unit_genes, "default_section": unit.default_section}
+    return {
+        "unit": unit.label,
+        "index": index,
+        "rows": total,
+        "fragments": fragments,
+        "sections": sections,
+        "categories": {k: sorted(v) for k, v in categories.items()},
+        "kinds": kinds,
+        "genes": unit_genes,
+        "default_section": unit.default_section,
+    }

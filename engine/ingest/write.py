@@ -1,4 +1,5 @@
 """Pass 2 of ingest: copy staged rows into the store, one task per cell chunk (chunk-aligned writes)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,6 +1,8 @@
 """Stages: functions ``stage(atlas, client=None, force=False, **options)`` that build a Dask graph over the
 store, compute it, and commit one output group atomically. Each is declared once as a
 :class:`~lamina.stages.contract.Stage` (see :mod:`lamina.stages.contract` and :mod:`lamina.stages.registry`)."""
+
+from ..export import export_expression_parquet
 from .contract import PlanContext, Stage, StageContext
 from .flow import train_flow
 from .interpolate import interpolate
@@ -16,9 +18,32 @@ from .registry import add_stage, all_stages, get_stage, pipelines
 from .runner import StageResult, run
 from .voxelize import voxelize
 from .warp import warp
-from ..export import export_expression_parquet
 
-__all__ = ["Stage", "StageContext", "PlanContext", "Options", "option", "StageResult", "run", "plan", "run_plan",
-           "add_stage", "all_stages", "get_stage", "pipelines", "align", "reconstruct", "section_stats",
-           "rasterize", "register", "refine", "warp", "pca", "train_flow", "interpolate", "voxelize", "invert",
-           "export_expression_parquet"]
+__all__ = [
+    "Stage",
+    "StageContext",
+    "PlanContext",
+    "Options",
+    "option",
+    "StageResult",
+    "run",
+    "plan",
+    "run_plan",
+    "add_stage",
+    "all_stages",
+    "get_stage",
+    "pipelines",
+    "align",
+    "reconstruct",
+    "section_stats",
+    "rasterize",
+    "register",
+    "refine",
+    "warp",
+    "pca",
+    "train_flow",
+    "interpolate",
+    "voxelize",
+    "invert",
+    "export_expression_parquet",
+]

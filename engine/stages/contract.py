@@ -14,11 +14,13 @@ Life of a run (:func:`lamina.stages.runner.run`)::
         --prepare (what else decides the output: canvas size, ...)--> hash(name, version, opts, prepared,
         inputs' hashes) --same as the record?--> skip | build(ctx) into a scratch group --> commit
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .options import Options, describe
 
@@ -38,12 +40,13 @@ class PlanContext:
 class Stage:
     """One stage, declared once. See the module docstring for the order in which the hooks run.
 
-    ``element``: what the output group is (``lamina.deformation``): it is stamped with that encoding and
-    validated against its format class before it is marked complete. ``inputs``: the stages whose outputs ``build`` reads (their hashes enter this stage's hash, so a changed
-    input re-runs it); ``needs(atlas, opts)`` replaces them where they depend on the options. ``check``
-    raises a :class:`lamina.LaminaError` when the atlas lacks data the stage needs; it may read only what
-    ingest wrote, so that a plan checks every stage before the first one runs. ``version``: bump it
-    whenever the algorithm's output changes; stores computed by an older version re-run the stage.
+    ``element``: what the output group is (``lamina.deformation``): it is stamped with that encoding and validated
+    against its format class before it is marked complete. ``inputs``: the stages whose outputs ``build`` reads
+    (their hashes enter this stage's hash, so a changed input re-runs it); ``needs(atlas, opts)`` replaces them
+    where they depend on the options. ``check`` raises a :class:`lamina.LaminaError` when the atlas lacks data the
+    stage needs; it may read only what ingest wrote, so that a plan checks every stage before the first one runs.
+    ``version``: bump it whenever the algorithm's output changes; stores computed by an older version re-run the
+    stage.
     """
 
     name: str
@@ -52,27 +55,31 @@ class Stage:
     options: type[Options]
     version: int
     summary: str
-    build: Callable[["StageContext"], dict | None]
+    build: Callable[[StageContext], dict | None]
     element: Any  # an encoding type of lamina.store.elements, or an Element subclass (plugins)
     pipeline: str | None = None
-    needs: Callable[["Atlas", Any], tuple[str, ...]] | None = None
-    check: Callable[["Atlas", Any], None] | None = None
-    resolve: Callable[["Atlas", Any, PlanContext], Any] | None = None
-    prepare: Callable[["Atlas", Any], dict] | None = None
+    needs: Callable[[Atlas, Any], tuple[str, ...]] | None = None
+    check: Callable[[Atlas, Any], None] | None = None
+    resolve: Callable[[Atlas, Any, PlanContext], Any] | None = None
+    prepare: Callable[[Atlas, Any], dict] | None = None
 
-    def inputs_for(self, atlas: "Atlas", opts) -> tuple[str, ...]:
+    def inputs_for(self, atlas: Atlas, opts) -> tuple[str, ...]:
         return tuple(self.needs(atlas, opts)) if self.needs else self.inputs
 
     def defaults(self) -> Options:
         return self.options()
 
     def docstring(self) -> str:
-        rows = "\n".join(f"    ``{r['name']}`` ({r['type']}, default ``{r['default']!r}``): {r['doc']}"
-                         for r in describe(self.options))
-        return (f"{self.summary}\n\nStage ``{self.name}`` -> ``/{self.output}`` (reads: "
-                f"{', '.join(self.inputs) or 'nothing'}; algorithm version {self.version}). Returns a "
-                f":class:`lamina.stages.StageResult`; skipped when already complete with the same options and "
-                f"inputs unless ``force``.\n\nOptions:\n\n{rows}\n")
+        rows = "\n".join(
+            f"    ``{r['name']}`` ({r['type']}, default ``{r['default']!r}``): {r['doc']}"
+            for r in describe(self.options)
+        )
+        return (
+            f"{self.summary}\n\nStage ``{self.name}`` -> ``/{self.output}`` (reads: "
+            f"{', '.join(self.inputs) or 'nothing'}; algorithm version {self.version}). Returns a "
+            f":class:`lamina.stages.StageResult`; skipped when already complete with the same options and "
+            f"inputs unless ``force``.\n\nOptions:\n\n{rows}\n"
+        )
 
     @property
     def function(self) -> Callable:
@@ -96,7 +103,7 @@ class StageContext:
     ``prepare`` returned (``prepared``)."""
 
     stage: Stage
-    atlas: "Atlas"
+    atlas: Atlas
     options: Any
     group: Any
     client: Any

@@ -4,6 +4,7 @@ The README holds the output of :func:`stages_markdown` between the markers below
 and fails when the two differ, so the tables cannot drift from the code. Refresh them with
 ``python -m lamina.stages.docs README.md``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -32,8 +33,10 @@ def stages_markdown() -> str:
     where = {s: p for p, names in pipelines().items() for s in names}
     for name, stage in all_stages().items():
         reads = ", ".join(stage.inputs) or "nothing"
-        out.append(f"#### `{name}` -> `/{stage.output}` ({where.get(name, 'no pipeline')}; reads {reads}; "
-                   f"algorithm version {stage.version})\n\n{stage.summary}\n")
+        out.append(
+            f"#### `{name}` -> `/{stage.output}` ({where.get(name, 'no pipeline')}; reads {reads}; "
+            f"algorithm version {stage.version})\n\n{stage.summary}\n"
+        )
         rows = describe(stage.options)
         if not rows:
             out.append("No options.\n")
@@ -48,8 +51,10 @@ def stages_text() -> str:
     """The registry as plain text: pipelines, then each stage with its options and defaults."""
     lines = ["pipelines: " + "; ".join(f"{p}: {' -> '.join(n)}" for p, n in pipelines().items()), ""]
     for name, stage in all_stages().items():
-        lines.append(f"{name} -> /{stage.output}  (reads {', '.join(stage.inputs) or 'nothing'}; version "
-                     f"{stage.version})  {stage.summary}")
+        lines.append(
+            f"{name} -> /{stage.output}  (reads {', '.join(stage.inputs) or 'nothing'}; version "
+            f"{stage.version})  {stage.summary}"
+        )
         for r in describe(stage.options):
             lines.append(f"    {r['name']:<20} {_value(r['default']):<14} {r['type']}: {r['doc']}")
     return "\n".join(lines)

@@ -1,17 +1,18 @@
 """Stage ``train_flow``: learn the graph SDE along z (forward and backward) -> ``/flow``.
 
-Training data are consecutive section pairs of the aligned atlas (``/aligned`` x, y and ``/pca/pcs``):
-each step draws a gap ``(k, k+1)``, a random subsample of ``subsample`` cells from each side, flows the
-lower sample up to the depth of the upper one with the forward model (and the upper one down with the
-backward model), and minimises the Sinkhorn divergence to the observed cells there
-plus ``action_weight`` times the flow's kinetic action (:func:`lamina.kernels.sde.flow_loss`). The O(n m) transport problem is why training works on subsamples:
-``subsample`` cells per side set both the memory (``~ 3 * subsample^2`` floats per loss) and the cell
-density the kNN graph is learned at; inference partitions cells at the same density.
+Training data are consecutive section pairs of the aligned atlas (``/aligned`` x, y and ``/pca/pcs``): each step
+draws a gap ``(k, k+1)``, a random subsample of ``subsample`` cells from each side, flows the lower sample up to the
+depth of the upper one with the forward model (and the upper one down with the backward model), and minimises the
+Sinkhorn divergence to the observed cells there plus ``action_weight`` times the flow's kinetic action
+(:func:`lamina.kernels.sde.flow_loss`). The O(n m) transport problem is why training works on subsamples:
+``subsample`` cells per side set both the memory (``~ 3 * subsample^2`` floats per loss) and the cell density the
+kNN graph is learned at; inference partitions cells at the same density.
 
 Steps run as a chain of Dask tasks of ``steps_per_task`` steps each. After every task the models and the
 Adam state are written as Zarr arrays into a checkpoint group ``_tmp/ckpt-train_flow-<hash>``, so an
 interrupted training resumes from the last finished task; the driver shows a progress bar with the loss.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,14 +51,18 @@ class TrainFlowOptions(Options):
     lr: float = option(2e-3, "Adam learning rate", gt=0)
     eps: float = option(0.01, "Sinkhorn blur (normalised units squared)", gt=0)
     expression_weight: float = option(0.3, "weight of expression against position in the OT cost", ge=0)
-    action_weight: float = option(0.3, "weight of the flow's kinetic action (keeps the drift near zero where "
-                                        "the samples disagree)", ge=0)
+    action_weight: float = option(
+        0.3, "weight of the flow's kinetic action (keeps the drift near zero where the samples disagree)", ge=0
+    )
     noise_pos: float = option(0.01, "diffusion of positions (normalised units per sqrt depth)", ge=0)
     noise_expr: float = option(0.02, "diffusion of expression (normalised units per sqrt depth)", ge=0)
     pool: int = option(4, "cells read per section per task, in subsamples", ge=1)
     seed: int = option(0, "seed of the subsamples, the noise and the initial weights")
-    sections: tuple[str | int, ...] | None = option(None, "sections the flow learns from (ids or positions; "
-                                                          "e.g. to leave one out); null: all")
+    sections: tuple[str | int, ...] | None = option(
+        None, "sections the flow learns from (ids or positions; e.g. to leave one out); null: all"
+    )
+
+
 MIN_CELLS = 3
 DIRECTIONS = ("forward", "backward")
 
@@ -73,12 +78,16 @@ def flow_sections(atlas: Atlas, sections) -> np.ndarray:
     n = atlas.sections.n_cells.to_numpy()[use]
     use = use[n >= MIN_CELLS]
     if len(use) < 3:
-        raise InputError(f"interpolation along z needs at least 3 sections with >= {MIN_CELLS} cells (got "
-                         f"{len(use)} in {atlas.path}); with fewer there is no gap to learn the flow from other "
-                         f"than the one it would fill")
+        raise InputError(
+            f"interpolation along z needs at least 3 sections with >= {MIN_CELLS} cells (got "
+            f"{len(use)} in {atlas.path}); with fewer there is no gap to learn the flow from other "
+            f"than the one it would fill"
+        )
     if np.any(np.diff(z[use]) <= 0):
-        raise InputError(f"sections {list(use)} of {atlas.path} do not have increasing, distinct z; the flow "
-                         f"integrates from one depth to the next")
+        raise InputError(
+            f"sections {list(use)} of {atlas.path} do not have increasing, distinct z; the flow "
+            f"integrates from one depth to the next"
+        )
     return use
 
 
@@ -142,7 +151,7 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
     gen = torch.Generator(device=dev).manual_seed(int(cfg["seed"]) * 1_000_003 + a)
     losses = []
     m_sub = cfg["subsample"]
-    for step in range(a, b):
+    for _step in range(a, b):
         g = int(rng.integers(0, len(sec) - 1))
         lo, hi = int(sec[g]), int(sec[g + 1])
 
@@ -152,11 +161,18 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
             return torch.from_numpy(xy[idx]).to(dev), torch.from_numpy(h[idx]).to(dev)
 
         (p0, h0), (p1, h1) = draw(lo), draw(hi)
-        kw = dict(dz_um=cfg["dz_um"], expression_weight=cfg["expression_weight"], eps=cfg["eps"],
-                  action_weight=cfg["action_weight"],
-                  noise_pos=cfg["noise_pos"], noise_expr=cfg["noise_expr"], generator=gen)
-        loss = (flow_loss(models["forward"], p0, h0, z[lo], z[hi], p1, h1, **kw)
-                + flow_loss(models["backward"], p1, h1, z[hi], z[lo], p0, h0, **kw))
+        kw = dict(
+            dz_um=cfg["dz_um"],
+            expression_weight=cfg["expression_weight"],
+            eps=cfg["eps"],
+            action_weight=cfg["action_weight"],
+            noise_pos=cfg["noise_pos"],
+            noise_expr=cfg["noise_expr"],
+            generator=gen,
+        )
+        loss = flow_loss(models["forward"], p0, h0, z[lo], z[hi], p1, h1, **kw) + flow_loss(
+            models["backward"], p1, h1, z[hi], z[lo], p0, h0, **kw
+        )
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -190,15 +206,17 @@ def _build(ctx: StageContext) -> dict:
     cfg = ctx.options.to_dict()
     sec = np.asarray(ctx.prepared["flow_sections"])
     records = atlas.stage_records()
-    ckpt = f"{SCRATCH}/ckpt-train_flow-" + params_hash(
-        {**cfg, "sections": sec.tolist()}, records["warp"]["hash"], records["pca"]["hash"])[:16]
+    ckpt = (
+        f"{SCRATCH}/ckpt-train_flow-"
+        + params_hash({**cfg, "sections": sec.tolist()}, records["warp"]["hash"], records["pca"]["hash"])[:16]
+    )
     done = int(atlas.root[ckpt].attrs.get("steps_done", 0)) if ckpt in atlas.root else 0
     if done:
         log.info("train_flow: resuming from step %d of %d (checkpoint %s)", done, cfg["steps"], ckpt)
     bar = tqdm(total=cfg["steps"], initial=done, desc="train_flow", unit="step", disable=None)
     for a in range(done, cfg["steps"], cfg["steps_per_task"]):
         b = min(cfg["steps"], a + cfg["steps_per_task"])
-        losses, = ctx.compute(dask.delayed(_train_block, pure=False)(atlas.path, ckpt, cfg, sec.tolist(), a, b))
+        (losses,) = ctx.compute(dask.delayed(_train_block, pure=False)(atlas.path, ckpt, cfg, sec.tolist(), a, b))
         bar.update(b - a)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         log.debug("train_flow: steps %d-%d of %d, mean loss %.4f", a, b, cfg["steps"], float(np.mean(losses)))
@@ -210,8 +228,13 @@ def _build(ctx: StageContext) -> dict:
     arrays.write_small(group, "loss", loss, ("step",))
     arrays.write_small(group, "sections", sec.astype(np.int32), ("flow_section",))
     n_features = int(atlas.root["pca/pcs"].shape[1])
-    group.attrs.update({"model": {"n_features": n_features, "hidden": cfg["hidden"], "k": cfg["k"]},
-                        "dz_um": cfg["dz_um"], "subsample": cfg["subsample"]})
+    group.attrs.update(
+        {
+            "model": {"n_features": n_features, "hidden": cfg["hidden"], "k": cfg["k"]},
+            "dz_um": cfg["dz_um"],
+            "subsample": cfg["subsample"],
+        }
+    )
 
     def drop_checkpoint():
         if ckpt in atlas.root:
@@ -223,9 +246,19 @@ def _build(ctx: StageContext) -> dict:
     return {"final_loss": float(np.nanmean(loss[-tenth:])), "first_loss": float(np.nanmean(loss[:tenth]))}
 
 
-STAGE = Stage(name="train_flow", output="flow", inputs=("warp", "pca"), options=TrainFlowOptions, version=1,
-              summary="Forward and backward graph-SDE flows along z, trained on consecutive aligned sections.",
-              build=_build, element="lamina.flow", pipeline="reconstruct", check=_check, prepare=_prepare)
+STAGE = Stage(
+    name="train_flow",
+    output="flow",
+    inputs=("warp", "pca"),
+    options=TrainFlowOptions,
+    version=1,
+    summary="Forward and backward graph-SDE flows along z, trained on consecutive aligned sections.",
+    build=_build,
+    element="lamina.flow",
+    pipeline="reconstruct",
+    check=_check,
+    prepare=_prepare,
+)
 train_flow = STAGE.function
 
 

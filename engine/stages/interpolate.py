@@ -18,9 +18,11 @@ one chunk (a single Dask graph that concatenates and rechunks the outputs let th
 generator first and hold all of them in memory). Rows are ordered by gap; ``gap_start``/``gap_stop`` give each
 gap's rows (voxelization reads only the gaps a z-slab needs).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dask
 import numpy as np
@@ -34,9 +36,18 @@ from .contract import Stage, StageContext
 from .flow import load_models, read_cells
 from .options import Options, option
 
+if TYPE_CHECKING:
+    import torch
+
 #: per-cell columns of ``/interpolated`` besides ``pcs``, in the order the tasks emit them
-COLUMNS = (("x", np.float32), ("y", np.float32), ("z", np.float32), ("weight", np.float32), ("gap", np.int32),
-           ("direction", np.int8))
+COLUMNS = (
+    ("x", np.float32),
+    ("y", np.float32),
+    ("z", np.float32),
+    ("weight", np.float32),
+    ("gap", np.int32),
+    ("direction", np.int8),
+)
 
 
 @dataclass(frozen=True)
@@ -59,8 +70,17 @@ def _partition(a: int, b: int, parts: int, seed: int, key: int) -> list[np.ndarr
     return [np.sort(p) for p in np.array_split(a + rng.permutation(b - a), parts)]
 
 
-def _flow_batches(model, xy: np.ndarray, h: np.ndarray, z0: float, z1: float, dz: float, sub: int,
-                  noise: tuple[float, float], gen: torch.Generator):
+def _flow_batches(
+    model,
+    xy: np.ndarray,
+    h: np.ndarray,
+    z0: float,
+    z1: float,
+    dz: float,
+    sub: int,
+    noise: tuple[float, float],
+    gen: torch.Generator,
+):
     """Flow ``xy``, ``h`` from z0 to z1 in sub-batches of ``sub`` cells; returns [(z, xy [n, 2], h [n, P])] per step."""
     import torch
 
@@ -72,12 +92,29 @@ def _flow_batches(model, xy: np.ndarray, h: np.ndarray, z0: float, z1: float, dz
     with torch.no_grad():
         for a in range(0, n, sub):
             b = min(n, a + sub)
-            pieces.append(integrate(model, torch.from_numpy(xy[a:b]).to(dev), torch.from_numpy(h[a:b]).to(dev), z0, z1,
-                                    dz, noise[0], noise[1], gen))
+            pieces.append(
+                integrate(
+                    model,
+                    torch.from_numpy(xy[a:b]).to(dev),
+                    torch.from_numpy(h[a:b]).to(dev),
+                    z0,
+                    z1,
+                    dz,
+                    noise[0],
+                    noise[1],
+                    gen,
+                )
+            )
     if not pieces:
         return []
-    return [(pieces[0][i][0], np.concatenate([p[i][1].cpu().numpy() for p in pieces]),
-             np.concatenate([p[i][2].cpu().numpy() for p in pieces])) for i in range(len(pieces[0]))]
+    return [
+        (
+            pieces[0][i][0],
+            np.concatenate([p[i][1].cpu().numpy() for p in pieces]),
+            np.concatenate([p[i][2].cpu().numpy() for p in pieces]),
+        )
+        for i in range(len(pieces[0]))
+    ]
 
 
 def _gap_task(store: str, flow: str, lo: int, hi: int, part: int, parts: int, cfg: dict, target: str) -> int:
@@ -123,10 +160,10 @@ def _copy_chunk(store: str, group: str, a: int, b: int, parts: list[tuple[str, i
     """Rows ``[a, b)`` of the final arrays from the scratch arrays ``(name, start, stop)`` that cover them."""
     root = zarr.open_group(store, mode="r+")
     g = root[group]
-    rows = np.concatenate([np.asarray(g[name][max(a, s) - s:min(b, e) - s]) for name, s, e in parts])
+    rows = np.concatenate([np.asarray(g[name][max(a, s) - s : min(b, e) - s]) for name, s, e in parts])
     for i, (k, dt) in enumerate(COLUMNS):
         g[k][a:b] = rows[:, i].astype(dt)
-    g["pcs"][a:b] = rows[:, len(COLUMNS):]
+    g["pcs"][a:b] = rows[:, len(COLUMNS) :]
     return b - a
 
 
@@ -143,25 +180,39 @@ def plan(atlas: Atlas, sec: np.ndarray, dz_um: float, rows_per_task: int) -> lis
         sizes_f = [len(p) for p in np.array_split(np.arange(n[lo]), parts)]
         sizes_b = [len(p) for p in np.array_split(np.arange(n[hi]), parts)]
         for part in range(parts):
-            tasks.append({"lo": int(lo), "hi": int(hi), "part": part, "parts": parts, "layers": len(t),
-                          "rows": len(t) * (sizes_f[part] + sizes_b[part])})
+            tasks.append(
+                {
+                    "lo": int(lo),
+                    "hi": int(hi),
+                    "part": part,
+                    "parts": parts,
+                    "layers": len(t),
+                    "rows": len(t) * (sizes_f[part] + sizes_b[part]),
+                }
+            )
     return tasks
 
 
 def _prepare(atlas: Atlas, opts: InterpolateOptions) -> dict:
     """The layer spacing and noise actually used (the flow's where the options say null) and the sections."""
     trained = atlas.stage_records()["train_flow"]["params"]
-    return {"layer_dz_um": float(opts.dz_um or trained["dz_um"]),
-            "layer_noise_pos": float(trained["noise_pos"] if opts.noise_pos is None else opts.noise_pos),
-            "layer_noise_expr": float(trained["noise_expr"] if opts.noise_expr is None else opts.noise_expr)}
+    return {
+        "layer_dz_um": float(opts.dz_um or trained["dz_um"]),
+        "layer_noise_pos": float(trained["noise_pos"] if opts.noise_pos is None else opts.noise_pos),
+        "layer_noise_expr": float(trained["noise_expr"] if opts.noise_expr is None else opts.noise_expr),
+    }
 
 
 def _build(ctx: StageContext) -> dict:
     """Cells of the layers between sections, generated by the trained flows -> ``/interpolated``."""
     atlas, opts, group = ctx.atlas, ctx.options, ctx.group
     p = ctx.prepared
-    cfg = {"dz_um": p["layer_dz_um"], "noise_pos": p["layer_noise_pos"], "noise_expr": p["layer_noise_expr"],
-           "seed": int(opts.seed)}
+    cfg = {
+        "dz_um": p["layer_dz_um"],
+        "noise_pos": p["layer_noise_pos"],
+        "noise_expr": p["layer_noise_expr"],
+        "seed": int(opts.seed),
+    }
     rows_per_task = int(opts.rows_per_task)
     sec = np.asarray(atlas.root["flow/sections"][...])
     P = int(atlas.root["pca/pcs"].shape[1])
@@ -185,23 +236,43 @@ def _build(ctx: StageContext) -> dict:
         for i, t in enumerate(tasks):
             arrays.create(scratch, f"t{i}", (t["rows"], width), np.float32, (chunk, width), ("row", "column"))
             names.append(f"{scratch.path}/t{i}")
-        written = ctx.compute(*[dask.delayed(_gap_task, pure=False)(atlas.path, "flow", t["lo"], t["hi"], t["part"],
-                                                                     t["parts"], cfg, names[i])
-                                for i, t in enumerate(tasks) if t["rows"]])
-        ensure(list(written) == [t["rows"] for t in tasks if t["rows"]], "interpolate: a task wrote other rows than planned")
+        written = ctx.compute(
+            *[
+                dask.delayed(_gap_task, pure=False)(
+                    atlas.path, "flow", t["lo"], t["hi"], t["part"], t["parts"], cfg, names[i]
+                )
+                for i, t in enumerate(tasks)
+                if t["rows"]
+            ]
+        )
+        ensure(
+            list(written) == [t["rows"] for t in tasks if t["rows"]],
+            "interpolate: a task wrote other rows than planned",
+        )
         copies = []
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            cover = [(f"_parts/t{i}", int(offsets[i]), int(offsets[i + 1])) for i in range(len(tasks))
-                     if offsets[i] < b and offsets[i + 1] > a]
+            cover = [
+                (f"_parts/t{i}", int(offsets[i]), int(offsets[i + 1]))
+                for i in range(len(tasks))
+                if offsets[i] < b and offsets[i + 1] > a
+            ]
             copies.append(dask.delayed(_copy_chunk, pure=False)(atlas.path, group.path, a, b, cover))
         ensure(sum(ctx.compute(*copies)) == n, "interpolate: the copies did not write every row")
         del group["_parts"]
     return {"n_cells": n, "n_tasks": len(tasks), "layers": int(sum(tasks[i]["layers"] for i in first))}
 
 
-STAGE = Stage(name="interpolate", output="interpolated", inputs=("train_flow",), options=InterpolateOptions,
-              version=1, summary="Cell layers between sections, generated by the trained flows, into "
-                                 "``/interpolated``.",
-              build=_build, element="lamina.interpolated", pipeline="reconstruct", prepare=_prepare)
+STAGE = Stage(
+    name="interpolate",
+    output="interpolated",
+    inputs=("train_flow",),
+    options=InterpolateOptions,
+    version=1,
+    summary="Cell layers between sections, generated by the trained flows, into ``/interpolated``.",
+    build=_build,
+    element="lamina.interpolated",
+    pipeline="reconstruct",
+    prepare=_prepare,
+)
 interpolate = STAGE.function

@@ -4,6 +4,7 @@ Each volume chunk is mapped back to genes, one block matmul per gene chunk (``ke
 ``components^T . pcs * scale + mean``), written gene-chunked. An expression volume whose uncompressed size
 would not fit on the store's disk is refused before anything is written.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,20 +54,43 @@ def _build(ctx: StageContext) -> dict:
     G = atlas.n_genes
     cz, ty = (int(c) for c in vol.attrs["chunks"])
     gene_chunk = int(np.clip(CHUNK_BYTES // (4 * cz * ty * X), 1, G))
-    atlas.check_disk(G * Z * Y * X * 4, f"the expression volume ({G} genes x {Z}x{Y}x{X} voxels)",
-                     "invert fewer genes, or voxelize with a larger voxel_um")
+    atlas.check_disk(
+        G * Z * Y * X * 4,
+        f"the expression volume ({G} genes x {Z}x{Y}x{X} voxels)",
+        "invert fewer genes, or voxelize with a larger voxel_um",
+    )
     attrs = {k: vol.attrs[k] for k in ("voxel_um", "origin", "units")}
-    arrays.create(group, "values", (G, Z, Y, X), np.float32, (gene_chunk, cz, ty, X), ("gene", "z", "y", "x"),
-                  attrs, fill_value=np.nan)
+    arrays.create(
+        group,
+        "values",
+        (G, Z, Y, X),
+        np.float32,
+        (gene_chunk, cz, ty, X),
+        ("gene", "z", "y", "x"),
+        attrs,
+        fill_value=np.nan,
+    )
     arrays.write_small(group, "gene", atlas.genes.to_numpy().astype(str), ("gene",))
     group.attrs.update(attrs)
-    tasks = [dask.delayed(_invert_chunk, pure=False)(atlas.path, group.path, zc, yc, cz, ty, gene_chunk)
-             for zc in range(-(-Z // cz)) for yc in range(-(-Y // ty))]
+    tasks = [
+        dask.delayed(_invert_chunk, pure=False)(atlas.path, group.path, zc, yc, cz, ty, gene_chunk)
+        for zc in range(-(-Z // cz))
+        for yc in range(-(-Y // ty))
+    ]
     voxels = sum(ctx.compute(*tasks))
     return {"genes": G, "voxels": int(voxels), "gene_chunk": gene_chunk}
 
 
-STAGE = Stage(name="invert", output="expression", inputs=("voxelize",), options=InvertOptions, version=1,
-              summary="Principal components per voxel back to genes: ``/expression`` [gene, z, y, x].",
-              build=_build, element="lamina.expression-volume", pipeline="reconstruct", prepare=_prepare)
+STAGE = Stage(
+    name="invert",
+    output="expression",
+    inputs=("voxelize",),
+    options=InvertOptions,
+    version=1,
+    summary="Principal components per voxel back to genes: ``/expression`` [gene, z, y, x].",
+    build=_build,
+    element="lamina.expression-volume",
+    pipeline="reconstruct",
+    prepare=_prepare,
+)
 invert = STAGE.function

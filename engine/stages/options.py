@@ -5,6 +5,7 @@ through (``alpha_px: 8`` from YAML becomes ``8.0`` for a ``float`` option, a lis
 settings hash equally whatever their source. Supported annotations: ``bool``, ``int``, ``float``, ``str``,
 ``Literal[...]``, ``tuple[T, ...]``, ``X | None`` and unions of these.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,12 +17,17 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from ..errors import ConfigError, UnknownOptionError
 
-_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null",
-          dict: "a mapping"}
+_NAMES = {
+    bool: "true/false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    type(None): "null",
+    dict: "a mapping",
+}
 
 
-def option(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None,
-           le: float | None = None) -> Any:
+def option(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
     """A stage option: ``default``, a one-line ``doc``, and optional bounds checked on every value."""
     return dataclasses.field(default=default, metadata={"doc": doc, "ge": ge, "gt": gt, "le": le})
 
@@ -39,7 +45,7 @@ class Options:
         return typing.get_type_hints(cls)
 
     @classmethod
-    def parse(cls, values: dict | None = None, where: str = "", prefix: str = "") -> "Options":
+    def parse(cls, values: dict | None = None, where: str = "", prefix: str = "") -> Options:
         """An instance from ``values`` (missing keys take their defaults), every value converted through its
         declared type and checked against its bounds; an unknown key is an :class:`UnknownOptionError`
         naming the known ones (and the closest). ``where`` (a file, a function) and ``prefix`` (the keys'
@@ -68,7 +74,7 @@ class Options:
         """Option name -> value (tuples stay tuples; :func:`lamina.stages.runner.params_hash` lists them)."""
         return {f.name: getattr(self, f.name) for f in self.fields()}
 
-    def replace(self, **changes) -> "Options":
+    def replace(self, **changes) -> Options:
         return type(self).parse({**self.to_dict(), **changes})
 
 
@@ -114,7 +120,7 @@ def convert(value, tp, key: str, where: str = ""):
             return value
         raise _type_error(value, tp, key, where)
     if origin is tuple:
-        if hasattr(value, "ndim") and getattr(value, "ndim") == 1:  # a NumPy vector
+        if hasattr(value, "ndim") and value.ndim == 1:  # a NumPy vector
             value = value.tolist()
         if not isinstance(value, (list, tuple)):
             raise _type_error(value, tp, key, where)
@@ -137,12 +143,12 @@ def convert(value, tp, key: str, where: str = ""):
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return int(value)
-        if hasattr(value, "dtype") and getattr(value, "dtype").kind in "iu":  # numpy integers
+        if hasattr(value, "dtype") and value.dtype.kind in "iu":  # numpy integers
             return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if hasattr(value, "dtype") and getattr(value, "dtype").kind in "iuf":
+        if hasattr(value, "dtype") and value.dtype.kind in "iuf":
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -166,8 +172,11 @@ def _check_bounds(value, f: dataclasses.Field, key: str, where: str) -> None:
     for v in values:
         if not isinstance(v, (int, float)):
             continue
-        for bound, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
-                                ("le", lambda a, b: a <= b, "<=")):
+        for bound, ok, word in (
+            ("ge", lambda a, b: a >= b, ">="),
+            ("gt", lambda a, b: a > b, ">"),
+            ("le", lambda a, b: a <= b, "<="),
+        ):
             limit = meta.get(bound)
             if limit is not None and not (math.isfinite(v) and ok(v, limit)):
                 raise ConfigError(f"{_where(where)}'{key}' ({meta['doc']}) must be {word} {limit:g}, got {v!r}")
@@ -176,5 +185,7 @@ def _check_bounds(value, f: dataclasses.Field, key: str, where: str) -> None:
 def describe(cls: type[Options]) -> list[dict]:
     """One row per option: name, type (in words), default, doc (what docs and ``lamina stages`` print)."""
     hints = cls.types()
-    return [{"name": f.name, "type": type_name(hints[f.name]), "default": f.default, "doc": f.metadata.get("doc", "")}
-            for f in cls.fields()]
+    return [
+        {"name": f.name, "type": type_name(hints[f.name]), "default": f.default, "doc": f.metadata.get("doc", "")}
+        for f in cls.fields()
+    ]

@@ -10,6 +10,7 @@ keeps all of it in memory to do so: 12 GB at 3M cells x 500 genes.) Per-cell PCs
 per cell chunk, chunk-aligned with ``/cells``. The per-cell PCs live inside ``/pca`` (not a separate ``/pcs``)
 so the stage commits one group atomically.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,9 +41,11 @@ class PCAOptions(Options):
 def _nonfinite_error(atlas: Atlas, row: int, count: int) -> None:
     sec = atlas.sections
     s = int(np.searchsorted(sec.cell_stop.to_numpy(), row, side="right"))
-    raise InputError(f"/X of {atlas.path} holds NaN or inf expression in {count:,} cell(s), the first at row {row} "
-                     f"(section {sec.id.iloc[min(s, len(sec) - 1)]!r}); PCA needs finite values: fix or drop those "
-                     f"cells and re-ingest")
+    raise InputError(
+        f"/X of {atlas.path} holds NaN or inf expression in {count:,} cell(s), the first at row {row} "
+        f"(section {sec.id.iloc[min(s, len(sec) - 1)]!r}); PCA needs finite values: fix or drop those "
+        f"cells and re-ingest"
+    )
 
 
 def _gram_times(store: str, a: int, b: int, mean: np.ndarray, scale: np.ndarray, W: np.ndarray) -> np.ndarray:
@@ -55,8 +58,14 @@ def _covariance_times(ctx: StageContext, mean, scale, W) -> np.ndarray:
     """``Z^T Z W`` by one streaming pass: a task per cell chunk, partial products tree-summed by dask."""
     atlas = ctx.atlas
     n, chunk = atlas.n_cells, atlas.cell_chunk
-    parts = [da.from_delayed(dask.delayed(_gram_times, pure=False)(atlas.path, a, min(n, a + chunk), mean, scale, W),
-                             shape=W.shape, dtype=np.float64) for a in range(0, n, chunk)]
+    parts = [
+        da.from_delayed(
+            dask.delayed(_gram_times, pure=False)(atlas.path, a, min(n, a + chunk), mean, scale, W),
+            shape=W.shape,
+            dtype=np.float64,
+        )
+        for a in range(0, n, chunk)
+    ]
     return np.asarray(ctx.compute(da.stack(parts).sum(axis=0, split_every=8))[0])
 
 
@@ -74,14 +83,18 @@ def _resolve(atlas: Atlas, opts: PCAOptions, context: PlanContext) -> PCAOptions
 
 def _check(atlas: Atlas, opts: PCAOptions) -> None:
     if "X" not in atlas.root or not atlas.n_genes:
-        raise MissingInputError(f"pca needs expression: {atlas.path} has no expression matrix /X (it was ingested "
-                                f"without genes); ingest with genes= (a list, or 'rest'), or leave out the stages "
-                                f"that need it (reconstruct, PC raster channels)")
+        raise MissingInputError(
+            f"pca needs expression: {atlas.path} has no expression matrix /X (it was ingested "
+            f"without genes); ingest with genes= (a list, or 'rest'), or leave out the stages "
+            f"that need it (reconstruct, PC raster channels)"
+        )
     n, G = atlas.n_cells, atlas.n_genes
     k = opts.n_pcs if opts.n_pcs is not None else min(DEFAULT_N_PCS, G)
     if not 1 <= k <= min(G, n):
-        raise InputError(f"pca asked for {k} components but {atlas.path} has {G} genes and {n:,} cells; "
-                         f"n_pcs must be between 1 and {min(G, n)}")
+        raise InputError(
+            f"pca asked for {k} components but {atlas.path} has {G} genes and {n:,} cells; "
+            f"n_pcs must be between 1 and {min(G, n)}"
+        )
 
 
 def _build(ctx: StageContext) -> dict:
@@ -96,11 +109,11 @@ def _build(ctx: StageContext) -> dict:
     k = int(opts.n_pcs)
     X = atlas._lazy("X").astype(np.float64)
     bad = ~da.isfinite(X).all(axis=1)
-    total, total_sq, n_bad, first_bad = ctx.compute(X.sum(0), (X ** 2).sum(0), bad.sum(), da.argmax(bad))
+    total, total_sq, n_bad, first_bad = ctx.compute(X.sum(0), (X**2).sum(0), bad.sum(), da.argmax(bad))
     if n_bad:
         _nonfinite_error(atlas, int(first_bad), int(n_bad))
     mean = total / n
-    var = np.maximum(total_sq / n - mean ** 2, 0.0) * n / max(n - 1, 1)
+    var = np.maximum(total_sq / n - mean**2, 0.0) * n / max(n - 1, 1)
     sc = safe_scale(np.sqrt(var)) if opts.scale else np.ones(G)
     width = min(G, k + 10)
     W = np.linalg.qr(np.random.default_rng(opts.seed).normal(size=(G, width)))[0]
@@ -114,7 +127,7 @@ def _build(ctx: StageContext) -> dict:
     flip = np.sign(v[np.arange(k), np.abs(v).argmax(1)])
     v *= np.where(flip == 0, 1.0, flip)[:, None]
     ev = np.asarray(s) ** 2 / max(n - 1, 1)
-    total_var = float((var / sc ** 2).sum())
+    total_var = float((var / sc**2).sum())
     arrays.write_small(group, "components", v.astype(np.float32), ("pc", "gene"))
     arrays.write_small(group, "mean", mean.astype(np.float32), ("gene",))
     arrays.write_small(group, "scale", sc.astype(np.float32), ("gene",))
@@ -122,16 +135,28 @@ def _build(ctx: StageContext) -> dict:
     arrays.write_small(group, "explained_variance_ratio", (ev / max(total_var, 1e-30)).astype(np.float32), ("pc",))
     chunk = atlas.cell_chunk
     arrays.create(group, "pcs", (n, k), np.float32, (chunk, k), ("cell", "pc"))
-    tasks = [dask.delayed(_project_chunk, pure=False)(atlas.path, group.path, a, min(a + chunk, n))
-             for a in range(0, n, chunk)]
+    tasks = [
+        dask.delayed(_project_chunk, pure=False)(atlas.path, group.path, a, min(a + chunk, n))
+        for a in range(0, n, chunk)
+    ]
     written = sum(ctx.compute(*tasks))
     ensure(written == n, f"pca wrote PCs of {written} cells, not {n}")
     return {"n_pcs": k, "explained_variance_ratio_sum": float((ev / max(total_var, 1e-30)).sum())}
 
 
-STAGE = Stage(name="pca", output="pca", inputs=("ingest",), options=PCAOptions, version=1,
-              summary="Out-of-core PCA of ``/X``: components, mean, scale and per-cell PCs as arrays in ``/pca``.",
-              build=_build, element="lamina.pca", pipeline="reconstruct", check=_check, resolve=_resolve)
+STAGE = Stage(
+    name="pca",
+    output="pca",
+    inputs=("ingest",),
+    options=PCAOptions,
+    version=1,
+    summary="Out-of-core PCA of ``/X``: components, mean, scale and per-cell PCs as arrays in ``/pca``.",
+    build=_build,
+    element="lamina.pca",
+    pipeline="reconstruct",
+    check=_check,
+    resolve=_resolve,
+)
 pca = STAGE.function
 
 

@@ -7,6 +7,7 @@ and checks every stage's preconditions before the first one runs: a build that w
 stage for lack of ``/X`` fails at once. ``lamina.align`` / ``lamina.reconstruct`` / ``lamina build`` all
 go through it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,9 @@ def route(names, flat: dict, per_stage: dict | None = None, where: str = "") -> 
         takers = [n for n in names if key in {f.name for f in stages[n].options.fields()}]
         if not takers:
             known = sorted({f.name for n in names for f in stages[n].options.fields()})
-            raise UnknownOptionError(f"{where}: unknown option {key!r}; the stages {', '.join(names)} take "
-                                     f"{', '.join(known)}")
+            raise UnknownOptionError(
+                f"{where}: unknown option {key!r}; the stages {', '.join(names)} take {', '.join(known)}"
+            )
         for n in takers:
             out[n].setdefault(key, value)
     return out
@@ -67,8 +69,9 @@ def plan(atlas: Atlas, targets, options: dict[str, dict] | None = None, disabled
     order = list(all_stages())
 
     def parse(name: str):
-        return get_stage(name).options.parse(options.get(name), where=where or "lamina plan",
-                                             prefix=f"stages.{name}." if where else "")
+        return get_stage(name).options.parse(
+            options.get(name), where=where or "lamina plan", prefix=f"stages.{name}." if where else ""
+        )
 
     steps = {n: Step(get_stage(n), None) for n in expand(targets) if n not in disabled}
     changed = True
@@ -85,8 +88,10 @@ def plan(atlas: Atlas, targets, options: dict[str, dict] | None = None, disabled
                 if need == ROOT or need in steps or not missing_inputs(atlas, [need]):
                     continue
                 if need in disabled:
-                    raise ConfigError(f"{where or 'plan'}: stage '{name}' needs '{need}', which is switched off and "
-                                      f"not in the store yet; enable it or run it first")
+                    raise ConfigError(
+                        f"{where or 'plan'}: stage '{name}' needs '{need}', which is switched off and "
+                        f"not in the store yet; enable it or run it first"
+                    )
                 steps[need] = Step(get_stage(need), None)
                 changed = True
     ordered = _topological(steps, order)
@@ -132,8 +137,9 @@ def align(atlas: Atlas, client=None, fine: bool = True, stages: dict | None = No
     return run_plan(atlas, plan(atlas, ["align"], routed, disabled), client)
 
 
-def reconstruct(atlas: Atlas, client=None, interpolate: bool = True, stages: dict | None = None,
-                **options) -> dict[str, float]:
+def reconstruct(
+    atlas: Atlas, client=None, interpolate: bool = True, stages: dict | None = None, **options
+) -> dict[str, float]:
     """``pca -> train_flow -> interpolate -> voxelize -> invert``; returns wall seconds per stage.
 
     ``dz_um`` is the flow's step and layer spacing, ``voxel_um`` the grid's edge (default: the

@@ -6,6 +6,7 @@ Each section is drawn in its own centred frame (raw coordinates minus the sectio
 streams the section's cells chunk by chunk through ``kernels.raster.splat`` and writes its own
 ``[1, C, H, W]`` chunk of ``/raster/cells``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,12 +30,15 @@ CHANNELS = ("auto", "types", "pcs", "types+pcs", "density")
 
 @dataclass(frozen=True)
 class RasterizeOptions(Options):
-    pixel_um: float | None = option(None, "canvas pixel (um); null: the typical cell spacing, no finer than a "
-                                          "256-pixel canvas", gt=0)
+    pixel_um: float | None = option(
+        None, "canvas pixel (um); null: the typical cell spacing, no finer than a 256-pixel canvas", gt=0
+    )
     sigma_px: float = option(1.5, "Gaussian blur of the density images (pixels)", ge=0)
     channels: Literal["auto", "types", "pcs", "types+pcs", "density"] = option(
-        "auto", "what the images show: cell types, expression PCs (with a density channel), both, or density; "
-                "auto: types, else PCs when there are genes")
+        "auto",
+        "what the images show: cell types, expression PCs (with a density channel), both, or density; "
+        "auto: types, else PCs when there are genes",
+    )
     n_pc_channels: int = option(8, "principal components drawn (2 channels each, by sign)", ge=1)
     expression_share: float = option(0.75, "share of each cell's mass spread over the PC channels", gt=0, le=1)
 
@@ -52,8 +56,9 @@ def channel_kind(atlas: Atlas, channels: str = "auto") -> str:
     if "types" in channels and not has_types:
         raise InputError(f"rasterize: channels={channels!r} but {atlas.path} has no cell_type column")
     if "pcs" in channels and not has_genes:
-        raise InputError(f"rasterize: channels={channels!r} needs expression of at least 2 genes; {atlas.path} has "
-                         f"{atlas.n_genes}")
+        raise InputError(
+            f"rasterize: channels={channels!r} needs expression of at least 2 genes; {atlas.path} has {atlas.n_genes}"
+        )
     return channels
 
 
@@ -66,12 +71,16 @@ def canvas_geometry(atlas: Atlas, pixel_um: float | None, max_px: int = MAX_CANV
     dy = np.maximum(np.abs(corners[:, 2] - cy), np.abs(corners[:, 3] - cy))
     radius = float(np.max(np.hypot(dx, dy))) * 1.05 + 1.0  # any rotation of any section fits
     n = np.asarray(qc["n_cells"][...]).astype(np.float64)
-    spacing = np.sqrt(4 * dx * dy / np.maximum(n, 1))      # typical distance between neighbouring cells
+    spacing = np.sqrt(4 * dx * dy / np.maximum(n, 1))  # typical distance between neighbouring cells
     auto = float(np.clip(np.median(spacing), 2 * radius / max_px, None))
     pixel = float(pixel_um) if pixel_um else auto
     size = int(np.ceil(2 * radius / pixel)) + 1
-    return {"centroid": np.stack([cx, cy], 1), "pixel_um": pixel, "size": size,
-            "origin": [-(size - 1) / 2 * pixel, -(size - 1) / 2 * pixel]}
+    return {
+        "centroid": np.stack([cx, cy], 1),
+        "pixel_um": pixel,
+        "size": size,
+        "origin": [-(size - 1) / 2 * pixel, -(size - 1) / 2 * pixel],
+    }
 
 
 def pixel_to_um(raster) -> np.ndarray:
@@ -79,16 +88,29 @@ def pixel_to_um(raster) -> np.ndarray:
     return grid_to_um(float(raster.attrs["spacing"]), raster.attrs["origin"])
 
 
-def _rasterize_section(store: str, s: int, lo: int, hi: int, center, geom: dict, n_channels: int, kind: str,
-                       n_pcs: int, share: float, sigma_px: float, chunk: int) -> int:
+def _rasterize_section(
+    store: str,
+    s: int,
+    lo: int,
+    hi: int,
+    center,
+    geom: dict,
+    n_channels: int,
+    kind: str,
+    n_pcs: int,
+    share: float,
+    sigma_px: float,
+    chunk: int,
+) -> int:
     root = zarr.open_group(store, mode="r+")
     shape = (geom["size"], geom["size"])
     img = np.zeros((n_channels, *shape), np.float32)
     expression = "pcs" in kind
     if expression:  # centred on the section's own mean: a shift between sections (batch) is not anatomy
         sd = np.sqrt(np.asarray(root["pca/explained_variance"][:n_pcs], np.float64))
-        centre = sum(np.asarray(root["pca/pcs"][a:min(hi, a + chunk), :n_pcs], np.float64).sum(0)
-                     for a in range(lo, hi, chunk)) / max(hi - lo, 1)
+        centre = sum(
+            np.asarray(root["pca/pcs"][a : min(hi, a + chunk), :n_pcs], np.float64).sum(0) for a in range(lo, hi, chunk)
+        ) / max(hi - lo, 1)
     n_identity = n_channels - 2 * n_pcs
     for a in range(lo, hi, chunk):
         b = min(hi, a + chunk)
@@ -151,23 +173,65 @@ def _build(ctx: StageContext) -> dict:
     kind, names, n_pcs = _layout(atlas, opts)
     share = float(opts.expression_share) if n_pcs else 0.0
     S, C, N = atlas.n_sections, len(names), geom["size"]
-    arrays.create(group, "cells", (S, C, N, N), np.float32, (1, C, N, N), ("section", "channel", "y", "x"),
-                  {"units": "cells per pixel", "channels": names, "kind": kind})
-    arrays.write_small(group, "centroid", geom["centroid"], ("section", "xy"),
-                       {"units": "um", "description": "raw (x, y) subtracted before drawing"})
-    group.attrs.update({"origin": geom["origin"], "spacing": geom["pixel_um"], "sigma_px": opts.sigma_px,
-                        "frame": "section-centred: canvas (x, y) = raw (x, y) - centroid"})
+    arrays.create(
+        group,
+        "cells",
+        (S, C, N, N),
+        np.float32,
+        (1, C, N, N),
+        ("section", "channel", "y", "x"),
+        {"units": "cells per pixel", "channels": names, "kind": kind},
+    )
+    arrays.write_small(
+        group,
+        "centroid",
+        geom["centroid"],
+        ("section", "xy"),
+        {"units": "um", "description": "raw (x, y) subtracted before drawing"},
+    )
+    group.attrs.update(
+        {
+            "origin": geom["origin"],
+            "spacing": geom["pixel_um"],
+            "sigma_px": opts.sigma_px,
+            "frame": "section-centred: canvas (x, y) = raw (x, y) - centroid",
+        }
+    )
     sec = atlas.sections
     job = dict(geom, target=f"{group.path}/cells")
-    tasks = [dask.delayed(_rasterize_section, pure=False)(
-        atlas.path, s, int(sec.cell_start.iloc[s]), int(sec.cell_stop.iloc[s]), geom["centroid"][s], job, C,
-        kind, n_pcs, share, opts.sigma_px, atlas.cell_chunk) for s in range(S)]
+    tasks = [
+        dask.delayed(_rasterize_section, pure=False)(
+            atlas.path,
+            s,
+            int(sec.cell_start.iloc[s]),
+            int(sec.cell_stop.iloc[s]),
+            geom["centroid"][s],
+            job,
+            C,
+            kind,
+            n_pcs,
+            share,
+            opts.sigma_px,
+            atlas.cell_chunk,
+        )
+        for s in range(S)
+    ]
     ctx.compute(*tasks)
     return {"pixel_um": geom["pixel_um"], "canvas_px": N, "channels": kind}
 
 
-STAGE = Stage(name="rasterize", output="raster", inputs=("ingest", "section_stats"), options=RasterizeOptions,
-              version=1, summary="Every section as smoothed density images on one shared, section-centred canvas.",
-              build=_build, element="lamina.raster", pipeline="align", needs=_needs, check=_check,
-              prepare=_prepare)
+STAGE = Stage(
+    name="rasterize",
+    output="raster",
+    inputs=("ingest", "section_stats"),
+    options=RasterizeOptions,
+    version=1,
+    summary="Every section as smoothed density images on one shared, section-centred canvas.",
+    build=_build,
+    element="lamina.raster",
+    pipeline="align",
+    needs=_needs,
+    check=_check,
+    prepare=_prepare,
+)
 rasterize = STAGE.function

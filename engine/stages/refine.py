@@ -24,6 +24,7 @@ A reference section named at ``register`` is *held*: it is never moved, it serve
 and it replaces the gauge (the atlas frame is its own). A section whose template does not move (the held
 reference alone, as in a pair) takes the full step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,21 +45,25 @@ from .rasterize import pixel_to_um
 
 @dataclass(frozen=True)
 class RefineOptions(Options):
-    affine_rounds: int = option(3, "group-wise affine rounds, each section against the mean of the others "
-                                   "(0: none)", ge=0)
+    affine_rounds: int = option(
+        3, "group-wise affine rounds, each section against the mean of the others (0: none)", ge=0
+    )
     lddmm_rounds: int = option(2, "LDDMM rounds, each section against its neighbours in z (0: affine only)", ge=0)
-    z_sigma_sections: float | None = option(3.0, "width of the neighbours' template and of the local gauge "
-                                                 "(sections); null: all sections", gt=0)
+    z_sigma_sections: float | None = option(
+        3.0, "width of the neighbours' template and of the local gauge (sections); null: all sections", gt=0
+    )
     alpha_px: float = option(8.0, "smoothness length of the velocity fields (canvas pixels)", gt=0)
     power: float = option(2.0, "power of the smoothing operator (1 - alpha^2 Laplacian)^-power", gt=0)
     sigma: float = option(0.05, "weight of the image term against the deformation energy", gt=0)
     lddmm_grid_px: int = option(64, "pixels across the finest LDDMM grid", ge=4)
-    lddmm_iterations: tuple[int, ...] = option((100, 50), "Adam steps of the LDDMM per scale (coarse, fine)",
-                                               ge=0)
+    lddmm_iterations: tuple[int, ...] = option((100, 50), "Adam steps of the LDDMM per scale (coarse, fine)", ge=0)
     time_steps: int = option(5, "time steps of the velocity fields", ge=1)
     affine_iterations: tuple[int, ...] = option((120, 60), "Adam steps of the group-wise affine per scale", ge=0)
-    min_mass_ratio: float = option(0.02, "sections with fewer cells than this share of the largest keep the "
-                                         "identity and stay out of every template", ge=0)
+    min_mass_ratio: float = option(
+        0.02,
+        "sections with fewer cells than this share of the largest keep the identity and stay out of every template",
+        ge=0,
+    )
     mass_preserving: bool = option(True, "carry rasters as densities (times the Jacobian) under the warp")
     batch: int = option(4, "sections fitted as one batch per task (16-32 on GPU workers)", ge=1)
 
@@ -133,8 +138,9 @@ def _template(root, g: str, weights: np.ndarray):
     return torch.from_numpy(_weighted_sum(root[f"{g}/current"], weights)).float()
 
 
-def _lddmm_task(store: str, g: str, ks: list[int], weights: np.ndarray, steps: list[float], warm: bool,
-                opts: dict) -> list[dict]:
+def _lddmm_task(
+    store: str, g: str, ks: list[int], weights: np.ndarray, steps: list[float], warm: bool, opts: dict
+) -> list[dict]:
     """LDDMM of sections ``ks`` onto their templates (``weights`` ``[len(ks), S]``) as one batch
     (:func:`lddmm.register_batch`: each section gets what it would get alone, every operation runs once)."""
     import torch
@@ -147,10 +153,20 @@ def _lddmm_task(store: str, g: str, ks: list[int], weights: np.ndarray, steps: l
     canvases = torch.from_numpy(np.stack([np.asarray(root[f"{g}/canvas"][k], np.float32) for k in ks])).to(dev)
     f = opts["pool"]
     init = torch.from_numpy(np.stack([np.asarray(root[f"{g}/velocity"][k]) for k in ks])).to(dev) if warm else None
-    vs, reps = lddmm.register_batch(templates, canvases, steps=opts["time_steps"], alpha=opts["alpha_px"],
-                                    power=opts["power"], sigma=opts["sigma"],
-                                    iterations=tuple(opts["lddmm_iterations"]), scales=(2 * f, f), init=init,
-                                    tol=1e-7, dtype=torch.float32, mass=opts["mass_preserving"])
+    vs, reps = lddmm.register_batch(
+        templates,
+        canvases,
+        steps=opts["time_steps"],
+        alpha=opts["alpha_px"],
+        power=opts["power"],
+        sigma=opts["sigma"],
+        iterations=tuple(opts["lddmm_iterations"]),
+        scales=(2 * f, f),
+        init=init,
+        tol=1e-7,
+        dtype=torch.float32,
+        mass=opts["mass_preserving"],
+    )
     # Jacobi step towards the consensus (kernels.groupwise.consensus_step), taken on the velocity
     previous = torch.zeros_like(vs) if init is None else lddmm.resize_velocity(init.to(vs), vs.shape[-2:])
     vs = previous + torch.tensor(steps, dtype=vs.dtype, device=vs.device).reshape(-1, 1, 1, 1, 1) * (vs - previous)
@@ -160,11 +176,18 @@ def _lddmm_task(store: str, g: str, ks: list[int], weights: np.ndarray, steps: l
     for i, k in enumerate(ks):
         v = vs[i]
         root[f"{g}/velocity"][k] = lddmm.resize_velocity(v, root[f"{g}/velocity"].shape[-2:]).cpu().numpy()
-        root[f"{g}/flow"][k] = lddmm.forward_displacement_tiled(v, tile=max(32, N // 2),
-                                                                 halo=lddmm.required_halo(v)).cpu().numpy()
+        root[f"{g}/flow"][k] = (
+            lddmm.forward_displacement_tiled(v, tile=max(32, N // 2), halo=lddmm.required_halo(v)).cpu().numpy()
+        )
         root[f"{g}/flow_inverse"][k] = inverse[i]
-        out.append({"section": k, "data_before": reps[i]["data_before"], "data_after": reps[i]["data_after"],
-                    "iterations": int(sum(reps[i]["iterations"]))})
+        out.append(
+            {
+                "section": k,
+                "data_before": reps[i]["data_before"],
+                "data_after": reps[i]["data_after"],
+                "iterations": int(sum(reps[i]["iterations"])),
+            }
+        )
     return out
 
 
@@ -177,11 +200,15 @@ def _gauge_task(store: str, g: str, k: int, weights: np.ndarray, spacing: float,
     root = _open(store)
     flows = root[f"{g}/flow"]
     common = _weighted_sum(flows, weights)
-    fwd, inv = remove_common(torch.from_numpy(np.asarray(flows[k], np.float64)),
-                             torch.from_numpy(np.asarray(root[f"{g}/flow_inverse"][k], np.float64)),
-                             torch.from_numpy(common))
-    ensure(bool(torch.isfinite(fwd).all() and torch.isfinite(inv).all()),
-           f"refine: non-finite displacement for section {k}")
+    fwd, inv = remove_common(
+        torch.from_numpy(np.asarray(flows[k], np.float64)),
+        torch.from_numpy(np.asarray(root[f"{g}/flow_inverse"][k], np.float64)),
+        torch.from_numpy(common),
+    )
+    ensure(
+        bool(torch.isfinite(fwd).all() and torch.isfinite(inv).all()),
+        f"refine: non-finite displacement for section {k}",
+    )
     root[f"{g}/displacement"][k] = (fwd * spacing).float().numpy()
     root[f"{g}/inverse"][k] = (inv * spacing).float().numpy()
     canvas = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float64))
@@ -211,8 +238,7 @@ def _build(ctx: StageContext) -> dict:
     made refine 1.3-1.7x faster). The split depends only on ``batch``, so results do not depend on the
     number of workers. A reference held by ``register`` (``reference=``) is never moved.
     """
-    from ..kernels.groupwise import (affine_gauge, consensus_step, frame_stretch, smoothing_weights,
-                                     template_weights)
+    from ..kernels.groupwise import affine_gauge, consensus_step, frame_stretch, smoothing_weights, template_weights
 
     atlas, opts, group = ctx.atlas, ctx.options, ctx.group
     g, store = group.path, atlas.path
@@ -224,17 +250,22 @@ def _build(ctx: StageContext) -> dict:
     final = np.asarray(atlas.root["transforms/affine"][...])
     ref = int(atlas.root["transforms/affine"].attrs["reference"])
     held = bool(atlas.root["transforms/affine"].attrs.get("reference_held", False))
-    Q = affine_matrix(0.0, 1.0, cen[ref]) @ P          # atlas canvas pixel -> atlas um
+    Q = affine_matrix(0.0, 1.0, cen[ref]) @ P  # atlas canvas pixel -> atlas um
     Qi = np.linalg.inv(Q)
     f = max(1, int(round(N / opts.lddmm_grid_px)))
     n_coarse = -(-N // f)
     T = opts.time_steps
     img, field = ("section", "channel", "y", "x"), ("section", "xy", "y", "x")
-    for name, shape, dims in [("canvas", (S, C, N, N), img), ("current", (S, C, N, N), img),
-                              ("template_sum", (C, N, N), img[1:]),
-                              ("velocity", (S, T, 2, n_coarse, n_coarse), ("section", "t", "xy", "yc", "xc")),
-                              ("flow", (S, 2, N, N), field), ("flow_inverse", (S, 2, N, N), field),
-                              ("displacement", (S, 2, N, N), field), ("inverse", (S, 2, N, N), field)]:
+    for name, shape, dims in [
+        ("canvas", (S, C, N, N), img),
+        ("current", (S, C, N, N), img),
+        ("template_sum", (C, N, N), img[1:]),
+        ("velocity", (S, T, 2, n_coarse, n_coarse), ("section", "t", "xy", "yc", "xc")),
+        ("flow", (S, 2, N, N), field),
+        ("flow_inverse", (S, 2, N, N), field),
+        ("displacement", (S, 2, N, N), field),
+        ("inverse", (S, 2, N, N), field),
+    ]:
         arrays.create(group, name, shape, np.float32, (1,) * (len(shape) - 3) + shape[-3:], dims)
     # sections with too few cells to register keep the identity and stay out of every template
     n_cells = np.asarray(atlas.root["qc/n_cells"][...], np.float64)
@@ -254,16 +285,20 @@ def _build(ctx: StageContext) -> dict:
     # the affine template (all usable sections) moves unless k is the only section that moves; rounds let
     # a moving template settle, against a held one a single round is the whole fit
     affine_template_moves = moving.sum() > 1
-    affine_rounds = 0 if usable.sum() < 2 else opts.affine_rounds if affine_template_moves \
-        else min(opts.affine_rounds, 1)
+    affine_rounds = (
+        0 if usable.sum() < 2 else opts.affine_rounds if affine_template_moves else min(opts.affine_rounds, 1)
+    )
     if affine_rounds:
         f_aff = max(1, int(round(N / 64)))
         affine_batches = even_batches([int(k) for k in np.flatnonzero(moving)], opts.batch)
         for _ in range(affine_rounds):
             ctx.compute(dask.delayed(_sum_task, pure=False)(store, g, usable))
-            tasks = [dask.delayed(_affine_task, pure=False)(store, g, ks, B[ks], int(usable.sum()),
-                                                            (2 * f_aff, f_aff), tuple(opts.affine_iterations))
-                     for ks in affine_batches]
+            tasks = [
+                dask.delayed(_affine_task, pure=False)(
+                    store, g, ks, B[ks], int(usable.sum()), (2 * f_aff, f_aff), tuple(opts.affine_iterations)
+                )
+                for ks in affine_batches
+            ]
             step = consensus_step(1.0 / usable.sum(), template_moves=affine_template_moves)
             for ks, (found, losses) in zip(affine_batches, ctx.compute(*tasks)):
                 for k, Bk, loss in zip(ks, found, losses):
@@ -296,29 +331,56 @@ def _build(ctx: StageContext) -> dict:
     lopts = {**opts.to_dict(), "pool": f}
     batches = even_batches([int(k) for k in np.flatnonzero(moving) if tw[k].sum() > 0], opts.batch)
     for r in range(n_lddmm):
-        tasks = [dask.delayed(_lddmm_task, pure=False)(store, g, ks, tw[ks], [steps[k] for k in ks], r > 0, lopts)
-                 for ks in batches]
+        tasks = [
+            dask.delayed(_lddmm_task, pure=False)(store, g, ks, tw[ks], [steps[k] for k in ks], r > 0, lopts)
+            for ks in batches
+        ]
         reports = [rep for done in ctx.compute(*tasks) for rep in done]
-        ctx.compute(*[dask.delayed(_gauge_task, pure=False)(store, g, k, gauge[k], spacing, opts.mass_preserving)
-                  for k in range(S)])
-    scores = np.asarray(ctx.compute(*[dask.delayed(_score_task, pure=False)(store, g, k, tw[k]) for k in range(S)])
-                        ) if S > 1 else np.zeros((S, 2))
+        ctx.compute(
+            *[
+                dask.delayed(_gauge_task, pure=False)(store, g, k, gauge[k], spacing, opts.mass_preserving)
+                for k in range(S)
+            ]
+        )
+    scores = (
+        np.asarray(ctx.compute(*[dask.delayed(_score_task, pure=False)(store, g, k, tw[k]) for k in range(S)]))
+        if S > 1
+        else np.zeros((S, 2))
+    )
     for name in ("template_sum", "velocity", "flow", "flow_inverse"):
         del group[name]
     ensure(bool(np.all(np.isfinite(final_new))), "refine produced a non-finite transform")
-    arrays.write_small(group, "affine", final_new, ("section", "i", "j"),
-                       {"maps": "raw (x, y, 1) um -> atlas (x, y, 1) um, before the displacement"})
+    arrays.write_small(
+        group,
+        "affine",
+        final_new,
+        ("section", "i", "j"),
+        {"maps": "raw (x, y, 1) um -> atlas (x, y, 1) um, before the displacement"},
+    )
     origin = [float(Q[0, 2]), float(Q[1, 2])]
-    group.attrs.update({"origin": origin, "spacing": spacing, "units": "um",
-                        "displacement": "atlas = a + displacement(a), a = affine @ raw (bilinear on the grid)",
-                        "inverse": "a = x + inverse(x) for an atlas point x; raw = affine^-1 @ a"})
+    group.attrs.update(
+        {
+            "origin": origin,
+            "spacing": spacing,
+            "units": "um",
+            "displacement": "atlas = a + displacement(a), a = affine @ raw (bilinear on the grid)",
+            "inverse": "a = x + inverse(x) for an atlas point x; raw = affine^-1 @ a",
+        }
+    )
     group["canvas"].attrs["description"] = "each section after the affine stages, on the atlas canvas"
     group["current"].attrs["description"] = "each section after refinement (affine + displacement)"
     qc = group.create_group("sections")
-    qc.attrs["ncc"] = ("correlation with the section's template of neighbours: before = after the affine rounds, "
-                       "after = with the displacement too")
-    data = {"ncc_before": scores[:, 0], "ncc_after": scores[:, 1], "affine_loss": affine_loss,
-            "lddmm_data_before": np.full(S, np.nan), "lddmm_data_after": np.full(S, np.nan)}
+    qc.attrs["ncc"] = (
+        "correlation with the section's template of neighbours: before = after the affine rounds, "
+        "after = with the displacement too"
+    )
+    data = {
+        "ncc_before": scores[:, 0],
+        "ncc_after": scores[:, 1],
+        "affine_loss": affine_loss,
+        "lddmm_data_before": np.full(S, np.nan),
+        "lddmm_data_after": np.full(S, np.nan),
+    }
     for rep in reports:
         data["lddmm_data_before"][rep["section"]] = rep["data_before"]
         data["lddmm_data_after"][rep["section"]] = rep["data_after"]
@@ -326,11 +388,24 @@ def _build(ctx: StageContext) -> dict:
         arrays.write_small(qc, name, np.asarray(values, np.float64), ("section",))
     arrays.write_small(qc, "refined", usable, ("section",))
     skipped = [str(atlas.sections.id.iloc[k]) for k in np.flatnonzero(~usable)]
-    return {"lddmm_pool": f, "skipped_sections": skipped, "rounds": {"affine": affine_rounds, "lddmm": n_lddmm},
-            "ncc_mean_before": float(np.mean(scores[:, 0])), "ncc_mean_after": float(np.mean(scores[:, 1]))}
+    return {
+        "lddmm_pool": f,
+        "skipped_sections": skipped,
+        "rounds": {"affine": affine_rounds, "lddmm": n_lddmm},
+        "ncc_mean_before": float(np.mean(scores[:, 0])),
+        "ncc_mean_after": float(np.mean(scores[:, 1])),
+    }
 
 
-STAGE = Stage(name="refine", output="deformation", inputs=("register",), options=RefineOptions, version=1,
-              summary="Group-wise affine consistency, then LDDMM of each section against its neighbours in z.",
-              build=_build, element="lamina.deformation", pipeline="align")
+STAGE = Stage(
+    name="refine",
+    output="deformation",
+    inputs=("register",),
+    options=RefineOptions,
+    version=1,
+    summary="Group-wise affine consistency, then LDDMM of each section against its neighbours in z.",
+    build=_build,
+    element="lamina.deformation",
+    pipeline="align",
+)
 refine = STAGE.function

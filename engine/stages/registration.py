@@ -15,6 +15,7 @@ Every pair gets a QC row (method, matches, inliers, correlation before/after, ov
 A pair that cannot be registered (blank or tiny section) is flagged, gets no weight in the joint solve,
 and its section follows its neighbours; no transform is ever NaN.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,21 +42,29 @@ from .rasterize import pixel_to_um
 
 @dataclass(frozen=True)
 class RegisterOptions(Options):
-    reference: str | int | None = option(None, "a section id to hold fixed and align every other section onto; "
-                                               "null: none is privileged (the frame is the middle section's)")
+    reference: str | int | None = option(
+        None,
+        "a section id to hold fixed and align every other section onto; "
+        "null: none is privileged (the frame is the middle section's)",
+    )
     reflect: bool = option(False, "also try mirrored sections")
     rotation_step_deg: float = option(4.0, "angle step of the FFT rotation search (degrees)", gt=0)
     min_inliers: int = option(8, "RANSAC inliers a feature match needs to be used", ge=1)
     ransac_px: float = option(2.5, "RANSAC inlier distance (canvas pixels)", gt=0)
-    iterations: tuple[int, ...] = option((120, 60, 25), "Adam steps of the affine refinement per scale "
-                                                        "(coarse to fine)", ge=0)
+    iterations: tuple[int, ...] = option(
+        (120, 60, 25), "Adam steps of the affine refinement per scale (coarse to fine)", ge=0
+    )
     skip_pairs: bool = option(True, "also register each section with the one two away, for the joint solve")
     min_overlap: float = option(0.5, "QC flag below this tissue overlap after alignment", ge=0, le=1)
     min_ncc: float = option(0.3, "QC flag below this correlation after alignment", le=1)
-    min_mass_ratio: float = option(0.02, "a section with less than this share of its partner's cells is not "
-                                         "registered (placed by its neighbours)", ge=0)
-    matcher: Literal["sift", "loftr"] = option("sift", "feature matcher: kornia SIFT, or LoFTR from "
-                                                       "matcher_weights (nothing is downloaded)")
+    min_mass_ratio: float = option(
+        0.02,
+        "a section with less than this share of its partner's cells is not registered (placed by its neighbours)",
+        ge=0,
+    )
+    matcher: Literal["sift", "loftr"] = option(
+        "sift", "feature matcher: kornia SIFT, or LoFTR from matcher_weights (nothing is downloaded)"
+    )
     matcher_weights: str | None = option(None, "local LoFTR weights file every worker can read")
     batch: int = option(4, "pairs fitted as one batch per task (16-32 on GPU workers)", ge=1)
 
@@ -98,8 +107,9 @@ def _candidates(m, f, opts: RegisterOptions, seed: int, row: dict) -> list[tuple
     return candidates
 
 
-def register_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], opts: RegisterOptions, seeds: list[int],
-                   device=None) -> list[dict]:
+def register_pairs(
+    pairs: list[tuple[np.ndarray, np.ndarray]], opts: RegisterOptions, seeds: list[int], device=None
+) -> list[dict]:
     """:func:`register_pair` for several ``(moving, fixed)`` pairs of one canvas size: features and the
     rotation search pair by pair, then the gradient refinement of every pair's candidates as one batch
     (:func:`refine_affine_batch`; each candidate gets what it would get alone)."""
@@ -111,21 +121,36 @@ def register_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], opts: RegisterOpt
     rows, work = [], []
     for i, ((moving, fixed), seed) in enumerate(zip(pairs, seeds)):
         torch.manual_seed(seed)
-        row = {"method": "none", "n_matches": 0, "n_inliers": 0, "loss": float("nan"), "ncc_before": 0.0,
-               "ncc_after": 0.0, "overlap": 0.0, "flag": "", "transform": np.eye(3)}
+        row = {
+            "method": "none",
+            "n_matches": 0,
+            "n_inliers": 0,
+            "loss": float("nan"),
+            "ncc_before": 0.0,
+            "ncc_after": 0.0,
+            "overlap": 0.0,
+            "flag": "",
+            "transform": np.eye(3),
+        }
         rows.append(row)
         mass_m, mass_f = float(moving.sum()), float(fixed.sum())
         if min(mass_m, mass_f) < max(5.0, opts.min_mass_ratio * max(mass_m, mass_f)):
-            row["flag"] = (f"blank or tiny section ({mass_m:.0f} vs {mass_f:.0f} cells on the canvas); not "
-                           f"registered, placed by its neighbours")
+            row["flag"] = (
+                f"blank or tiny section ({mass_m:.0f} vs {mass_f:.0f} cells on the canvas); not "
+                f"registered, placed by its neighbours"
+            )
             continue
         m, f = _normalised(moving).to(dev), _normalised(fixed).to(dev)
         row["ncc_before"] = ncc(m, f)
         work.extend((i, m, f, name, T) for name, T in _candidates(m, f, opts, seed, row))
     if not work:
         return rows
-    found, losses = refine_affine_batch(torch.stack([w[2] for w in work]), torch.stack([w[1] for w in work]),
-                                        np.stack([w[4] for w in work]), iterations=tuple(opts.iterations))
+    found, losses = refine_affine_batch(
+        torch.stack([w[2] for w in work]),
+        torch.stack([w[1] for w in work]),
+        np.stack([w[4] for w in work]),
+        iterations=tuple(opts.iterations),
+    )
     best: dict[int, tuple] = {}
     for (i, m, f, name, _), A, loss in zip(work, found, losses):
         if np.all(np.isfinite(A)) and np.isfinite(loss) and (i not in best or loss < best[i][3]):
@@ -163,8 +188,9 @@ def _qc(row: dict, m, f, A: np.ndarray, opts: RegisterOptions) -> None:
 def _pairs_task(store: str, raster: str, pairs: list[tuple[int, int]], opts: RegisterOptions) -> list[dict]:
     root = zarr.open_group(store, mode="r")
     images = root[raster]
-    rows = register_pairs([(np.asarray(images[k]), np.asarray(images[j])) for k, j in pairs], opts,
-                          [k * 1000 + j for k, j in pairs])
+    rows = register_pairs(
+        [(np.asarray(images[k]), np.asarray(images[j])) for k, j in pairs], opts, [k * 1000 + j for k, j in pairs]
+    )
     for row, (k, j) in zip(rows, pairs):
         row.update(moving=k, fixed=j)
     return rows
@@ -211,21 +237,26 @@ def _check(atlas: Atlas, opts: RegisterOptions) -> None:
     before any task runs)."""
     ids = [str(i) for i in atlas.sections.id]
     if opts.reference is not None and str(opts.reference) not in ids:
-        raise InputError(f"register: reference section {opts.reference!r} is not in the atlas {atlas.path} "
-                         f"(sections: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''})")
+        raise InputError(
+            f"register: reference section {opts.reference!r} is not in the atlas {atlas.path} "
+            f"(sections: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''})"
+        )
     if opts.matcher != "loftr":
         return
     path = opts.matcher_weights
     if not path:
-        raise InputError("register: matcher='loftr' needs matcher_weights, the path of a local LoFTR weights file "
-                         "(lamina downloads nothing); every worker must be able to read it")
+        raise InputError(
+            "register: matcher='loftr' needs matcher_weights, the path of a local LoFTR weights file "
+            "(lamina downloads nothing); every worker must be able to read it"
+        )
     try:
         load_loftr(str(path))
     except FileNotFoundError as exc:
         raise InputError(f"register: LoFTR weights {path} do not exist") from exc
     except Exception as exc:  # torch.load / load_state_dict: not a LoFTR state_dict, truncated, not torch at all
-        raise InputError(f"register: {path} is not a usable LoFTR weights file ({type(exc).__name__}: "
-                         f"{str(exc)[:200]})") from exc
+        raise InputError(
+            f"register: {path} is not a usable LoFTR weights file ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
 
 
 def _build(ctx: StageContext) -> dict:
@@ -244,8 +275,10 @@ def _build(ctx: StageContext) -> dict:
     P = pixel_to_um(raster)
     Pinv = np.linalg.inv(P)
     pairs = plan_pairs(S, ref, opts.skip_pairs)
-    tasks = [dask.delayed(_pairs_task, pure=False)(atlas.path, "raster/cells", batch, opts)
-             for batch in even_batches(pairs, opts.batch)]
+    tasks = [
+        dask.delayed(_pairs_task, pure=False)(atlas.path, "raster/cells", batch, opts)
+        for batch in even_batches(pairs, opts.batch)
+    ]
     rows = [row for done in ctx.compute(*tasks) for row in done]
     for r in rows:
         r["affine_um"] = P @ r["transform"] @ Pinv
@@ -266,9 +299,13 @@ def _build(ctx: StageContext) -> dict:
     back = affine_matrix(0.0, 1.0, centroid[ref])  # atlas frame: the reference section's raw position
     final = np.stack([back @ G[k] @ affine_matrix(0.0, 1.0, -centroid[k]) for k in range(S)])
     ensure(bool(np.all(np.isfinite(final))), "register produced a non-finite transform")
-    arrays.write_small(group, "affine", final, ("section", "i", "j"),
-                       {"maps": "raw (x, y, 1) um -> atlas (x, y, 1) um", "reference": int(ref),
-                        "reference_held": held})
+    arrays.write_small(
+        group,
+        "affine",
+        final,
+        ("section", "i", "j"),
+        {"maps": "raw (x, y, 1) um -> atlas (x, y, 1) um", "reference": int(ref), "reference_held": held},
+    )
     qc = group.create_group("pairs")
     for name in ("moving", "fixed", "n_matches", "n_inliers"):
         arrays.write_small(qc, name, np.array([r[name] for r in rows], np.int64), ("pair",))
@@ -276,14 +313,32 @@ def _build(ctx: StageContext) -> dict:
         arrays.write_small(qc, name, np.array([r[name] for r in rows], np.float64), ("pair",))
     for name in ("method", "flag"):
         arrays.write_small(qc, name, np.array([r[name] for r in rows], dtype=str), ("pair",))
-    arrays.write_small(qc, "affine_um", np.stack([r["affine_um"] for r in rows]) if rows else np.zeros((0, 3, 3)),
-                       ("pair", "i", "j"), {"maps": "moving section-centred um -> fixed section-centred um"})
-    flagged = [f"{atlas.sections.id.iloc[r['moving']]}->{atlas.sections.id.iloc[r['fixed']]}: {r['flag']}"
-               for r in rows if r["flag"]]
+    arrays.write_small(
+        qc,
+        "affine_um",
+        np.stack([r["affine_um"] for r in rows]) if rows else np.zeros((0, 3, 3)),
+        ("pair", "i", "j"),
+        {"maps": "moving section-centred um -> fixed section-centred um"},
+    )
+    flagged = [
+        f"{atlas.sections.id.iloc[r['moving']]}->{atlas.sections.id.iloc[r['fixed']]}: {r['flag']}"
+        for r in rows
+        if r["flag"]
+    ]
     return {"reference": int(ref), "reference_held": held, "n_pairs": len(rows), "flagged": flagged[:20]}
 
 
-STAGE = Stage(name="register", output="transforms", inputs=("rasterize",), options=RegisterOptions, version=1,
-              summary="Affine registration of the sections into one frame: pairwise fits, then one joint solve.",
-              build=_build, element="lamina.transforms", pipeline="align", check=_check, resolve=_resolve)
+STAGE = Stage(
+    name="register",
+    output="transforms",
+    inputs=("rasterize",),
+    options=RegisterOptions,
+    version=1,
+    summary="Affine registration of the sections into one frame: pairwise fits, then one joint solve.",
+    build=_build,
+    element="lamina.transforms",
+    pipeline="align",
+    check=_check,
+    resolve=_resolve,
+)
 register = STAGE.function

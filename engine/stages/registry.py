@@ -6,6 +6,7 @@ stages stays cheap). Other packages add stages through the entry point group ``l
 point names a :class:`~lamina.stages.contract.Stage`), as xarray finds its backends; :func:`add_stage`
 adds one at run time (tests, notebooks).
 """
+
 from __future__ import annotations
 
 import contextlib

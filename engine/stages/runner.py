@@ -7,6 +7,7 @@ their declared types), what ``prepare`` resolved, and its inputs' hashes. A cras
 group (removed on the next run) and never a group that looks complete; the previous result stays in place
 until the new one is ready. A re-run with the same hash is skipped; a new algorithm version re-runs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._version import __version__
-from ..hashing import jsonable, params_hash
 from ..errors import MissingInputError
+from ..hashing import jsonable, params_hash
 from ..store.atlas import Atlas, _is_url, now_iso
 from .contract import PlanContext, Stage, StageContext
 
@@ -65,9 +66,11 @@ def missing_inputs(atlas: Atlas, inputs) -> list[str]:
 def require_inputs(atlas: Atlas, stage: Stage, inputs) -> None:
     missing = missing_inputs(atlas, inputs)
     if missing:
-        raise MissingInputError(f"stage '{stage.name}' needs the output of {', '.join(missing)} in {atlas.path}; "
-                                f"run {' and '.join(f'lamina.{m}()' for m in missing)} first (lamina.align / "
-                                f"lamina.reconstruct / `lamina build` run the stages in order)")
+        raise MissingInputError(
+            f"stage '{stage.name}' needs the output of {', '.join(missing)} in {atlas.path}; "
+            f"run {' and '.join(f'lamina.{m}()' for m in missing)} first (lamina.align / "
+            f"lamina.reconstruct / `lamina build` run the stages in order)"
+        )
 
 
 def digest_of(atlas: Atlas, stage: Stage, params: dict, inputs) -> str:
@@ -75,8 +78,15 @@ def digest_of(atlas: Atlas, stage: Stage, params: dict, inputs) -> str:
     return params_hash(stage.name, stage.version, params, [records[i]["hash"] for i in inputs])
 
 
-def run(stage: Stage, atlas: Atlas, client=None, force: bool = False, options: dict | None = None,
-        context: PlanContext | None = None, parsed=None) -> StageResult:
+def run(
+    stage: Stage,
+    atlas: Atlas,
+    client=None,
+    force: bool = False,
+    options: dict | None = None,
+    context: PlanContext | None = None,
+    parsed=None,
+) -> StageResult:
     """Run ``stage`` on ``atlas`` with ``options`` (see :mod:`lamina.stages.contract` for the order of the
     hooks); ``parsed`` passes options already parsed and resolved by a plan."""
     atlas.writable()
@@ -97,8 +107,7 @@ def run(stage: Stage, atlas: Atlas, client=None, force: bool = False, options: d
     return _commit(stage, atlas, opts, prepared, params, inputs, digest, client)
 
 
-def _commit(stage: Stage, atlas: Atlas, opts, prepared: dict, params: dict, inputs, digest: str,
-            client) -> StageResult:
+def _commit(stage: Stage, atlas: Atlas, opts, prepared: dict, params: dict, inputs, digest: str, client) -> StageResult:
     from ..store.elements import CURRENT
 
     name, output = stage.name, stage.output
@@ -112,8 +121,15 @@ def _commit(stage: Stage, atlas: Atlas, opts, prepared: dict, params: dict, inpu
         del atlas.root[output]
     group = atlas.root.create_group(target, overwrite=True)
     group.attrs.update({"complete": False, "stage": name})
-    base = {"hash": digest, "params": params, "group": output, "started": started, "version": __version__,
-            "algorithm_version": stage.version, "inputs": {i: records[i]["hash"] for i in inputs}}
+    base = {
+        "hash": digest,
+        "params": params,
+        "group": output,
+        "started": started,
+        "version": __version__,
+        "algorithm_version": stage.version,
+        "inputs": {i: records[i]["hash"] for i in inputs},
+    }
     _set_record(atlas, name, {"complete": False, **base})
     ctx = StageContext(stage, atlas, opts, group, client, prepared)
     try:
@@ -138,13 +154,18 @@ def _commit(stage: Stage, atlas: Atlas, opts, prepared: dict, params: dict, inpu
         if SCRATCH in atlas.root and not list(atlas.root[SCRATCH].keys()):
             del atlas.root[SCRATCH]
     seconds = time.perf_counter() - t0
-    _set_record(atlas, name, {"complete": True, **base, "finished": now_iso(), "seconds": round(seconds, 3),
-                              **extra})
+    _set_record(atlas, name, {"complete": True, **base, "finished": now_iso(), "seconds": round(seconds, 3), **extra})
     for hook in ctx.after_commit:
         hook()
     summary = ", ".join(f"{k} {_short(v)}" for k, v in jsonable(extra).items() if k != "flagged")
-    log.info("%s: done in %.1f s -> /%s (%s%s)", name, seconds, output, _size(atlas, output),
-             f"; {summary}" if summary else "")
+    log.info(
+        "%s: done in %.1f s -> /%s (%s%s)",
+        name,
+        seconds,
+        output,
+        _size(atlas, output),
+        f"; {summary}" if summary else "",
+    )
     for flag in extra.get("flagged", []):
         log.info("%s: flagged %s", name, flag)
     return StageResult(name, output, True, digest, seconds)

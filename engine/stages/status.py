@@ -1,4 +1,5 @@
 """What each stage of the registry has done to an atlas: the table ``lamina info`` prints."""
+
 from __future__ import annotations
 
 from ..store.atlas import Atlas
@@ -11,12 +12,16 @@ def stage_lines(atlas: Atlas) -> list[str]:
     (complete / not run / INCOMPLETE / stale and why), output group, algorithm version, when, seconds."""
     records = atlas.stage_records()
     stages = all_stages()
-    lines = ["  stages:            state                          output         version  finished"
-             "                    seconds"]
+    lines = [
+        "  stages:            state                          output         version  finished"
+        "                    seconds"
+    ]
 
     def row(name: str, state: str, output: str, version, rec: dict) -> str:
-        return (f"    {name:<16} {state:<30} /{output:<13} {str(version):<8} {rec.get('finished', ''):<26}"
-                f"{rec.get('seconds', 0):>7.1f}")
+        return (
+            f"    {name:<16} {state:<30} /{output:<13} {str(version):<8} {rec.get('finished', ''):<26}"
+            f"{rec.get('seconds', 0):>7.1f}"
+        )
 
     if ROOT in records:
         rec = records[ROOT]
@@ -24,6 +29,13 @@ def stage_lines(atlas: Atlas) -> list[str]:
     for name, stage in stages.items():
         lines.append(row(name, stage_state(atlas, stage), stage.output, stage.version, records.get(name, {})))
     for name in sorted(set(records) - set(stages) - {ROOT}):
-        lines.append(row(name, "unknown to this lamina", str(records[name].get("group", "?")).lstrip("/"),
-                         records[name].get("algorithm_version", "?"), records[name]))
+        lines.append(
+            row(
+                name,
+                "unknown to this lamina",
+                str(records[name].get("group", "?")).lstrip("/"),
+                records[name].get("algorithm_version", "?"),
+                records[name],
+            )
+        )
     return lines

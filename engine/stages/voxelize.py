@@ -7,6 +7,7 @@ chunk at a time, and scatter-adds them (``kernels.voxel.accumulate``) into the c
 task ever holds more than one volume chunk and one row chunk. A grid whose uncompressed size would not fit
 on the store's disk is refused before anything is written.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ DEFAULT_VOXEL_UM = 10.0
 @dataclass(frozen=True)
 class VoxelizeOptions(Options):
     voxel_um: float | None = option(None, "voxel edge (um); null: the interpolation's dz_um, else 10", gt=0)
-    use_interpolated: bool | None = option(None, "include the interpolated layers; null: when interpolate runs "
-                                                 "or has run")
+    use_interpolated: bool | None = option(
+        None, "include the interpolated layers; null: when interpolate runs or has run"
+    )
 
 
 def volume_chunks(P: int, shape: tuple[int, int, int], budget: int = CHUNK_BYTES) -> tuple[int, int]:
@@ -47,9 +49,11 @@ def grid(atlas: Atlas, voxel_um: float, interpolated: bool = True) -> dict:
     lazy = [atlas._lazy(f"aligned/{k}") for k in ("x", "y")]
     if interpolated and atlas.group_is_complete("interpolated") and atlas.root["interpolated/x"].shape[0]:
         lazy = [da.concatenate([lz, atlas._lazy(f"interpolated/{k}")]) for lz, k in zip(lazy, ("x", "y"))]
-    xmin, xmax, ymin, ymax = (float(v) for v in dask.compute(lazy[0].min(), lazy[0].max(), lazy[1].min(), lazy[1].max()))
+    xmin, xmax, ymin, ymax = (
+        float(v) for v in dask.compute(lazy[0].min(), lazy[0].max(), lazy[1].min(), lazy[1].max())
+    )
     z = atlas.sections.z.to_numpy(np.float64)
-    lo = np.array([xmin, ymin, z.min()]) - voxel_um / 2   # the extreme cells sit at voxel centres
+    lo = np.array([xmin, ymin, z.min()]) - voxel_um / 2  # the extreme cells sit at voxel centres
     hi = np.array([xmax, ymax, z.max()])
     n = np.floor((hi - lo) / voxel_um).astype(np.int64) + 1
     return {"origin": lo.tolist(), "voxel_um": float(voxel_um), "shape": (int(n[2]), int(n[1]), int(n[0]))}
@@ -72,8 +76,9 @@ def _row_ranges(root: zarr.Group, z0: float, z1: float, interpolated: bool) -> l
     return out
 
 
-def _voxelize_chunk(store: str, target: str, geom: dict, zc: int, yc: int, cz: int, ty: int, read_rows: int,
-                    interpolated: bool) -> int:
+def _voxelize_chunk(
+    store: str, target: str, geom: dict, zc: int, yc: int, cz: int, ty: int, read_rows: int, interpolated: bool
+) -> int:
     root = zarr.open_group(store, mode="r+")
     Z, Y, X = geom["shape"]
     v, (ox, oy, oz) = geom["voxel_um"], geom["origin"]
@@ -101,8 +106,9 @@ def _voxelize_chunk(store: str, target: str, geom: dict, zc: int, yc: int, cz: i
             m = (iz >= 0) & (iz < shape[0]) & (iy >= 0) & (iy < shape[1]) & (ix >= 0) & (ix < X)
             if not m.any():
                 continue
-            s, c = accumulate(iz[m], iy[m], ix[m], np.asarray(root[pcs_name][a:b])[m], shape,
-                              None if w is None else w[m])
+            s, c = accumulate(
+                iz[m], iy[m], ix[m], np.asarray(root[pcs_name][a:b])[m], shape, None if w is None else w[m]
+            )
             sums += s
             counts += c
             n += int(m.sum())
@@ -113,7 +119,9 @@ def _voxelize_chunk(store: str, target: str, geom: dict, zc: int, yc: int, cz: i
 
 
 def _interpolated_done(atlas: Atlas) -> bool:
-    return bool(atlas.stage_records().get("interpolate", {}).get("complete")) and atlas.group_is_complete("interpolated")
+    return bool(atlas.stage_records().get("interpolate", {}).get("complete")) and atlas.group_is_complete(
+        "interpolated"
+    )
 
 
 def _resolve(atlas: Atlas, opts: VoxelizeOptions, context: PlanContext) -> VoxelizeOptions:
@@ -144,24 +152,47 @@ def _build(ctx: StageContext) -> dict:
     geom = grid(atlas, voxel_um, interpolated)
     Z, Y, X = geom["shape"]
     P = int(atlas.root["pca/pcs"].shape[1])
-    atlas.check_disk(Z * Y * X * (P + 1) * 4, f"a {Z}x{Y}x{X} voxel grid of {voxel_um:g} um with {P} PCs",
-                     "choose a larger voxel_um")
+    atlas.check_disk(
+        Z * Y * X * (P + 1) * 4, f"a {Z}x{Y}x{X} voxel grid of {voxel_um:g} um with {P} PCs", "choose a larger voxel_um"
+    )
     cz, ty = volume_chunks(P, geom["shape"])
     attrs = {"voxel_um": voxel_um, "origin": geom["origin"], "units": "um"}
-    arrays.create(group, "pcs", (P, Z, Y, X), np.float32, (P, cz, ty, X), ("pc", "z", "y", "x"), attrs,
-                  fill_value=np.nan)
-    arrays.create(group, "density", (Z, Y, X), np.float32, (cz, ty, X), ("z", "y", "x"),
-                  {**attrs, "description": "cells per voxel (interpolated cells count with their weight)"})
+    arrays.create(
+        group, "pcs", (P, Z, Y, X), np.float32, (P, cz, ty, X), ("pc", "z", "y", "x"), attrs, fill_value=np.nan
+    )
+    arrays.create(
+        group,
+        "density",
+        (Z, Y, X),
+        np.float32,
+        (cz, ty, X),
+        ("z", "y", "x"),
+        {**attrs, "description": "cells per voxel (interpolated cells count with their weight)"},
+    )
     group.attrs.update({**attrs, "shape": [Z, Y, X], "chunks": [cz, ty], "interpolated": interpolated})
-    tasks = [dask.delayed(_voxelize_chunk, pure=False)(atlas.path, group.path, geom, zc, yc, cz, ty, atlas.cell_chunk,
-                                                       interpolated)
-             for zc in range(-(-Z // cz)) for yc in range(-(-Y // ty))]
+    tasks = [
+        dask.delayed(_voxelize_chunk, pure=False)(
+            atlas.path, group.path, geom, zc, yc, cz, ty, atlas.cell_chunk, interpolated
+        )
+        for zc in range(-(-Z // cz))
+        for yc in range(-(-Y // ty))
+    ]
     n = sum(ctx.compute(*tasks))
     return {"shape": [Z, Y, X], "voxel_um": voxel_um, "cells": int(n)}
 
 
-STAGE = Stage(name="voxelize", output="volume", inputs=("warp", "pca", "interpolate"), options=VoxelizeOptions,
-              version=1, summary="Observed and interpolated cells on an isotropic grid: mean PCs and cells per voxel.",
-              build=_build, element="lamina.volume", pipeline="reconstruct", needs=_needs, resolve=_resolve,
-              prepare=_prepare)
+STAGE = Stage(
+    name="voxelize",
+    output="volume",
+    inputs=("warp", "pca", "interpolate"),
+    options=VoxelizeOptions,
+    version=1,
+    summary="Observed and interpolated cells on an isotropic grid: mean PCs and cells per voxel.",
+    build=_build,
+    element="lamina.volume",
+    pipeline="reconstruct",
+    needs=_needs,
+    resolve=_resolve,
+    prepare=_prepare,
+)
 voxelize = STAGE.function

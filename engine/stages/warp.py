@@ -3,6 +3,7 @@
 The transform is the refined one (``/deformation``: affine, then a displacement sampled bilinearly on the
 atlas canvas) when the ``refine`` stage has run, else the affine of ``/transforms``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ SOURCES = {"refined": ("deformation", "refine"), "affine": ("transforms", "regis
 @dataclass(frozen=True)
 class WarpOptions(Options):
     source: Literal["auto", "refined", "affine", "identity"] = option(
-        "auto", "transform applied: refined (affine + displacement), affine, or identity (cells already "
-                "registered, e.g. imported); auto: refined when refine runs or has run, else affine")
+        "auto",
+        "transform applied: refined (affine + displacement), affine, or identity (cells already "
+        "registered, e.g. imported); auto: refined when refine runs or has run, else affine",
+    )
 
 
 def _warp_chunk(store: str, target: str, a: int, b: int, source: str, z: np.ndarray) -> int:
@@ -77,8 +80,10 @@ def _write_aligned(ctx: StageContext, chunk_task, source: str) -> dict:
     for k in ("x", "y", "z"):
         arrays.create(group, k, (n,), np.float32, (chunk,), ("cell",), {"units": "um"})
     z = atlas.sections.z.to_numpy(np.float64)
-    tasks = [dask.delayed(chunk_task, pure=False)(atlas.path, group.path, a, min(a + chunk, n), source, z)
-             for a in range(0, n, chunk)]
+    tasks = [
+        dask.delayed(chunk_task, pure=False)(atlas.path, group.path, a, min(a + chunk, n), source, z)
+        for a in range(0, n, chunk)
+    ]
     written = sum(ctx.compute(*tasks))
     ensure(written == n, f"warp wrote {written} rows of {n}")
     return {"n_cells": n, "transform": source}
@@ -92,9 +97,19 @@ def _identity_chunk(store: str, target: str, a: int, b: int, source: str, z: np.
     return b - a
 
 
-STAGE = Stage(name="warp", output="aligned", inputs=("refine",), options=WarpOptions, version=1,
-              summary="Each section's transform applied to its cells: aligned x, y, z (um) in ``/aligned``.",
-              build=_build, element="lamina.aligned", pipeline="align", needs=_needs, resolve=_resolve)
+STAGE = Stage(
+    name="warp",
+    output="aligned",
+    inputs=("refine",),
+    options=WarpOptions,
+    version=1,
+    summary="Each section's transform applied to its cells: aligned x, y, z (um) in ``/aligned``.",
+    build=_build,
+    element="lamina.aligned",
+    pipeline="align",
+    needs=_needs,
+    resolve=_resolve,
+)
 warp = STAGE.function
 
 

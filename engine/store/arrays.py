@@ -1,15 +1,38 @@
 """Zarr helpers: typed, chunk-aligned array creation and writes (the only place that touches zarr codecs)."""
+
 from __future__ import annotations
 
 import numpy as np
 import zarr
 
-from ..errors import ensure
+from ..errors import StoreError, ensure
 
 #: Rows per cell chunk are chosen so that one chunk of a [cell, gene] float32 block stays near this size.
 TARGET_CHUNK_BYTES = 32 * 2**20
 MAX_CELL_CHUNK = 65536
 MIN_CELL_CHUNK = 1024
+
+
+def get_array(node: zarr.Group, path: str) -> zarr.Array:
+    """``node[path]``, which must be an array (a clear :class:`StoreError` otherwise)."""
+    found = node.get(path)
+    if not isinstance(found, zarr.Array):
+        raise StoreError(
+            f"{node.store_path}/{path} is {'missing' if found is None else 'a group'}, not an array; "
+            f"the store is damaged or from another tool: rebuild it with `lamina build`"
+        )
+    return found
+
+
+def get_group(node: zarr.Group, path: str) -> zarr.Group:
+    """``node[path]``, which must be a group (a clear :class:`StoreError` otherwise)."""
+    found = node.get(path)
+    if not isinstance(found, zarr.Group):
+        raise StoreError(
+            f"{node.store_path}/{path} is {'missing' if found is None else 'an array'}, not a group; "
+            f"the store is damaged or from another tool: rebuild it with `lamina build`"
+        )
+    return found
 
 
 def cell_chunk_rows(n_genes: int, gene_chunk: int, requested: int | None = None) -> int:
@@ -22,14 +45,22 @@ def cell_chunk_rows(n_genes: int, gene_chunk: int, requested: int | None = None)
     return int(np.clip(rows, MIN_CELL_CHUNK, MAX_CELL_CHUNK))
 
 
-def create(group: zarr.Group, name: str, shape, dtype, chunks, dims, attrs: dict | None = None,
-           fill_value=None) -> zarr.Array:
+def create(
+    group: zarr.Group, name: str, shape, dtype, chunks, dims, attrs: dict | None = None, fill_value=None
+) -> zarr.Array:
     """Create (or replace) ``group[name]`` with xarray-readable dimension names."""
     chunks = tuple(max(1, int(min(c, s))) if s else 1 for c, s in zip(chunks, shape))
     if fill_value is None:
         fill_value = "" if dtype is str else 0
-    arr = group.create_array(name, shape=tuple(int(s) for s in shape), dtype=dtype, chunks=chunks,
-                             dimension_names=tuple(dims), fill_value=fill_value, overwrite=True)
+    arr = group.create_array(
+        name,
+        shape=tuple(int(s) for s in shape),
+        dtype=dtype,
+        chunks=chunks,
+        dimension_names=tuple(dims),
+        fill_value=fill_value,
+        overwrite=True,
+    )
     if attrs:
         arr.attrs.update(attrs)
     return arr
@@ -49,8 +80,10 @@ def write_small(group: zarr.Group, name: str, values, dims, attrs: dict | None =
 
 def assert_aligned(region_start: int, region_stop: int, chunk: int, length: int, what: str) -> None:
     """Refuse a parallel write that would share a chunk with another task (silent corruption in Zarr)."""
-    ensure(not (region_start % chunk or (region_stop % chunk and region_stop != length)),
-           f"misaligned write to {what}: rows [{region_start}, {region_stop}) vs chunk {chunk}")
+    ensure(
+        not (region_start % chunk or (region_stop % chunk and region_stop != length)),
+        f"misaligned write to {what}: rows [{region_start}, {region_stop}) vs chunk {chunk}",
+    )
 
 
 def as_text(values) -> np.ndarray:

@@ -4,12 +4,14 @@ Layout (see DESIGN.md): ``/cells/<column>`` over [cell] sorted by section; ``/se
 [section]; ``/genes/name`` over [gene]; ``/X`` [cell, gene] float32; further groups are written by stages.
 Categorical cell columns are integer codes with their labels in the array's ``categories`` attr.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
 import os
 import shutil
 from pathlib import Path
+from typing import Literal, cast
 
 import dask.array as da
 import numpy as np
@@ -20,7 +22,7 @@ import zarr
 
 from .._version import __version__
 from ..errors import StoreError, TooLargeError, UnknownGeneError, UnknownSectionError
-from .arrays import as_text
+from .arrays import as_text, get_array, get_group
 from .elements import EmbeddingV1, ImageV1, expect
 from .format import FORMAT_NAME, FORMAT_VERSION, UNITS, check_format, require_current
 
@@ -44,23 +46,34 @@ class Atlas:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def create(cls, path: str | os.PathLike, overwrite: bool = False) -> "Atlas":
+    def create(cls, path: str | os.PathLike, overwrite: bool = False) -> Atlas:
         """Create an empty store at ``path`` (a directory ``NAME.lamina.zarr`` or an fsspec URL)."""
         path = str(path)
         if not _is_url(path) and Path(path).exists() and not overwrite:
             raise StoreError(f"{path} already exists; open it with lamina.Atlas.open() or pass overwrite=True")
         root = zarr.open_group(path, mode="w", zarr_format=3)
-        root.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "units": UNITS,
-                           "encoding-type": FORMAT_NAME, "encoding-version": str(FORMAT_VERSION),
-                           "created_by": f"lamina {__version__}", "created": now_iso(), "stages": {}})
+        root.attrs.update(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "units": UNITS,
+                "encoding-type": FORMAT_NAME,
+                "encoding-version": str(FORMAT_VERSION),
+                "created_by": f"lamina {__version__}",
+                "created": now_iso(),
+                "stages": {},
+            }
+        )
         return cls(path, root)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r") -> "Atlas":
+    def open(cls, path: str | os.PathLike, mode: Literal["r", "r+", "a"] = "r") -> Atlas:
         """Open an existing store; refuses stores of a newer format version."""
         path = str(path)
         if not _is_url(path) and not (Path(path) / "zarr.json").exists():
-            raise StoreError(f"no atlas store at {path} (no zarr.json); build one with `lamina build` or lamina.ingest()")
+            raise StoreError(
+                f"no atlas store at {path} (no zarr.json); build one with `lamina build` or lamina.ingest()"
+            )
         try:
             root = zarr.open_group(path, mode=mode, zarr_format=3)
         except Exception as exc:  # zarr raises several types for unreadable metadata
@@ -71,10 +84,12 @@ class Atlas:
     def __repr__(self) -> str:
         if not self.has_cells:
             return f"<lamina.Atlas {self.path} (empty)>"
-        return (f"<lamina.Atlas {self.path}: {self.n_cells:,} cells, {self.n_sections} sections, "
-                f"{self.n_genes} genes; stages: {', '.join(self.completed_stages()) or 'none'}>")
+        return (
+            f"<lamina.Atlas {self.path}: {self.n_cells:,} cells, {self.n_sections} sections, "
+            f"{self.n_genes} genes; stages: {', '.join(self.completed_stages()) or 'none'}>"
+        )
 
-    def writable(self) -> "Atlas":
+    def writable(self) -> Atlas:
         """This handle, reopened for writing if it was opened read-only (stages call this). A store of an older
         format is refused with the command that upgrades it."""
         require_current(dict(self.root.attrs), self.path)
@@ -88,8 +103,10 @@ class Atlas:
             return
         free = shutil.disk_usage(Path(self.path).resolve().parent).free
         if need > free:
-            raise TooLargeError(f"{what} would take up to {need / 2**30:.1f} GiB uncompressed but only "
-                                f"{free / 2**30:.1f} GiB are free next to {self.path}; {hint}")
+            raise TooLargeError(
+                f"{what} would take up to {need / 2**30:.1f} GiB uncompressed but only "
+                f"{free / 2**30:.1f} GiB are free next to {self.path}; {hint}"
+            )
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -107,34 +124,35 @@ class Atlas:
     @property
     def n_cells(self) -> int:
         self._require_cells()
-        return int(self.root["cells/x"].shape[0])
+        return int(get_array(self.root, "cells/x").shape[0])
 
     @property
     def n_sections(self) -> int:
         self._require_cells()
-        return int(self.root["sections/id"].shape[0])
+        return int(get_array(self.root, "sections/id").shape[0])
 
     @property
     def genes(self) -> pd.Index:
         if "genes" not in self.root:
             return pd.Index([], name="gene", dtype=object)
-        return pd.Index(as_text(self.root["genes/name"][...]), name="gene", dtype=object)
+        return pd.Index(as_text(get_array(self.root, "genes/name")[...]), name="gene", dtype=object)
 
     @property
     def n_genes(self) -> int:
-        return int(self.root["genes/name"].shape[0]) if "genes" in self.root else 0
+        return int(get_array(self.root, "genes/name").shape[0]) if "genes" in self.root else 0
 
     @property
     def sections(self) -> pd.DataFrame:
         """Per-section table (small): id, z (um), cell_start, cell_stop, n_cells, source (the file it came
         from) and any other 1-D per-section array; index = position along z."""
         self._require_cells()
-        g = self.root["sections"]
-        df = pd.DataFrame({k: np.asarray(g[k][...]) for k in ("z", "cell_start", "cell_stop")})
-        df.insert(0, "id", as_text(g["id"][...]))
+        g = get_group(self.root, "sections")
+        df = pd.DataFrame({k: np.asarray(get_array(g, k)[...]) for k in ("z", "cell_start", "cell_stop")})
+        df.insert(0, "id", as_text(get_array(g, "id")[...]))
         for k in sorted(set(g.array_keys()) - {"id", "z", "cell_start", "cell_stop"}):
-            if g[k].ndim == 1:
-                v = g[k][...]
+            arr = get_array(g, k)
+            if arr.ndim == 1:
+                v = arr[...]
                 df[k] = as_text(v) if np.asarray(v).dtype.kind in "TUO" else np.asarray(v)
         df["n_cells"] = df["cell_stop"] - df["cell_start"]
         df.index.name = "section"
@@ -143,20 +161,21 @@ class Atlas:
     @property
     def cell_columns(self) -> list[str]:
         self._require_cells()
-        return sorted(self.root["cells"].array_keys())
+        return sorted(get_group(self.root, "cells").array_keys())
 
     def categories(self, column: str) -> list[str] | None:
         """Labels of a categorical cell column (None if the column is numeric)."""
-        cats = self.root[f"cells/{column}"].attrs.get("categories")
-        return None if cats is None else list(cats)
+        cats = get_array(self.root, f"cells/{column}").attrs.get("categories")
+        return None if cats is None else [str(c) for c in cats]  # type: ignore[union-attr]
 
     @property
     def cell_chunk(self) -> int:
-        return int(self.root["cells/x"].chunks[0])
+        return int(get_array(self.root, "cells/x").chunks[0])
 
     # ------------------------------------------------------------------ stages
     def stage_records(self) -> dict:
-        return dict(self.root.attrs.get("stages", {}))
+        records = self.root.attrs.get("stages", {})
+        return dict(records) if isinstance(records, dict) else {}
 
     def completed_stages(self) -> list[str]:
         return [k for k, v in self.stage_records().items() if v.get("complete")]
@@ -166,21 +185,24 @@ class Atlas:
 
     # ------------------------------------------------------------------ lazy views
     def _lazy(self, name: str) -> da.Array:
-        arr = self.root[name]
+        arr = get_array(self.root, name)
         return da.from_zarr(arr, chunks=arr.chunks)
 
     def to_xarray(self) -> xr.Dataset:
         """The cells, sections and expression as one lazy, dask-backed ``xarray.Dataset``.
 
-        Dims: ``cell``, ``gene``, ``section``; the per-cell section index is ``cell_section``. Categorical columns hold int codes with their labels in
-        ``ds[col].attrs['categories']`` (decode with :meth:`obs`). Nothing is read until computed.
+        Dims: ``cell``, ``gene``, ``section``; the per-cell section index is ``cell_section``. Categorical columns
+        hold int codes with their labels in ``ds[col].attrs['categories']`` (decode with :meth:`obs`). Nothing is
+        read until computed.
         """
         self._require_cells()
         data_vars = {}
         for col in self.cell_columns:
             arr = self.root[f"cells/{col}"]
             # the per-cell section index cannot share its name with the "section" dimension
-            data_vars["cell_section" if col == "section" else col] = xr.DataArray(self._lazy(f"cells/{col}"), dims=("cell",), attrs=dict(arr.attrs))
+            data_vars["cell_section" if col == "section" else col] = xr.DataArray(
+                self._lazy(f"cells/{col}"), dims=("cell",), attrs=dict(arr.attrs)
+            )
         if "X" in self.root:
             data_vars["X"] = xr.DataArray(self._lazy("X"), dims=("cell", "gene"), attrs=dict(self.root["X"].attrs))
         sec = self.sections
@@ -199,8 +221,10 @@ class Atlas:
         listed = ", ".join(map(str, ids[:10])) + (f" ... ({len(ids)} in all)" if len(ids) > 10 else "")
         if isinstance(section, (int, np.integer)) and not isinstance(section, bool):
             if not 0 <= section < len(sec):
-                raise UnknownSectionError(f"section position {section} is out of range [0, {len(sec)}) in "
-                                          f"{self.path}; pass a position in range or a section id ({listed})")
+                raise UnknownSectionError(
+                    f"section position {section} is out of range [0, {len(sec)}) in "
+                    f"{self.path}; pass a position in range or a section id ({listed})"
+                )
             return int(section)
         hits = np.flatnonzero(sec["id"].to_numpy() == str(section))
         if not len(hits):
@@ -220,7 +244,7 @@ class Atlas:
         if sections is None:
             return [(0, self.n_cells)]
         picks = sections if isinstance(sections, (list, tuple)) else [sections]
-        out = []
+        out: list[tuple[int, int]] = []
         for i in (self.section_index(s) for s in picks):
             a, b = int(sec.cell_start.iloc[i]), int(sec.cell_stop.iloc[i])
             if out and out[-1][1] == a:
@@ -236,10 +260,11 @@ class Atlas:
             raise TooLargeError(
                 f"{what} of {n_rows:,} cells needs ~{need / 2**30:.2f} GiB, over the limit of {limit / 2**30:.2f} "
                 f"GiB; pass sections=[...] (or genes=[...]), raise max_bytes, or stream with "
-                f"`lamina export {self.path} --format parquet`.")
+                f"`lamina export {self.path} --format parquet`."
+            )
 
     def _read_rows(self, name: str, ranges) -> np.ndarray:
-        arr = self.root[name]
+        arr = get_array(self.root, name)
         parts = [np.asarray(arr[a:b]) for a, b in ranges]
         values = np.concatenate(parts) if parts else np.empty(0, dtype=arr.dtype)
         return as_text(values) if values.dtype.kind == "T" else values
@@ -282,8 +307,10 @@ class Atlas:
             names = self.genes
             missing = [g for g in genes if g not in set(names)]
             if missing:
-                raise UnknownGeneError(f"genes not in {self.path}: {missing[:10]}; it has {len(names)} genes "
-                                       f"({', '.join(map(str, names[:5]))} ...)")
+                raise UnknownGeneError(
+                    f"genes not in {self.path}: {missing[:10]}; it has {len(names)} genes "
+                    f"({', '.join(map(str, names[:5]))} ...)"
+                )
             gene_idx = names.get_indexer(list(genes))
         self._guard(n, 4 * len(gene_idx) + 8 * len(self.cell_columns) + 64, "to_anndata", max_bytes)
         obs = self.obs(sections, max_bytes=max_bytes)
@@ -307,32 +334,38 @@ class Atlas:
         """Section ids that have an image in ``/images``."""
         if "images" not in self.root:
             return []
-        return sorted(self.root["images"].group_keys())
+        return sorted(get_group(self.root, "images").group_keys())
 
     def image(self, section) -> dict:
         """The image of ``section``: ``levels`` (lazy dask arrays ``[c, y, x]``, finest first), ``pixel_size_um``
         and ``image_to_section`` (3x3, level-0 pixel -> the section's raw um); dispatched on its encoding."""
         sid = str(self.sections.id.iloc[self.section_index(section)])
         if sid not in self.images():
-            raise UnknownSectionError(f"section {sid!r} of {self.path} has no image; sections with images: "
-                                      f"{', '.join(self.images()) or 'none'}")
-        group = self.root[f"images/{sid}"]
-        fmt = expect(group, ImageV1.encoding_type, f"{self.path}/images/{sid}")
-        return {"levels": fmt.levels(group), "pixel_size_um": float(group.attrs["pixel_size_um"]),
-                "image_to_section": fmt.pixel_to_section(group), "source": group.attrs.get("source", "")}
+            raise UnknownSectionError(
+                f"section {sid!r} of {self.path} has no image; sections with images: "
+                f"{', '.join(self.images()) or 'none'}"
+            )
+        group = get_group(self.root, f"images/{sid}")
+        fmt = expect(group, ImageV1, f"{self.path}/images/{sid}")
+        return {
+            "levels": fmt.levels(group),
+            "pixel_size_um": float(cast(float, group.attrs["pixel_size_um"])),
+            "image_to_section": fmt.pixel_to_section(group),
+            "source": group.attrs.get("source", ""),
+        }
 
     def embeddings(self) -> list[str]:
         """Keys of ``/embeddings``."""
         if "embeddings" not in self.root:
             return []
-        return sorted(self.root["embeddings"].group_keys())
+        return sorted(get_group(self.root, "embeddings").group_keys())
 
     def embedding(self, key: str):
         """``/embeddings/<key>`` as a lazy dask array ``[cell, dim]`` and its provenance (attrs)."""
         if key not in self.embeddings():
             raise StoreError(f"{self.path} has no embedding {key!r}; it has {', '.join(self.embeddings()) or 'none'}")
-        group = self.root[f"embeddings/{key}"]
-        fmt = expect(group, EmbeddingV1.encoding_type, f"{self.path}/embeddings/{key}")
+        group = get_group(self.root, f"embeddings/{key}")
+        fmt = expect(group, EmbeddingV1, f"{self.path}/embeddings/{key}")
         return fmt.values(group), {k: v for k, v in group.attrs.items() if not k.startswith("encoding")}
 
     # ------------------------------------------------------------------ summary
@@ -348,9 +381,11 @@ class Atlas:
 
     def info(self) -> str:
         """Human-readable summary: sections, cells, genes, stages done, sizes."""
-        lines = [f"lamina atlas  {self.path}",
-                 f"  format {self.attrs.get('format_version')}  units {self.attrs.get('units')}  "
-                 f"created by {self.attrs.get('created_by')}"]
+        lines = [
+            f"lamina atlas  {self.path}",
+            f"  format {self.attrs.get('format_version')}  units {self.attrs.get('units')}  "
+            f"created by {self.attrs.get('created_by')}",
+        ]
         if not self.has_cells:
             lines.append("  (no cells yet)")
         else:
@@ -367,10 +402,14 @@ class Atlas:
 
         lines += stage_lines(self)
         if self.images() or self.embeddings():
-            lines.append(f"  images: {', '.join(self.images()) or 'none'}   embeddings: "
-                         f"{', '.join(self.embeddings()) or 'none'}")
+            lines.append(
+                f"  images: {', '.join(self.images()) or 'none'}   embeddings: {', '.join(self.embeddings()) or 'none'}"
+            )
         sizes = self.disk_bytes()
         if sizes:
-            lines.append("  on disk: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items())
-                         + f"  (total {sum(sizes.values()) / 2**20:.1f} MiB)")
+            lines.append(
+                "  on disk: "
+                + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items())
+                + f"  (total {sum(sizes.values()) / 2**20:.1f} MiB)"
+            )
         return "\n".join(lines)

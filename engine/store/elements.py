@@ -16,9 +16,10 @@ Elements designed for the stages to come (the ``enhance`` and ``embed`` issues):
 * ``/embeddings/<key>`` (:class:`EmbeddingV1`): ``values [cell, dim]`` chunk-aligned with ``/cells``, with
   its provenance (the stage, the inputs it read, radius / neighbours, model).
 """
+
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeVar, cast
 
 import numpy as np
 
@@ -47,21 +48,33 @@ class Element:
         missing = [m for m in cls.members if m not in node]
         missing_attrs = [a for a in cls.attrs if a not in node.attrs]
         if missing or missing_attrs:
-            raise StoreError(f"{where} is not a complete {cls.encoding_type} element (encoding {cls.version}): "
-                             f"missing {', '.join(missing + [f'attr {a}' for a in missing_attrs])}; "
-                             f"re-run the stage that writes it")
+            raise StoreError(
+                f"{where} is not a complete {cls.encoding_type} element (encoding {cls.version}): "
+                f"missing {', '.join(missing + [f'attr {a}' for a in missing_attrs])}; "
+                f"re-run the stage that writes it"
+            )
         for name, dims in cls.dims.items():
             if name in node:
                 found = tuple(getattr(node[name].metadata, "dimension_names", None) or ())
                 if found and found != dims:
-                    raise StoreError(f"{where}/{name} has dimensions {found}, expected {dims} for "
-                                     f"{cls.encoding_type} {cls.version}")
+                    raise StoreError(
+                        f"{where}/{name} has dimensions {found}, expected {dims} for {cls.encoding_type} {cls.version}"
+                    )
 
 
 def _element(encoding_type: str, members=(), attrs=(), dims=None, version: str = "1", doc: str = ""):
-    cls = type(f"{encoding_type.split('.')[-1].title().replace('-', '')}V{version}", (Element,),
-               {"encoding_type": encoding_type, "version": version, "members": tuple(members),
-                "attrs": tuple(attrs), "dims": dict(dims or {}), "__doc__": doc})
+    cls = type(
+        f"{encoding_type.split('.')[-1].title().replace('-', '')}V{version}",
+        (Element,),
+        {
+            "encoding_type": encoding_type,
+            "version": version,
+            "members": tuple(members),
+            "attrs": tuple(attrs),
+            "dims": dict(dims or {}),
+            "__doc__": doc,
+        },
+    )
     return cls
 
 
@@ -69,25 +82,58 @@ CellsV1 = _element("lamina.cells", ("section", "x", "y"), doc="/cells: one 1-D a
 SectionsV1 = _element("lamina.sections", ("id", "z", "cell_start", "cell_stop"), doc="/sections over [section]")
 GenesV1 = _element("lamina.genes", ("name",), doc="/genes/name over [gene]")
 MatrixV1 = _element("lamina.matrix", attrs=("normalization",), doc="/X [cell, gene] float32")
-QCV1 = _element("lamina.section-stats", ("n_cells", "centroid_x", "centroid_y", "xmin", "xmax", "ymin", "ymax"),
-                doc="/qc: per-section QC table")
-RasterV1 = _element("lamina.raster", ("cells", "centroid"), ("origin", "spacing"),
-                    {"cells": ("section", "channel", "y", "x")}, doc="/raster: [section, channel, y, x] images")
+QCV1 = _element(
+    "lamina.section-stats",
+    ("n_cells", "centroid_x", "centroid_y", "xmin", "xmax", "ymin", "ymax"),
+    doc="/qc: per-section QC table",
+)
+RasterV1 = _element(
+    "lamina.raster",
+    ("cells", "centroid"),
+    ("origin", "spacing"),
+    {"cells": ("section", "channel", "y", "x")},
+    doc="/raster: [section, channel, y, x] images",
+)
 TransformsV1 = _element("lamina.transforms", ("affine", "pairs"), doc="/transforms: affine stage + pair QC")
-DeformationV1 = _element("lamina.deformation", ("affine", "displacement", "inverse", "sections"),
-                         ("origin", "spacing"), {"displacement": ("section", "xy", "y", "x")},
-                         doc="/deformation: affine + displacement grids")
+DeformationV1 = _element(
+    "lamina.deformation",
+    ("affine", "displacement", "inverse", "sections"),
+    ("origin", "spacing"),
+    {"displacement": ("section", "xy", "y", "x")},
+    doc="/deformation: affine + displacement grids",
+)
 AlignedV1 = _element("lamina.aligned", ("x", "y", "z"), doc="/aligned: atlas-frame x, y, z [cell]")
-PCAV1 = _element("lamina.pca", ("components", "mean", "scale", "explained_variance", "pcs"),
-                 dims={"pcs": ("cell", "pc")}, doc="/pca: components, mean, scale, per-cell PCs")
-FlowV1 = _element("lamina.flow", ("forward", "backward", "loss", "sections"), ("model",),
-                  doc="/flow: the graph-SDE models' state_dicts as arrays")
-InterpolatedV1 = _element("lamina.interpolated", ("x", "y", "z", "weight", "gap", "direction", "pcs"),
-                          doc="/interpolated: generated cell layers")
-VolumeV1 = _element("lamina.volume", ("pcs", "density"), ("voxel_um", "origin"),
-                    {"pcs": ("pc", "z", "y", "x")}, doc="/volume: mean PCs and density per voxel")
-ExpressionVolumeV1 = _element("lamina.expression-volume", ("values", "gene"), ("voxel_um", "origin"),
-                              {"values": ("gene", "z", "y", "x")}, doc="/expression: genes per voxel")
+PCAV1 = _element(
+    "lamina.pca",
+    ("components", "mean", "scale", "explained_variance", "pcs"),
+    dims={"pcs": ("cell", "pc")},
+    doc="/pca: components, mean, scale, per-cell PCs",
+)
+FlowV1 = _element(
+    "lamina.flow",
+    ("forward", "backward", "loss", "sections"),
+    ("model",),
+    doc="/flow: the graph-SDE models' state_dicts as arrays",
+)
+InterpolatedV1 = _element(
+    "lamina.interpolated",
+    ("x", "y", "z", "weight", "gap", "direction", "pcs"),
+    doc="/interpolated: generated cell layers",
+)
+VolumeV1 = _element(
+    "lamina.volume",
+    ("pcs", "density"),
+    ("voxel_um", "origin"),
+    {"pcs": ("pc", "z", "y", "x")},
+    doc="/volume: mean PCs and density per voxel",
+)
+ExpressionVolumeV1 = _element(
+    "lamina.expression-volume",
+    ("values", "gene"),
+    ("voxel_um", "origin"),
+    {"values": ("gene", "z", "y", "x")},
+    doc="/expression: genes per voxel",
+)
 ImagesV1 = _element("lamina.images", doc="/images: one ImageV1 per section, named by the section id")
 EmbeddingsV1 = _element("lamina.embeddings", doc="/embeddings: one EmbeddingV1 per key")
 
@@ -108,16 +154,39 @@ class ImageV1(Element):
 
     @staticmethod
     def multiscales(n_levels: int, pixel_size_um: float, name: str) -> list[dict]:
-        return [{"version": "0.4", "name": name,
-                 "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "micrometer"},
-                          {"name": "x", "type": "space", "unit": "micrometer"}],
-                 "datasets": [{"path": str(k), "coordinateTransformations": [
-                     {"type": "scale", "scale": [1.0, pixel_size_um * 2**k, pixel_size_um * 2**k]}]}
-                     for k in range(n_levels)]}]
+        return [
+            {
+                "version": "0.4",
+                "name": name,
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space", "unit": "micrometer"},
+                    {"name": "x", "type": "space", "unit": "micrometer"},
+                ],
+                "datasets": [
+                    {
+                        "path": str(k),
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": [1.0, pixel_size_um * 2**k, pixel_size_um * 2**k]}
+                        ],
+                    }
+                    for k in range(n_levels)
+                ],
+            }
+        ]
 
     @classmethod
-    def write(cls, parent, section: str, image, pixel_size_um: float, image_to_section, source: str = "",
-              chunk: int = 2048, min_size: int = 256) -> None:
+    def write(
+        cls,
+        parent,
+        section: str,
+        image,
+        pixel_size_um: float,
+        image_to_section,
+        source: str = "",
+        chunk: int = 2048,
+        min_size: int = 256,
+    ) -> None:
         """Write ``image`` (``[c, y, x]`` or ``[y, x]``; NumPy or dask) as ``parent/<section>``: level 0 as
         given, then 2x2 means down to ``min_size`` px, each level written chunk-aligned (``chunk`` px)."""
         import dask.array as da
@@ -125,8 +194,9 @@ class ImageV1(Element):
         from . import arrays
 
         if not (np.isfinite(pixel_size_um) and pixel_size_um > 0):
-            raise StoreError(f"image of section {section!r}: pixel size must be a positive number of um, got "
-                             f"{pixel_size_um!r}")
+            raise StoreError(
+                f"image of section {section!r}: pixel size must be a positive number of um, got {pixel_size_um!r}"
+            )
         affine = np.asarray(image_to_section, np.float64)
         if affine.shape != (3, 3) or not np.all(np.isfinite(affine)):
             raise StoreError(f"image of section {section!r}: image_to_section must be a finite 3x3 affine")
@@ -138,17 +208,26 @@ class ImageV1(Element):
         while True:
             c, h, w = level.shape
             level = level.rechunk((c, min(chunk, h), min(chunk, w)))
-            target = arrays.create(group, str(k), level.shape, level.dtype, (c, min(chunk, h), min(chunk, w)),
-                                   ("c", "y", "x"))
-            da.store(level, target, lock=False)  # dask chunks == zarr chunks: no two tasks share a chunk
+            target = arrays.create(
+                group, str(k), level.shape, level.dtype, (c, min(chunk, h), min(chunk, w)), ("c", "y", "x")
+            )
+            # dask chunks == zarr chunks: no two tasks share a chunk
+            da.store(level, target, lock=False)  # type: ignore[arg-type]  # a zarr.Array is a valid target
             if min(h, w) // 2 < min_size:
                 break
-            level = da.coarsen(np.mean, da.from_zarr(target)[:, : h // 2 * 2, : w // 2 * 2].astype(np.float32),
-                               {1: 2, 2: 2}).astype(target.dtype)
+            level = da.coarsen(
+                np.mean, da.from_zarr(target)[:, : h // 2 * 2, : w // 2 * 2].astype(np.float32), {1: 2, 2: 2}
+            ).astype(target.dtype)
             k += 1
-        group.attrs.update({"multiscales": cls.multiscales(k + 1, float(pixel_size_um), section),
-                            "pixel_size_um": float(pixel_size_um), "image_to_section": affine.tolist(),
-                            "section": section, "source": str(source)})
+        group.attrs.update(
+            {
+                "multiscales": cls.multiscales(k + 1, float(pixel_size_um), section),
+                "pixel_size_um": float(pixel_size_um),
+                "image_to_section": affine.tolist(),
+                "section": section,
+                "source": str(source),
+            }
+        )
         cls.stamp(group)
 
     @staticmethod
@@ -165,7 +244,7 @@ class ImageV1(Element):
     @staticmethod
     def pixel_to_section(group, level: int = 0) -> np.ndarray:
         """3x3 map from pixel (col, row) of ``level`` to the section's raw um."""
-        s = 2.0 ** level
+        s = 2.0**level
         return np.asarray(group.attrs["image_to_section"], np.float64) @ np.diag([s, s, 1.0])
 
 
@@ -201,21 +280,50 @@ class EmbeddingV1(Element):
 
 #: (encoding type, version) -> format class
 ELEMENTS: dict[tuple[str, str], type[Element]] = {
-    (c.encoding_type, c.version): c for c in (CellsV1, SectionsV1, GenesV1, MatrixV1, QCV1, RasterV1, TransformsV1,
-                                              DeformationV1, AlignedV1, PCAV1, FlowV1, InterpolatedV1, VolumeV1,
-                                              ExpressionVolumeV1, ImagesV1, ImageV1, EmbeddingsV1, EmbeddingV1)}
+    (c.encoding_type, c.version): c
+    for c in (
+        CellsV1,
+        SectionsV1,
+        GenesV1,
+        MatrixV1,
+        QCV1,
+        RasterV1,
+        TransformsV1,
+        DeformationV1,
+        AlignedV1,
+        PCAV1,
+        FlowV1,
+        InterpolatedV1,
+        VolumeV1,
+        ExpressionVolumeV1,
+        ImagesV1,
+        ImageV1,
+        EmbeddingsV1,
+        EmbeddingV1,
+    )
+}
 #: the current encoding of each element type
 CURRENT: dict[str, type[Element]] = {}
 for _cls in ELEMENTS.values():
     if _cls.encoding_type not in CURRENT or int(_cls.version) > int(CURRENT[_cls.encoding_type].version):
         CURRENT[_cls.encoding_type] = _cls
 #: where each element lives in a format-1 store (which wrote no encoding attrs): what ``lamina upgrade`` stamps
-LEGACY_PATHS: dict[str, str] = {"cells": "lamina.cells", "sections": "lamina.sections", "genes": "lamina.genes",
-                                "X": "lamina.matrix", "qc": "lamina.section-stats", "raster": "lamina.raster",
-                                "transforms": "lamina.transforms", "deformation": "lamina.deformation",
-                                "aligned": "lamina.aligned", "pca": "lamina.pca", "flow": "lamina.flow",
-                                "interpolated": "lamina.interpolated", "volume": "lamina.volume",
-                                "expression": "lamina.expression-volume"}
+LEGACY_PATHS: dict[str, str] = {
+    "cells": "lamina.cells",
+    "sections": "lamina.sections",
+    "genes": "lamina.genes",
+    "X": "lamina.matrix",
+    "qc": "lamina.section-stats",
+    "raster": "lamina.raster",
+    "transforms": "lamina.transforms",
+    "deformation": "lamina.deformation",
+    "aligned": "lamina.aligned",
+    "pca": "lamina.pca",
+    "flow": "lamina.flow",
+    "interpolated": "lamina.interpolated",
+    "volume": "lamina.volume",
+    "expression": "lamina.expression-volume",
+}
 
 
 def element_of(node, where: str) -> type[Element] | None:
@@ -229,15 +337,20 @@ def element_of(node, where: str) -> type[Element] | None:
         known = sorted(v for (t, v) in ELEMENTS if t == kind)
         raise FormatVersionError(
             f"{where} is a {kind} element of encoding version {version}, which this lamina does not read "
-            f"(it reads {', '.join(known) or 'no version of it'}); upgrade lamina (pip install -U lamina)")
+            f"(it reads {', '.join(known) or 'no version of it'}); upgrade lamina (pip install -U lamina)"
+        )
     return cls
 
 
-def expect(node, encoding_type: str, where: str) -> type[Element]:
-    """The format class of ``node``, which must be an element of ``encoding_type`` (legacy nodes pass)."""
+E = TypeVar("E", bound=Element)
+
+
+def expect(node, kind: type[E], where: str) -> type[E]:
+    """The format class ``node`` was written with, which must be an encoding of ``kind``'s element type
+    (nodes of a format-1 store, which carry no encoding, read as ``kind``)."""
     cls = element_of(node, where)
     if cls is None:
-        return CURRENT[encoding_type]
-    if cls.encoding_type != encoding_type:
-        raise StoreError(f"{where} is a {cls.encoding_type} element, not {encoding_type}")
-    return cls
+        return kind
+    if cls.encoding_type != kind.encoding_type:
+        raise StoreError(f"{where} is a {cls.encoding_type} element, not {kind.encoding_type}")
+    return cast(type[E], cls)

@@ -5,6 +5,7 @@ Format 2 (this lamina): every element carries ``encoding-type`` / ``encoding-ver
 before the stage contract) have neither: they open for reading, their elements recognised by their place;
 writing into one needs ``lamina upgrade STORE`` first (metadata only: it stamps the elements and the root).
 """
+
 from __future__ import annotations
 
 from ..errors import FormatVersionError, StoreError
@@ -20,19 +21,26 @@ UNITS = "um"
 def check_format(attrs: dict, where: str) -> int:
     """Return the store's format version, or raise if it is not a lamina store / is too new or too old."""
     if attrs.get("format") != FORMAT_NAME:
-        raise StoreError(f"{where} is not a lamina atlas store (no 'format: {FORMAT_NAME}' in its root attrs); "
-                         f"create one with lamina.Atlas.create() or `lamina build`.")
+        raise StoreError(
+            f"{where} is not a lamina atlas store (no 'format: {FORMAT_NAME}' in its root attrs); "
+            f"create one with lamina.Atlas.create() or `lamina build`."
+        )
     version = attrs.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
-        raise StoreError(f"{where}: root attr 'format_version' is missing or not an integer ({version!r}); "
-                         f"the store is damaged: rebuild it.")
+        raise StoreError(
+            f"{where}: root attr 'format_version' is missing or not an integer ({version!r}); "
+            f"the store is damaged: rebuild it."
+        )
     if version > FORMAT_VERSION:
         raise FormatVersionError(
             f"{where} was written with lamina format version {version}, newer than this installation's "
-            f"{FORMAT_VERSION}; upgrade lamina (pip install -U lamina) to read it.")
+            f"{FORMAT_VERSION}; upgrade lamina (pip install -U lamina) to read it."
+        )
     if version < OLDEST_READABLE:
-        raise FormatVersionError(f"{where} has lamina format version {version}, older than any this lamina reads "
-                                 f"({OLDEST_READABLE}..{FORMAT_VERSION}); rebuild it with `lamina build`.")
+        raise FormatVersionError(
+            f"{where} has lamina format version {version}, older than any this lamina reads "
+            f"({OLDEST_READABLE}..{FORMAT_VERSION}); rebuild it with `lamina build`."
+        )
     return version
 
 
@@ -42,7 +50,8 @@ def require_current(attrs: dict, where: str) -> None:
     if version < FORMAT_VERSION:
         raise FormatVersionError(
             f"{where} was written with lamina format {version}; this lamina writes format {FORMAT_VERSION}. "
-            f"Run `lamina upgrade {where}` once (it rewrites metadata only, in seconds), then try again.")
+            f"Run `lamina upgrade {where}` once (it rewrites metadata only, in seconds), then try again."
+        )
 
 
 def upgrade(root, where: str) -> list[str]:

@@ -3,6 +3,7 @@
 A flat ``{name: tensor | number}`` mapping is written as one array per entry (0-d values as shape ``[1]``
 with attr ``scalar``); nested optimizer state is flattened with dotted keys by :func:`flatten`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,7 +26,7 @@ def read_state(group: zarr.Group) -> dict[str, torch.Tensor]:
     """Inverse of :func:`write_state`: ``{name: tensor}`` (0-d for scalars)."""
     out = {}
     for name in sorted(group.array_keys()):
-        arr = group[name]
+        arr = arrays.get_array(group, name)
         v = np.asarray(arr[...])
         out[name] = torch.from_numpy(v.reshape(()) if arr.attrs.get("scalar") else v.copy())
     return out

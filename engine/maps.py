@@ -40,6 +40,8 @@ from .store import arrays
 from .store.atlas import Atlas
 
 SCRATCH = "_tmp"
+#: the k-nearest halo starts at this multiple of the k-th neighbour distance at the section's mean density
+KNN_START = 1.5
 
 
 # ---------------------------------------------------------------------------------------------- tiles
@@ -207,14 +209,24 @@ def _index_task(store: str, scratch: str, a: int, b: int, coords: str, grid: dic
     return keys, counts
 
 
-def _rows_of(root, sorted_rows: str, spans: list[tuple[int, int]]) -> np.ndarray:
-    arr = root[sorted_rows]
-    parts = [np.asarray(arr[s:e]) for s, e in spans]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+class _Chunks:
+    """The pass-1 array read a chunk at a time, the last few chunks kept (a tile's spans share chunks)."""
 
+    def __init__(self, arr, keep: int = 8):
+        self.arr, self.chunk, self.keep = arr, int(arr.chunks[0]), keep
+        self.cache: dict[int, np.ndarray] = {}
 
-def _tile_rows(index: dict, keys) -> list[tuple[int, int]]:
-    return [span for key in keys for span in index.get(int(key), ())]
+    def rows(self, spans) -> np.ndarray:
+        """The rows of ``spans`` (start, stop), each within one chunk, in order."""
+        parts = []
+        for a, b in spans:
+            c = a // self.chunk
+            if c not in self.cache:
+                if len(self.cache) >= self.keep:
+                    self.cache.pop(next(iter(self.cache)))
+                self.cache[c] = np.asarray(self.arr[c * self.chunk : (c + 1) * self.chunk])
+            parts.append(self.cache[c][a - c * self.chunk : b - c * self.chunk])
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def _neighbourhood_task(
@@ -222,49 +234,50 @@ def _neighbourhood_task(
 ) -> int:
     """Pass 2 for one tile: gather it and its halo, build the neighbours, run ``fn``, write its results."""
     root = zarr.open_group(store, mode="r+")
-    nx, ny, n_sec = grid["nx"], grid["ny"], grid["n_sections"]
+    nx, ny, n_sec, tile = grid["nx"], grid["ny"], grid["n_sections"], grid["tile"]
     s, rest = divmod(key, nx * ny)
     ty, tx = divmod(rest, nx)
-    core_rows = _rows_of(root, sorted_rows, _tile_rows(index, [key]))
-    reach = max(1, math.ceil((spec["radius"] or 0.0) / grid["tile"]))
+    sorted_arr = _Chunks(root[sorted_rows])
+    core_rows = sorted_arr.rows(index.get(key, ()))
     secs = range(max(0, s - spec["z_sections"]), min(n_sec, s + spec["z_sections"] + 1))
-    z = np.asarray(grid["section_z"])
+    if spec["radius"] is not None:
+        reach = max(1, math.ceil(spec["radius"] / tile))
+    else:  # start near the k-th neighbour distance of the section's mean density, then double until exact
+        guess = KNN_START * math.sqrt(spec["k"] / (math.pi * grid["density"][s]))
+        reach = max(1, math.ceil(guess / tile))
+    read: dict[int, np.ndarray] = {}  # halo keys already gathered, so a growing halo reads each tile once
     while True:
-        keys = [
-            (ss * ny + yy) * nx + xx
-            for ss in secs
-            for yy in range(max(0, ty - reach), min(ny, ty + reach + 1))
-            for xx in range(max(0, tx - reach), min(nx, tx + reach + 1))
-        ]
-        rows = np.sort(_rows_of(root, sorted_rows, _tile_rows(index, keys)))
+        box = (max(0, tx - reach), min(nx, tx + reach + 1), max(0, ty - reach), min(ny, ty + reach + 1))
+        for ss in secs:
+            for yy in range(box[2], box[3]):
+                for xx in range(box[0], box[1]):
+                    kk = (ss * ny + yy) * nx + xx
+                    if kk not in read:
+                        read[kk] = sorted_arr.rows(index.get(kk, ()))
+        rows = np.sort(np.concatenate(list(read.values())))
         sec = np.asarray(root["cells/section"].oindex[rows]).astype(np.int64)
-        if spec["coords"] == "aligned":
-            xyz = np.stack([np.asarray(root[f"aligned/{c}"].oindex[rows], np.float64) for c in ("x", "y", "z")], 1)
-        else:
-            xyz = np.stack([np.asarray(root[f"cells/{c}"].oindex[rows], np.float64) for c in ("x", "y")] + [z[sec]], 1)
+        xyz = _gather_xyz(root, rows, sec, spec["coords"], grid["section_z"])
         # core cells in the order the tile's rows were listed (chunk by chunk), which pass 3 relies on
         core = np.searchsorted(rows, core_rows)
         indptr, indices, dist = neighbours(xyz, core, spec["radius"], spec["k"], spec["z_scale"])
-        if spec["radius"] is not None:
+        whole = box == (0, nx, 0, ny)
+        if spec["radius"] is not None or whole:
             break
         # k nearest: exact once every core cell's k-th neighbour is nearer than the edge of what was read
-        lo_x, hi_x = grid["x0"] + max(0, tx - reach) * grid["tile"], grid["x0"] + min(nx, tx + reach + 1) * grid["tile"]
-        lo_y, hi_y = grid["y0"] + max(0, ty - reach) * grid["tile"], grid["y0"] + min(ny, ty + reach + 1) * grid["tile"]
         p = xyz[core]
+        inf = np.full(len(p), np.inf)
         edge = np.minimum.reduce(
             [
-                p[:, 0] - lo_x if tx - reach > 0 else np.full(len(p), np.inf),
-                hi_x - p[:, 0] if tx + reach + 1 < nx else np.full(len(p), np.inf),
-                p[:, 1] - lo_y if ty - reach > 0 else np.full(len(p), np.inf),
-                hi_y - p[:, 1] if ty + reach + 1 < ny else np.full(len(p), np.inf),
+                p[:, 0] - (grid["x0"] + box[0] * tile) if box[0] > 0 else inf,
+                grid["x0"] + box[1] * tile - p[:, 0] if box[1] < nx else inf,
+                p[:, 1] - (grid["y0"] + box[2] * tile) if box[2] > 0 else inf,
+                grid["y0"] + box[3] * tile - p[:, 1] if box[3] < ny else inf,
             ]
         )
         kth = np.maximum.reduceat(dist, indptr[:-1]) if len(dist) else np.zeros(0)
-        if np.all(kth <= edge) or (
-            tx - reach <= 0 and ty - reach <= 0 and tx + reach + 1 >= nx and ty + reach + 1 >= ny
-        ):
+        if np.all(kth <= edge):
             break
-        reach += 1
+        reach *= 2
     columns = {
         name: np.asarray(root[name].oindex[rows] if root[name].ndim == 1 else root[name].oindex[rows, :])
         for name in spec["columns"]
@@ -276,16 +289,23 @@ def _neighbourhood_task(
         values.shape[0] == len(core), f"map_neighbourhoods: fn returned {values.shape[0]} rows for {len(core)} cells"
     )
     group, name = out.rsplit("/", 1)
-    target = arrays.create(
+    target = arrays.create(  # this task's own array: no other task writes it
         root[group],
         name,
         (len(core), *width),
         dtype,
         (max(len(core), 1), *width),
         ("row",) + tuple(f"d{i}" for i in range(len(width))),
-    )  # this task's own array
+    )
     target[...] = values.reshape((len(core), *width)).astype(dtype)
     return len(core)
+
+
+def _gather_xyz(root, rows: np.ndarray, sec: np.ndarray, coords: str, section_z) -> np.ndarray:
+    if coords == "aligned":
+        return np.stack([np.asarray(root[f"aligned/{c}"].oindex[rows], np.float64) for c in ("x", "y", "z")], 1)
+    xy = [np.asarray(root[f"cells/{c}"].oindex[rows], np.float64) for c in ("x", "y")]
+    return np.stack([*xy, np.asarray(section_z)[sec]], 1)
 
 
 def _copy_task(store: str, sorted_rows: str, target: str, a: int, b: int, parts: list) -> int:
@@ -387,19 +407,20 @@ def map_neighbourhoods(
         }
         tiles = sorted(index)
         outs = {key: f"{scratch.path}/t{key}" for key in tiles}
-        # a task gets only the index entries of its tile and its halo tiles, not the whole index
-        reach = max(1, math.ceil((radius or 0.0) / grid["tile"])) if radius is not None else None
+        # the cells of a section over its occupied tiles: where the k-nearest search starts
+        per_section = np.zeros(grid["n_sections"])
+        occupied = np.zeros(grid["n_sections"])
+        for key in tiles:
+            ss = key // (grid["nx"] * grid["ny"])
+            per_section[ss] += sum(e - s for s, e in index[key])
+            occupied[ss] += 1
+        grid["density"] = (per_section / np.maximum(occupied, 1) / grid["tile"] ** 2 + 1e-12).tolist()
+        shared = dask.delayed(
+            index, pure=True, traverse=False
+        )  # one graph node that every tile task reads, not a copy each
         tasks = [
             dask.delayed(_neighbourhood_task, pure=False)(
-                store,
-                sorted_rows,
-                outs[key],
-                key,
-                _local_index(index, key, grid, reach, int(z_sections)),
-                grid,
-                spec,
-                fn,
-                dict(kwargs or {}),
+                store, sorted_rows, outs[key], key, shared, grid, spec, fn, dict(kwargs or {})
             )
             for key in tiles
         ]
@@ -417,23 +438,6 @@ def map_neighbourhoods(
     finally:
         if f"{SCRATCH}/nbh-{token}" in root:
             del root[f"{SCRATCH}/nbh-{token}"]
-
-
-def _local_index(index: dict, key: int, grid: dict, reach: int | None, z_sections: int) -> dict:
-    """The entries of ``index`` a tile's task may read: all of its section band for k nearest (the halo
-    grows until it is exact), the tiles within ``reach`` for a radius."""
-    nx, ny = grid["nx"], grid["ny"]
-    s, rest = divmod(key, nx * ny)
-    ty, tx = divmod(rest, nx)
-    out = {}
-    for kk, spans in index.items():
-        ss, r = divmod(kk, nx * ny)
-        yy, xx = divmod(r, nx)
-        if abs(ss - s) > z_sections:
-            continue
-        if reach is None or (abs(yy - ty) <= reach and abs(xx - tx) <= reach):
-            out[kk] = spans
-    return out
 
 
 def _grid(atlas: Atlas, coords: str, tile_um: float | None, radius: float | None, cells_per_tile: int = 20_000) -> dict:

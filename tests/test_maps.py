@@ -117,9 +117,12 @@ def test_ring_means_over_3d_neighbourhoods_equal_the_all_cells_computation(cells
     assert np.isfinite(atlas.root["rings"][...][:, :4]).all()  # ring 0 holds the cell itself
 
 
-def test_k_nearest_within_sections_are_exact_whatever_the_tiles(cells):
+def test_k_nearest_within_sections_are_exact_whatever_the_tiles(cells, monkeypatch):
+    import lamina.maps
+
     atlas, xyz, sec, pcs = cells
-    for tile in (80.0, None):  # small tiles make the halo grow until the k nearest are certain
+    monkeypatch.setattr(lamina.maps, "KNN_START", 0.0)  # a halo of one tile, which must grow to be exact
+    for tile in (150.0, None):
         arrays.create(atlas.root, "knn", (atlas.n_cells, 4), np.float64, (atlas.cell_chunk, 4), ("cell", "f"))
         map_neighbourhoods(
             lambda nb: neighbour_mean(nb.columns["pca/pcs"], nb.indptr, nb.indices),

@@ -10,7 +10,6 @@ go through it.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -20,8 +19,6 @@ from .contract import PlanContext, Stage
 from .registry import ROOT, all_stages, get_stage, pipelines
 from .runner import missing_inputs, run
 
-log = logging.getLogger("lamina")
-
 
 @dataclass
 class Step:
@@ -30,12 +27,25 @@ class Step:
     inputs: tuple[str, ...] = ()
 
 
+def with_inputs(names) -> list[str]:
+    """``names`` and every registered stage they may read, directly or not (a plan may pull those in)."""
+    stages = all_stages()
+    out = list(names)
+    for name in out:  # grows while it is walked
+        for i in stages[name].inputs:
+            if i in stages and i not in out:
+                out.append(i)
+    return out
+
+
 def route(names, flat: dict, per_stage: dict | None = None, where: str = "") -> dict[str, dict]:
     """Options per stage: ``per_stage`` (stage -> options) plus each flat option given to every stage of
     ``names`` that declares it (``batch=`` reaches register and refine). A flat option no stage declares is
     an :class:`UnknownOptionError` naming the options the stages have."""
-    out = {n: dict((per_stage or {}).get(n, {})) for n in names}
     stages = all_stages()
+    for name in per_stage or {}:
+        get_stage(name)
+    out = {n: dict((per_stage or {}).get(n, {})) for n in {*names, *(per_stage or {})}}
     for key, value in flat.items():
         takers = [n for n in names if key in {f.name for f in stages[n].options.fields()}]
         if not takers:
@@ -131,9 +141,9 @@ def align(atlas: Atlas, client=None, fine: bool = True, stages: dict | None = No
     ``fine=False`` stops at the pairwise affine stage (no ``refine``; ``warp`` applies the affine). Options
     go to every stage of the pipeline that declares them (``reference=``, ``channels=``, ``batch=``, ...;
     ``lamina stages`` lists them), ``stages={"refine": {...}}`` to one stage only."""
-    names = list(pipelines()["align"])
+    names = with_inputs(pipelines()["align"])
     disabled = () if fine else ("refine",)
-    routed = route(names + ["pca"], options, stages, "lamina.align()")
+    routed = route(names, options, stages, "lamina.align()")
     return run_plan(atlas, plan(atlas, ["align"], routed, disabled), client)
 
 
@@ -145,7 +155,7 @@ def reconstruct(
     ``dz_um`` is the flow's step and layer spacing, ``voxel_um`` the grid's edge (default: the
     interpolation's ``dz_um``); ``interpolate=False`` voxelizes the observed sections only (no flow is
     trained). Options are routed as in :func:`align` (``n_pcs=``, ``steps=``, ``seed=`` ...)."""
-    names = list(pipelines()["reconstruct"])
+    names = with_inputs(pipelines()["reconstruct"])
     disabled = () if interpolate else ("train_flow", "interpolate")
     routed = route(names, options, stages, "lamina.reconstruct()")
     return run_plan(atlas, plan(atlas, ["reconstruct"], routed, disabled), client)

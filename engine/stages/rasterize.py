@@ -223,7 +223,7 @@ def _build(ctx: StageContext) -> dict:
 STAGE = Stage(
     name="rasterize",
     output="raster",
-    inputs=("ingest", "section_stats"),
+    inputs=("ingest", "section_stats", "pca"),  # pca for PC channels only (_needs)
     options=RasterizeOptions,
     version=1,
     summary="Every section as smoothed density images on one shared, section-centred canvas.",

@@ -100,7 +100,7 @@ def _identity_chunk(store: str, target: str, a: int, b: int, source: str, z: np.
 STAGE = Stage(
     name="warp",
     output="aligned",
-    inputs=("refine",),
+    inputs=("register", "refine"),  # the one its source names (_needs)
     options=WarpOptions,
     version=1,
     summary="Each section's transform applied to its cells: aligned x, y, z (um) in ``/aligned``.",

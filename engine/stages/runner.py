@@ -185,10 +185,13 @@ def _size(atlas: Atlas, group: str) -> str:
     return f"{len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB"
 
 
-def stage_state(atlas: Atlas, stage: Stage) -> str:
+def stage_state(atlas: Atlas, stage: Stage, _seen: frozenset = frozenset()) -> str:
     """``complete``, ``not run``, ``INCOMPLETE``, or ``stale (...)`` with the reason: an older algorithm
-    version, or an input that changed since."""
-    rec = atlas.stage_records().get(stage.name)
+    version, an input that changed since, or an input that is itself stale (its re-run will re-run this)."""
+    from .registry import all_stages
+
+    records = atlas.stage_records()
+    rec = records.get(stage.name)
     if not rec:
         return "not run"
     if not rec.get("complete") or not atlas.group_is_complete(stage.output):
@@ -196,8 +199,12 @@ def stage_state(atlas: Atlas, stage: Stage) -> str:
     version = rec.get("algorithm_version", 1)
     if version != stage.version:
         return f"stale (algorithm version {version} -> {stage.version})"
-    records = atlas.stage_records()
-    changed = [i for i, h in dict(rec.get("inputs", {})).items() if records.get(i, {}).get("hash") != h]
+    inputs = dict(rec.get("inputs", {}))
+    changed = [i for i, h in inputs.items() if records.get(i, {}).get("hash") != h]
     if changed:
         return f"stale (input {', '.join(changed)} changed)"
+    stages = all_stages()
+    for i in inputs:
+        if i in stages and i not in _seen and stage_state(atlas, stages[i], _seen | {stage.name}) != "complete":
+            return f"stale (input {i} is stale)"
     return "complete"

@@ -12,14 +12,11 @@ def stage_lines(atlas: Atlas) -> list[str]:
     (complete / not run / INCOMPLETE / stale and why), output group, algorithm version, when, seconds."""
     records = atlas.stage_records()
     stages = all_stages()
-    lines = [
-        "  stages:            state                          output         version  finished"
-        "                    seconds"
-    ]
+    lines = [f"  {'stages:':<19}{'state':<40} {'output':<14} {'version':<8} {'finished':<26}{'seconds':>7}"]
 
     def row(name: str, state: str, output: str, version, rec: dict) -> str:
         return (
-            f"    {name:<16} {state:<30} /{output:<13} {str(version):<8} {rec.get('finished', ''):<26}"
+            f"    {name:<16} {state:<40} /{output:<13} {str(version):<8} {rec.get('finished', ''):<26}"
             f"{rec.get('seconds', 0):>7.1f}"
         )
 

@@ -24,6 +24,15 @@ def test_example_configs_build(tmp_path, name, data_dir):
     assert atlas.n_sections == 12 and atlas.n_cells > 40_000
 
 
+def test_the_readme_shows_the_shipped_merfish_config(data_dir):
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("Example, `examples/merfish.yaml`")[1].split("```yaml\n")[1].split("```")[0]
+    assert block == (ROOT / "examples" / "merfish.yaml").read_text()
+    if (data_dir / "merfish_moffitt").exists():  # the config validates where its input exists
+        cfg = lamina.config.load_config(ROOT / "examples" / "merfish.yaml")
+        assert cfg["run"] == ["align"] and cfg["stages"]["refine"] == {"z_sigma_sections": 3.0, "alpha_px": 8.0}
+
+
 def test_ingest_benchmark_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "ingest.py"), "--smoke", "--work", str(tmp_path)],

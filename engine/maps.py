@@ -187,19 +187,19 @@ def neighbours(
     return indptr, indices, distances
 
 
-def _coordinates(root, group: str, a: int, b: int, section_z: np.ndarray) -> np.ndarray:
-    sec = np.asarray(root["cells/section"][a:b])
-    if group == "aligned":
-        return np.stack([np.asarray(root[f"aligned/{c}"][a:b], np.float64) for c in ("x", "y", "z")], 1)
-    xy = [np.asarray(root[f"cells/{c}"][a:b], np.float64) for c in ("x", "y")]
-    return np.stack([*xy, section_z[sec]], 1)
+def _xyz(root, rows, sec: np.ndarray, coords: str, section_z) -> np.ndarray:
+    """(x, y, z) um ``[n, 3]`` of ``rows`` (a slice or sorted row indices): aligned, or raw with the section's z."""
+    if coords == "aligned":
+        return np.stack([np.asarray(root[f"aligned/{c}"].oindex[rows], np.float64) for c in ("x", "y", "z")], 1)
+    xy = [np.asarray(root[f"cells/{c}"].oindex[rows], np.float64) for c in ("x", "y")]
+    return np.stack([*xy, np.asarray(section_z)[sec]], 1)
 
 
 def _index_task(store: str, scratch: str, a: int, b: int, coords: str, grid: dict) -> tuple[np.ndarray, np.ndarray]:
     """Pass 1 for rows ``[a, b)``: the rows sorted by tile key into ``scratch``; returns (keys, counts)."""
     root = zarr.open_group(store, mode="r+")
     sec = np.asarray(root["cells/section"][a:b]).astype(np.int64)
-    xyz = _coordinates(root, coords, a, b, np.asarray(grid["section_z"]))
+    xyz = _xyz(root, slice(a, b), sec, coords, grid["section_z"])
     tx = np.clip(np.floor((xyz[:, 0] - grid["x0"]) / grid["tile"]).astype(np.int64), 0, grid["nx"] - 1)
     ty = np.clip(np.floor((xyz[:, 1] - grid["y0"]) / grid["tile"]).astype(np.int64), 0, grid["ny"] - 1)
     key = (sec * grid["ny"] + ty) * grid["nx"] + tx
@@ -256,7 +256,7 @@ def _neighbourhood_task(
                         read[kk] = sorted_arr.rows(index.get(kk, ()))
         rows = np.sort(np.concatenate(list(read.values())))
         sec = np.asarray(root["cells/section"].oindex[rows]).astype(np.int64)
-        xyz = _gather_xyz(root, rows, sec, spec["coords"], grid["section_z"])
+        xyz = _xyz(root, rows, sec, spec["coords"], grid["section_z"])
         # core cells in the order the tile's rows were listed (chunk by chunk), which pass 3 relies on
         core = np.searchsorted(rows, core_rows)
         indptr, indices, dist = neighbours(xyz, core, spec["radius"], spec["k"], spec["z_scale"])
@@ -299,13 +299,6 @@ def _neighbourhood_task(
     )
     target[...] = values.reshape((len(core), *width)).astype(dtype)
     return len(core)
-
-
-def _gather_xyz(root, rows: np.ndarray, sec: np.ndarray, coords: str, section_z) -> np.ndarray:
-    if coords == "aligned":
-        return np.stack([np.asarray(root[f"aligned/{c}"].oindex[rows], np.float64) for c in ("x", "y", "z")], 1)
-    xy = [np.asarray(root[f"cells/{c}"].oindex[rows], np.float64) for c in ("x", "y")]
-    return np.stack([*xy, np.asarray(section_z)[sec]], 1)
 
 
 def _copy_task(store: str, sorted_rows: str, target: str, a: int, b: int, parts: list) -> int:

@@ -63,6 +63,11 @@ def test_demo_end_to_end(tmp_path):
     html = (tmp_path / "d" / "stack3d.html").read_text()
     assert "plotly" in html and "scatter3d" in html
     assert (tmp_path / "d" / "demo.truth.zarr" / "zarr.json").exists()
+    # not a terminal: no bars, but one line per stage start and end (with what it wrote) and training progress
+    for stage in atlas.completed_stages():
+        assert f"lamina {stage}: started" in proc.stderr and f"lamina {stage}: done in " in proc.stderr, stage
+    assert "lamina train_flow: step 4 of 4, mean loss" in proc.stderr
+    assert "lamina register: done in" in proc.stderr and "MiB" in proc.stderr
 
 
 def test_demo_without_reconstruction_stops_after_the_registration(tmp_path):

@@ -219,7 +219,10 @@ def _build(ctx: StageContext) -> dict:
         (losses,) = ctx.compute(dask.delayed(_train_block, pure=False)(atlas.path, ckpt, cfg, sec.tolist(), a, b))
         bar.update(b - a)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        log.debug("train_flow: steps %d-%d of %d, mean loss %.4f", a, b, cfg["steps"], float(np.mean(losses)))
+        # without a terminal (a log file) there is no bar: a line every tenth of the training instead
+        tenth = max(1, cfg["steps"] // 10)
+        level = logging.INFO if bar.disable and (b // tenth > a // tenth or b == cfg["steps"]) else logging.DEBUG
+        log.log(level, "train_flow: step %d of %d, mean loss %.4f", b, cfg["steps"], float(np.mean(losses)))
     bar.close()
     src = atlas.root[ckpt]
     for d in DIRECTIONS:

@@ -325,7 +325,13 @@ def _build(ctx: StageContext) -> dict:
         for r in rows
         if r["flag"]
     ]
-    return {"reference": int(ref), "reference_held": held, "n_pairs": len(rows), "flagged": flagged[:20]}
+    return {
+        "reference": int(ref),
+        "reference_held": held,
+        "n_pairs": len(rows),
+        "n_flagged": len(flagged),
+        "flagged": flagged[:20],
+    }
 
 
 STAGE = Stage(

@@ -157,7 +157,7 @@ def _commit(stage: Stage, atlas: Atlas, opts, prepared: dict, params: dict, inpu
     _set_record(atlas, name, {"complete": True, **base, "finished": now_iso(), "seconds": round(seconds, 3), **extra})
     for hook in ctx.after_commit:
         hook()
-    summary = ", ".join(f"{k} {_short(v)}" for k, v in jsonable(extra).items() if k != "flagged")
+    summary = ", ".join(f"{k} {_short(v)}" for k, v in jsonable(extra).items() if k not in ("flagged", "n_flagged"))
     log.info(
         "%s: done in %.1f s -> /%s (%s%s)",
         name,
@@ -166,8 +166,12 @@ def _commit(stage: Stage, atlas: Atlas, opts, prepared: dict, params: dict, inpu
         _size(atlas, output),
         f"; {summary}" if summary else "",
     )
-    for flag in extra.get("flagged", []):
-        log.info("%s: flagged %s", name, flag)
+    flagged = list(extra.get("flagged", []))
+    if flagged:
+        count = extra.get("n_flagged", len(flagged))
+        log.info("%s: %d flagged (the QC table has all): %s", name, count, "; ".join(flagged[:3]))
+    for flag in flagged[3:]:
+        log.debug("%s: flagged %s", name, flag)
     return StageResult(name, output, True, digest, seconds)
 
 

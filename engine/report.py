@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UnknownGeneError
 from .store.atlas import Atlas
 
 
@@ -214,7 +215,10 @@ def volume_slices(atlas: Atlas, path: str | Path, gene: str | None = None) -> Pa
                 else names[0]
             )
         if gene not in names:
-            raise KeyError(f"gene {gene!r} not in the expression volume of {atlas.path}")
+            raise UnknownGeneError(
+                f"gene {gene!r} not in the expression volume of {atlas.path}; it has "
+                f"{', '.join(names[:5])} ... ({len(names)} genes)"
+            )
         gi = names.index(gene)
         rows.insert(0, (f"{gene} expression", lambda sl: np.asarray(values[(gi,) + sl]), "viridis"))
     fig, axes = plt.subplots(len(rows), 3, figsize=(12, 3.6 * len(rows)), squeeze=False)

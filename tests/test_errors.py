@@ -78,3 +78,9 @@ def test_stages_missing_their_inputs_name_what_to_run(phantom_store, capsys):
         lamina.register(phantom_store)
     assert main(["info", phantom_store.path]) == 0
     assert "not run" in capsys.readouterr().out
+
+
+def test_impossible_phantom_requests_exit_2(tmp_path, capsys):
+    assert main(["phantom", str(tmp_path / "p"), "--cells", "10", "--sections", "0"]) == 2
+    assert "phantom needs n_sections >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

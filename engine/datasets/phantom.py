@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import ConfigError
 from ..kernels.fields import fourier_features, soft_bins
 from ..kernels.geometry import affine_matrix, apply_affine, fourier_displacement, invert_displacement
 
@@ -62,12 +63,12 @@ class PhantomSpec:
 
     def __post_init__(self):
         if self.n_sections < 1 or self.n_cells < self.n_sections:
-            raise ValueError(
+            raise ConfigError(
                 f"phantom needs n_sections >= 1 and n_cells >= n_sections "
-                f"(got {self.n_cells} cells, {self.n_sections} sections)"
+                f"(got {self.n_cells} cells, {self.n_sections} sections); ask for more cells or fewer sections"
             )
         if self.n_types < 2 or self.n_genes < 1:
-            raise ValueError("phantom needs n_types >= 2 and n_genes >= 1")
+            raise ConfigError(f"phantom needs n_types >= 2 and n_genes >= 1 (got {self.n_types}, {self.n_genes})")
 
 
 class Phantom:

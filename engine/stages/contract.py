@@ -40,6 +40,7 @@ class PlanContext:
 class Stage:
     """One stage, declared once. See the module docstring for the order in which the hooks run.
 
+    ``needs`` and ``prepare`` get options ``resolve`` has resolved (no "auto" left).
     ``element``: what the output group is (``lamina.deformation``): it is stamped with that encoding and validated
     against its format class before it is marked complete. ``inputs``: the stages whose outputs ``build`` reads
     (their hashes enter this stage's hash, so a changed input re-runs it); ``needs(atlas, opts)`` replaces them

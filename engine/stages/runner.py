@@ -91,10 +91,11 @@ def run(
     hooks); ``parsed`` passes options already parsed and resolved by a plan."""
     atlas.writable()
     opts = parsed if parsed is not None else stage.options.parse(options, where=f"lamina.{stage.name}()")
-    if parsed is None and stage.resolve:
-        opts = stage.resolve(atlas, opts, context or PlanContext())
-    if stage.check:
-        stage.check(atlas, opts)
+    if parsed is None:  # a plan has resolved and checked its steps already
+        if stage.resolve:
+            opts = stage.resolve(atlas, opts, context or PlanContext())
+        if stage.check:
+            stage.check(atlas, opts)
     inputs = stage.inputs_for(atlas, opts)
     require_inputs(atlas, stage, inputs)
     prepared = stage.prepare(atlas, opts) if stage.prepare else {}

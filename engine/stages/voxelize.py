@@ -133,12 +133,11 @@ def _resolve(atlas: Atlas, opts: VoxelizeOptions, context: PlanContext) -> Voxel
 
 
 def _needs(atlas: Atlas, opts: VoxelizeOptions) -> tuple[str, ...]:
-    use = _interpolated_done(atlas) if opts.use_interpolated is None else opts.use_interpolated
-    return ("warp", "pca") + (("interpolate",) if use else ())
+    return ("warp", "pca") + (("interpolate",) if opts.use_interpolated else ())  # resolved: never null here
 
 
 def _prepare(atlas: Atlas, opts: VoxelizeOptions) -> dict:
-    use = _interpolated_done(atlas) if opts.use_interpolated is None else bool(opts.use_interpolated)
+    use = bool(opts.use_interpolated)
     voxel = opts.voxel_um
     if voxel is None:
         voxel = atlas.stage_records()["interpolate"]["params"]["layer_dz_um"] if use else DEFAULT_VOXEL_UM

@@ -60,9 +60,7 @@ def _resolve(atlas: Atlas, opts: WarpOptions, context: PlanContext) -> WarpOptio
 
 
 def _needs(atlas: Atlas, opts: WarpOptions) -> tuple[str, ...]:
-    if opts.source == "auto":  # only when called without a plan and nothing resolved it: what auto picks alone
-        opts = _resolve(atlas, opts, PlanContext())
-    return (SOURCES[opts.source][1],)
+    return (SOURCES[opts.source][1],)  # resolved: "auto" is already refined or affine
 
 
 def _build(ctx: StageContext) -> dict:

@@ -151,3 +151,19 @@ def test_reconstruction_benchmark_smoke(tmp_path):
     rss = float(out.split("Peak RSS of the process tree: **")[1].split(" GiB")[0])
     assert rss < 4.0
     assert not (tmp_path / "w").exists()  # cleaned up
+
+
+def test_maps_benchmark_smoke():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "maps.py"), "--smoke"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [
+        line.split("|")
+        for line in proc.stdout.splitlines()
+        if line.startswith("| 20,000 cells") or line.startswith("| 1,024 x 1,024")
+    ]
+    assert len(rows) == 2, proc.stdout[-2000:]
+    assert "ring 0 finite in 100% of cells" in rows[0][6]  # every cell is in its own first ring
+    assert "1 tiles of 2,048 px" in rows[1][6]
+    assert all(0.0 < float(r[5]) < 4.0 for r in rows)  # peak RSS (GiB) of the child and its workers

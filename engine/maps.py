@@ -257,6 +257,13 @@ def _neighbourhood_task(
         rows = np.sort(np.concatenate(list(read.values())))
         sec = np.asarray(root["cells/section"].oindex[rows]).astype(np.int64)
         xyz = _xyz(root, rows, sec, spec["coords"], grid["section_z"])
+        if spec["radius"] is not None:  # of the halo tiles, only the cells within the radius of this tile matter
+            r = spec["radius"]
+            x_lo, y_lo = grid["x0"] + tx * tile - r, grid["y0"] + ty * tile - r
+            keep = (xyz[:, 0] >= x_lo) & (xyz[:, 0] <= x_lo + tile + 2 * r) & (xyz[:, 1] >= y_lo)
+            keep &= xyz[:, 1] <= y_lo + tile + 2 * r
+            keep |= np.isin(rows, core_rows)
+            rows, sec, xyz = rows[keep], sec[keep], xyz[keep]
         # core cells in the order the tile's rows were listed (chunk by chunk), which pass 3 relies on
         core = np.searchsorted(rows, core_rows)
         indptr, indices, dist = neighbours(xyz, core, spec["radius"], spec["k"], spec["z_scale"])

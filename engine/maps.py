@@ -19,9 +19,11 @@
                                        rows) -> CSR neighbours -> fn -> the tile's results (scratch array)
         pass 3, a task per cell chunk: the results of the tiles that touch the chunk -> target rows
 
-    A task holds one tile and its halo (plus one chunk while reading), never a whole section. ``fn`` gets
-    a :class:`Neighbourhood`; neighbour lists are in increasing row order with the cell itself included, so
-    a kernel of :mod:`lamina.kernels.neighbours` gives the same bits as over all cells at once.
+    A task holds one tile and its halo (plus one chunk while reading), never a whole section, and the
+    neighbour lists of at most ``PAIRS_PER_BLOCK`` pairs at a time: ``fn`` gets a :class:`Neighbourhood` for
+    each block of a tile's cells (a dense tissue has more neighbours per cell, not bigger blocks). Neighbour
+    lists are in increasing row order with the cell itself included, so a kernel of
+    :mod:`lamina.kernels.neighbours` gives the same bits as over all cells at once.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from .store.atlas import Atlas
 SCRATCH = "_tmp"
 #: the k-nearest halo starts at this multiple of the k-th neighbour distance at the section's mean density
 KNN_START = 1.5
+#: neighbour pairs per call of ``fn``: a tile's cells are handed over in blocks of about this many pairs
+PAIRS_PER_BLOCK = 1_000_000
 
 
 # ---------------------------------------------------------------------------------------------- tiles
@@ -143,10 +147,10 @@ def map_tiles(
 # -------------------------------------------------------------------------------------- neighbourhoods
 @dataclasses.dataclass
 class Neighbourhood:
-    """One tile of cells and its halo, as ``map_neighbourhoods`` hands it to ``fn``.
+    """A block of one tile's cells and the tile's halo, as ``map_neighbourhoods`` hands it to ``fn``.
 
     ``rows`` ``[n]``: atlas rows of every cell read (increasing); ``core`` ``[m]``: positions in ``rows`` of the
-    tile's own cells, whose results ``fn`` returns ``[m, F]`` in this order; ``xyz`` ``[n, 3]`` um (z = the
+    block's cells, whose results ``fn`` returns ``[m, F]`` in this order; ``xyz`` ``[n, 3]`` um (z = the
     section's depth); ``section`` ``[n]``; ``columns``: the arrays asked for, at ``rows`` (e.g.
     ``columns["pca/pcs"]`` ``[n, P]``); ``indptr`` ``[m + 1]`` / ``indices`` (into ``rows``) / ``distances`` (um):
     each core cell's neighbours in increasing row order, itself included."""
@@ -162,15 +166,21 @@ class Neighbourhood:
 
 
 def neighbours(
-    xyz: np.ndarray, core: np.ndarray, radius: float | None = None, k: int | None = None, z_scale: float = 1.0
+    xyz: np.ndarray,
+    core: np.ndarray,
+    radius: float | None = None,
+    k: int | None = None,
+    z_scale: float = 1.0,
+    tree=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR neighbours of the cells ``core`` among all ``xyz`` ``[n, 3]``: every cell within ``radius`` um, or
     the ``k`` nearest (3D distance, z multiplied by ``z_scale``), each list in increasing index order with the
-    cell itself included. Returns ``(indptr, indices, distances)``."""
+    cell itself included. Returns ``(indptr, indices, distances)``. ``tree``: a ``cKDTree`` of the scaled
+    points when the caller holds one (blocks of one tile)."""
     from scipy.spatial import cKDTree
 
     pts = np.asarray(xyz, np.float64) * np.array([1.0, 1.0, z_scale])
-    tree = cKDTree(pts)
+    tree = cKDTree(pts) if tree is None else tree
     if radius is not None:
         lists = tree.query_ball_point(pts[core], r=float(radius), return_sorted=True)
         counts = np.fromiter((len(v) for v in lists), np.int64, len(lists))
@@ -185,6 +195,17 @@ def neighbours(
     owner = np.repeat(np.asarray(core, np.int64), counts)
     distances = np.sqrt(((pts[indices] - pts[owner]) ** 2).sum(1))
     return indptr, indices, distances
+
+
+def _blocks(tree, pts: np.ndarray, core: np.ndarray, radius: float | None, k: int | None) -> list[np.ndarray]:
+    """``core`` split in order into blocks of about ``PAIRS_PER_BLOCK`` neighbour pairs: what a task holds of
+    neighbour lists at once, whatever the density (a dense tissue has more neighbours within a radius)."""
+    if radius is not None:
+        counts = np.asarray(tree.query_ball_point(pts[core], r=float(radius), return_length=True), np.int64)
+    else:
+        counts = np.full(len(core), min(int(k), len(pts)), np.int64)
+    ends = np.searchsorted(np.cumsum(counts), np.arange(1, 1 + int(counts.sum()) // PAIRS_PER_BLOCK) * PAIRS_PER_BLOCK)
+    return [b for b in np.split(core, np.unique(ends[(ends > 0) & (ends < len(core))])) if len(b)]
 
 
 def _xyz(root, rows, sec: np.ndarray, coords: str, section_z) -> np.ndarray:
@@ -266,11 +287,10 @@ def _neighbourhood_task(
             rows, sec, xyz = rows[keep], sec[keep], xyz[keep]
         # core cells in the order the tile's rows were listed (chunk by chunk), which pass 3 relies on
         core = np.searchsorted(rows, core_rows)
-        indptr, indices, dist = neighbours(xyz, core, spec["radius"], spec["k"], spec["z_scale"])
-        whole = box == (0, nx, 0, ny)
-        if spec["radius"] is not None or whole:
+        if spec["radius"] is not None or box == (0, nx, 0, ny):
             break
         # k nearest: exact once every core cell's k-th neighbour is nearer than the edge of what was read
+        indptr, indices, dist = neighbours(xyz, core, None, spec["k"], spec["z_scale"])
         p = xyz[core]
         inf = np.full(len(p), np.inf)
         edge = np.minimum.reduce(
@@ -285,16 +305,25 @@ def _neighbourhood_task(
         if np.all(kth <= edge):
             break
         reach *= 2
+    from scipy.spatial import cKDTree
+
     columns = {
         name: np.asarray(root[name].oindex[rows] if root[name].ndim == 1 else root[name].oindex[rows, :])
         for name in spec["columns"]
     }
-    nb = Neighbourhood(rows, core, xyz, sec, columns, indptr, indices, dist)
-    values = np.asarray(fn(nb, **kwargs))
+    pts = xyz * np.array([1.0, 1.0, spec["z_scale"]])
+    tree = cKDTree(pts)
+    parts = []
+    for block in _blocks(tree, pts, core, spec["radius"], spec["k"]):
+        indptr, indices, dist = neighbours(xyz, block, spec["radius"], spec["k"], spec["z_scale"], tree=tree)
+        out_block = np.asarray(fn(Neighbourhood(rows, block, xyz, sec, columns, indptr, indices, dist), **kwargs))
+        ensure(
+            len(out_block) == len(block),
+            f"map_neighbourhoods: fn returned {len(out_block)} rows for {len(block)} cells",
+        )
+        parts.append(out_block.reshape(len(block), -1))
+    values = np.concatenate(parts) if parts else np.zeros((0, 1))
     width, dtype = tuple(spec["width"]), np.dtype(spec["dtype"])
-    ensure(
-        values.shape[0] == len(core), f"map_neighbourhoods: fn returned {values.shape[0]} rows for {len(core)} cells"
-    )
     group, name = out.rsplit("/", 1)
     target = arrays.create(  # this task's own array: no other task writes it
         root[group],

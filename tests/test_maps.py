@@ -160,3 +160,25 @@ def test_bad_neighbourhood_requests_are_named(cells, tmp_path, phantom_store):
     shutil.copytree(phantom_store.path, path)
     with pytest.raises(lamina.MissingInputError, match="not aligned yet"):
         map_neighbourhoods(lambda nb: None, lamina.Atlas.open(path), "x", radius=10.0)
+
+
+def test_a_tile_in_small_blocks_gives_the_same_bits_and_holds_fewer_pairs(cells, monkeypatch):
+    import lamina.maps
+
+    atlas, xyz, sec, pcs = cells
+    pairs = []
+
+    def fn(nb: Neighbourhood):
+        pairs.append(len(nb.indices))
+        return neighbour_mean(nb.columns["pca/pcs"], nb.indptr, nb.indices)
+
+    results = {}
+    for budget in (lamina.maps.PAIRS_PER_BLOCK, 2_000):
+        monkeypatch.setattr(lamina.maps, "PAIRS_PER_BLOCK", budget)
+        pairs.clear()
+        arrays.create(atlas.root, "blocked", (atlas.n_cells, 4), np.float64, (atlas.cell_chunk, 4), ("cell", "f"))
+        map_neighbourhoods(fn, atlas, "blocked", radius=40.0, columns=["pca/pcs"], z_sections=1)
+        results[budget] = (np.asarray(atlas.root["blocked"][...]), max(pairs), len(pairs))
+    (big, big_max, big_calls), (small, small_max, small_calls) = results.values()
+    np.testing.assert_array_equal(small, big)
+    assert small_calls > 3 * big_calls and small_max < 4_000 < big_max  # a block overshoots by one cell's list

@@ -169,5 +169,6 @@ def test_every_builtin_stage_declares_what_it_reads_and_writes():
         assert stage.summary and stage.version >= 1
         for f in stage.options.fields():
             assert f.metadata.get("doc"), (name, f.name)
-        stage.options()  # every option has a default
+        defaults = stage.options()  # every option has a default, and it is a value of the option's own type
+        assert stage.options.parse(defaults.to_dict()) == defaults, name
         assert lamina.stages.__dict__[name].stage is stage  # the public function is the declared stage

@@ -2,8 +2,9 @@
 
 An option is a dataclass field made with :func:`option`; its annotation is the type every value is converted
 through (``alpha_px: 8`` from YAML becomes ``8.0`` for a ``float`` option, a list becomes a tuple), so equal
-settings hash equally whatever their source. Supported annotations: ``bool``, ``int``, ``float``, ``str``,
-``Literal[...]``, ``tuple[T, ...]``, ``X | None`` and unions of these.
+settings hash equally whatever their source. Supported annotations: ``bool``, ``int``, ``float``, ``str``
+(a path given as ``pathlib.Path`` becomes its string), ``dict``, ``Literal[...]``, ``tuple[T, ...]``,
+``list[T]``, ``X | None`` and unions of these.
 """
 
 from __future__ import annotations

@@ -59,3 +59,10 @@ def run_measured(cmd: list[str], interval: float = 0.05, env=None) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
     return {"seconds": time.perf_counter() - t0, "peak_rss": m.peak, "stdout": out, "stderr": err}
+
+
+def child_result(measured: dict) -> dict:
+    """The JSON a benchmark's child process printed on its last ``RESULT `` line (see :func:`run_measured`)."""
+    import json
+
+    return json.loads([ln for ln in measured["stdout"].splitlines() if ln.startswith("RESULT ")][-1][7:])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import run_measured  # noqa: E402
+from _measure import child_result, run_measured  # noqa: E402
 from ingest import write_results  # noqa: E402
 
 RADII = (30.0, 60.0)
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
                 str(Path(args.work) / f"c{int(n)}"),
             ]
             m = run_measured(cmd)
-            info = json.loads([ln for ln in m["stdout"].splitlines() if ln.startswith("RESULT ")][-1][7:])
+            info = child_result(m)
             pairs = info["pairs_per_cell"] * info["cells"]
             rows.append(
                 {
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                 str(Path(args.work) / f"i{side}"),
             ]
             m = run_measured(cmd)
-            info = json.loads([ln for ln in m["stdout"].splitlines() if ln.startswith("RESULT ")][-1][7:])
+            info = child_result(m)
             rows.append(
                 {
                     "what": f"{side:,} x {side:,} x 3 image",

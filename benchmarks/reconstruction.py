@@ -28,7 +28,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import run_measured  # noqa: E402
+from _measure import child_result, run_measured  # noqa: E402
 from ingest import write_results  # noqa: E402
 
 
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
-    info = json.loads([ln for ln in m["stdout"].splitlines() if ln.startswith("RESULT ")][-1][7:])
+    info = child_result(m)
     t = info["times"]
     Z, Y, X = info["grid"]
     vox_genes = Z * Y * X * info["genes"]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import run_measured  # noqa: E402
+from _measure import child_result, run_measured  # noqa: E402
 from ingest import write_results  # noqa: E402
 
 STAGES = ["ingest", "section_stats", "rasterize", "register", "refine", "warp", "pca"]
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
             if args.reconstruct:
                 cmd.append("--reconstruct")
             m = run_measured(cmd)
-            info = json.loads([ln for ln in m["stdout"].splitlines() if ln.startswith("RESULT ")][-1][7:])
+            info = child_result(m)
             rows.append({"cells": info["cells"], "wall": m["seconds"], "peak": m["peak_rss"], **info["times"]})
             shutil.rmtree(Path(args.work) / f"{int(n)}", ignore_errors=True)
             print(rows[-1], flush=True)

@@ -46,6 +46,7 @@ _LAZY = {
     "to_section": ".transforms",
     "map_tiles": ".maps",
     "map_neighbourhoods": ".maps",
+    "domains": ".domains",
     **{
         name: ".stages"
         for name in (
@@ -61,6 +62,9 @@ _LAZY = {
             "interpolate",
             "voxelize",
             "invert",
+            "embed",
+            "niche",
+            "encoder",
             "export_expression_parquet",
         )
     },
@@ -86,6 +90,8 @@ __all__ = [
     "config",
     "connect",
     "datasets",
+    "embed",
+    "encoder",
     "export_expression_parquet",
     "import_isost",
     "ingest",
@@ -94,6 +100,7 @@ __all__ = [
     "kernels",
     "map_neighbourhoods",
     "map_tiles",
+    "niche",
     "pca",
     "rasterize",
     "reconstruct",

@@ -16,22 +16,29 @@ FORMATS = ("csv", "parquet", "anndata")
 
 
 def iter_frames(atlas: Atlas, sections=None, genes=None) -> Iterator[pd.DataFrame]:
-    """Cell tables (one cell chunk at a time): cell columns, z, aligned x/y/z if present, one column per gene."""
+    """Cell tables (one cell chunk at a time): cell columns, z, aligned x/y/z if present, the embeddings
+    (``<key>_0``, ``<key>_1``, ...), one column per gene."""
     sec = atlas.sections
     picks = sec.index if sections is None else [atlas.section_index(s) for s in sections]
     names = atlas.genes
     gidx = gene_positions(atlas, genes)
     step = atlas.cell_chunk
     aligned = "aligned" in atlas.root and atlas.group_is_complete("aligned")
+    embeddings = [k for k in atlas.embeddings() if atlas.group_is_complete(f"embeddings/{k}")]
     for i in picks:
         lo, hi = int(sec.cell_start.iloc[i]), int(sec.cell_stop.iloc[i])
-        for a in range(lo, hi, step):
-            b = min(hi, (a // step + 1) * step)
+        # pieces end on chunk boundaries (reads are chunk-aligned); a section need not start on one
+        bounds = sorted({lo, hi, *range((lo // step + 1) * step, hi, step)})
+        for a, b in zip(bounds[:-1], bounds[1:]):
             frame = _rows(atlas, a, b)
             frame.insert(3, "z", np.float32(sec.z.iloc[i]))
             if aligned:
                 for k in ("x", "y", "z"):
                     frame[f"aligned_{k}"] = np.asarray(atlas.root[f"aligned/{k}"][a:b])
+            for key in embeddings:
+                values = np.asarray(atlas.root[f"embeddings/{key}/values"][a:b])
+                cols = [f"{key}_{j}" for j in range(values.shape[1])]
+                frame = pd.concat([frame, pd.DataFrame(values, columns=cols, index=frame.index)], axis=1)
             if len(gidx) and "X" in atlas.root:
                 block = np.asarray(atlas.root["X"][a:b])[:, gidx]
                 frame = pd.concat([frame, pd.DataFrame(block, columns=names[gidx], index=frame.index)], axis=1)

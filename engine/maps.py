@@ -230,6 +230,17 @@ def _index_task(store: str, scratch: str, a: int, b: int, coords: str, grid: dic
     return keys, counts
 
 
+def sampled(rows: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Mask ``[n]`` of the rows in a fixed pseudo-random subset of about ``fraction`` of all rows: a hash of
+    the row number and ``seed`` (splitmix64), so the subset does not depend on tiles, chunks or workers."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(rows, np.uint64) + np.uint64((0x9E3779B97F4A7C15 * (int(seed) + 1)) % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53) < float(fraction)
+
+
 class _Chunks:
     """The pass-1 array read a chunk at a time, the last few chunks kept (a tile's spans share chunks)."""
 
@@ -251,9 +262,10 @@ class _Chunks:
 
 
 def _neighbourhood_task(
-    store: str, sorted_rows: str, out: str, key: int, index: dict, grid: dict, spec: dict, fn, kwargs: dict
-) -> int:
-    """Pass 2 for one tile: gather it and its halo, build the neighbours, run ``fn``, write its results."""
+    store: str, sorted_rows: str, out: str, key: int, index: dict, grid: dict, spec: dict, fn, kwargs: dict, reduce=None
+):
+    """Pass 2 for one tile: gather it and its halo, build the neighbours, run ``fn``, write its results (or,
+    with ``reduce``, return them folded: ``None`` when no cell of the tile was sampled)."""
     root = zarr.open_group(store, mode="r+")
     nx, ny, n_sec, tile = grid["nx"], grid["ny"], grid["n_sections"], grid["tile"]
     s, rest = divmod(key, nx * ny)
@@ -307,6 +319,8 @@ def _neighbourhood_task(
         reach *= 2
     from scipy.spatial import cKDTree
 
+    if spec["sample"] is not None:  # a fixed subset of the cells, whatever the tiling: a hash of the row
+        core = core[sampled(rows[core], spec["sample"], spec["seed"])]
     columns = {
         name: np.asarray(root[name].oindex[rows] if root[name].ndim == 1 else root[name].oindex[rows, :])
         for name in spec["columns"]
@@ -314,14 +328,21 @@ def _neighbourhood_task(
     pts = xyz * np.array([1.0, 1.0, spec["z_scale"]])
     tree = cKDTree(pts)
     parts = []
+    folded = None
     for block in _blocks(tree, pts, core, spec["radius"], spec["k"]):
         indptr, indices, dist = neighbours(xyz, block, spec["radius"], spec["k"], spec["z_scale"], tree=tree)
-        out_block = np.asarray(fn(Neighbourhood(rows, block, xyz, sec, columns, indptr, indices, dist), **kwargs))
+        result = fn(Neighbourhood(rows, block, xyz, sec, columns, indptr, indices, dist), **kwargs)
+        if reduce is not None:
+            folded = result if folded is None else reduce(folded, result)
+            continue
+        out_block = np.asarray(result)
         ensure(
             len(out_block) == len(block),
             f"map_neighbourhoods: fn returned {len(out_block)} rows for {len(block)} cells",
         )
         parts.append(out_block.reshape(len(block), -1))
+    if reduce is not None:
+        return folded
     values = np.concatenate(parts) if parts else np.zeros((0, 1))
     width, dtype = tuple(spec["width"]), np.dtype(spec["dtype"])
     group, name = out.rsplit("/", 1)
@@ -354,7 +375,7 @@ def _copy_task(store: str, sorted_rows: str, target: str, a: int, b: int, parts:
 def map_neighbourhoods(
     fn,
     atlas: Atlas,
-    target: str,
+    target: str | None = None,
     *,
     radius: float | None = None,
     k: int | None = None,
@@ -364,11 +385,20 @@ def map_neighbourhoods(
     z_scale: float = 1.0,
     tile_um: float | None = None,
     kwargs: dict | None = None,
+    reduce=None,
+    sample: float | None = None,
+    seed: int = 0,
     client=None,
     label: str = "map_neighbourhoods",
-) -> int:
+):
     """Apply ``fn(Neighbourhood, **kwargs) -> [m, F]`` over spatial tiles of the atlas's cells and write each
     cell's row into ``target`` (an existing ``[cell, F]`` array of the store, chunked like ``/cells``).
+
+    Or, with ``reduce(a, b)`` (associative) and no ``target``: fold what ``fn`` returns for every block (any
+    value, e.g. sums and Gram matrices of per-cell features) within each tile, then across tiles by a tree
+    of tasks, and return the result (``None`` when no cell was sampled). ``sample``: only a fixed
+    pseudo-random fraction of the cells are handed to ``fn`` (as core cells; their neighbours are all
+    cells), e.g. to fit statistics on a subset; see :func:`sampled`.
 
     ``radius`` (um) or ``k``: who is a neighbour. ``coords``: ``aligned`` (the ``warp`` stage's atlas frame;
     needed when ``z_sections`` > 0) or ``raw``. ``z_sections``: adjacent sections on each side whose cells
@@ -376,6 +406,10 @@ def map_neighbourhoods(
     cells per tile, at least the radius). ``columns``: store arrays ``[cell, ...]`` read for the gathered
     cells. Returns the number of cells written.
     """
+    if (target is None) == (reduce is None):
+        raise InputError("map_neighbourhoods: give a target array to write, or reduce= to fold the results")
+    if sample is not None and not 0 < float(sample) <= 1:
+        raise InputError(f"map_neighbourhoods: sample must be a fraction in (0, 1], got {sample}")
     if (radius is None) == (k is None):
         raise InputError("map_neighbourhoods: give either radius (um) or k (nearest neighbours)")
     if radius is not None and not (np.isfinite(radius) and radius > 0):
@@ -396,7 +430,7 @@ def map_neighbourhoods(
         )
     root = atlas.root
     n, chunk = atlas.n_cells, atlas.cell_chunk
-    if root[target].shape[0] != n or root[target].chunks[0] != chunk:
+    if target is not None and (root[target].shape[0] != n or root[target].chunks[0] != chunk):
         raise InputError(f"map_neighbourhoods: {target} must be [cell, ...] with {n} rows in chunks of {chunk}")
     for name in columns:
         if name not in root or root[name].shape[0] != n:
@@ -431,8 +465,10 @@ def map_neighbourhoods(
             "z_scale": float(z_scale),
             "coords": coords,
             "columns": list(columns),
-            "width": list(root[target].shape[1:]),
-            "dtype": root[target].dtype.str,
+            "width": list(root[target].shape[1:]) if target is not None else [],
+            "dtype": root[target].dtype.str if target is not None else "f8",
+            "sample": None if sample is None else float(sample),
+            "seed": int(seed),
         }
         tiles = sorted(index)
         outs = {key: f"{scratch.path}/t{key}" for key in tiles}
@@ -449,10 +485,14 @@ def map_neighbourhoods(
         )  # one graph node that every tile task reads, not a copy each
         tasks = [
             dask.delayed(_neighbourhood_task, pure=False)(
-                store, sorted_rows, outs[key], key, shared, grid, spec, fn, dict(kwargs or {})
+                store, sorted_rows, outs[key], key, shared, grid, spec, fn, dict(kwargs or {}), reduce
             )
             for key in tiles
         ]
+        if reduce is not None:
+            while len(tasks) > 1:  # a tree, so no task (and not the client) holds every tile's result
+                tasks = [dask.delayed(_fold, pure=False)(reduce, *tasks[i : i + 8]) for i in range(0, len(tasks), 8)]
+            return compute(*tasks, client=client, label=label)[0] if tasks else None
         done = sum(compute(*tasks, client=client, label=label))
         ensure(done == n, f"map_neighbourhoods: tiles computed {done} cells of {n}")
         seen: dict[int, int] = {}
@@ -467,6 +507,15 @@ def map_neighbourhoods(
     finally:
         if f"{SCRATCH}/nbh-{token}" in root:
             del root[f"{SCRATCH}/nbh-{token}"]
+
+
+def _fold(reduce, *parts):
+    """``reduce`` over the parts that are not ``None`` (tiles without a sampled cell)."""
+    out = None
+    for part in parts:
+        if part is not None:
+            out = part if out is None else reduce(out, part)
+    return out
 
 
 def _grid(atlas: Atlas, coords: str, tile_um: float | None, radius: float | None, cells_per_tile: int = 20_000) -> dict:

@@ -4,12 +4,14 @@ store, compute it, and commit one output group atomically. Each is declared once
 
 from ..export import export_expression_parquet
 from .contract import PlanContext, Stage, StageContext
+from .encoder import encoder
 from .flow import train_flow
 from .interpolate import interpolate
 from .invert import invert
+from .niche import niche
 from .options import Options, option
 from .pca import pca
-from .pipeline import align, plan, reconstruct, run_plan
+from .pipeline import align, embed, plan, reconstruct, run_plan
 from .qc import section_stats
 from .rasterize import rasterize
 from .refine import refine
@@ -45,5 +47,8 @@ __all__ = [
     "interpolate",
     "voxelize",
     "invert",
+    "embed",
+    "niche",
+    "encoder",
     "export_expression_parquet",
 ]

@@ -159,3 +159,13 @@ def reconstruct(
     disabled = () if interpolate else ("train_flow", "interpolate")
     routed = route(names, options, stages, "lamina.reconstruct()")
     return run_plan(atlas, plan(atlas, ["reconstruct"], routed, disabled), client)
+
+
+def embed(atlas: Atlas, client=None, learned: bool = True, stages: dict | None = None, **options) -> dict[str, float]:
+    """``niche -> encoder`` (``pca`` first, and the alignment when the niche spans adjacent sections); returns
+    wall seconds per stage. ``learned=False`` stops at the niche embedding (no encoder is trained). Options
+    are routed as in :func:`align` (``radii_um=``, ``types=``, ``steps=`` ...)."""
+    names = with_inputs(pipelines()["embed"])
+    disabled = () if learned else ("encoder",)
+    routed = route(names, options, stages, "lamina.embed()")
+    return run_plan(atlas, plan(atlas, ["embed"], routed, disabled), client)

@@ -22,7 +22,20 @@ from .contract import Stage
 log = logging.getLogger("lamina")
 
 #: one entry per built-in stage: its module in lamina.stages, in pipeline order
-BUILTIN = ("qc", "rasterize", "registration", "refine", "warp", "pca", "flow", "interpolate", "voxelize", "invert")
+BUILTIN = (
+    "qc",
+    "rasterize",
+    "registration",
+    "refine",
+    "warp",
+    "pca",
+    "flow",
+    "interpolate",
+    "voxelize",
+    "invert",
+    "niche",
+    "encoder",
+)
 #: the stage that creates a store; every other stage reads it (it is run by ``lamina.ingest``, not the registry)
 ROOT = "ingest"
 _added: dict[str, Stage] = {}

@@ -293,8 +293,9 @@ class Atlas:
     def to_anndata(self, sections=None, genes=None, max_bytes: int | None = None):
         """An in-memory ``anndata.AnnData`` of the chosen sections / genes.
 
-        ``obs`` holds the cell columns, ``obsm['spatial']`` the raw (x, y) and ``obsm['aligned']`` the
-        aligned (x, y, z) when registration has run. Refuses (``TooLargeError``) when the result would
+        ``obs`` holds the cell columns and the section's ``z``; ``obsm['spatial']`` the aligned (x, y, z) um
+        when registration has run (the scanpy / squidpy key; else the raw (x, y)), ``obsm['spatial_section']``
+        the raw (x, y) within each section, ``obsm['X_<key>']`` each embedding of ``/embeddings``. Refuses (``TooLargeError``) when the result would
         exceed ``max_bytes`` (default: a quarter of available memory); select fewer sections/genes or
         stream with ``lamina export --format parquet`` instead.
         """
@@ -322,10 +323,17 @@ class Atlas:
             X = np.zeros((n, len(gene_idx)), dtype=np.float32)
         var = pd.DataFrame(index=pd.Index(self.genes[gene_idx], name=None).astype(str))
         adata = ad.AnnData(X=X, obs=obs, var=var)
-        adata.obsm["spatial"] = np.stack([obs.pop("x").to_numpy(), obs.pop("y").to_numpy()], axis=1)
+        raw = np.stack([obs.pop("x").to_numpy(), obs.pop("y").to_numpy()], axis=1)
+        obs["z"] = self.sections.z.to_numpy(np.float32)[np.asarray(obs["section"].cat.codes)]
         adata.obs = obs
-        if "aligned" in self.root and self.group_is_complete("aligned"):
-            adata.obsm["aligned"] = np.stack([self._read_rows(f"aligned/{k}", ranges) for k in ("x", "y", "z")], axis=1)
+        adata.obsm["spatial_section"] = raw
+        if "aligned" in self.root and self.group_is_complete("aligned"):  # squidpy reads obsm["spatial"]
+            adata.obsm["spatial"] = np.stack([self._read_rows(f"aligned/{k}", ranges) for k in ("x", "y", "z")], axis=1)
+        else:
+            adata.obsm["spatial"] = raw
+        for key in self.embeddings():
+            if self.group_is_complete(f"embeddings/{key}"):
+                adata.obsm[f"X_{key}"] = self._read_rows(f"embeddings/{key}/values", ranges)
         adata.uns["lamina"] = {"store": self.path, "format_version": self.attrs.get("format_version")}
         return adata
 

@@ -1,0 +1,323 @@
+"""Stage ``niche``: niche-aware cell embeddings -> ``/embeddings/niche`` ``[cell, dim]``.
+
+Per cell, the features of :mod:`lamina.kernels.niche` over its neighbourhood: its own PCs (``/pca/pcs``),
+disk means of its neighbours' PCs at each of ``radii_um`` (same section), BANKSY's azimuthal gradient,
+the composition of cell types at each radius (a categorical cell column, or ``auto``: k-means clusters
+of the PCs, which uses no labels), and, in a stack of aligned sections, the disk means over the cells of
+the ``z_sections`` adjacent sections on each side (in-plane distance in the atlas frame). Each block (own,
+means at one radius, ...) is scaled to a total variance given by ``weights`` (split evenly over a block's
+radii), then the concatenation is compressed to ``dim`` dimensions by PCA. Data flow::
+
+    k-means of a subsample of /pca/pcs (cell_types=auto) -> centroids
+    map_neighbourhoods(reduce): features of a fixed subset of <= fit_cells cells -> n, sum, Gram [F, F]
+    block scales from the Gram's diagonal; eigh of the scaled covariance -> components [F, dim]
+    map_neighbourhoods(target): features of every cell -> projected -> /embeddings/niche/values
+
+Memory: one tile with its halo and ``[F, F]`` statistics per task; the ``[cell, F]`` feature matrix is
+never formed (each pass recomputes the features of its tile).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+
+from ..errors import ConfigError, InputError, MissingInputError
+from ..store import arrays
+from ..store.atlas import Atlas
+from .contract import Stage, StageContext
+from .options import Options, option
+
+BLOCKS = ("means", "gradient", "types", "z")
+DEFAULT_WEIGHTS = {"means": 1.0, "gradient": 0.25, "types": 1.0, "z": 0.5}
+#: cells of /pca/pcs read to find the k-means centroids of cell_types="auto"
+KMEANS_SAMPLE = 50_000
+
+
+@dataclass(frozen=True)
+class NicheOptions(Options):
+    dim: int = option(16, "dimensions of the neighbourhood part (a PCA of the neighbourhood features)", ge=1)
+    n_pcs: int = option(30, "PCs per cell (the first of /pca; fewer when /pca has fewer)", ge=1)
+    own_weight: float = option(
+        0.25, "the cell's own PCs, whitened, appended at this RMS relative to the neighbourhood part; 0: none", ge=0
+    )
+    radii_um: tuple[float, ...] = option(
+        (30.0, 60.0, 120.0, 240.0, 480.0), "radii (um) of the neighbour means and compositions, increasing"
+    )
+    gradient_um: float = option(30.0, "sigma (um) of the azimuthal-gradient filter; 0: no gradient block", ge=0)
+    cell_types: str | None = option(
+        "auto", "cell column of types for the composition block; auto: k-means clusters of the PCs; null: none"
+    )
+    n_types: int = option(16, "clusters of cell_types=auto", ge=2)
+    z_sections: int = option(
+        1, "adjacent aligned sections on each side that form the z block (stacks only); 0: 2D only", ge=0
+    )
+    weights: dict | None = option(
+        None,
+        "total variance of each block before the PCA (means, gradient, types, z); given blocks replace "
+        "the defaults: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHTS.items()),
+    )
+    fit_cells: int = option(1_000_000, "cells whose features fit the PCA (a fixed random subset of the atlas)", ge=1)
+    seed: int = option(0, "seed of the k-means and of the fit subset")
+
+
+def uses_z(atlas: Atlas, opts: NicheOptions) -> bool:
+    return opts.z_sections > 0 and atlas.n_sections > 1 and _weights(opts)["z"] > 0
+
+
+def _needs(atlas: Atlas, opts: NicheOptions) -> tuple[str, ...]:
+    return ("pca", "warp") if uses_z(atlas, opts) else ("pca",)
+
+
+def _check(atlas: Atlas, opts: NicheOptions) -> None:
+    radii = np.asarray(opts.radii_um, np.float64)
+    if not len(radii) or np.any(~np.isfinite(radii)) or np.any(radii <= 0) or np.any(np.diff(radii) <= 0):
+        raise ConfigError(f"niche: radii_um must be increasing positive distances in um, got {list(opts.radii_um)}")
+    given = dict(opts.weights or {})
+    unknown = sorted(set(given) - set(BLOCKS))
+    if unknown:
+        raise ConfigError(f"niche: weights has unknown block(s) {unknown}; blocks: {', '.join(BLOCKS)}")
+    bad = {k: v for k, v in given.items() if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0)}
+    if bad or not any(float(v) > 0 for v in _weights(opts).values()):
+        raise ConfigError(f"niche: weights must be non-negative numbers, not all zero; got {given}")
+    if opts.cell_types not in (None, "auto"):
+        if opts.cell_types not in atlas.cell_columns:
+            raise MissingInputError(
+                f"niche: cell_types={opts.cell_types!r} is not a cell column of {atlas.path} (columns: "
+                f"{', '.join(atlas.cell_columns)}); name a categorical column, 'auto' or null"
+            )
+        if atlas.categories(opts.cell_types) is None:
+            raise InputError(
+                f"niche: cell_types={opts.cell_types!r} of {atlas.path} is numeric; the composition needs a "
+                f"categorical column (cell-type labels), 'auto' (k-means clusters) or null"
+            )
+
+
+def _weights(opts: NicheOptions) -> dict[str, float]:
+    given = dict(opts.weights or {})
+    return {b: float(given.get(b, DEFAULT_WEIGHTS[b])) for b in BLOCKS}
+
+
+def _layout(P: int, R: int, T: int, spec: dict) -> list[tuple[str, int]]:
+    """The feature blocks in column order: (block, width) per sub-block (one per radius)."""
+    w = spec["weights"]
+    out = [("own", P)]
+    out += [("means", P)] * R if w["means"] > 0 else []
+    out += [("gradient", P)] if spec["gradient_um"] > 0 and w["gradient"] > 0 else []
+    out += [("types", T)] * R if T and w["types"] > 0 else []
+    out += [("z", P)] * R if spec["z"] else []
+    return out
+
+
+def features(nb, spec: dict) -> np.ndarray:
+    """Niche features ``[m, F]`` (float64) of a :class:`lamina.maps.Neighbourhood` block, in :func:`_layout`'s
+    order."""
+    from ..kernels.niche import azimuthal_gradient, mean_or_own, nearest_centroid, one_hot, pair_owner, weights
+
+    P = spec["n_pcs"]
+    pcs = np.asarray(nb.columns["pca/pcs"][:, :P], np.float64)
+    bad = ~np.isfinite(pcs).all(axis=1)
+    if bad.any():
+        raise InputError(
+            f"niche: /pca/pcs holds NaN or inf for {int(bad.sum())} cell(s), the first at row "
+            f"{int(nb.rows[np.argmax(bad)])}; re-run lamina.pca(atlas, force=True)"
+        )
+    owner = np.asarray(nb.core, np.int64)
+    n = len(nb.rows)
+    pair = pair_owner(nb.indptr)
+    d = np.asarray(nb.distances, np.float64)
+    same = nb.section[nb.indices] == nb.section[owner[pair]]
+    other = nb.indices != owner[pair]
+    w = spec["weights"]
+    out = [pcs[owner]]
+    if w["means"] > 0:
+        out += [
+            mean_or_own(weights(nb.indptr, nb.indices, n, same & other & (d <= r)), pcs, owner) for r in spec["radii"]
+        ]
+    if spec["gradient_um"] > 0 and w["gradient"] > 0:
+        s = spec["gradient_um"]
+        keep = same & (d <= 3 * s)
+        out.append(azimuthal_gradient(pcs, nb.xyz[:, :2], owner, nb.indptr, nb.indices, d, s, keep=keep))
+    if spec["n_types"] and w["types"] > 0:
+        if spec["types"] == "auto":
+            types = nearest_centroid(pcs, np.asarray(spec["centroids"]))
+        else:
+            types = np.asarray(nb.columns[f"cells/{spec['types']}"], np.int64)
+        hot = one_hot(types, spec["n_types"])
+        own = hot[owner].toarray()
+        for r in spec["radii"]:
+            W = weights(nb.indptr, nb.indices, n, same & other & (d <= r))
+            comp = np.asarray((W @ hot).todense())
+            empty = np.diff(W.indptr) == 0
+            comp[empty] = own[empty]
+            out.append(comp)
+    if spec["z"]:
+        out += [mean_or_own(weights(nb.indptr, nb.indices, n, ~same & (d <= r)), pcs, owner) for r in spec["radii"]]
+    return np.concatenate(out, axis=1)
+
+
+def gram(nb, spec: dict) -> tuple[float, np.ndarray, np.ndarray]:
+    """(cells, sum ``[F]``, Gram ``[F, F]``) of the block's features: what the fit pass folds."""
+    f = features(nb, spec)
+    return float(len(f)), f.sum(0), f.T @ f
+
+
+def add(a, b):
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def project(nb, spec: dict) -> np.ndarray:
+    """The block's embedding ``[m, dim]``: ``((f - mean) * scale) @ components``."""
+    f = features(nb, spec)
+    return ((f - spec["mean"]) * spec["scale"]) @ spec["components"]
+
+
+def _kmeans_centroids(atlas: Atlas, P: int, k: int, seed: int) -> np.ndarray:
+    """k-means centroids ``[k, P]`` of the first ``P`` PCs of a random subsample of cells (sorted reads)."""
+    from sklearn.cluster import KMeans
+
+    n = atlas.n_cells
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=min(n, KMEANS_SAMPLE), replace=False))
+    pcs = np.asarray(atlas.root["pca/pcs"].oindex[rows, :P], np.float64)
+    km = KMeans(n_clusters=min(k, len(rows)), n_init=3, random_state=seed).fit(pcs)
+    return km.cluster_centers_
+
+
+def _spec(atlas: Atlas, opts: NicheOptions) -> dict:
+    P = min(opts.n_pcs, int(atlas.root["pca/pcs"].shape[1]))
+    spec = {
+        "n_pcs": P,
+        "radii": [float(r) for r in opts.radii_um],
+        "gradient_um": float(opts.gradient_um),
+        "weights": _weights(opts),
+        "types": opts.cell_types,
+        "n_types": 0,
+        "z": uses_z(atlas, opts),
+    }
+    if opts.cell_types == "auto":
+        spec["n_types"] = min(opts.n_types, atlas.n_cells)
+    elif opts.cell_types is not None:
+        spec["n_types"] = len(atlas.categories(opts.cell_types) or [])
+    return spec
+
+
+def _build(ctx: StageContext) -> dict:
+    from ..maps import map_neighbourhoods
+    from ..store.elements import EmbeddingsV1
+
+    atlas, opts, group = ctx.atlas, ctx.options, ctx.group
+    spec = _spec(atlas, opts)
+    bad = ~da.isfinite(atlas._lazy("pca/pcs")[:, : spec["n_pcs"]]).all(axis=1)
+    n_bad, first = ctx.compute(bad.sum(), da.argmax(bad))
+    if n_bad:
+        raise InputError(
+            f"niche: /pca/pcs of {atlas.path} holds NaN or inf for {int(n_bad):,} cell(s), the first at row "
+            f"{int(first)}; re-run lamina.pca(atlas, force=True)"
+        )
+    if spec["types"] == "auto":
+        centroids = _kmeans_centroids(atlas, spec["n_pcs"], spec["n_types"], opts.seed)
+        spec["n_types"] = len(centroids)
+        spec["centroids"] = centroids
+        arrays.write_small(group, "centroids", centroids.astype(np.float32), ("type", "pc"))
+    layout = _layout(spec["n_pcs"], len(spec["radii"]), spec["n_types"], spec)
+    F = sum(w for _, w in layout)
+    radius = max(max(spec["radii"]), 3 * spec["gradient_um"])
+    where = {
+        "radius": radius,
+        "columns": ["pca/pcs"] + ([f"cells/{opts.cell_types}"] if opts.cell_types not in (None, "auto") else []),
+        "coords": "aligned" if spec["z"] else "raw",
+        "z_sections": opts.z_sections if spec["z"] else 0,
+        "z_scale": 0.0 if spec["z"] else 1.0,
+    }
+    n = atlas.n_cells
+    fraction = min(1.0, opts.fit_cells / max(n, 1))
+    fit = map_neighbourhoods(
+        gram,
+        atlas,
+        reduce=add,
+        sample=fraction if fraction < 1 else None,
+        seed=opts.seed,
+        kwargs={"spec": spec},
+        client=ctx.client,
+        label="niche: fit",
+        **where,
+    )
+    count, total, G = fit
+    mean = total / count
+    cov = G / count - np.outer(mean, mean)
+    var = np.clip(np.diag(cov), 0.0, None)
+    P = spec["n_pcs"]
+    scale = np.zeros(F)
+    shares = {b: sum(1 for bb, _ in layout if bb == b) for b, _ in layout}
+    at = 0
+    for block, width in layout:
+        tr = float(var[at : at + width].sum())
+        if block != "own":
+            scale[at : at + width] = np.sqrt(spec["weights"][block] / shares[block] / tr) if tr > 0 else 0.0
+        at += width
+    hood = slice(P, F)  # the own block comes first (see _layout)
+    C = cov[hood, hood] * np.outer(scale[hood], scale[hood])
+    lam, vec = np.linalg.eigh((C + C.T) / 2)
+    dim = min(opts.dim, F - P)
+    top = np.argsort(lam)[::-1][:dim]
+    V = vec[:, top]
+    flip = np.sign(V[np.abs(V).argmax(0), np.arange(dim)])
+    V = V * np.where(flip == 0, 1.0, flip)[None, :]
+    ratio = np.clip(lam[top], 0, None) / max(float(np.clip(lam, 0, None).sum()), 1e-30)
+    # the own PCs, whitened, with own_weight^2 times the neighbourhood part's total variance: k-means sees
+    # mostly the niche, a (scale-free) probe still sees the cell's identity
+    hood_var = float(np.clip(lam[top], 0, None).sum())
+    own_std = np.sqrt(var[:P])
+    n_own = P if opts.own_weight > 0 else 0
+    scale[:P] = np.divide(opts.own_weight * np.sqrt(hood_var / P), own_std, out=np.zeros(P), where=own_std > 0)
+    M = np.zeros((F, dim + n_own))
+    M[P:, :dim] = V
+    M[np.arange(n_own), dim + np.arange(n_own)] = 1.0
+    width_out = dim + n_own
+    arrays.write_small(group, "feature_mean", mean.astype(np.float32), ("feature",))
+    arrays.write_small(group, "feature_scale", scale.astype(np.float32), ("feature",))
+    arrays.write_small(group, "components", M.T.astype(np.float32), ("dim", "feature"))
+    arrays.write_small(group, "explained_variance_ratio", ratio.astype(np.float32), ("niche_dim",))
+    arrays.write_small(group, "feature_block", np.asarray([b for b, w in layout for _ in range(w)]), ("feature",))
+    arrays.create(group, "values", (n, width_out), np.float32, (atlas.cell_chunk, width_out), ("cell", "dim"))
+    spec.update({"mean": mean, "scale": scale, "components": M})
+    map_neighbourhoods(
+        project, atlas, f"{group.path}/values", kwargs={"spec": spec}, client=ctx.client, label="niche", **where
+    )
+    group.attrs.update(
+        {
+            "stage": "niche",
+            "inputs": list(ctx.stage.inputs_for(atlas, opts)),
+            "params": {**opts.to_dict(), "n_pcs": spec["n_pcs"], "n_types": spec["n_types"], "z": spec["z"]},
+            "dim_names": [f"niche_{i}" for i in range(dim)] + [f"own_pc_{i}" for i in range(n_own)],
+        }
+    )
+    parent = atlas.root.require_group("embeddings")
+    EmbeddingsV1.stamp(parent)
+    return {
+        "dim": width_out,
+        "n_features": F,
+        "fit_cells": int(count),
+        "explained_variance_ratio_sum": float(ratio.sum()),
+        "three_d": bool(spec["z"]),
+    }
+
+
+STAGE = Stage(
+    name="niche",
+    output="embeddings/niche",
+    inputs=("pca",),
+    options=NicheOptions,
+    version=1,
+    summary="Niche-aware cell embeddings: own PCs, multi-scale neighbour means, gradient, composition and "
+    "adjacent sections, compressed by PCA into ``/embeddings/niche``.",
+    build=_build,
+    element="lamina.embedding",
+    pipeline="embed",
+    needs=_needs,
+    check=_check,
+)
+niche = STAGE.function

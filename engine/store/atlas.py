@@ -295,9 +295,9 @@ class Atlas:
 
         ``obs`` holds the cell columns and the section's ``z``; ``obsm['spatial']`` the aligned (x, y, z) um
         when registration has run (the scanpy / squidpy key; else the raw (x, y)), ``obsm['spatial_section']``
-        the raw (x, y) within each section, ``obsm['X_<key>']`` each embedding of ``/embeddings``. Refuses (``TooLargeError``) when the result would
-        exceed ``max_bytes`` (default: a quarter of available memory); select fewer sections/genes or
-        stream with ``lamina export --format parquet`` instead.
+        the raw (x, y) within each section, ``obsm['X_<key>']`` each embedding of ``/embeddings``. Refuses
+        (``TooLargeError``) when the result would exceed ``max_bytes`` (default: a quarter of available
+        memory); select fewer sections/genes or stream with ``lamina export --format parquet`` instead.
         """
         import anndata as ad
 
@@ -313,7 +313,8 @@ class Atlas:
                     f"({', '.join(map(str, names[:5]))} ...)"
                 )
             gene_idx = names.get_indexer(list(genes))
-        self._guard(n, 4 * len(gene_idx) + 8 * len(self.cell_columns) + 64, "to_anndata", max_bytes)
+        emb_bytes = sum(4 * int(self.root[f"embeddings/{k}/values"].shape[1]) for k in self.embeddings())
+        self._guard(n, 4 * len(gene_idx) + 8 * len(self.cell_columns) + emb_bytes + 64, "to_anndata", max_bytes)
         obs = self.obs(sections, max_bytes=max_bytes)
         obs.index = obs.index.astype(str)
         if "X" in self.root and len(gene_idx) and n:

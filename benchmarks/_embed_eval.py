@@ -18,10 +18,10 @@ FOLDS = 5
 BLOCKS_PER_FOLD = 5
 
 
-def osmfish_table() -> pd.DataFrame:
+def osmfish_table(with_counts: bool = False):
     """All 5,328 cells with coordinates and expression: x, y (um), ClusterName, Region, then log1p(10^4 counts /
-    total) of the 33 genes. Cells of Region "Excluded" stay (they are tissue: neighbours of the others); the
-    scores use the 4,839 others."""
+    total) of the 33 genes (and the raw counts ``[cell, gene]`` with ``with_counts``). Cells of Region
+    "Excluded" stay (they are tissue: neighbours of the others); the scores use the 4,839 others."""
     coords = pd.read_csv(OSMFISH / "osmFISH_prep_cell_coordinates.txt", sep="\t").set_index("ID")
     meta = pd.read_csv(OSMFISH / "osmFISH_prep_cell_metadata.txt", sep="\t").set_index("CellID")
     expr = pd.read_csv(OSMFISH / "osmFISH_prep_expression.txt", sep="\t", index_col=0).T
@@ -39,7 +39,8 @@ def osmfish_table() -> pd.DataFrame:
         index=pd.Index(cells, name="cell_id"),
     )
     logn.index = out.index
-    return pd.concat([out, logn.astype(np.float32)], axis=1).reset_index()
+    table = pd.concat([out, logn.astype(np.float32)], axis=1).reset_index()
+    return (table, counts.to_numpy(np.float32)) if with_counts else table
 
 
 def spatial_folds(xy: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import uuid
 
@@ -182,9 +183,7 @@ def neighbours(
     pts = np.asarray(xyz, np.float64) * np.array([1.0, 1.0, z_scale])
     tree = cKDTree(pts) if tree is None else tree
     if radius is not None:
-        lists = tree.query_ball_point(pts[core], r=float(radius), return_sorted=True)
-        counts = np.fromiter((len(v) for v in lists), np.int64, len(lists))
-        indices = np.concatenate([np.asarray(v, np.int64) for v in lists]) if len(lists) else np.zeros(0, np.int64)
+        counts, indices = ball_lists(tree, pts[core], float(radius))
     else:
         kk = min(int(k), len(pts))
         _, idx = tree.query(pts[core], k=kk)
@@ -195,6 +194,14 @@ def neighbours(
     owner = np.repeat(np.asarray(core, np.int64), counts)
     distances = np.sqrt(((pts[indices] - pts[owner]) ** 2).sum(1))
     return indptr, indices, distances
+
+
+def ball_lists(tree, queries: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """The points of ``tree`` within ``radius`` of each of ``queries``, each list in increasing index order,
+    flattened: ``(counts [m], indices [nnz])``."""
+    lists = tree.query_ball_point(queries, r=radius, return_sorted=True)
+    counts = np.fromiter(map(len, lists), np.int64, len(lists))
+    return counts, np.fromiter(itertools.chain.from_iterable(lists), np.int64, int(counts.sum()))
 
 
 def _blocks(tree, pts: np.ndarray, core: np.ndarray, radius: float | None, k: int | None) -> list[np.ndarray]:
@@ -231,14 +238,15 @@ def _index_task(store: str, scratch: str, a: int, b: int, coords: str, grid: dic
 
 
 def sampled(rows: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """Mask ``[n]`` of the rows in a fixed pseudo-random subset of about ``fraction`` of all rows: a hash of
-    the row number and ``seed`` (splitmix64), so the subset does not depend on tiles, chunks or workers."""
+    """Mask ``[n]`` of the rows in a fixed pseudo-random subset of about ``fraction`` (a number, or one per row)
+    of all rows: a hash of the row number and ``seed`` (splitmix64), so the subset does not depend on tiles,
+    chunks or workers."""
     with np.errstate(over="ignore"):
         z = np.asarray(rows, np.uint64) + np.uint64((0x9E3779B97F4A7C15 * (int(seed) + 1)) % 2**64)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(2**53) < float(fraction)
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53) < np.asarray(fraction, np.float64)
 
 
 class _Chunks:
@@ -274,7 +282,7 @@ def _neighbourhood_task(
     core_rows = sorted_arr.rows(index.get(key, ()))
     secs = range(max(0, s - spec["z_sections"]), min(n_sec, s + spec["z_sections"] + 1))
     if spec["radius"] is not None:
-        reach = max(1, math.ceil(spec["radius"] / tile))
+        reach = max(1, math.ceil(max(spec["radius"], spec["halo_um"]) / tile))
     else:  # start near the k-th neighbour distance of the section's mean density, then double until exact
         guess = KNN_START * math.sqrt(spec["k"] / (math.pi * grid["density"][s]))
         reach = max(1, math.ceil(guess / tile))
@@ -291,7 +299,7 @@ def _neighbourhood_task(
         sec = np.asarray(root["cells/section"].oindex[rows]).astype(np.int64)
         xyz = _xyz(root, rows, sec, spec["coords"], grid["section_z"])
         if spec["radius"] is not None:  # of the halo tiles, only the cells within the radius of this tile matter
-            r = spec["radius"]
+            r = max(spec["radius"], spec["halo_um"])
             x_lo, y_lo = grid["x0"] + tx * tile - r, grid["y0"] + ty * tile - r
             keep = (xyz[:, 0] >= x_lo) & (xyz[:, 0] <= x_lo + tile + 2 * r) & (xyz[:, 1] >= y_lo)
             keep &= xyz[:, 1] <= y_lo + tile + 2 * r
@@ -388,6 +396,7 @@ def map_neighbourhoods(
     reduce=None,
     sample: float | None = None,
     seed: int = 0,
+    halo_um: float | None = None,
     client=None,
     label: str = "map_neighbourhoods",
 ):
@@ -408,6 +417,8 @@ def map_neighbourhoods(
     """
     if (target is None) == (reduce is None):
         raise InputError("map_neighbourhoods: give a target array to write, or reduce= to fold the results")
+    if halo_um is not None and (radius is None or not (np.isfinite(halo_um) and halo_um >= 0)):
+        raise InputError(f"map_neighbourhoods: halo_um needs radius= and must be >= 0 um, got {halo_um}")
     if sample is not None and not 0 < float(sample) <= 1:
         raise InputError(f"map_neighbourhoods: sample must be a fraction in (0, 1], got {sample}")
     if (radius is None) == (k is None):
@@ -435,7 +446,7 @@ def map_neighbourhoods(
     for name in columns:
         if name not in root or root[name].shape[0] != n:
             raise MissingInputError(f"map_neighbourhoods: column {name!r} is not a [cell, ...] array of {atlas.path}")
-    grid = _grid(atlas, coords, tile_um, radius)
+    grid = _grid(atlas, coords, tile_um, None if radius is None else max(radius, halo_um or 0.0))
     store = atlas.path
     token = uuid.uuid4().hex[:8]
     scratch = root.require_group(f"{SCRATCH}/nbh-{token}")
@@ -460,6 +471,7 @@ def map_neighbourhoods(
                 index.setdefault(kk, []).append((a + o, a + o + c))
         spec = {
             "radius": None if radius is None else float(radius),
+            "halo_um": float(halo_um or 0.0),
             "k": None if k is None else int(k),
             "z_sections": int(z_sections),
             "z_scale": float(z_scale),

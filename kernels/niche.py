@@ -67,10 +67,12 @@ def azimuthal_gradient(
     distances: np.ndarray,
     sigma_um: float,
     keep: np.ndarray | None = None,
+    pair_weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """BANKSY's azimuthal Gabor filter (m = 1) of ``values`` ``[n, F]``: ``[m, F]``, zero for a cell without
     neighbours. ``xy`` ``[n, 2]`` um; ``owner`` ``[m]`` rows of the block cells; ``keep`` ``[nnz]`` limits the
-    pairs (e.g. to the cell's own section); ``sigma_um`` the Gaussian's width."""
+    pairs (e.g. to the cell's own section); ``sigma_um`` the Gaussian's width; ``pair_weights`` ``[nnz]``
+    multiply the Gaussian (e.g. inverse sampling fractions)."""
     _check(indptr, indices, distances)
     if values.ndim != 2 or xy.shape != (len(values), 2):
         raise ValueError(f"values must be [n, F] and xy [n, 2], got {values.shape} and {xy.shape}")
@@ -79,6 +81,8 @@ def azimuthal_gradient(
     self_pair = indices == owner[pair]
     keep = ~self_pair if keep is None else keep & ~self_pair
     w = np.exp(-0.5 * (np.asarray(distances, np.float64) / float(sigma_um)) ** 2) * keep
+    if pair_weights is not None:
+        w = w * pair_weights
     phi = np.arctan2(delta[:, 1], delta[:, 0])
     n, m = len(values), len(indptr) - 1
     total = np.bincount(pair, weights=w, minlength=m)

@@ -167,3 +167,20 @@ def test_maps_benchmark_smoke():
     assert "ring 0 finite in 100% of cells" in rows[0][6]  # every cell is in its own first ring
     assert "1 tiles of 2,048 px" in rows[1][6]
     assert all(0.0 < float(r[5]) < 4.0 for r in rows)  # peak RSS (GiB) of the child and its workers
+
+
+def test_embed_benchmark_smoke(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "embed.py"), "--smoke", "--work", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")}
+    own, flat, deep = rows["own PCs (10)"], rows["niche, z_sections=0 (2D)"], rows["niche, z_sections=2"]
+    assert float(flat[3]) > float(own[3])  # the held-out-section probe: neighbourhoods beat the cell alone
+    assert float(deep[3]) >= float(flat[3])  # and adjacent sections add to them
+    scale = rows["20,000"]
+    assert 0.0 < float(scale[5]) < 4.0  # peak RSS (GiB) of the child and its workers
+    assert not (tmp_path / "w").exists()

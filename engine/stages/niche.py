@@ -59,7 +59,10 @@ class NicheOptions(Options):
         "total variance of each block before the PCA (means, gradient, types, z); given blocks replace "
         "the defaults: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHTS.items()),
     )
-    fit_cells: int = option(1_000_000, "cells whose features fit the PCA (a fixed random subset of the atlas)", ge=1)
+    max_neighbours: int = option(
+        200, "a disk expected to hold more cells is summarised from a fixed random subset of about this many", ge=8
+    )
+    fit_cells: int = option(200_000, "cells whose features fit the PCA (a fixed random subset of the atlas)", ge=1)
     seed: int = option(0, "seed of the k-means and of the fit subset")
 
 
@@ -111,6 +114,29 @@ def _layout(P: int, R: int, T: int, spec: dict) -> list[tuple[str, int]]:
     return out
 
 
+def _pair_set(nb, spec: dict, r: float, d: np.ndarray) -> tuple:
+    """``(indptr, indices, distances, pair weights | None, keep)`` of the block cells' neighbours within ``r``: from
+    the exact lists when ``r <= exact_um``, else from a fixed random subset of the cells (a hash of the row; a
+    fraction per section chosen so that a disk holds about ``max_neighbours`` of them), each weighted by the
+    inverse of its section's fraction (so that a mean over several sections stays unbiased)."""
+    from scipy.spatial import cKDTree
+
+    from ..maps import ball_lists, sampled
+
+    if r <= spec["exact_um"] * (1 + 1e-12):
+        return nb.indptr, nb.indices, d, None, d <= r
+    frac = np.asarray(spec["fraction"][repr(float(r))], np.float64)[nb.section]
+    pick = np.flatnonzero(sampled(nb.rows, frac, spec["seed"]))
+    pts = np.asarray(nb.xyz, np.float64) * np.array([1.0, 1.0, spec["z_scale"]])
+    owner = np.asarray(nb.core, np.int64)
+    counts, flat = ball_lists(cKDTree(pts[pick]), pts[owner], float(r))
+    indices = pick[flat]
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    rep = np.repeat(owner, counts)
+    dist = np.sqrt(((pts[indices] - pts[rep]) ** 2).sum(1))
+    return indptr, indices, dist, 1.0 / frac[indices], np.ones(len(indices), bool)
+
+
 def features(nb, spec: dict) -> np.ndarray:
     """Niche features ``[m, F]`` (float64) of a :class:`lamina.maps.Neighbourhood` block, in :func:`_layout`'s
     order."""
@@ -126,20 +152,29 @@ def features(nb, spec: dict) -> np.ndarray:
         )
     owner = np.asarray(nb.core, np.int64)
     n = len(nb.rows)
-    pair = pair_owner(nb.indptr)
-    d = np.asarray(nb.distances, np.float64)
-    same = nb.section[nb.indices] == nb.section[owner[pair]]
-    other = nb.indices != owner[pair]
+    d_all = np.asarray(nb.distances, np.float64)
+    sets = {}
+
+    def within(r):
+        """(indptr, indices, distances, weights, same section, other cell) of the pairs within ``r``."""
+        if r not in sets:
+            indptr, indices, dist, pw, keep = _pair_set(nb, spec, r, d_all)
+            pair = pair_owner(indptr)
+            same = (nb.section[indices] == nb.section[owner[pair]]) & keep
+            other = (indices != owner[pair]) & keep
+            sets[r] = (indptr, indices, dist, pw, same, other)
+        return sets[r]
+
     w = spec["weights"]
     out = [pcs[owner]]
     if w["means"] > 0:
-        out += [
-            mean_or_own(weights(nb.indptr, nb.indices, n, same & other & (d <= r)), pcs, owner) for r in spec["radii"]
-        ]
+        for r in spec["radii"]:
+            indptr, indices, _, pw, same, other = within(r)
+            out.append(mean_or_own(weights(indptr, indices, n, same & other, pw), pcs, owner))
     if spec["gradient_um"] > 0 and w["gradient"] > 0:
         s = spec["gradient_um"]
-        keep = same & (d <= 3 * s)
-        out.append(azimuthal_gradient(pcs, nb.xyz[:, :2], owner, nb.indptr, nb.indices, d, s, keep=keep))
+        indptr, indices, dist, pw, same, _ = within(3 * s)
+        out.append(azimuthal_gradient(pcs, nb.xyz[:, :2], owner, indptr, indices, dist, s, keep=same, pair_weights=pw))
     if spec["n_types"] and w["types"] > 0:
         if spec["types"] == "auto":
             types = nearest_centroid(pcs, np.asarray(spec["centroids"]))
@@ -148,13 +183,16 @@ def features(nb, spec: dict) -> np.ndarray:
         hot = one_hot(types, spec["n_types"])
         own = hot[owner].toarray()
         for r in spec["radii"]:
-            W = weights(nb.indptr, nb.indices, n, same & other & (d <= r))
+            indptr, indices, _, pw, same, other = within(r)
+            W = weights(indptr, indices, n, same & other, pw)
             comp = np.asarray((W @ hot).todense())
             empty = np.diff(W.indptr) == 0
             comp[empty] = own[empty]
             out.append(comp)
     if spec["z"]:
-        out += [mean_or_own(weights(nb.indptr, nb.indices, n, ~same & (d <= r)), pcs, owner) for r in spec["radii"]]
+        for r in spec["radii"]:
+            indptr, indices, _, pw, same, other = within(r)
+            out.append(mean_or_own(weights(indptr, indices, n, ~same & other, pw), pcs, owner))
     return np.concatenate(out, axis=1)
 
 
@@ -204,6 +242,37 @@ def _spec(atlas: Atlas, opts: NicheOptions) -> dict:
     return spec
 
 
+def _sampling(ctx: StageContext, spec: dict, opts: NicheOptions) -> dict:
+    """Per radius, the fraction of each section's cells its disks are summarised from, and ``exact_um``: the
+    largest radius whose disks are expected to hold at most ``max_neighbours`` cells (exact neighbour lists).
+
+    Density: a section's cells over its bounding box (an underestimate for a ragged outline, so disks hold
+    somewhat more than ``max_neighbours`` cells). Without it, a dense Xenium section (~4,000 cells per mm^2)
+    would pair every cell with ~3,000 others at 480 um."""
+    atlas = ctx.atlas
+    sec = atlas.sections
+    names = ("aligned/x", "aligned/y") if spec["z"] else ("cells/x", "cells/y")
+    x, y = (atlas._lazy(nm) for nm in names)
+    spans = list(zip(sec.cell_start.astype(int), sec.cell_stop.astype(int)))
+    ext = ctx.compute(*[da.stack([x[a:b].min(), x[a:b].max(), y[a:b].min(), y[a:b].max()]) for a, b in spans])
+    area = np.array([max((e[1] - e[0]) * (e[3] - e[2]), 1.0) for e in ext])
+    density = sec.n_cells.to_numpy(np.float64) / area  # cells per um^2
+    layers = 1 + 2 * opts.z_sections if spec["z"] else 1
+    radii = sorted({*spec["radii"], *([3 * spec["gradient_um"]] if spec["gradient_um"] > 0 else [])})
+    fraction = {}
+    for r in radii:
+        expected = density * np.pi * r**2 * layers
+        fraction[repr(float(r))] = np.minimum(1.0, opts.max_neighbours / np.maximum(expected, 1e-12)).tolist()
+    exact = [r for r in radii if min(fraction[repr(float(r))]) >= 1.0]
+    fallback = float(np.sqrt(opts.max_neighbours / (np.pi * float(density.max()) * layers)))
+    return {
+        "fraction": fraction,
+        "exact_um": max(exact) if exact else max(fallback, 1e-3),
+        "seed": opts.seed,
+        "z_scale": 0.0 if spec["z"] else 1.0,
+    }
+
+
 def _build(ctx: StageContext) -> dict:
     from ..maps import map_neighbourhoods
     from ..store.elements import EmbeddingsV1
@@ -224,9 +293,10 @@ def _build(ctx: StageContext) -> dict:
         arrays.write_small(group, "centroids", centroids.astype(np.float32), ("type", "pc"))
     layout = _layout(spec["n_pcs"], len(spec["radii"]), spec["n_types"], spec)
     F = sum(w for _, w in layout)
-    radius = max(max(spec["radii"]), 3 * spec["gradient_um"])
+    spec.update(_sampling(ctx, spec, opts))
     where = {
-        "radius": radius,
+        "radius": spec["exact_um"],
+        "halo_um": max(max(spec["radii"]), 3 * spec["gradient_um"]),
         "columns": ["pca/pcs"] + ([f"cells/{opts.cell_types}"] if opts.cell_types not in (None, "auto") else []),
         "coords": "aligned" if spec["z"] else "raw",
         "z_sections": opts.z_sections if spec["z"] else 0,
@@ -303,6 +373,8 @@ def _build(ctx: StageContext) -> dict:
         "fit_cells": int(count),
         "explained_variance_ratio_sum": float(ratio.sum()),
         "three_d": bool(spec["z"]),
+        "exact_um": float(spec["exact_um"]),
+        "sampled_radii": [float(r) for r, f in spec["fraction"].items() if min(f) < 1.0],
     }
 
 

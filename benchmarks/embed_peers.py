@@ -80,7 +80,8 @@ def cellcharter(data):
 
 def stagate(data, epochs: int):
     """stagate-modern (STAGATE_pyG): radius graph of 40 um (about 6 neighbours per cell here), hidden [512, 30],
-    ``epochs`` epochs, on the log-normalised genes (all 33 are 'highly variable')."""
+    ``epochs`` epochs (200 here, its default 1000 ran over 14 minutes on 2 CPU cores), on the log-normalised
+    genes (all 33 are 'highly variable')."""
     import STAGATE_pyG
     import torch
 
@@ -94,7 +95,7 @@ def stagate(data, epochs: int):
 
 def graphst(data, epochs: int):
     """graphst-modern: its own preprocessing (seurat_v3 HVGs from raw counts, normalise, log, scale), its
-    3-nearest-neighbour graph, ``epochs`` epochs, 64-dim output, on CPU."""
+    3-nearest-neighbour graph, ``epochs`` epochs (200 here, of its default 600, for CPU time), on CPU."""
     import torch
     from GraphST import GraphST
 
@@ -109,8 +110,8 @@ METHODS = {
     "banksy_0.2": lambda d: banksy(d, 0.2),
     "banksy_0.8": lambda d: banksy(d, 0.8),
     "cellcharter": cellcharter,
-    "stagate": lambda d: stagate(d, 1000),
-    "graphst": lambda d: graphst(d, 600),
+    "stagate": lambda d: stagate(d, 200),
+    "graphst": lambda d: graphst(d, 200),
 }
 
 

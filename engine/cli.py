@@ -177,6 +177,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_domains(args) -> int:
+    from .domains import domains
+    from .store import Atlas
+
+    counts = domains(Atlas.open(args.store, mode="r+"), k=args.k, key=args.key, column=args.column, seed=args.seed)
+    print(f"/cells/{args.column}: {len(counts)} domains of /embeddings/{args.key}")
+    print("\n".join(f"  {name}: {int(c):,} cells" for name, c in counts.items()))
+    return 0
+
+
 def cmd_phantom(args) -> int:
     from .datasets import phantom
 
@@ -249,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("upgrade", help="bring a store written by an older lamina format to the current one")
     u.add_argument("store")
     u.set_defaults(func=cmd_upgrade)
+
+    dm = sub.add_parser("domains", help="spatial domains: k-means of an embedding, written to /cells/<column>")
+    dm.add_argument("store")
+    dm.add_argument("-k", type=int, required=True, help="number of domains")
+    dm.add_argument("--key", default="niche", help="embedding of /embeddings (default: niche)")
+    dm.add_argument("--column", default="domain", help="cell column to write (default: domain)")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.set_defaults(func=cmd_domains)
 
     ph = sub.add_parser("phantom", help="write a synthetic phantom as Parquet files (one per section)")
     ph.add_argument("out")

@@ -206,7 +206,31 @@ def test_a_one_cell_section_and_a_labelled_composition(tmp_path):
     assert np.isfinite(v).all() and atlas.root["embeddings/niche"].attrs["params"]["n_types"] == 3
     # the lone cell's neighbourhood is itself: its own PCs and its own type, whatever the radius
     g = atlas.root["embeddings/niche"]
-    assert np.asarray(g["feature_block"][...]).tolist().count("types") == 6
+    blocks = np.asarray(g["feature_block"][...])
+    assert blocks.tolist().count("types") == 6
+    import importlib
+
+    from lamina.store import arrays
+
+    niche_mod = importlib.import_module("lamina.stages.niche")
+    spec = niche_mod._spec(atlas, niche_mod.NicheOptions(z_sections=0, cell_types="kind", radii_um=(20.0, 40.0)))
+    spec.update({"exact_um": 90.0, "fraction": {}, "seed": 0, "z_scale": 1.0})  # exact lists to 3 sigma
+    F = len(blocks)
+    arrays.create(atlas.root, "f", (atlas.n_cells, F), np.float64, (atlas.cell_chunk, F), ("cell", "f"))
+    map_neighbourhoods(
+        niche_mod.features,
+        atlas,
+        "f",
+        radius=40.0,
+        coords="raw",
+        columns=["pca/pcs", "cells/kind"],
+        kwargs={"spec": spec},
+    )
+    lone = np.asarray(atlas.root["f"][n])
+    pcs = np.asarray(atlas.root["pca/pcs"][n])
+    kind = int(atlas.root["cells/kind"][n])
+    np.testing.assert_array_equal(lone[blocks == "means"], np.tile(pcs, 2))
+    np.testing.assert_array_equal(lone[blocks == "types"], np.tile(np.eye(3)[kind], 2))
 
 
 # ------------------------------------------------------------------------------------- the encoder
@@ -299,3 +323,51 @@ def test_embed_pipeline_runs_niche_then_encoder(flat_stack, tmp_path):
     seconds = lamina.embed(atlas, z_sections=0, radii_um=[30.0], steps=10, batch=64, pool=500)
     assert seconds["niche"] < 1.0 and "encoder" in seconds  # niche was up to date
     assert atlas.embeddings() == ["encoder", "niche"]
+
+
+def test_domains_from_the_command_line(flat_stack, tmp_path, capsys):
+    from lamina.cli import main
+
+    atlas = _copy(flat_stack, tmp_path)
+    lamina.niche(atlas, z_sections=0, radii_um=[30.0])
+    assert main(["domains", atlas.path, "-k", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "/cells/domain: 4 domains of /embeddings/niche" in out and "D4:" in out
+    assert main(["domains", atlas.path, "-k", "1"]) == 2  # a clear error, no traceback
+    err = capsys.readouterr().err
+    assert "k must be an integer between 2" in err and "Traceback" not in err
+    assert lamina.Atlas.open(atlas.path).categories("domain") == ["D1", "D2", "D3", "D4"]  # left intact
+
+
+def test_large_disks_from_a_hashed_subset_estimate_the_exact_means(flat_stack, tmp_path):
+    import importlib
+
+    from lamina.store import arrays
+
+    niche_mod = importlib.import_module("lamina.stages.niche")
+    atlas = _copy(flat_stack, tmp_path)
+    opts = niche_mod.NicheOptions(z_sections=0, cell_types=None, gradient_um=0.0, radii_um=(30.0, 200.0))
+    spec = niche_mod._spec(atlas, opts)
+    out = {}
+    for name, exact, fraction in (("exact", 200.0, {}), ("sampled", 30.0, {repr(200.0): [0.25] * atlas.n_sections})):
+        spec.update({"exact_um": exact, "fraction": fraction, "seed": 0, "z_scale": 1.0})
+        arrays.create(atlas.root, name, (atlas.n_cells, 30), np.float64, (atlas.cell_chunk, 30), ("cell", "f"))
+        map_neighbourhoods(
+            niche_mod.features,
+            atlas,
+            name,
+            radius=exact,
+            halo_um=200.0,
+            coords="raw",
+            columns=["pca/pcs"],
+            kwargs={"spec": spec},
+            tile_um=300.0,
+        )
+        out[name] = np.asarray(atlas.root[name][...])[:, 20:30]  # the means at 200 um
+    np.testing.assert_array_equal(  # the 30 um disks are exact in both
+        np.asarray(atlas.root["exact"][:, 10:20]), np.asarray(atlas.root["sampled"][:, 10:20])
+    )
+    r = [np.corrcoef(out["exact"][:, j], out["sampled"][:, j])[0, 1] for j in range(3)]
+    assert min(r) > 0.85, r  # a quarter of ~30 cells per disk: noisy, unbiased
+    bias = np.abs(out["exact"].mean(0) - out["sampled"].mean(0)).max() / out["exact"].std(0).max()
+    assert bias < 0.05, bias

@@ -371,3 +371,33 @@ def test_large_disks_from_a_hashed_subset_estimate_the_exact_means(flat_stack, t
     assert min(r) > 0.85, r  # a quarter of ~30 cells per disk: noisy, unbiased
     bias = np.abs(out["exact"].mean(0) - out["sampled"].mean(0)).max() / out["exact"].std(0).max()
     assert bias < 0.05, bias
+
+
+def test_a_config_builds_the_embed_pipeline(tmp_path, capsys):
+    import yaml
+
+    from lamina.cli import main
+
+    rng = np.random.default_rng(4)
+    n = 600
+    table = pd.DataFrame(
+        {"x": rng.uniform(0, 400, n), "y": rng.uniform(0, 400, n), "section": "s1"}
+        | {f"g{i}": rng.poisson(4, n) for i in range(5)}
+    )
+    table.to_csv(tmp_path / "cells.csv", index=False)
+    cfg = {
+        "store": "e.lamina.zarr",
+        "input": {"path": "cells.csv", "genes": "rest"},
+        "run": ["embed"],
+        "stages": {"niche": {"radii_um": [20, 40], "weights": {"gradient": 0}, "dim": 4}, "encoder": False},
+        "cluster": {"n_workers": 1},
+    }
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["build", str(tmp_path / "b.yaml")]) == 0
+    atlas = lamina.Atlas.open(tmp_path / "e.lamina.zarr")
+    assert atlas.completed_stages() == ["ingest", "pca", "niche"]
+    assert atlas.embedding("niche")[0].shape == (n, 4 + 5)
+    cfg["stages"]["niche"]["weights"] = {"gradiant": 1}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["build", str(tmp_path / "b.yaml")]) == 2
+    assert "unknown block(s) ['gradiant']" in capsys.readouterr().err

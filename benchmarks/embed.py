@@ -331,7 +331,7 @@ def render_scale(scale: list[dict], argv, sections: int) -> str:
         lines += [
             "",
             f"Scale: phantoms in {sections} sections taken as aligned, 10 PCs, the niche's defaults on 2 local "
-            "workers (two neighbourhood passes: the PCA fit on a fixed subset of <= 1M cells, then every cell). "
+            "workers (two neighbourhood passes: the PCA fit on a fixed subset of <= 200k cells, then every cell). "
             "Disks expected to hold more than 200 cells are summarised from a fixed random subset of about 200.",
             "",
             "| cells | niche (s) | per 1M cells (s) | wall, whole child (s) | peak RSS (GiB) | exact lists to (um) | "
@@ -355,6 +355,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip", nargs="*", default=[], choices=["osmfish", "phantom", "scale"])
     p.add_argument("--work", default=str(HERE / "out" / "embed"))
     p.add_argument("--write", action="store_true")
+    p.add_argument("--scale-section", default="embed-scale", help="RESULTS.md section of the scale table")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--child", choices=["osmfish", "scale"], help=argparse.SUPPRESS)
     p.add_argument("--variant", default="niche", help=argparse.SUPPRESS)
@@ -391,7 +392,7 @@ def main(argv=None) -> int:
         text = render_scale(scale, argv, args.sections)
         print(text)
         if args.write and not args.smoke:
-            write_results(text, section="embed-scale")
+            write_results(text, section=args.scale_section)
     return 0
 
 

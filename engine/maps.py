@@ -19,6 +19,11 @@
                                        rows) -> CSR neighbours -> fn -> the tile's results (scratch array)
         pass 3, a task per cell chunk: the results of the tiles that touch the chunk -> target rows
 
+    With ``reduce=`` instead of a target, pass 3 is a tree of folds over what ``fn`` returns (e.g. the Gram
+    matrix of per-cell features, for a PCA that never forms the ``[cell, feature]`` matrix); ``sample=`` hands
+    ``fn`` only a fixed hashed subset of the cells; ``halo_um=`` reads further than the neighbour lists reach
+    (a kernel that searches a sample of the cells itself).
+
     A task holds one tile and its halo (plus one chunk while reading), never a whole section, and the
     neighbour lists of at most ``PAIRS_PER_BLOCK`` pairs at a time: ``fn`` gets a :class:`Neighbourhood` for
     each block of a tile's cells (a dense tissue has more neighbours per cell, not bigger blocks). Neighbour

@@ -111,3 +111,61 @@ def nearest_centroid(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     c = np.asarray(centroids, np.float64)
     d = (values**2).sum(1)[:, None] - 2 * values @ c.T + (c**2).sum(1)[None, :]
     return np.argmin(d, axis=1)
+
+
+def block_pca(
+    count: float,
+    total: np.ndarray,
+    gram: np.ndarray,
+    layout: list,
+    weights: dict,
+    dim: int,
+    own_weight: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The niche's projection from streamed statistics of its features ``f [cell, F]``.
+
+    Inputs: ``count`` cells, ``total = sum f`` ``[F]``, ``gram = sum f^T f`` ``[F, F]``, ``layout``: the
+    sub-blocks in column order as ``(block name, width)`` (one per radius; ``own`` = the cell's own PCs),
+    ``weights`` (block -> total variance after scaling, split evenly over the block's sub-blocks). With the covariance
+    ``C = gram / count - mu mu^T``, each neighbourhood sub-block ``b`` is scaled by
+    ``s_b = sqrt(w_b / R_b / tr C_bb)``; the top ``dim`` eigenvectors ``V`` of the scaled neighbourhood
+    covariance give the niche part, and the own features are whitened to ``own_weight^2 * sum(lambda_top) / P``
+    variance each. Returns ``(mu [F], scale [F], M [F, dim + P'], ratio [dim])`` so that an embedding is
+    ``((f - mu) * scale) @ M`` (``P' = P``, or 0 when ``own_weight`` is 0) and ``ratio`` is the share of the
+    scaled neighbourhood variance each niche dimension holds. Signs: each column's largest loading positive.
+    """
+    names = [str(name) for name, _ in layout]
+    widths = [int(w) for _, w in layout]
+    ends = np.cumsum(widths)
+    F = int(ends[-1]) if len(ends) else 0
+    if gram.shape != (F, F) or total.shape != (F,) or count <= 0:
+        raise ValueError(f"block_pca: gram {gram.shape}, total {total.shape} and a layout of {F} do not match")
+    mean = total / count
+    cov = gram / count - np.outer(mean, mean)
+    var = np.clip(np.diag(cov), 0.0, None)
+    own = np.zeros(F, bool)
+    scale = np.zeros(F)
+    for name, a, b in zip(names, ends - np.asarray(widths), ends):
+        if name == "own":
+            own[a:b] = True
+            continue
+        tr = float(var[a:b].sum())
+        scale[a:b] = np.sqrt(float(weights[name]) / names.count(name) / tr) if tr > 0 else 0.0
+    P = int(own.sum())
+    hood = ~own
+    C = cov[np.ix_(hood, hood)] * np.outer(scale[hood], scale[hood])
+    lam, vec = np.linalg.eigh((C + C.T) / 2)
+    dim = min(int(dim), int(hood.sum()))
+    top = np.argsort(lam)[::-1][:dim]
+    V = vec[:, top]
+    flip = np.sign(V[np.abs(V).argmax(0), np.arange(dim)])
+    V = V * np.where(flip == 0, 1.0, flip)[None, :]
+    kept = np.clip(lam[top], 0, None)
+    ratio = kept / max(float(np.clip(lam, 0, None).sum()), 1e-30)
+    n_own = P if own_weight > 0 else 0
+    own_std = np.sqrt(var[own])
+    scale[own] = np.divide(own_weight * np.sqrt(kept.sum() / max(P, 1)), own_std, out=np.zeros(P), where=own_std > 0)
+    M = np.zeros((F, dim + n_own))
+    M[np.flatnonzero(hood)[:, None], np.arange(dim)[None, :]] = V
+    M[np.flatnonzero(own)[:n_own], dim + np.arange(n_own)] = 1.0
+    return mean, scale, M, ratio

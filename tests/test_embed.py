@@ -45,6 +45,30 @@ def test_the_azimuthal_gradient_measures_a_linear_trend_and_ignores_a_constant()
         np.testing.assert_allclose(g[0], [a * 5.0, a * 5.0], atol=1e-12)
 
 
+def test_block_pca_scales_each_block_and_whitens_the_own_part():
+    from lamina.kernels.niche import block_pca
+
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(2000, 13)) * rng.uniform(0.1, 5.0, 13) + rng.normal(size=13)
+    layout = [("own", 3), ("means", 4), ("means", 4), ("types", 2)]
+    w = {"means": 1.0, "types": 0.5}
+    mu, scale, M, ratio = block_pca(len(f), f.sum(0), f.T @ f, layout, w, dim=5, own_weight=0.25)
+    z = (f - mu) * scale
+    var = z.var(0)
+    np.testing.assert_allclose([var[3:7].sum(), var[7:11].sum(), var[11:13].sum()], [0.5, 0.5, 0.5], rtol=1e-9)
+    e = z @ M
+    assert M.shape == (13, 5 + 3) and len(ratio) == 5
+    hood = e[:, :5]
+    c = np.cov(hood.T, bias=True)
+    np.testing.assert_allclose(c - np.diag(np.diag(c)), 0.0, atol=1e-9)  # principal axes
+    assert np.all(np.diff(np.diag(c)) <= 1e-12)
+    own = e[:, 5:]
+    np.testing.assert_allclose(own.var(0), 0.25**2 * np.diag(c).sum() / 3, rtol=1e-9)
+    np.testing.assert_allclose(np.corrcoef(own[:, 1], f[:, 1])[0, 1], 1.0)
+    _, _, M0, _ = block_pca(len(f), f.sum(0), f.T @ f, layout, w, dim=5, own_weight=0.0)
+    assert M0.shape == (13, 5)
+
+
 def test_composition_and_the_nearest_centre():
     hot = one_hot(np.array([0, 2, -1, 2]), 3).toarray()
     np.testing.assert_array_equal(hot, [[1, 0, 0], [0, 0, 1], [0, 0, 0], [0, 0, 1]])

@@ -6,11 +6,16 @@ the composition of cell types at each radius (a categorical cell column, or ``au
 of the PCs, which uses no labels), and, in a stack of aligned sections, the disk means over the cells of
 the ``z_sections`` adjacent sections on each side (in-plane distance in the atlas frame). Each block (own,
 means at one radius, ...) is scaled to a total variance given by ``weights`` (split evenly over a block's
-radii), then the concatenation is compressed to ``dim`` dimensions by PCA. Data flow::
+radii), then the neighbourhood blocks are compressed to ``dim`` dimensions by PCA and the cell's own PCs,
+whitened, are appended at ``own_weight`` times the neighbourhood part's RMS
+(:func:`lamina.kernels.niche.block_pca`): k-means on the embedding sees mostly the niche, while a probe
+(scale-free) still finds the cell's identity. Disks expected to hold more than ``max_neighbours`` cells are
+summarised from a fixed hashed subset of the cells (the exact neighbour lists stop at ``exact_um``; the
+tiles read cells out to the largest radius). Data flow::
 
     k-means of a subsample of /pca/pcs (cell_types=auto) -> centroids
     map_neighbourhoods(reduce): features of a fixed subset of <= fit_cells cells -> n, sum, Gram [F, F]
-    block scales from the Gram's diagonal; eigh of the scaled covariance -> components [F, dim]
+    block scales from the Gram's diagonal; eigh of the scaled covariance -> components [F, dim + own]
     map_neighbourhoods(target): features of every cell -> projected -> /embeddings/niche/values
 
 Memory: one tile with its halo and ``[F, F]`` statistics per task; the ``[cell, F]`` feature matrix is
@@ -316,42 +321,17 @@ def _build(ctx: StageContext) -> dict:
         **where,
     )
     count, total, G = fit
-    mean = total / count
-    cov = G / count - np.outer(mean, mean)
-    var = np.clip(np.diag(cov), 0.0, None)
-    P = spec["n_pcs"]
-    scale = np.zeros(F)
-    shares = {b: sum(1 for bb, _ in layout if bb == b) for b, _ in layout}
-    at = 0
-    for block, width in layout:
-        tr = float(var[at : at + width].sum())
-        if block != "own":
-            scale[at : at + width] = np.sqrt(spec["weights"][block] / shares[block] / tr) if tr > 0 else 0.0
-        at += width
-    hood = slice(P, F)  # the own block comes first (see _layout)
-    C = cov[hood, hood] * np.outer(scale[hood], scale[hood])
-    lam, vec = np.linalg.eigh((C + C.T) / 2)
-    dim = min(opts.dim, F - P)
-    top = np.argsort(lam)[::-1][:dim]
-    V = vec[:, top]
-    flip = np.sign(V[np.abs(V).argmax(0), np.arange(dim)])
-    V = V * np.where(flip == 0, 1.0, flip)[None, :]
-    ratio = np.clip(lam[top], 0, None) / max(float(np.clip(lam, 0, None).sum()), 1e-30)
-    # the own PCs, whitened, with own_weight^2 times the neighbourhood part's total variance: k-means sees
-    # mostly the niche, a (scale-free) probe still sees the cell's identity
-    hood_var = float(np.clip(lam[top], 0, None).sum())
-    own_std = np.sqrt(var[:P])
-    n_own = P if opts.own_weight > 0 else 0
-    scale[:P] = np.divide(opts.own_weight * np.sqrt(hood_var / P), own_std, out=np.zeros(P), where=own_std > 0)
-    M = np.zeros((F, dim + n_own))
-    M[P:, :dim] = V
-    M[np.arange(n_own), dim + np.arange(n_own)] = 1.0
-    width_out = dim + n_own
+    from ..kernels.niche import block_pca
+
+    blocks = np.asarray([b for b, w in layout for _ in range(w)])
+    mean, scale, M, ratio = block_pca(count, total, G, layout, spec["weights"], opts.dim, opts.own_weight)
+    dim, n_own = len(ratio), M.shape[1] - len(ratio)
+    width_out = M.shape[1]
     arrays.write_small(group, "feature_mean", mean.astype(np.float32), ("feature",))
     arrays.write_small(group, "feature_scale", scale.astype(np.float32), ("feature",))
     arrays.write_small(group, "components", M.T.astype(np.float32), ("dim", "feature"))
     arrays.write_small(group, "explained_variance_ratio", ratio.astype(np.float32), ("niche_dim",))
-    arrays.write_small(group, "feature_block", np.asarray([b for b, w in layout for _ in range(w)]), ("feature",))
+    arrays.write_small(group, "feature_block", blocks, ("feature",))
     arrays.create(group, "values", (n, width_out), np.float32, (atlas.cell_chunk, width_out), ("cell", "dim"))
     spec.update({"mean": mean, "scale": scale, "components": M})
     map_neighbourhoods(

@@ -12,11 +12,12 @@ def stage_lines(atlas: Atlas) -> list[str]:
     (complete / not run / INCOMPLETE / stale and why), output group, algorithm version, when, seconds."""
     records = atlas.stage_records()
     stages = all_stages()
-    lines = [f"  {'stages:':<19}{'state':<40} {'output':<14} {'version':<8} {'finished':<26}{'seconds':>7}"]
+    ow = max([13, *(len(s.output) for s in stages.values())]) + 1  # the output column fits /embeddings/encoder
+    lines = [f"  {'stages:':<19}{'state':<40} {'output':<{ow}} {'version':<8} {'finished':<26}{'seconds':>7}"]
 
     def row(name: str, state: str, output: str, version, rec: dict) -> str:
         return (
-            f"    {name:<16} {state:<40} /{output:<13} {str(version):<8} {rec.get('finished', ''):<26}"
+            f"    {name:<16} {state:<40} {'/' + output:<{ow}} {str(version):<8} {rec.get('finished', ''):<26}"
             f"{rec.get('seconds', 0):>7.1f}"
         )
 

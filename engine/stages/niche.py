@@ -24,6 +24,7 @@ never formed (each pass recomputes the features of its tile).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import dask.array as da
@@ -119,6 +120,20 @@ def _layout(P: int, R: int, T: int, spec: dict) -> list[tuple[str, int]]:
     return out
 
 
+_tile = threading.local()
+
+
+def _tile_cache(nb) -> dict:
+    """What the blocks of one tile can share (they arrive one after another in one task and thread, with the
+    same gathered rows): a dict that is emptied when the rows change."""
+    rows = nb.rows
+    key = (id(rows), len(rows), int(rows[0]) if len(rows) else -1, int(rows[-1]) if len(rows) else -1, int(rows.sum()))
+    cache = getattr(_tile, "cache", None)
+    if cache is None or cache["key"] != key:
+        cache = _tile.cache = {"key": key}
+    return cache
+
+
 def _pair_set(nb, spec: dict, r: float, d: np.ndarray) -> tuple:
     """``(indptr, indices, distances, pair weights | None, keep)`` of the block cells' neighbours within ``r``: from
     the exact lists when ``r <= exact_um``, else from a fixed random subset of the cells (a hash of the row; a
@@ -131,10 +146,14 @@ def _pair_set(nb, spec: dict, r: float, d: np.ndarray) -> tuple:
     if r <= spec["exact_um"] * (1 + 1e-12):
         return nb.indptr, nb.indices, d, None, d <= r
     frac = np.asarray(spec["fraction"][repr(float(r))], np.float64)[nb.section]
-    pick = np.flatnonzero(sampled(nb.rows, frac, spec["seed"]))
     pts = np.asarray(nb.xyz, np.float64) * np.array([1.0, 1.0, spec["z_scale"]])
+    cache = _tile_cache(nb)
+    if ("tree", r) not in cache:  # the blocks of one tile share its cells: one subset and tree per radius
+        pick = np.flatnonzero(sampled(nb.rows, frac, spec["seed"]))
+        cache[("tree", r)] = (pick, cKDTree(pts[pick]))
+    pick, tree = cache[("tree", r)]
     owner = np.asarray(nb.core, np.int64)
-    counts, flat = ball_lists(cKDTree(pts[pick]), pts[owner], float(r))
+    counts, flat = ball_lists(tree, pts[owner], float(r))
     indices = pick[flat]
     indptr = np.concatenate([[0], np.cumsum(counts)])
     rep = np.repeat(owner, counts)
@@ -181,11 +200,14 @@ def features(nb, spec: dict) -> np.ndarray:
         indptr, indices, dist, pw, same, _ = within(3 * s)
         out.append(azimuthal_gradient(pcs, nb.xyz[:, :2], owner, indptr, indices, dist, s, keep=same, pair_weights=pw))
     if spec["n_types"] and w["types"] > 0:
-        if spec["types"] == "auto":
-            types = nearest_centroid(pcs, np.asarray(spec["centroids"]))
-        else:
-            types = np.asarray(nb.columns[f"cells/{spec['types']}"], np.int64)
-        hot = one_hot(types, spec["n_types"])
+        cache = _tile_cache(nb)
+        if "hot" not in cache:
+            if spec["types"] == "auto":
+                types = nearest_centroid(pcs, np.asarray(spec["centroids"]))
+            else:
+                types = np.asarray(nb.columns[f"cells/{spec['types']}"], np.int64)
+            cache["hot"] = one_hot(types, spec["n_types"])
+        hot = cache["hot"]
         own = hot[owner].toarray()
         for r in spec["radii"]:
             indptr, indices, _, pw, same, other = within(r)

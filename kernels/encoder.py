@@ -19,6 +19,9 @@ from torch import nn
 class CellEncoder(nn.Module):
     """``[B, D]`` -> ``[B, E]`` unit vectors: standardise, two residual MLP blocks, project, normalise."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, n_in: int, hidden: int = 128, n_out: int = 32):
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_in))

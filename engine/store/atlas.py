@@ -313,7 +313,7 @@ class Atlas:
                     f"({', '.join(map(str, names[:5]))} ...)"
                 )
             gene_idx = names.get_indexer(list(genes))
-        emb_bytes = sum(4 * int(self.root[f"embeddings/{k}/values"].shape[1]) for k in self.embeddings())
+        emb_bytes = sum(4 * int(get_array(self.root, f"embeddings/{k}/values").shape[1]) for k in self.embeddings())
         self._guard(n, 4 * len(gene_idx) + 8 * len(self.cell_columns) + emb_bytes + 64, "to_anndata", max_bytes)
         obs = self.obs(sections, max_bytes=max_bytes)
         obs.index = obs.index.astype(str)

@@ -12,7 +12,8 @@ uses k-means clusters of the PCs (``cell_types=auto``). Every method gets the sa
 genes (GraphST its raw counts, for its own preprocessing). lamina runs in a child process on the threaded
 scheduler; each peer in a child process of its own virtual environment (``--peers-python``: scanpy 1.11.5,
 pybanksy 1.3.5, squidpy 1.8.2, cellcharter 0.3.7, stagate-modern 1.0.0.post1, graphst-modern 1.1.1.post3,
-torch-geometric 2.8.1; their pins do not coexist with lamina's). Wall time and peak RSS of each child.
+torch-geometric 2.8.1, as benchmarks/embed_peers.requirements.txt lists; ``--make-peers-env DIR`` creates
+it). Wall time and peak RSS of each child.
 
 Phantom: a stack cut without transforms (raw = true positions), 4 curved layers and a tube constant in z,
 sparse sections (300 cells each) and noisy expression: the niche with 0, 1, 2 adjacent sections on each side
@@ -352,6 +353,7 @@ def main(argv=None) -> int:
     p.add_argument("--sections", type=int, default=32)
     p.add_argument("--peers", nargs="*", default=list(PEERS), help="peers to run (none: no peers)")
     p.add_argument("--peers-python", default=None, help="python of the peers' environment")
+    p.add_argument("--make-peers-env", metavar="DIR", help="create the peers' environment in DIR, then exit")
     p.add_argument("--skip", nargs="*", default=[], choices=["osmfish", "phantom", "scale"])
     p.add_argument("--work", default=str(HERE / "out" / "embed"))
     p.add_argument("--write", action="store_true")
@@ -367,6 +369,16 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     argv = argv if argv is not None else sys.argv[1:]
+    if args.make_peers_env:
+        import subprocess
+
+        env = Path(args.make_peers_env)
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+        pip = [str(env / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)  # the CPU build first, as for lamina
+        subprocess.run([*pip, "-r", str(HERE / "embed_peers.requirements.txt")], check=True)
+        print(f"peers environment ready: --peers-python {env / 'bin' / 'python'}")
+        return 0
     if args.smoke:
         args.sizes, args.sections, args.peers = [20_000], 4, []
     peers_python = args.peers_python or default_peers_python()

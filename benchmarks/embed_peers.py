@@ -1,5 +1,5 @@
-"""One peer method of benchmarks/embed.py, run in the peers' own virtual environment (their pins do not coexist
-with lamina's: scanpy, squidpy, cellcharter, pybanksy, stagate-modern, graphst-modern, torch-geometric).
+"""One peer method of benchmarks/embed.py, run in the peers' own virtual environment (kept apart from lamina's, so
+that neither set of pins bends the other: benchmarks/embed_peers.requirements.txt).
 
     <peers-venv>/bin/python benchmarks/embed_peers.py METHOD INPUT.npz OUTPUT.npy
 

@@ -70,9 +70,7 @@ def domains(
         raise ConfigError(
             f"domains: /cells/{column} of {atlas.path} holds ingested data; pick another column name (column=...)"
         )
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n, size=min(n, int(sample)), replace=False))
-    fit = np.asarray(atlas.root[f"embeddings/{key}/values"].oindex[rows, :], np.float64)
+    fit = arrays.sample_rows(atlas.root[f"embeddings/{key}/values"], sample, seed)
     if not np.isfinite(fit).all():
         raise InputError(f"domains: /embeddings/{key} of {atlas.path} holds NaN or inf; re-run the stage that wrote it")
     if len(np.unique(fit, axis=0)) < k:

@@ -71,9 +71,11 @@ def _where(atlas: Atlas, opts: EncoderOptions) -> dict:
 def partner(nb, seed: int) -> np.ndarray:
     """One neighbour row per core cell ``[m]`` (int64 atlas row), uniform among its neighbours other than
     itself (a hash of the row and ``seed``, so tiles do not matter); -1 for a cell without neighbours."""
+    from ..kernels.niche import pair_owner
+
     owner = np.asarray(nb.core, np.int64)
     counts = np.diff(nb.indptr) - 1
-    pair = np.repeat(np.arange(len(owner)), np.diff(nb.indptr))
+    pair = pair_owner(nb.indptr)
     is_self = nb.indices == owner[pair]
     self_pos = np.zeros(len(owner), np.int64)
     self_pos[pair[is_self]] = np.flatnonzero(is_self) - nb.indptr[:-1][pair[is_self]]
@@ -200,9 +202,7 @@ def _infer_chunk(store: str, model_group: str, cfg: dict, target: str, a: int, b
 
 
 def _normalisation(atlas: Atlas, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    n = atlas.n_cells
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 50_000), replace=False))
-    x = np.asarray(atlas.root["embeddings/niche/values"].oindex[rows, :], np.float64)
+    x = arrays.sample_rows(atlas.root["embeddings/niche/values"], 50_000, seed)
     return x.mean(0), x.std(0)
 
 

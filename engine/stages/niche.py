@@ -243,11 +243,8 @@ def _kmeans_centroids(atlas: Atlas, P: int, k: int, seed: int) -> np.ndarray:
     """k-means centroids ``[k, P]`` of the first ``P`` PCs of a random subsample of cells (sorted reads)."""
     from sklearn.cluster import KMeans
 
-    n = atlas.n_cells
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n, size=min(n, KMEANS_SAMPLE), replace=False))
-    pcs = np.asarray(atlas.root["pca/pcs"].oindex[rows, :P], np.float64)
-    km = KMeans(n_clusters=min(k, len(rows)), n_init=3, random_state=seed).fit(pcs)
+    pcs = arrays.sample_rows(atlas.root["pca/pcs"], KMEANS_SAMPLE, seed)[:, :P]
+    km = KMeans(n_clusters=min(k, len(pcs)), n_init=3, random_state=seed).fit(pcs)
     return km.cluster_centers_
 
 

@@ -78,6 +78,14 @@ def write_small(group: zarr.Group, name: str, values, dims, attrs: dict | None =
     return arr
 
 
+def sample_rows(arr: zarr.Array, size: int, seed: int) -> np.ndarray:
+    """A fixed random subsample of ``size`` rows (all rows when fewer) of a ``[cell, ...]`` array, read in
+    increasing row order (one pass over the chunks it touches), as float64."""
+    n = int(arr.shape[0])
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, int(size)), replace=False))
+    return np.asarray(arr.oindex[rows] if arr.ndim == 1 else arr.oindex[rows, :], np.float64)
+
+
 def assert_aligned(region_start: int, region_stop: int, chunk: int, length: int, what: str) -> None:
     """Refuse a parallel write that would share a chunk with another task (silent corruption in Zarr)."""
     ensure(

@@ -13,17 +13,33 @@ from .errors import ConfigError, LaminaError
 log = logging.getLogger("lamina")
 
 
-def _client(args, cfg_cluster: dict | None = None):
-    from .cluster import connect
+def _resources(args, cfg_cluster: dict | None = None):
+    """Where this run computes (:class:`lamina.cluster.Resources`): ``--cluster`` / ``cluster.mode``."""
+    from .cluster import Resources
 
     cfg_cluster = cfg_cluster or {}
-    address = getattr(args, "scheduler", None) or cfg_cluster.get("scheduler")
-    return connect(
-        address=address,
+    return Resources(
+        mode=getattr(args, "cluster", None) or cfg_cluster.get("mode") or "auto",
+        threads_below=cfg_cluster.get("threads_below") or 1_000_000,
+        address=getattr(args, "scheduler", None) or cfg_cluster.get("scheduler"),
         gpu=cfg_cluster.get("gpu") or None,
         n_workers=getattr(args, "workers", None) or cfg_cluster.get("n_workers"),
         threads_per_worker=cfg_cluster.get("threads_per_worker"),
     )
+
+
+def _input_bytes(paths) -> int | None:
+    """Bytes of the input files (a folder: its files); None when some cannot be sized."""
+    total = 0
+    for p in [paths] if isinstance(paths, str) else paths:
+        path = Path(p)
+        if path.is_dir():
+            total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        elif path.is_file():
+            total += path.stat().st_size
+        else:
+            return None
+    return total
 
 
 def cmd_demo(args) -> int:
@@ -37,9 +53,12 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     ph = phantom(n_cells=args.cells, n_sections=args.sections, n_genes=args.genes, seed=args.seed)
     print(ph.describe())
-    client = _client(args)
+    resources = _resources(args)
     try:
-        print(f"dask: {client.dashboard_link or client.scheduler.address}")
+        client = resources.client_for(n_cells=args.cells)
+        print(
+            f"dask: {client.dashboard_link or client.scheduler.address}" if client else "dask: threads in this process"
+        )
         steps = []
         t = time.perf_counter()
         atlas = ingest(ph, out / "demo.lamina.zarr", overwrite=True, client=client)
@@ -58,7 +77,7 @@ def cmd_demo(args) -> int:
         pictures = write_report(atlas, out)
         steps.append(("pictures", time.perf_counter() - t))
     finally:
-        client.close()
+        resources.close()
     print(atlas.info())
     print("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in steps) + f"; total {time.perf_counter() - t0:.1f}s")
     print(f"ground truth: {truth}")
@@ -100,11 +119,12 @@ def cmd_build(args) -> int:
     from .ingest import ingest
     from .report import write_report
     from .stages.pipeline import plan, run_plan
+    from .store.lock import writer
 
     cfg = load_config(args.config)
-    client = _client(args, cfg["cluster"])
-    try:
-        inp = cfg["input"]
+    inp = cfg["input"]
+    # one lock over ingest and every stage: a second build of the same store fails (or waits) at once
+    with _resources(args, cfg["cluster"]) as resources, writer(cfg["store"], wait=args.wait):
         atlas = ingest(
             inp["path"],
             cfg["store"],
@@ -112,13 +132,11 @@ def cmd_build(args) -> int:
             paste=inp["paste"] or None,
             pattern=inp["pattern"],
             overwrite=args.overwrite or cfg["overwrite"],
-            client=client,
+            client=resources.client_for(input_bytes=_input_bytes(inp["path"])),
         )
         steps = plan(atlas, cfg["run"], cfg["stages"], cfg["disabled"], where=str(args.config))
         log.info("build: %s", " -> ".join(s.stage.name for s in steps) or "nothing to run")
-        run_plan(atlas, steps, client)
-    finally:
-        client.close()
+        run_plan(atlas, steps, resources.client_for(n_cells=atlas.n_cells))
     if cfg["report"]["enabled"]:
         folder = cfg["report"]["out"] or str(Path(cfg["store"]).with_suffix("")) + "-report"
         for p in write_report(atlas, folder):
@@ -149,7 +167,7 @@ def cmd_upgrade(args) -> int:
 
     if not (Path(args.store) / "zarr.json").exists():
         raise StoreError(f"no atlas store at {args.store} (no zarr.json)")
-    done = upgrade(zarr.open_group(args.store, mode="r+", zarr_format=3), args.store)
+    done = upgrade(zarr.open_group(args.store, mode="r+", zarr_format=3, use_consolidated=False), args.store)
     print("\n".join(f"upgraded {d}" for d in done) if done else f"{args.store} is already in the current format")
     return 0
 
@@ -213,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--scheduler", metavar="ADDRESS", help="Dask scheduler (tcp://host:port); default: local cluster"
         )
         sp.add_argument("--workers", type=int, help="worker processes of the local cluster (default: per core)")
+        sp.add_argument(
+            "--cluster",
+            choices=["auto", "threads", "processes"],
+            help="where to compute: threads in this process, a local cluster of processes, or auto (default: "
+            "threads under 1M cells, a cluster above)",
+        )
 
     d = sub.add_parser("demo", help="synthetic phantom -> atlas store -> every stage -> summary and pictures")
     d.add_argument("--out", default="lamina-demo", help="output folder (default: ./lamina-demo)")
@@ -234,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build an atlas from a YAML config")
     b.add_argument("config")
     b.add_argument("--overwrite", action="store_true", help="replace a store built from other input")
+    b.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="when another process is writing the store, wait this long for it (default: fail at once)",
+    )
     scheduler(b)
     b.set_defaults(func=cmd_build)
 

@@ -43,11 +43,18 @@ class WorkerSetup(WorkerPlugin):
         self.threads = int(threads)
 
     def setup(self, worker):
-        import torch
-
-        torch.set_num_threads(self.threads)
+        threads_for_torch(self.threads)
         _heap_allocations()
         logging.getLogger("distributed.worker").addFilter(_DropComputeFailed())
+
+
+def threads_for_torch(threads: int) -> None:
+    """Torch's intra-op threads = ``threads`` in this process, without importing torch when nothing has: torch
+    reads ``OMP_NUM_THREADS`` when it starts (importing it here would add ~2 s to every worker's start)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(threads))
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(int(threads))
 
 
 def _heap_allocations(mmap_max: int = 32 * 2**20, trim: int = 64 * 2**20) -> bool:
@@ -106,6 +113,21 @@ def default_layout(cores: int | None = None) -> tuple[int, int]:
     return max(1, cores // threads), threads
 
 
+class LaminaClient(Client):
+    """A ``distributed.Client`` that shuts down the local cluster :func:`connect` started for it when it is
+    closed, by ``close()`` or by leaving ``with lamina.connect() as client:``."""
+
+    owned_cluster = None
+
+    def close(self, *args, **kwargs):
+        cluster, self.owned_cluster = self.owned_cluster, None
+        try:
+            return super().close(*args, **kwargs)
+        finally:
+            if cluster is not None:
+                cluster.close()
+
+
 def connect(
     address: str | None = None,
     gpu: bool | None = None,
@@ -124,7 +146,9 @@ def connect(
     * otherwise: a ``LocalCluster`` of worker processes sized to this machine, scheduler and dashboard bound
       to 127.0.0.1 (pass ``dashboard_address="0.0.0.0:8787"`` to expose the dashboard on purpose).
 
-    Every worker gets torch threads = 1 per worker thread (:class:`WorkerSetup`).
+    Every worker gets torch threads = 1 per worker thread (:class:`WorkerSetup`). Closing the client (or
+    leaving ``with lamina.connect() as client:``) also shuts down a cluster started here. For a small atlas no
+    cluster is faster: without a client, stages run on threads in this process (:class:`Resources`).
     """
     if address:
         try:
@@ -147,7 +171,8 @@ def connect(
             host="127.0.0.1",
             dashboard_address=dashboard_address,
         )
-        client = Client(cluster)
+        client = LaminaClient(cluster)
+        client.owned_cluster = cluster
     client.register_plugin(WorkerSetup(1))
     link = getattr(client, "dashboard_link", None)
     if link:
@@ -187,7 +212,65 @@ def _connect_gpu(n_workers, memory_limit, dashboard_address) -> Client:
         rmm_pool_size="0.5",
         rmm_allocator_external_lib_list=["cupy", "torch"],
     )
-    return Client(cluster)
+    client = LaminaClient(cluster)
+    client.owned_cluster = cluster
+    return client
+
+
+#: Below this many cells the CLI computes on threads in its own process: starting worker processes (each
+#: importing torch) costs more than a small atlas' whole build.
+THREADS_BELOW_CELLS = 1_000_000
+#: Inputs smaller than this are ingested on threads too (the atlas' size is known only after ingest).
+THREADS_BELOW_INPUT_BYTES = 256 * 2**20
+MODES = ("auto", "threads", "processes")
+
+
+class Resources:
+    """Where one CLI run computes: ``mode`` ``threads`` (this process), ``processes`` (a cluster from
+    :func:`connect`), or ``auto``: threads for atlases under :data:`THREADS_BELOW_CELLS` cells, a cluster
+    above; a scheduler address or ``gpu`` always means a cluster. The cluster starts when first needed and
+    :meth:`close` shuts it down."""
+
+    def __init__(self, mode: str = "auto", threads_below: int = THREADS_BELOW_CELLS, **connect_kwargs):
+        if mode not in MODES:
+            raise ClusterError(f"cluster mode {mode!r}: choose one of {', '.join(MODES)}")
+        if connect_kwargs.get("address") or connect_kwargs.get("gpu"):
+            mode = "processes"
+        self.mode, self.threads_below, self.kwargs = mode, int(threads_below), connect_kwargs
+        self.client: Client | None = None
+
+    def wants_cluster(self, n_cells: int | None = None, input_bytes: int | None = None) -> bool:
+        if self.mode != "auto":
+            return self.mode == "processes"
+        if n_cells is not None:
+            return n_cells >= self.threads_below
+        return input_bytes is None or input_bytes >= THREADS_BELOW_INPUT_BYTES
+
+    def client_for(self, n_cells: int | None = None, input_bytes: int | None = None) -> Client | None:
+        """The client to compute a job of this size on; None: threads in this process."""
+        if self.client is None and self.wants_cluster(n_cells, input_bytes):
+            self.client = connect(**self.kwargs)
+            link = getattr(self.client, "dashboard_link", None)
+            log.info(
+                "dask: cluster of %d worker(s)%s",
+                len(self.client.scheduler_info()["workers"]),
+                f", dashboard {link}" if link else "",
+            )
+        if self.client is None:
+            threads_for_torch(1)  # each of dask's threads runs one task; torch must not start more per task
+            _heap_allocations()
+        return self.client
+
+    def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def active_client(client: Client | None = None) -> Client | None:

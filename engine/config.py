@@ -31,6 +31,8 @@ from .stages.options import convert
 REQUIRED = object()
 #: fixed top-level blocks: key -> (annotation, default); ``input``, ``stages`` and ``run`` are derived
 CLUSTER = {
+    "mode": (str, "auto"),
+    "threads_below": (int, 1_000_000),
     "scheduler": (str | None, None),
     "n_workers": (int | None, None),
     "threads_per_worker": (int | None, None),

@@ -16,11 +16,11 @@ from pathlib import Path
 import dask
 import numpy as np
 import pandas as pd
-import zarr
 
 from .cluster import compute
 from .errors import ConfigError, InputError, ensure
 from .store import arrays
+from .store.arrays import consolidate, open_root
 from .store.atlas import Atlas
 
 SCRATCH = "_tmp"
@@ -32,7 +32,7 @@ def _assign(store: str, key: str, centres: np.ndarray, target: str, a: int, b: i
     """Nearest centre of the rows ``[a, b)`` into ``target``; returns the cells per domain ``[k]``."""
     from .kernels.niche import nearest_centroid
 
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     values = np.asarray(root[f"embeddings/{key}/values"][a:b], np.float64)
     label = nearest_centroid(values, centres).astype(np.int32)
     root[target][a:b] = label
@@ -55,6 +55,13 @@ def domains(
     :class:`lamina.ConfigError` for ``k`` outside ``[2, cells]`` or a ``column`` that ingest wrote, and
     :class:`lamina.StoreError` when the atlas has no such embedding.
     """
+    from .store.lock import writer
+
+    with writer(atlas.path):
+        return _domains(atlas, k, key, column, seed, sample, n_init, client)
+
+
+def _domains(atlas: Atlas, k: int, key: str, column: str, seed: int, sample: int, n_init: int, client) -> pd.Series:
     from sklearn.cluster import KMeans
 
     atlas = atlas.writable()
@@ -110,6 +117,7 @@ def domains(
         shutil.rmtree(trash, ignore_errors=True)
         if SCRATCH in atlas.root and not list(atlas.root[SCRATCH].keys()):
             del atlas.root[SCRATCH]
+        consolidate(atlas.path)
     except BaseException:
         shutil.rmtree(Path(atlas.path, tmp), ignore_errors=True)
         raise

@@ -40,11 +40,11 @@ import uuid
 
 import dask
 import numpy as np
-import zarr
 
 from .cluster import compute
 from .errors import InputError, MissingInputError, ensure
 from .store import arrays
+from .store.arrays import open_root
 from .store.atlas import Atlas
 
 SCRATCH = "_tmp"
@@ -67,7 +67,7 @@ def _tile_task(
     fn,
     kwargs: dict,
 ) -> int:
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     src, dst = root[source], root[target]
     H, W = src.shape[-2:]
     (y0, y1), (x0, x1) = y, x
@@ -116,7 +116,7 @@ def map_tiles(
     if factor < 1 or halo < 0:
         raise InputError(f"map_tiles: factor must be >= 1 and halo >= 0, got {factor} and {halo}")
     halo = -(-int(halo) // factor) * factor  # whole output pixels on every side
-    root = zarr.open_group(store, mode="r")
+    root = open_root(store, "r")
     src, dst = root[source], root[target]
     H, W = src.shape[-2:]
     if dst.shape[-2:] != (-(-H // factor), -(-W // factor)):
@@ -230,7 +230,7 @@ def _xyz(root, rows, sec: np.ndarray, coords: str, section_z) -> np.ndarray:
 
 def _index_task(store: str, scratch: str, a: int, b: int, coords: str, grid: dict) -> tuple[np.ndarray, np.ndarray]:
     """Pass 1 for rows ``[a, b)``: the rows sorted by tile key into ``scratch``; returns (keys, counts)."""
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     sec = np.asarray(root["cells/section"][a:b]).astype(np.int64)
     xyz = _xyz(root, slice(a, b), sec, coords, grid["section_z"])
     tx = np.clip(np.floor((xyz[:, 0] - grid["x0"]) / grid["tile"]).astype(np.int64), 0, grid["nx"] - 1)
@@ -279,7 +279,7 @@ def _neighbourhood_task(
 ):
     """Pass 2 for one tile: gather it and its halo, build the neighbours, run ``fn``, write its results (or,
     with ``reduce``, return them folded: ``None`` when no cell of the tile was sampled)."""
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     nx, ny, n_sec, tile = grid["nx"], grid["ny"], grid["n_sections"], grid["tile"]
     s, rest = divmod(key, nx * ny)
     ty, tx = divmod(rest, nx)
@@ -373,7 +373,7 @@ def _neighbourhood_task(
 
 def _copy_task(store: str, sorted_rows: str, target: str, a: int, b: int, parts: list) -> int:
     """Pass 3 for the rows ``[a, b)`` of one chunk: each touching tile's results go to their rows."""
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     out = np.empty((b - a,) + root[target].shape[1:], root[target].dtype)
     done = 0
     srt = np.asarray(root[sorted_rows][a:b])

@@ -13,16 +13,30 @@ from .kernels.geometry import apply_affine
 from .kernels.warp import sample_grid, warp_points
 from .store.atlas import Atlas
 
+#: ``stage=`` of :func:`to_atlas` / :func:`to_section` -> the group holding that stage's transforms
+STAGES = {"refined": "deformation", "affine": "transforms"}
 
-def _source(atlas: Atlas, section) -> tuple:
-    k = atlas.section_index(section)
-    if atlas.group_is_complete("deformation"):
-        src = atlas.root["deformation"]
-    elif atlas.group_is_complete("transforms"):
-        src = atlas.root["transforms"]
-    else:
-        raise MissingInputError(f"{atlas.path} has no registration yet; run lamina.align() (or register) first")
-    return src, k
+
+def transform_group(atlas: Atlas, stage: str = "auto"):
+    """The group of registration results ``stage`` names: ``refined`` (``/deformation``: affine + displacement),
+    ``affine`` (``/transforms``: the register stage's affine alone, as ``align(fine=False)`` gives) or ``auto``
+    (refined when the refine stage has run, else affine)."""
+    if stage not in ("auto", *STAGES):
+        raise InputError(f"stage={stage!r}: choose auto, refined or affine")
+    order = ["refined", "affine"] if stage == "auto" else [stage]
+    for name in order:
+        if atlas.group_is_complete(STAGES[name]):
+            return atlas.root[STAGES[name]]
+    if stage == "refined" and atlas.group_is_complete("transforms"):
+        raise MissingInputError(
+            f"{atlas.path} has only the affine registration (the refine stage has not run); pass stage='affine' "
+            f"or run lamina.align(atlas) with fine=True"
+        )
+    raise MissingInputError(f"{atlas.path} has no registration yet; run lamina.align() (or register) first")
+
+
+def _source(atlas: Atlas, section, stage: str = "auto") -> tuple:
+    return transform_group(atlas, stage), atlas.section_index(section)
 
 
 def _points(xy) -> np.ndarray:
@@ -42,15 +56,19 @@ def apply_stored(src, k: int, xy: np.ndarray, affine: np.ndarray | None = None) 
     return warp_points(xy, A, field, src.attrs.get("origin", (0.0, 0.0)), src.attrs.get("spacing", 1.0))
 
 
-def to_atlas(atlas: Atlas, section, xy) -> np.ndarray:
-    """Raw (x, y) um of ``section`` (index or id) -> atlas (x, y) um: ``a = A p``, then ``a + u(a)``."""
-    src, k = _source(atlas, section)
+def to_atlas(atlas: Atlas, section, xy, stage: str = "auto") -> np.ndarray:
+    """Raw (x, y) um of ``section`` (index or id) -> atlas (x, y) um: ``a = A p``, then ``a + u(a)``.
+
+    ``stage``: ``auto`` (the refined transform when refine ran, else the affine), ``refined`` or ``affine``
+    (only the register stage's affine, without the displacement; see :func:`transform_group`).
+    """
+    src, k = _source(atlas, section, stage)
     return apply_stored(src, k, _points(xy))
 
 
-def to_section(atlas: Atlas, section, xy) -> np.ndarray:
+def to_section(atlas: Atlas, section, xy, stage: str = "auto") -> np.ndarray:
     """Atlas (x, y) um -> raw (x, y) um of ``section``: ``a = x + g(x)`` (the stored inverse grid), ``A^-1 a``."""
-    src, k = _source(atlas, section)
+    src, k = _source(atlas, section, stage)
     x = _points(xy)
     if "inverse" in src:
         x = x + sample_grid(np.asarray(src["inverse"][k], np.float64), x, src.attrs["origin"], src.attrs["spacing"])

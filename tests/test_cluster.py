@@ -7,10 +7,9 @@ from lamina.cluster import default_layout
 
 @pytest.fixture(scope="module")
 def client():
-    c = lamina.connect(n_workers=2, threads_per_worker=1)
-    yield c
-    c.close()
-    c.cluster.close()
+    with lamina.connect(n_workers=2, threads_per_worker=1) as c:
+        yield c
+    assert c.cluster.status.name == "closed"  # leaving the block shut the cluster down too
 
 
 def test_local_cluster_is_private_and_torch_threads_are_one(client):
@@ -65,6 +64,20 @@ def test_workers_serve_tensors_below_32_mib_from_the_heap(client):
     served = client.run(lambda: (_mmapped_bytes_of_a_malloc(4 << 20), _mmapped_bytes_of_a_malloc(64 << 20)))
     for small, large in served.values():
         assert small == 0 and large >= 64 << 20, (small, large)
+
+
+def test_small_jobs_compute_on_threads_and_big_ones_on_a_cluster():
+    from lamina.cluster import Resources
+
+    auto = Resources()
+    assert not auto.wants_cluster(n_cells=200_000) and auto.wants_cluster(n_cells=5_000_000)
+    assert not auto.wants_cluster(input_bytes=10 * 2**20) and auto.wants_cluster(input_bytes=None)
+    assert Resources("processes").wants_cluster(n_cells=10)
+    assert not Resources("threads").wants_cluster(n_cells=10**9)
+    assert Resources(address="tcp://127.0.0.1:1").mode == "processes"
+    with pytest.raises(lamina.ClusterError, match="choose one of auto, threads, processes"):
+        Resources("fast")
+    assert auto.client_for(n_cells=100) is None
 
 
 def test_default_layout_uses_every_core():

@@ -158,6 +158,19 @@ def test_voxel_volume_sums_and_means(recon):
     assert np.isnan(np.asarray(vol["pcs"][0])[np.asarray(vol["density"]) == 0]).all()
 
 
+def test_volume_has_um_coordinates_to_select_on(recon):
+    vol = recon.volume()
+    attrs = recon.root["volume"].attrs
+    x0, y0, z0 = attrs["origin"]
+    voxel = attrs["voxel_um"]
+    assert vol.density.dims == ("z", "y", "x") and vol.pcs.dims == ("pc", "z", "y", "x")
+    np.testing.assert_allclose(vol.x.values[:2], [x0 + 0.5 * voxel, x0 + 1.5 * voxel])
+    np.testing.assert_allclose(vol.z.values[-1], z0 + (vol.sizes["z"] - 0.5) * voxel)
+    k = vol.sizes["z"] // 2
+    picked = vol.density.sel(z=float(vol.z[k]) + 0.2 * voxel, method="nearest").values
+    np.testing.assert_array_equal(picked, recon.root["volume/density"][k])
+
+
 def test_invert_and_parquet_export_match_the_pca_inversion(recon, tmp_path):
     import pyarrow.parquet as pq
 

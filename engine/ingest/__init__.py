@@ -20,6 +20,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import pandas as pd
 
 from .._version import __version__
 from ..errors import ConfigError, InputError, StoreError, ensure
@@ -28,13 +29,14 @@ from ..store import arrays
 from ..store.atlas import Atlas, _is_url, now_iso
 from ..store.elements import CellsV1, GenesV1, MatrixV1, SectionsV1
 from .assemble import Layout, layout_sections, plan_pieces, resolve_genes
+from .memory import AnnDataTable, FrameTable, is_anndata
 from .readers import H5AD_SUFFIXES, SUPPORTED, H5adFile, PhantomSection, ReadUnit, TableFile, natural_key, stem
 from .spec import IngestSpec
 from .staging import stage_unit
 from .write import pieces_for_rows, write_block
 
 log = logging.getLogger("lamina")
-INGEST_VERSION = 1
+INGEST_VERSION = 2  # 2: /cells/input_row
 
 __all__ = ["ingest", "import_isost", "IngestSpec", "read_units"]
 
@@ -47,11 +49,21 @@ def _unit_for(path: Path, spec: IngestSpec, paste, default_section=None) -> Read
     return TableFile(path, paste=list(paste or []), default_section=default_section)
 
 
+def _memory_unit(obj, spec: IngestSpec, label: str, default_section=None) -> ReadUnit | None:
+    if isinstance(obj, pd.DataFrame):
+        return FrameTable(obj, label=label, default_section=default_section)
+    if is_anndata(obj):
+        return AnnDataTable(obj, spatial_key=spec.spatial_key, label=label, default_section=default_section)
+    return None
+
+
 def read_units(source, spec: IngestSpec, paste=None, pattern: str | None = None) -> tuple[list[ReadUnit], bool]:
     """Turn ``source`` into read units; returns (units, folder_mode).
 
     ``source``: a file; a folder (one file per section, natural name order, ``pattern`` to filter); a list of
-    files (one per section); or a :class:`lamina.datasets.Phantom`.
+    files (one per section); a ``pandas.DataFrame`` or ``anndata.AnnData`` (one table of all cells); a dict
+    ``{section id: DataFrame | AnnData | file}`` (one table per section, in the dict's order); or a
+    :class:`lamina.datasets.Phantom`.
     """
     from ..datasets.phantom import Phantom
 
@@ -60,6 +72,29 @@ def read_units(source, spec: IngestSpec, paste=None, pattern: str | None = None)
 
         spec_dict = dataclasses.asdict(source.spec)
         return [PhantomSection(spec_dict, s) for s in range(source.spec.n_sections)], False
+    if paste and not isinstance(source, (str, Path)):
+        raise ConfigError("paste files apply to a single input file, not to in-memory tables or lists of files")
+    unit = _memory_unit(source, spec, type(source).__name__)
+    if unit is not None:
+        return [unit], False
+    if isinstance(source, dict):
+        if not source:
+            raise InputError("ingest was given an empty dict of sections; pass {section id: table, ...}")
+        units = []
+        for sid, value in source.items():
+            unit = _memory_unit(value, spec, f"section {sid!r}", default_section=str(sid))
+            if unit is None:
+                if not isinstance(value, (str, Path)):
+                    raise InputError(
+                        f"section {sid!r} of the dict is a {type(value).__name__}; give a DataFrame, an AnnData "
+                        f"or a file path per section"
+                    )
+                path = Path(value)
+                if not path.is_file():
+                    raise InputError(f"section {sid!r}: input file {path} does not exist; check the path")
+                unit = _unit_for(path, spec, None, default_section=str(sid))
+            units.append(unit)
+        return units, True
     if isinstance(source, (list, tuple)):
         files = [Path(p) for p in source]
     else:
@@ -80,6 +115,20 @@ def read_units(source, spec: IngestSpec, paste=None, pattern: str | None = None)
     if paste:
         raise ConfigError("paste files apply to a single input file, not to a folder or list of files")
     return [_unit_for(p, spec, None, default_section=stem(p)) for p in files], True
+
+
+def _spatial_default(source, spec: IngestSpec) -> IngestSpec:
+    """AnnData keeps positions in ``obsm["spatial"]`` (the scanpy / squidpy key): use it when the x column
+    is not in obs and no key was given."""
+    tables = list(source.values()) if isinstance(source, dict) else [source]
+    if spec.spatial_key is not None or not tables or not all(is_anndata(t) for t in tables):
+        return spec
+    if all(spec.x not in t.obs.columns and "spatial" in t.obsm for t in tables):
+        import dataclasses
+
+        log.info("ingest: positions from obsm['spatial'] (set x=/y= to use obs columns instead)")
+        return dataclasses.replace(spec, spatial_key="spatial")
+    return spec
 
 
 def phantom_spec(ph, **overrides) -> IngestSpec:
@@ -112,6 +161,10 @@ def ingest(
 ) -> Atlas:
     """Stream ``source`` into the atlas store ``store`` and return it (see the module docstring).
 
+    ``source``: a file or folder of files (CSV/TSV/Parquet/h5ad), a list of files, a ``pandas.DataFrame``, an
+    ``anndata.AnnData`` (positions from ``obsm["spatial"]`` unless ``x=``/``y=`` name obs columns; expression
+    from ``X`` with ``genes="rest"``), a dict ``{section id: table or file}``, or a phantom.
+
     Column mapping and options come from ``spec`` or keyword arguments of :class:`IngestSpec`
     (``x=``, ``y=``, ``section=``, ``z=``, ``cell_type=``, ``genes=``, ``units=`` ...). ``paste`` lists
     files whose rows correspond 1:1 to ``source`` (e.g. MERFISH positions + metadata). ``overwrite``
@@ -129,15 +182,31 @@ def ingest(
             f"shared path, then copy the store to object storage"
         )
     path = Path(store)
+    spec = _spatial_default(source, spec)
     units, folder_mode = read_units(source, spec, paste, pattern)
-    digest = params_hash("ingest", INGEST_VERSION, spec.to_dict(), [u.fingerprint() for u in units])
+    from ..store.lock import writer
+
+    with writer(path):
+        return _ingest(units, folder_mode, path, spec, overwrite, client)
+
+
+def _ingest(units: list[ReadUnit], folder_mode: bool, path: Path, spec: IngestSpec, overwrite: bool, client) -> Atlas:
+    fingerprints = [u.fingerprint() for u in units]
+    digest = params_hash("ingest", INGEST_VERSION, spec.to_dict(), fingerprints)
     if path.exists():
         existing = Atlas.open(path, mode="r")
         rec = existing.stage_records().get("ingest", {})
         if rec.get("complete") and rec.get("hash") == digest:
             log.info("ingest: %s is up to date, skipped", path)
             return existing
-        if not overwrite:
+        old = rec.get("algorithm_version")
+        # the same input and options read by an older ingest: the algorithm changed, so it re-runs
+        same_input = isinstance(old, int) and rec.get("hash") == params_hash(
+            "ingest", old, spec.to_dict(), fingerprints
+        )
+        if same_input:
+            log.info("ingest: %s was read by ingest version %s; re-reading with version %d", path, old, INGEST_VERSION)
+        elif not overwrite:
             raise StoreError(
                 f"{path} already holds an atlas from other input or options; pass overwrite=True "
                 f"(CLI: --overwrite) to replace it, or choose another store path"
@@ -149,11 +218,16 @@ def ingest(
         staged = Atlas.create(tmp)
         staging = tmp / "_staging"
         genes, _ = resolve_genes(units, spec)
-        tasks = [dask.delayed(stage_unit, pure=False)(u, spec, genes, str(staging), i) for i, u in enumerate(units)]
         from ..cluster import compute
 
         log.info("ingest: started (%d read unit(s)) -> %s", len(units), path)
-        summaries = list(compute(*tasks, client=client, label="ingest"))
+        # a table in this process is staged here (shipping it to a worker would copy it into the graph)
+        local = {i: stage_unit(u, spec, genes, str(staging), i) for i, u in enumerate(units) if u.local}
+        remote = [i for i, u in enumerate(units) if not u.local]
+        tasks = [dask.delayed(stage_unit, pure=False)(units[i], spec, genes, str(staging), i) for i in remote]
+        if tasks:
+            local.update(zip(remote, compute(*tasks, client=client, label="ingest")))
+        summaries = [local[i] for i in range(len(units))]
         t_stage = time.perf_counter() - t0
         layout = layout_sections(summaries, spec, folder_mode)
         _write_store(staged, layout, summaries, spec, genes, str(staging), client)
@@ -173,6 +247,9 @@ def ingest(
             "algorithm_version": INGEST_VERSION,
         }
         staged.root.attrs["stages"] = {"ingest": record}
+        if not spec.scale_known:  # lengths are pixels of unknown size; every um in the store reads "px"
+            staged.root.attrs.update({"units": "px", "scale_known": False})
+        arrays.consolidate(str(tmp))
         if path.exists():
             trash = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
             path.rename(trash)
@@ -213,7 +290,24 @@ def _write_store(
     )
     arrays.create(cells, "x", (n_total,), np.float32, (chunk,), ("cell",), um)
     arrays.create(cells, "y", (n_total,), np.float32, (chunk,), ("cell",), um)
-    plan = {"cats": {}, "texts": [], "nums": {}, "genes": bool(genes), "chunk": chunk}
+    arrays.create(
+        cells,
+        "input_row",
+        (n_total,),
+        np.int64,
+        (chunk,),
+        ("cell",),
+        {"description": "0-based row of the cell in the input (inputs in order, rows in order)"},
+    )
+    row_offset = np.concatenate([[0], np.cumsum([s["rows"] for s in summaries])])[:-1]
+    plan = {
+        "cats": {},
+        "texts": [],
+        "nums": {},
+        "genes": bool(genes),
+        "chunk": chunk,
+        "row_offset": [int(v) for v in row_offset],
+    }
     for col, kind in layout.kinds.items():
         if kind == "cat":
             cats = layout.categories.get(col, [])

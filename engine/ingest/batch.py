@@ -34,7 +34,7 @@ def stored_names(spec: IngestSpec) -> dict:
         names[spec.cell_type] = "cell_type"
     if spec.cell_id:
         names[spec.cell_id] = "cell_id"
-    reserved = {"section", "x", "y"} & set(names.values())
+    reserved = {"section", "x", "y", "input_row"} & set(names.values())
     if reserved:
         raise InputError(f"obs columns may not be named {sorted(reserved)} (lamina's own cell columns); rename them")
     return names

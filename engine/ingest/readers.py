@@ -59,6 +59,7 @@ class ReadUnit:
 
     label: str = "?"
     default_section: str | None = None
+    local: bool = False  # staged in the calling process (an in-memory table) instead of on a worker
 
     def columns(self) -> list[str]:
         raise NotImplementedError
@@ -86,6 +87,29 @@ def release_arrow_memory() -> None:
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
+
+
+#: Spellings of a missing number in CSV (R writes NA, pandas NaN); in a text column they are labels.
+NUMBER_NA = ("NA", "NaN", "nan", "N/A", "NULL", "null", "None", "-nan", "#N/A")
+
+
+def missing_numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    """The CSV missing-value rule, the same as Parquet's nulls: an empty field is missing; the spellings of
+    :data:`NUMBER_NA` are missing only in a column whose other values are all numbers (a number column with
+    gaps), and stay labels in a text column (cell type "NA" is a label)."""
+    for col in frame.columns:
+        s = frame[col]
+        if s.dtype != object:
+            continue
+        text = s.astype(str).str.strip()
+        na = s.notna().to_numpy() & text.isin(NUMBER_NA).to_numpy()
+        if not na.any():
+            continue
+        rest = s[~na & s.notna().to_numpy()]
+        conv = pd.to_numeric(rest, errors="coerce")
+        if len(rest) and conv.notna().all():
+            frame[col] = pd.to_numeric(s.where(~na), errors="coerce")
+    return frame
 
 
 def _file_fingerprint(path: Path):
@@ -173,7 +197,11 @@ class TableFile(ReadUnit):
                 release_arrow_memory()
                 yield frame.reset_index(drop=True)
         else:
-            yield from pd.read_csv(p, sep=_sep(p), usecols=have, chunksize=rows, low_memory=False)
+            reader = pd.read_csv(
+                p, sep=_sep(p), usecols=have, chunksize=rows, low_memory=False, keep_default_na=False, na_values=[""]
+            )
+            for frame in reader:
+                yield missing_numbers(frame)
 
     def chunks(self, rows: int, needed: list[str]) -> Iterator[RawChunk]:
         files = [self.path, *self.paste]

@@ -29,7 +29,8 @@ class IngestSpec:
     may be None). In a folder of one file per section, a missing section column means "the file's stem".
     genes: None (no expression), a list of column names, or ``"rest"`` (every column not used otherwise).
     obs: further columns to keep; strings become categorical codes, numbers stay numeric.
-    units: ``um`` | ``mm`` | ``nm`` | ``px`` (then ``pixel_size`` um per pixel is required).
+    units: ``um`` | ``mm`` | ``nm`` | ``px`` (with ``pixel_size`` um per pixel; without it the scale is
+    unknown: coordinates are kept in pixels and the store records ``units: px`` and ``scale_known: false``).
     section_order / section_z / section_spacing: where z comes from when there is no z column
     (``section_z`` maps id -> um; otherwise sections are ``section_spacing`` um apart in ``section_order``
     or in order of first appearance).
@@ -51,8 +52,8 @@ class IngestSpec:
         None, "genes", "gene columns: a list, 'rest' (every other column) or null (no expression)"
     )
     obs: list[str] = _field([], "obs", "further columns to keep (text becomes categorical)")
-    units: Literal["um", "mm", "nm", "px"] = _field("um", "units", "unit of x, y (px needs pixel_size)")
-    pixel_size: float | None = _field(None, "pixel_size", "micrometres per pixel when units is px")
+    units: Literal["um", "mm", "nm", "px"] = _field("um", "units", "unit of x, y (px: pixel_size, or unknown scale)")
+    pixel_size: float | None = _field(None, "pixel_size", "micrometres per pixel when units is px (null: unknown)")
     section_order: list[str | int] | None = _field(None, "sections.order", "section ids in z order")
     section_z: dict | None = _field(None, "sections.z", "section id -> z (um)")
     section_spacing: float = _field(10.0, "sections.spacing", "distance between sections (um) when z is not given")
@@ -71,8 +72,10 @@ class IngestSpec:
     def __post_init__(self):
         if self.units not in (*UNIT_SCALE, "px"):
             raise ConfigError(f"units={self.units!r} is not one of um, mm, nm, px")
-        if self.units == "px" and not (self.pixel_size and self.pixel_size > 0):
-            raise ConfigError("units='px' needs pixel_size (micrometres per pixel), e.g. pixel_size=0.2125")
+        if self.pixel_size is not None and not (self.pixel_size > 0 and self.pixel_size < float("inf")):
+            raise ConfigError(f"pixel_size={self.pixel_size!r} must be a positive number of micrometres per pixel")
+        if self.pixel_size is not None and self.units != "px":
+            raise ConfigError(f"pixel_size applies to units='px' only (units is {self.units!r}); drop one of them")
         if self.gene_join not in GENE_JOINS:
             raise ConfigError(f"gene_join={self.gene_join!r} is not one of {', '.join(GENE_JOINS)}")
         if self.normalize not in NORMALIZE:
@@ -92,8 +95,15 @@ class IngestSpec:
 
     @property
     def scale(self) -> float:
-        """Micrometres per input coordinate unit."""
-        return float(self.pixel_size) if self.units == "px" else UNIT_SCALE[self.units]
+        """Micrometres per input coordinate unit; 1 for pixels of unknown size (see :attr:`scale_known`)."""
+        if self.units == "px":
+            return float(self.pixel_size) if self.pixel_size else 1.0
+        return UNIT_SCALE[self.units]
+
+    @property
+    def scale_known(self) -> bool:
+        """False for ``units='px'`` without ``pixel_size``: lengths are then pixels, not micrometres."""
+        return not (self.units == "px" and not self.pixel_size)
 
     @property
     def categorical(self) -> list[str]:

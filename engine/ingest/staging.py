@@ -63,6 +63,7 @@ def stage_unit(unit: ReadUnit, spec: IngestSpec, genes: list[str], staging: str,
         folder.mkdir(parents=True, exist_ok=False)
         _save(folder, "x", batch.x[order].astype(np.float32))
         _save(folder, "y", batch.y[order].astype(np.float32))
+        _save(folder, "row", (raw.row0 + np.arange(len(batch.x), dtype=np.int64))[order])
         for name, values in {**batch.cats, **batch.texts, **batch.nums}.items():
             _save(folder, f"obs.{name}", np.asarray(values)[order])
         if batch.X is not None:

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import zarr
 
 from ..errors import ensure
-from ..store.arrays import assert_aligned
+from ..store.arrays import assert_aligned, open_root
 
 
 def pieces_for_rows(pieces: list[tuple], starts: np.ndarray, a: int, b: int) -> list[tuple]:
@@ -35,9 +34,10 @@ def _gather(staging: Path, pieces: list[tuple], name: str) -> np.ndarray:
 def write_block(store: str, staging: str, a: int, b: int, pieces: list[tuple], plan: dict) -> int:
     """Write rows ``[a, b)`` of every cell array and of ``/X`` from the staged ``pieces``; returns rows written.
 
-    ``plan``: {"cats": {col: categories}, "texts": [col], "nums": {col: dtype}, "genes": bool, "chunk": rows}.
+    ``plan``: {"cats": {col: categories}, "texts": [col], "nums": {col: dtype}, "genes": bool, "chunk": rows,
+    "row_offset": [first input row of each read unit]}. A fragment's folder ``uNNNNNcMMMMM`` names its unit.
     """
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     n = int(root["cells/x"].shape[0])
     assert_aligned(a, b, plan["chunk"], n, "cells")
     staging = Path(staging)
@@ -46,6 +46,10 @@ def write_block(store: str, staging: str, a: int, b: int, pieces: list[tuple], p
     root["cells/section"][a:b] = sec
     root["cells/x"][a:b] = _gather(staging, pieces, "x")
     root["cells/y"][a:b] = _gather(staging, pieces, "y")
+    offsets = np.concatenate(
+        [np.full(hi - lo, plan["row_offset"][int(d[1:6])], dtype=np.int64) for d, lo, hi, _ in pieces]
+    )
+    root["cells/input_row"][a:b] = _gather(staging, pieces, "row") + offsets
     for col, cats in plan["cats"].items():
         codes = pd.Categorical(_gather(staging, pieces, f"obs.{col}"), categories=cats).codes
         root[f"cells/{col}"][a:b] = codes.astype(root[f"cells/{col}"].dtype)

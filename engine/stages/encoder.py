@@ -30,6 +30,7 @@ from ..cluster import task_device
 from ..errors import InputError, ensure
 from ..hashing import params_hash
 from ..store import arrays
+from ..store.arrays import open_root
 from ..store.atlas import Atlas
 from .contract import Stage, StageContext
 from .options import Options, option
@@ -137,7 +138,7 @@ def _train_block(store: str, ckpt: str, cfg: dict, a: int, b: int) -> list[float
     from ..kernels.encoder import load_weights, pair_loss
     from ..store.tensors import load_optimizer_state, optimizer_state, read_state, write_state
 
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     rng = np.random.default_rng([cfg["seed"], a])
     torch.manual_seed(cfg["seed"] * 1_000_003 + a)
     dev = task_device()
@@ -190,7 +191,7 @@ def _infer_chunk(store: str, model_group: str, cfg: dict, target: str, a: int, b
 
     from ..store.tensors import read_state
 
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     model = _model(cfg)
     model.load_state_dict(read_state(root[model_group]))
     dev = task_device()

@@ -25,6 +25,7 @@ import zarr
 from ..cluster import task_device
 from ..errors import InputError, MissingInputError
 from ..store import arrays
+from ..store.arrays import open_root
 from ..store.atlas import Atlas
 from .contract import Stage, StageContext
 from .options import Options, option
@@ -119,7 +120,7 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
     from ..kernels.sde import flow_loss
     from ..store.tensors import load_optimizer_state, optimizer_state, read_state, write_state
 
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     secs = root["sections"]
     starts, stops = np.asarray(secs["cell_start"][...]), np.asarray(secs["cell_stop"][...])
     z = np.asarray(secs["z"][...], np.float64)

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 
 import dask
 import numpy as np
-import zarr
 
 from ..cluster import task_device
 from ..errors import ensure
 from ..store import arrays
+from ..store.arrays import open_root
 from ..store.atlas import Atlas
 from .contract import Stage, StageContext
 from .flow import load_models, read_cells
@@ -122,7 +122,7 @@ def _gap_task(store: str, flow: str, lo: int, hi: int, part: int, parts: int, cf
     into the scratch array ``target``; returns n."""
     import torch
 
-    root = zarr.open_group(store, mode="r")
+    root = open_root(store, "r")
     sec = root["sections"]
     starts, stops = np.asarray(sec["cell_start"][...]), np.asarray(sec["cell_stop"][...])
     z = np.asarray(sec["z"][...], np.float64)
@@ -152,13 +152,13 @@ def _gap_task(store: str, flow: str, lo: int, hi: int, part: int, parts: int, cf
             block[:, 6:] = h
             out.append(block)
     rows = np.concatenate(out)
-    zarr.open_group(store, mode="r+")[target][...] = rows
+    open_root(store, "r+")[target][...] = rows
     return len(rows)
 
 
 def _copy_chunk(store: str, group: str, a: int, b: int, parts: list[tuple[str, int, int]]) -> int:
     """Rows ``[a, b)`` of the final arrays from the scratch arrays ``(name, start, stop)`` that cover them."""
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     g = root[group]
     rows = np.concatenate([np.asarray(g[name][max(a, s) - s : min(b, e) - s]) for name, s, e in parts])
     for i, (k, dt) in enumerate(COLUMNS):

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import dask
 import numpy as np
-import zarr
 
 from ..kernels.pca import invert_volume
 from ..store import arrays
+from ..store.arrays import open_root
 from ..store.atlas import Atlas
 from .contract import Stage, StageContext
 from .options import Options
@@ -28,7 +28,7 @@ class InvertOptions(Options):
 
 
 def _invert_chunk(store: str, target: str, zc: int, yc: int, cz: int, ty: int, gene_chunk: int) -> int:
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     vol = root["volume/pcs"]
     Z, Y = vol.shape[1:3]
     zs, ys = slice(zc * cz, min(Z, (zc + 1) * cz)), slice(yc * ty, min(Y, (yc + 1) * ty))

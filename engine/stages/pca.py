@@ -23,6 +23,7 @@ import zarr
 from ..errors import InputError, MissingInputError, ensure
 from ..kernels.pca import project, safe_scale
 from ..store import arrays
+from ..store.arrays import open_root
 from ..store.atlas import Atlas
 from .contract import PlanContext, Stage, StageContext
 from .options import Options, option
@@ -50,7 +51,7 @@ def _nonfinite_error(atlas: Atlas, row: int, count: int) -> None:
 
 def _gram_times(store: str, a: int, b: int, mean: np.ndarray, scale: np.ndarray, W: np.ndarray) -> np.ndarray:
     """``Z_c^T (Z_c W)`` ``[gene, l]`` for the standardised rows ``[a, b)`` of ``/X``."""
-    Z = (np.asarray(zarr.open_group(store, mode="r")["X"][a:b], np.float64) - mean) / scale
+    Z = (np.asarray(open_root(store, "r")["X"][a:b], np.float64) - mean) / scale
     return Z.T @ (Z @ W)
 
 
@@ -70,7 +71,7 @@ def _covariance_times(ctx: StageContext, mean, scale, W) -> np.ndarray:
 
 
 def _project_chunk(store: str, target: str, a: int, b: int) -> int:
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     g = root[target]
     comp, mean, scale = (np.asarray(g[k][...]) for k in ("components", "mean", "scale"))
     g["pcs"][a:b] = project(np.asarray(root["X"][a:b]), mean, scale, comp)

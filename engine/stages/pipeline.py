@@ -126,11 +126,14 @@ def _topological(steps: dict[str, Step], order: list[str]) -> list[Step]:
 
 def run_plan(atlas: Atlas, steps: list[Step], client=None, force: bool = False) -> dict[str, float]:
     """Run planned steps in order; wall seconds per stage (near 0 when a stage is skipped as up to date)."""
+    from ..store.lock import writer
+
     seconds = {}
-    for step in steps:
-        t = time.perf_counter()
-        run(step.stage, atlas, client=client, force=force, parsed=step.options)
-        seconds[step.stage.name] = time.perf_counter() - t
+    with writer(atlas.path):  # one lock over the whole plan: no other writer runs between its stages
+        for step in steps:
+            t = time.perf_counter()
+            run(step.stage, atlas, client=client, force=force, parsed=step.options)
+            seconds[step.stage.name] = time.perf_counter() - t
     return seconds
 
 

@@ -14,12 +14,12 @@ from typing import Literal
 
 import dask
 import numpy as np
-import zarr
 
 from ..errors import InputError
 from ..kernels.geometry import grid_to_um
 from ..kernels.raster import expression_channels, smooth, splat
 from ..store import arrays
+from ..store.arrays import open_root
 from ..store.atlas import Atlas
 from .contract import Stage, StageContext
 from .options import Options, option
@@ -102,7 +102,7 @@ def _rasterize_section(
     sigma_px: float,
     chunk: int,
 ) -> int:
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     shape = (geom["size"], geom["size"])
     img = np.zeros((n_channels, *shape), np.float32)
     expression = "pcs" in kind

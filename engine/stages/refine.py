@@ -31,13 +31,13 @@ from dataclasses import dataclass
 
 import dask
 import numpy as np
-import zarr
 
 from ..cluster import even_batches, task_device
 from ..errors import ensure
 from ..kernels.geometry import affine_matrix
 from ..kernels.raster import normalise_density
 from ..store import arrays
+from ..store.arrays import open_root
 from .contract import Stage, StageContext
 from .options import Options, option
 from .rasterize import pixel_to_um
@@ -69,7 +69,7 @@ class RefineOptions(Options):
 
 
 def _open(store: str):
-    return zarr.open_group(store, mode="r+")
+    return open_root(store, "r+")
 
 
 def _canvas_task(store: str, g: str, k: int, M: np.ndarray) -> float:

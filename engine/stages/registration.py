@@ -25,7 +25,6 @@ from typing import Literal
 
 import dask
 import numpy as np
-import zarr
 
 from ..cluster import even_batches, task_device
 from ..errors import InputError, ensure
@@ -34,6 +33,7 @@ from ..kernels.geometry import affine_matrix
 from ..kernels.ransac import ransac
 from ..kernels.raster import normalise_density, tissue_points
 from ..store import arrays
+from ..store.arrays import open_root
 from ..store.atlas import Atlas
 from .contract import PlanContext, Stage, StageContext
 from .options import Options, option
@@ -186,7 +186,7 @@ def _qc(row: dict, m, f, A: np.ndarray, opts: RegisterOptions) -> None:
 
 
 def _pairs_task(store: str, raster: str, pairs: list[tuple[int, int]], opts: RegisterOptions) -> list[dict]:
-    root = zarr.open_group(store, mode="r")
+    root = open_root(store, "r")
     images = root[raster]
     rows = register_pairs(
         [(np.asarray(images[k]), np.asarray(images[j])) for k, j in pairs], opts, [k * 1000 + j for k, j in pairs]

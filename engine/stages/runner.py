@@ -20,6 +20,7 @@ from pathlib import Path
 from .._version import __version__
 from ..errors import MissingInputError
 from ..hashing import jsonable, params_hash
+from ..store.arrays import consolidate
 from ..store.atlas import Atlas, _is_url, now_iso
 from .contract import PlanContext, Stage, StageContext
 
@@ -88,7 +89,14 @@ def run(
     parsed=None,
 ) -> StageResult:
     """Run ``stage`` on ``atlas`` with ``options`` (see :mod:`lamina.stages.contract` for the order of the
-    hooks); ``parsed`` passes options already parsed and resolved by a plan."""
+    hooks); ``parsed`` passes options already parsed and resolved by a plan. Holds the store's writer lock."""
+    from ..store.lock import writer
+
+    with writer(atlas.path):
+        return _run(stage, atlas, client, force, options, context, parsed)
+
+
+def _run(stage: Stage, atlas: Atlas, client, force: bool, options, context, parsed) -> StageResult:
     atlas.writable()
     opts = parsed if parsed is not None else stage.options.parse(options, where=f"lamina.{stage.name}()")
     if parsed is None:  # a plan has resolved and checked its steps already
@@ -158,6 +166,7 @@ def _commit(stage: Stage, atlas: Atlas, opts, prepared: dict, params: dict, inpu
     _set_record(atlas, name, {"complete": True, **base, "finished": now_iso(), "seconds": round(seconds, 3), **extra})
     for hook in ctx.after_commit:
         hook()
+    consolidate(atlas.path)
     summary = ", ".join(f"{k} {_short(v)}" for k, v in jsonable(extra).items() if k not in ("flagged", "n_flagged"))
     log.info(
         "%s: done in %.1f s -> /%s (%s%s)",

@@ -19,6 +19,7 @@ import zarr
 
 from ..kernels.voxel import accumulate, mean_or_nan, voxel_index
 from ..store import arrays
+from ..store.arrays import open_root
 from ..store.atlas import Atlas
 from .contract import PlanContext, Stage, StageContext
 from .options import Options, option
@@ -79,7 +80,7 @@ def _row_ranges(root: zarr.Group, z0: float, z1: float, interpolated: bool) -> l
 def _voxelize_chunk(
     store: str, target: str, geom: dict, zc: int, yc: int, cz: int, ty: int, read_rows: int, interpolated: bool
 ) -> int:
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     Z, Y, X = geom["shape"]
     v, (ox, oy, oz) = geom["voxel_um"], geom["origin"]
     z_lo, z_hi = zc * cz, min(Z, (zc + 1) * cz)

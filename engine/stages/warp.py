@@ -11,10 +11,10 @@ from typing import Literal
 
 import dask
 import numpy as np
-import zarr
 
 from ..errors import ensure
 from ..store import arrays
+from ..store.arrays import open_root
 from ..store.atlas import Atlas
 from ..transforms import apply_stored
 from .contract import PlanContext, Stage, StageContext
@@ -34,7 +34,7 @@ class WarpOptions(Options):
 
 
 def _warp_chunk(store: str, target: str, a: int, b: int, source: str, z: np.ndarray) -> int:
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     src = root[source]
     affine = np.asarray(src["affine"][...])
     sec = np.asarray(root["cells/section"][a:b])
@@ -88,7 +88,7 @@ def _write_aligned(ctx: StageContext, chunk_task, source: str) -> dict:
 
 
 def _identity_chunk(store: str, target: str, a: int, b: int, source: str, z: np.ndarray) -> int:
-    root = zarr.open_group(store, mode="r+")
+    root = open_root(store, "r+")
     for k in ("x", "y"):
         root[f"{target}/{k}"][a:b] = np.asarray(root[f"cells/{k}"][a:b], np.float32)
     root[f"{target}/z"][a:b] = z[np.asarray(root["cells/section"][a:b])].astype(np.float32)

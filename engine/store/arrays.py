@@ -13,6 +13,22 @@ MAX_CELL_CHUNK = 65536
 MIN_CELL_CHUNK = 1024
 
 
+def open_root(store, mode: str = "r") -> zarr.Group:
+    """The store's root group as lamina's own code opens it: never from consolidated metadata, which is a
+    snapshot for readers (xarray) taken when a stage finished and does not list what a running stage makes."""
+    return zarr.open_group(store, mode=mode, use_consolidated=False)
+
+
+def consolidate(store) -> None:
+    """Write consolidated metadata into the root (what ``xarray.open_zarr`` looks for first). Lamina rewrites
+    it after every stage; any later change of the root's attributes through :func:`open_root` drops it."""
+    import warnings
+
+    with warnings.catch_warnings():  # "not part of the Zarr v3 specification": xarray reads it all the same
+        warnings.simplefilter("ignore", category=UserWarning)
+        zarr.consolidate_metadata(store)
+
+
 def get_array(node: zarr.Group, path: str) -> zarr.Array:
     """``node[path]``, which must be an array (a clear :class:`StoreError` otherwise)."""
     found = node.get(path)

@@ -37,6 +37,19 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _obs_names(obs: pd.DataFrame, rows: np.ndarray) -> pd.Index:
+    """AnnData's obs_names: the cell ids when unique, ``<section>:<id>`` when ids repeat across sections,
+    else the store rows."""
+    if "cell_id" in obs:
+        ids = pd.Index(obs["cell_id"].astype(str).to_numpy())
+        if ids.is_unique:
+            return ids
+        scoped = pd.Index(obs["section"].astype(str).to_numpy() + ":" + ids.to_numpy())
+        if scoped.is_unique:
+            return scoped
+    return pd.Index(rows.astype(str))
+
+
 class Atlas:
     """Handle on an atlas store. Create with :meth:`create`, open with :meth:`open`."""
 
@@ -75,7 +88,7 @@ class Atlas:
                 f"no atlas store at {path} (no zarr.json); build one with `lamina build` or lamina.ingest()"
             )
         try:
-            root = zarr.open_group(path, mode=mode, zarr_format=3)
+            root = zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
         except Exception as exc:  # zarr raises several types for unreadable metadata
             raise StoreError(f"cannot open {path} as a Zarr v3 group: {exc}") from exc
         check_format(dict(root.attrs), path)
@@ -94,7 +107,7 @@ class Atlas:
         format is refused with the command that upgrades it."""
         require_current(dict(self.root.attrs), self.path)
         if self.root.store.read_only:
-            self.root = zarr.open_group(self.path, mode="r+", zarr_format=3)
+            self.root = zarr.open_group(self.path, mode="r+", zarr_format=3, use_consolidated=False)
         return self
 
     def check_disk(self, need: int, what: str, hint: str) -> None:
@@ -191,7 +204,8 @@ class Atlas:
     def to_xarray(self) -> xr.Dataset:
         """The cells, sections and expression as one lazy, dask-backed ``xarray.Dataset``.
 
-        Dims: ``cell``, ``gene``, ``section``; the per-cell section index is ``cell_section``. Categorical columns
+        Dims: ``cell``, ``gene``, ``section``; the per-cell section index is ``cell_section``; ``aligned_x/y/z``
+        (um, atlas frame) once the warp stage has run (the volume: :meth:`volume`). Categorical columns
         hold int codes with their labels in ``ds[col].attrs['categories']`` (decode with :meth:`obs`). Nothing is
         read until computed.
         """
@@ -205,6 +219,11 @@ class Atlas:
             )
         if "X" in self.root:
             data_vars["X"] = xr.DataArray(self._lazy("X"), dims=("cell", "gene"), attrs=dict(self.root["X"].attrs))
+        if self.group_is_complete("aligned"):
+            for k in ("x", "y", "z"):
+                data_vars[f"aligned_{k}"] = xr.DataArray(
+                    self._lazy(f"aligned/{k}"), dims=("cell",), attrs=dict(self.root[f"aligned/{k}"].attrs)
+                )
         sec = self.sections
         for k in ("z", "cell_start", "cell_stop"):
             data_vars[f"section_{k}"] = xr.DataArray(sec[k].to_numpy(), dims=("section",))
@@ -213,6 +232,33 @@ class Atlas:
             coords["gene"] = self.genes.to_numpy()
         attrs = {k: v for k, v in self.attrs.items() if k != "stages"}
         return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+    def volume(self) -> xr.Dataset:
+        """The voxel grid as a lazy ``xarray.Dataset`` with um coordinates (voxel centres, atlas frame) to
+        ``.sel`` on: ``pcs [pc, z, y, x]`` and ``density [z, y, x]`` from ``/volume``, and ``expression
+        [gene, z, y, x]`` once the invert stage has run, e.g. ``atlas.volume().expression.sel(gene="Snap25",
+        z=120, method="nearest")``."""
+        from ..errors import MissingInputError
+
+        if not self.group_is_complete("volume"):
+            raise MissingInputError(f"{self.path} has no volume yet; run lamina.reconstruct(atlas) first")
+        group = get_group(self.root, "volume")
+        voxel = float(cast(float, group.attrs["voxel_um"]))
+        origin = [float(v) for v in cast(list, group.attrs["origin"])]  # lower corner (x, y, z) um
+        Z, Y, X = (int(v) for v in get_array(group, "density").shape)
+        coords = {
+            name: (name, origin[i] + (np.arange(size) + 0.5) * voxel, {"units": "um"})
+            for i, (name, size) in enumerate((("x", X), ("y", Y), ("z", Z)))
+        }
+        data = {
+            "pcs": xr.DataArray(self._lazy("volume/pcs"), dims=("pc", "z", "y", "x")),
+            "density": xr.DataArray(self._lazy("volume/density"), dims=("z", "y", "x"), attrs={"units": "cells"}),
+        }
+        if self.group_is_complete("expression"):
+            expr = get_group(self.root, "expression")
+            data["expression"] = xr.DataArray(self._lazy("expression/values"), dims=("gene", "z", "y", "x"))
+            coords["gene"] = ("gene", as_text(get_array(expr, "gene")[...]))
+        return xr.Dataset(data, coords=coords, attrs={"voxel_um": voxel, "units": "um"})
 
     def section_index(self, section) -> int:
         """Position of a section given its id (str) or position (int)."""
@@ -269,9 +315,12 @@ class Atlas:
         values = np.concatenate(parts) if parts else np.empty(0, dtype=arr.dtype)
         return as_text(values) if values.dtype.kind == "T" else values
 
-    def obs(self, sections=None, columns=None, max_bytes: int | None = None) -> pd.DataFrame:
-        """Cell table (categoricals decoded) for the given sections; loads those rows into memory
-        (refused with ``TooLargeError`` beyond ``max_bytes``, default a quarter of available memory)."""
+    def obs(self, sections=None, columns=None, max_bytes: int | None = None, aligned: bool | str = False):
+        """The stored cell columns (categoricals decoded) for the given sections, index 0..n-1; loads those
+        rows into memory (refused with ``TooLargeError`` beyond ``max_bytes``, default a quarter of available
+        memory). ``aligned`` other than False gives :meth:`cells` (raw and aligned positions, z, store rows)."""
+        if aligned is not False:
+            return self.cells(sections, columns, aligned=aligned, max_bytes=max_bytes)
         ranges = self._ranges_for(sections)
         n = sum(b - a for a, b in ranges)
         cols = columns or self.cell_columns
@@ -279,6 +328,52 @@ class Atlas:
         ids = self.sections["id"].tolist()
         out = {col: self.decode(col, self._read_rows(f"cells/{col}", ranges), ids) for col in cols}
         return pd.DataFrame(out, index=pd.RangeIndex(n))
+
+    def cells(
+        self, sections=None, columns=None, aligned: bool | str = "auto", max_bytes: int | None = None
+    ) -> pd.DataFrame:
+        """The cell table users work with, one row per cell of the chosen sections (in store order).
+
+        Index ``cell`` (the store row); columns ``section``, ``cell_id`` (when ingested), ``input_row`` (the row
+        in the input: ``sort_values("input_row")`` gives back the input's order), raw ``x``, ``y`` (um within
+        the section), ``z`` (the section's depth, um), ``aligned_x``, ``aligned_y``, ``aligned_z`` (um in the
+        atlas frame), then the other cell columns (or only ``columns``).
+
+        ``aligned``: ``"auto"`` the warp stage's ``/aligned`` when it has run; ``True`` the same, required;
+        ``False`` none; ``"affine"`` / ``"refined"`` computed now from that stage's transforms (``affine``: the
+        register stage's affine alone, what ``align(fine=False)`` gives, without re-running anything).
+        """
+        from ..errors import MissingInputError
+
+        ranges = self._ranges_for(sections)
+        first = [c for c in ("section", "cell_id", "input_row", "x", "y") if c in self.cell_columns]
+        rest = [c for c in (columns if columns is not None else self.cell_columns) if c not in first]
+        frame = self.obs(sections, columns=first + rest, max_bytes=max_bytes)
+        frame.index = pd.Index(np.concatenate([np.arange(a, b) for a, b in ranges]), name="cell")
+        codes = np.asarray(frame["section"].cat.codes)
+        frame.insert(frame.columns.get_loc("y") + 1, "z", self.sections.z.to_numpy(np.float32)[codes])
+        if aligned not in ("auto", True, False, "affine", "refined"):
+            raise StoreError(f"aligned={aligned!r}: choose 'auto', True, False, 'affine' or 'refined'")
+        where = frame.columns.get_loc("z") + 1
+        if aligned in ("auto", True):
+            if self.group_is_complete("aligned"):
+                for j, k in enumerate(("x", "y", "z")):
+                    frame.insert(where + j, f"aligned_{k}", self._read_rows(f"aligned/{k}", ranges))
+            elif aligned is True:
+                raise MissingInputError(f"{self.path} has no aligned positions yet; run lamina.align(atlas) first")
+        elif aligned:
+            from ..transforms import apply_stored, transform_group
+
+            src = transform_group(self, str(aligned))
+            out = np.empty((len(frame), 2), np.float32)
+            raw = frame[["x", "y"]].to_numpy(np.float64)
+            for k in np.unique(codes):
+                m = codes == k
+                out[m] = apply_stored(src, int(k), raw[m])
+            frame.insert(where, "aligned_x", out[:, 0])
+            frame.insert(where + 1, "aligned_y", out[:, 1])
+            frame.insert(where + 2, "aligned_z", frame["z"].to_numpy())
+        return frame
 
     def decode(self, col: str, values: np.ndarray, section_ids: list[str] | None = None):
         """Stored values of cell column ``col`` -> what users see: section ids and labels as ``pd.Categorical``
@@ -290,13 +385,19 @@ class Atlas:
             return pd.Categorical.from_codes(values.astype(np.int64), categories=cats)
         return as_text(values) if values.dtype.kind == "T" else values
 
-    def to_anndata(self, sections=None, genes=None, max_bytes: int | None = None):
-        """An in-memory ``anndata.AnnData`` of the chosen sections / genes.
+    def to_anndata(self, sections=None, genes=None, max_bytes: int | None = None, sparse: bool | None = None):
+        """An in-memory ``anndata.AnnData`` of the chosen sections / genes, in the scanpy / squidpy conventions.
 
-        ``obs`` holds the cell columns and the section's ``z``; ``obsm['spatial']`` the aligned (x, y, z) um
-        when registration has run (the scanpy / squidpy key; else the raw (x, y)), ``obsm['spatial_section']``
-        the raw (x, y) within each section, ``obsm['X_<key>']`` each embedding of ``/embeddings``. Refuses
-        (``TooLargeError``) when the result would exceed ``max_bytes`` (default: a quarter of available
+        * ``obs_names``: the cell ids (prefixed ``<section>:`` when ids repeat across sections; store rows
+          when no ids were ingested); ``obs``: ``section``, ``z`` (um), ``input_row`` and the cell columns, a
+          missing label is missing (NaN), never a category of its own.
+        * ``obsm["spatial"]``: aligned (x, y, z) um when the warp stage has run, else the raw (x, y);
+          ``obsm["spatial_raw"]``: raw (x, y) um within each section; ``obsm["X_pca"]``: the PCA stage's
+          scores; ``obsm["X_<key>"]``: each embedding of ``/embeddings``.
+        * ``X``: float32, a CSR matrix when under half of it is non-zero (``sparse=None``) or as ``sparse``
+          says; read cell chunk by cell chunk.
+
+        Refuses (``TooLargeError``) when the result would exceed ``max_bytes`` (default: a quarter of available
         memory); select fewer sections/genes or stream with ``lamina export --format parquet`` instead.
         """
         import anndata as ad
@@ -313,30 +414,59 @@ class Atlas:
                     f"({', '.join(map(str, names[:5]))} ...)"
                 )
             gene_idx = names.get_indexer(list(genes))
-        emb_bytes = sum(4 * int(get_array(self.root, f"embeddings/{k}/values").shape[1]) for k in self.embeddings())
-        self._guard(n, 4 * len(gene_idx) + 8 * len(self.cell_columns) + emb_bytes + 64, "to_anndata", max_bytes)
-        obs = self.obs(sections, max_bytes=max_bytes)
-        obs.index = obs.index.astype(str)
-        if "X" in self.root and len(gene_idx) and n:
-            lazy = self._lazy("X")
-            X = np.asarray(da.concatenate([lazy[a:b] for a, b in ranges])[:, gene_idx].compute(), dtype=np.float32)
-        else:
-            X = np.zeros((n, len(gene_idx)), dtype=np.float32)
+        emb = [k for k in self.embeddings() if self.group_is_complete(f"embeddings/{k}")]
+        extra = [f"embeddings/{k}/values" for k in emb] + (["pca/pcs"] if self.group_is_complete("pca") else [])
+        extra_bytes = sum(4 * int(get_array(self.root, k).shape[1]) for k in extra)
+        self._guard(n, 4 * len(gene_idx) + 8 * len(self.cell_columns) + extra_bytes + 64, "to_anndata", max_bytes)
+        obs = self.cells(sections, max_bytes=max_bytes)
+        X = self._matrix(ranges, gene_idx, sparse)
+        raw = obs[["x", "y"]].to_numpy(np.float32)
+        aligned = [f"aligned_{k}" for k in ("x", "y", "z")]
+        spatial = obs[aligned].to_numpy(np.float32) if aligned[0] in obs else raw
+        rows = obs.index.to_numpy()
+        obs = obs.drop(columns=["x", "y", *[c for c in aligned if c in obs]])
+        obs.index = _obs_names(obs, rows)
         var = pd.DataFrame(index=pd.Index(self.genes[gene_idx], name=None).astype(str))
         adata = ad.AnnData(X=X, obs=obs, var=var)
-        raw = np.stack([obs.pop("x").to_numpy(), obs.pop("y").to_numpy()], axis=1)
-        obs["z"] = self.sections.z.to_numpy(np.float32)[np.asarray(obs["section"].cat.codes)]
-        adata.obs = obs
-        adata.obsm["spatial_section"] = raw
-        if "aligned" in self.root and self.group_is_complete("aligned"):  # squidpy reads obsm["spatial"]
-            adata.obsm["spatial"] = np.stack([self._read_rows(f"aligned/{k}", ranges) for k in ("x", "y", "z")], axis=1)
-        else:
-            adata.obsm["spatial"] = raw
-        for key in self.embeddings():
-            if self.group_is_complete(f"embeddings/{key}"):
-                adata.obsm[f"X_{key}"] = self._read_rows(f"embeddings/{key}/values", ranges)
-        adata.uns["lamina"] = {"store": self.path, "format_version": self.attrs.get("format_version")}
+        adata.obsm["spatial"] = spatial  # squidpy's key
+        adata.obsm["spatial_raw"] = raw
+        if self.group_is_complete("pca"):
+            adata.obsm["X_pca"] = self._read_rows("pca/pcs", ranges)
+        for key in emb:
+            adata.obsm[f"X_{key}"] = self._read_rows(f"embeddings/{key}/values", ranges)
+        adata.uns["lamina"] = {
+            "store": self.path,
+            "format_version": self.attrs.get("format_version"),
+            "units": self.attrs.get("units", "um"),
+            "spatial": "aligned x, y, z" if spatial is not raw else "raw x, y",
+        }
         return adata
+
+    def _matrix(self, ranges, gene_idx: np.ndarray, sparse: bool | None):
+        """Rows ``ranges`` x columns ``gene_idx`` of ``/X``: dense float32, or CSR when ``sparse`` (None: CSR
+        when under half the entries are non-zero), built one cell chunk at a time."""
+        import scipy.sparse as sp
+
+        n = sum(b - a for a, b in ranges)
+        if "X" not in self.root or not len(gene_idx) or not n:
+            return (
+                sp.csr_matrix((n, len(gene_idx)), dtype=np.float32)
+                if sparse
+                else np.zeros((n, len(gene_idx)), np.float32)
+            )
+        arr, step = get_array(self.root, "X"), self.cell_chunk
+        blocks = []
+        for a, b in ranges:
+            for lo in range((a // step) * step, b, step):
+                lo_, hi_ = max(a, lo), min(b, lo + step)
+                block = np.asarray(arr[lo_:hi_], np.float32)[:, gene_idx]
+                blocks.append(sp.csr_matrix(block) if sparse is not False else block)
+        if sparse is False:
+            return np.concatenate(blocks)
+        X = sp.vstack(blocks, format="csr", dtype=np.float32)
+        if sparse is None and X.nnz > 0.5 * n * len(gene_idx):
+            return X.toarray()
+        return X
 
     # ------------------------------------------------------------------ elements
     def images(self) -> list[str]:

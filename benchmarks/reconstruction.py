@@ -45,9 +45,9 @@ def _matmul_only(P: int, G: int, block: tuple, gene_chunk: int, seed: int) -> in
 
 
 def _write_only(store: str, name: str, zc: int, yc: int, cz: int, ty: int, gene_chunk: int, seed: int) -> int:
-    import zarr
+    from lamina.store.arrays import open_root
 
-    arr = zarr.open_group(store, mode="r+")[name]
+    arr = open_root(store, "r+")[name]  # never the consolidated snapshot: it predates this array
     G, Z, Y, X = arr.shape
     zs, ys = slice(zc * cz, min(Z, (zc + 1) * cz)), slice(yc * ty, min(Y, (yc + 1) * ty))
     rng = np.random.default_rng(seed)

@@ -36,7 +36,8 @@ def transform_group(atlas: Atlas, stage: str = "auto"):
 
 
 def _source(atlas: Atlas, section, stage: str = "auto") -> tuple:
-    return transform_group(atlas, stage), atlas.section_index(section)
+    k = atlas.section_index(section)  # an unknown section is named before a missing registration
+    return transform_group(atlas, stage), k
 
 
 def _points(xy) -> np.ndarray:

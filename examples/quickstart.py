@@ -1,26 +1,36 @@
-"""First steps: a phantom atlas, ingested and inspected from Python.
+"""First steps from Python: a table in memory -> an aligned atlas -> pandas / AnnData; then the same on a cluster.
 
 python examples/quickstart.py
 """
 
 import numpy as np
+import pandas as pd
 
 import lamina
 
 if __name__ == "__main__":
-    client = lamina.connect()
-    ph = lamina.datasets.phantom(n_cells=50_000, n_sections=8, n_genes=40, seed=1)
+    ph = lamina.datasets.phantom(n_cells=20_000, n_sections=4, n_genes=40, seed=1)
     print(ph.describe())
-    atlas = lamina.ingest(ph, "quickstart.lamina.zarr", overwrite=True, client=client)
-    lamina.section_stats(atlas, client=client)
+    # any table with one row per cell: here the phantom's, as a pandas DataFrame
+    table = pd.concat([frame for s in range(4) for frame, _ in ph.section_chunks(s)], ignore_index=True)
+
+    # small atlas: no client, the stages run on threads in this process
+    atlas = lamina.ingest(
+        table, "quickstart.lamina.zarr", section="section", cell_type="cell_type", cell_id="cell_id", genes="rest",
+        section_spacing=35.0, overwrite=True,
+    )  # fmt: skip
+    lamina.align(atlas)
     print(atlas.info())
 
-    ds = atlas.to_xarray()  # lazy
-    mean_expr = ds["X"].mean("cell").compute()  # computed chunk by chunk on the cluster
-    print("mean expression of the first genes:", np.round(mean_expr.values[:5], 3))
+    cells = atlas.cells()  # raw x, y, z and aligned_x, aligned_y, aligned_z per cell
+    print(cells.head())
+    moved = np.hypot(cells.aligned_x - cells.x, cells.aligned_y - cells.y)
+    print(f"registration moved cells by {moved.median():.0f} um (median)")
+    adata = atlas.to_anndata()  # obs_names = cell ids, obsm["spatial"] = aligned 3D (squidpy's key)
+    print(adata)
 
-    one = atlas.section("S003")
-    xy = np.stack([one["x"].values, one["y"].values], axis=1)
-    true_xy = ph.to_true(3, xy)  # exact ground truth for this section
-    print(f"section S003: {len(xy):,} cells; first cell observed {xy[0]} um, truly at {true_xy[0].round(2)} um")
-    client.close()
+    # a larger job on a local cluster; leaving the block shuts the cluster down
+    with lamina.connect() as client:
+        lamina.section_stats(atlas, client=client)  # up to date: skipped
+        mean_expr = atlas.to_xarray()["X"].mean("cell").compute()  # chunk by chunk on the workers
+    print("mean expression of the first genes:", np.round(mean_expr.values[:5], 3))

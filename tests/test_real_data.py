@@ -24,6 +24,7 @@ def test_dlpfc_csv(tmp_path, data_dir):
         obs=["donor"],
         units="px",
         pixel_size=um_per_px,
+        na_values=["NA"],  # written by R: NA is a missing layer here
     )
     sec = atlas.sections
     assert atlas.n_cells == 47_681 and len(sec) == 12

@@ -108,8 +108,10 @@ def _finite(values: np.ndarray, name: str, unit: ReadUnit, row0: int) -> None:
         )
 
 
-def _text(values) -> np.ndarray:
+def _text(values, na_values=()) -> np.ndarray:
     s = pd.Series(values)
+    if len(na_values):
+        s = s.where(~s.astype(str).isin(list(na_values)))
     if pd.api.types.is_float_dtype(s):
         finite = s.dropna()
         if len(finite) and np.all(np.mod(finite.to_numpy(), 1) == 0):
@@ -155,9 +157,9 @@ def normalise(raw: RawChunk, unit: ReadUnit, spec: IngestSpec, genes: list[str],
     for col, name in stored_names(spec).items():
         values = f[col] if col in f else f["_index"]
         if col == spec.cell_id and is_text(values):
-            texts[name] = _text(values)
+            texts[name] = _text(values, spec.na_values)
         elif col in spec.categorical or is_text(values):
-            cats[name] = _text(values)
+            cats[name] = _text(values, spec.na_values)
         else:
             nums[name] = np.asarray(pd.Series(values).to_numpy())
     X = None

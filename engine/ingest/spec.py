@@ -29,6 +29,8 @@ class IngestSpec:
     may be None). In a folder of one file per section, a missing section column means "the file's stem".
     genes: None (no expression), a list of column names, or ``"rest"`` (every column not used otherwise).
     obs: further columns to keep; strings become categorical codes, numbers stay numeric.
+    na_values: labels that mean "missing" in text columns (cell type, obs, cell id), in every input format;
+    by default only empty CSV fields and Parquet / AnnData nulls are missing, and "NA" is a label.
     units: ``um`` | ``mm`` | ``nm`` | ``px`` (with ``pixel_size`` um per pixel; without it the scale is
     unknown: coordinates are kept in pixels and the store records ``units: px`` and ``scale_known: false``).
     section_order / section_z / section_spacing: where z comes from when there is no z column
@@ -52,6 +54,9 @@ class IngestSpec:
         None, "genes", "gene columns: a list, 'rest' (every other column) or null (no expression)"
     )
     obs: list[str] = _field([], "obs", "further columns to keep (text becomes categorical)")
+    na_values: list[str] = _field(
+        [], "na_values", "labels that mean missing in text columns, e.g. [NA] for tables written by R (any format)"
+    )
     units: Literal["um", "mm", "nm", "px"] = _field("um", "units", "unit of x, y (px: pixel_size, or unknown scale)")
     pixel_size: float | None = _field(None, "pixel_size", "micrometres per pixel when units is px (null: unknown)")
     section_order: list[str | int] | None = _field(None, "sections.order", "section ids in z order")

@@ -184,3 +184,31 @@ def test_embed_benchmark_smoke(tmp_path):
     scale = rows["20,000"]
     assert 0.0 < float(scale[5]) < 4.0  # peak RSS (GiB) of the child and its workers
     assert not (tmp_path / "w").exists()
+
+
+def test_small_job_benchmark_smoke():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "small_job.py"), "--no-peers", "--cells", "3000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| lamina |")]
+    assert len(rows) == 2 and "killed" not in proc.stdout  # the cluster closed without killing workers
+    for row in rows:
+        cold, imports, job, warm = (float(v) for v in row[3:7])
+        assert 0 < imports < cold and 0 < warm < cold and job < cold  # seconds
+
+
+def test_quickstart_runs(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "registration moved cells by" in proc.stdout and "obsm: 'spatial', 'spatial_raw'" in proc.stdout
+    assert (tmp_path / "quickstart.lamina.zarr" / "aligned").is_dir()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import zarr
 
@@ -13,7 +15,7 @@ MAX_CELL_CHUNK = 65536
 MIN_CELL_CHUNK = 1024
 
 
-def open_root(store, mode: str = "r") -> zarr.Group:
+def open_root(store, mode: Literal["r", "r+", "a"] = "r") -> zarr.Group:
     """The store's root group as lamina's own code opens it: never from consolidated metadata, which is a
     snapshot for readers (xarray) taken when a stage finished and does not list what a running stage makes."""
     return zarr.open_group(store, mode=mode, use_consolidated=False)

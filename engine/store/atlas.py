@@ -246,7 +246,7 @@ class Atlas:
         voxel = float(cast(float, group.attrs["voxel_um"]))
         origin = [float(v) for v in cast(list, group.attrs["origin"])]  # lower corner (x, y, z) um
         Z, Y, X = (int(v) for v in get_array(group, "density").shape)
-        coords = {
+        coords: dict[str, tuple] = {
             name: (name, origin[i] + (np.arange(size) + 0.5) * voxel, {"units": "um"})
             for i, (name, size) in enumerate((("x", X), ("y", Y), ("z", Z)))
         }

@@ -119,6 +119,13 @@ class LaminaClient(Client):
 
     owned_cluster = None
 
+    @classmethod
+    def owning(cls, cluster) -> LaminaClient:
+        """A client of ``cluster`` that closes it when the client closes."""
+        client = cls(cluster)
+        client.owned_cluster = cluster
+        return client
+
     def close(self, *args, **kwargs):
         cluster, self.owned_cluster = self.owned_cluster, None
         try:
@@ -171,8 +178,7 @@ def connect(
             host="127.0.0.1",
             dashboard_address=dashboard_address,
         )
-        client = LaminaClient(cluster)
-        client.owned_cluster = cluster
+        client = LaminaClient.owning(cluster)
     client.register_plugin(WorkerSetup(1))
     link = getattr(client, "dashboard_link", None)
     if link:
@@ -212,9 +218,7 @@ def _connect_gpu(n_workers, memory_limit, dashboard_address) -> Client:
         rmm_pool_size="0.5",
         rmm_allocator_external_lib_list=["cupy", "torch"],
     )
-    client = LaminaClient(cluster)
-    client.owned_cluster = cluster
-    return client
+    return LaminaClient.owning(cluster)
 
 
 #: Below this many cells the CLI computes on threads in its own process: starting worker processes (each

@@ -35,6 +35,17 @@ def transform_group(atlas: Atlas, stage: str = "auto"):
     raise MissingInputError(f"{atlas.path} has no registration yet; run lamina.align() (or register) first")
 
 
+def apply_by_section(src, sections: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Raw points ``[n, 2]`` um of the sections ``sections [n]`` (positions in ``/sections``) -> atlas um by
+    each section's transform in ``src``; one vectorised call per section present (a cell chunk spans few)."""
+    affine = np.asarray(src["affine"][...])
+    out = np.empty((len(xy), 2), np.float64)
+    for s in np.unique(sections):
+        m = sections == s
+        out[m] = apply_stored(src, int(s), xy[m], affine[s])
+    return out
+
+
 def _source(atlas: Atlas, section, stage: str = "auto") -> tuple:
     k = atlas.section_index(section)  # an unknown section is named before a missing registration
     return transform_group(atlas, stage), k

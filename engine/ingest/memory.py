@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .readers import RawChunk, ReadUnit
+from .readers import RawChunk, ReadUnit, genes_of
 
 
 def _hash_frame(frame: pd.DataFrame, h) -> None:
@@ -93,10 +93,7 @@ class AnnDataTable(ReadUnit):
     def genes(self, spec) -> list[str]:
         if spec.genes is None:
             return []
-        names = [str(g) for g in self.adata.var_names]
-        if spec.genes == "rest":
-            return names
-        return [g for g in spec.genes if g in set(names)]
+        return genes_of([str(g) for g in self.adata.var_names], spec)
 
     def chunks(self, rows: int, needed: list[str]) -> Iterator[RawChunk]:
         import scipy.sparse as sp

@@ -54,6 +54,13 @@ def _corrupt(label: str, row: int, exc: BaseException) -> InputError:
 _READ_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, OSError, UnicodeDecodeError, pd.errors.ParserError, ValueError)
 
 
+def genes_of(names: list[str], spec) -> list[str]:
+    """The genes of ``spec.genes`` (``"rest"``: all) among a unit's gene ``names`` (AnnData's var_names)."""
+    if spec.genes == "rest":
+        return list(names)
+    return [g for g in spec.genes if g in set(names)]
+
+
 class ReadUnit:
     """Base class: a labelled source of row chunks."""
 
@@ -279,9 +286,7 @@ class H5adFile(ReadUnit):
                 v.decode() if isinstance(v, bytes) else str(v)
                 for v in f["var"][f["var"].attrs.get("_index", "_index")][...]
             ]
-        if spec.genes == "rest":
-            return names
-        return [g for g in spec.genes if g in set(names)]
+        return genes_of(names, spec)
 
     @staticmethod
     def _column(obs, name: str, a: int, b: int):

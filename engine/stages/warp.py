@@ -16,12 +16,16 @@ from ..errors import ensure
 from ..store import arrays
 from ..store.arrays import open_root
 from ..store.atlas import Atlas
-from ..transforms import apply_stored
+from ..transforms import STAGES, apply_by_section
 from .contract import PlanContext, Stage, StageContext
 from .options import Options, option
 
 #: transform source -> (group it reads, stage that wrote it)
-SOURCES = {"refined": ("deformation", "refine"), "affine": ("transforms", "register"), "identity": (None, "ingest")}
+SOURCES = {
+    "refined": (STAGES["refined"], "refine"),
+    "affine": (STAGES["affine"], "register"),
+    "identity": (None, "ingest"),
+}
 
 
 @dataclass(frozen=True)
@@ -35,14 +39,9 @@ class WarpOptions(Options):
 
 def _warp_chunk(store: str, target: str, a: int, b: int, source: str, z: np.ndarray) -> int:
     root = open_root(store, "r+")
-    src = root[source]
-    affine = np.asarray(src["affine"][...])
     sec = np.asarray(root["cells/section"][a:b])
     xy = np.stack([root["cells/x"][a:b], root["cells/y"][a:b]], 1).astype(np.float64)
-    out = np.empty_like(xy)
-    for s in np.unique(sec):  # a chunk spans few sections: one vectorised call each
-        m = sec == s
-        out[m] = apply_stored(src, int(s), xy[m], affine[s])
+    out = apply_by_section(root[source], sec, xy)
     ensure(bool(np.all(np.isfinite(out))), f"non-finite aligned coordinates in rows [{a}, {b})")
     root[f"{target}/x"][a:b] = out[:, 0].astype(np.float32)
     root[f"{target}/y"][a:b] = out[:, 1].astype(np.float32)

@@ -362,14 +362,10 @@ class Atlas:
             elif aligned is True:
                 raise MissingInputError(f"{self.path} has no aligned positions yet; run lamina.align(atlas) first")
         elif aligned:
-            from ..transforms import apply_stored, transform_group
+            from ..transforms import apply_by_section, transform_group
 
             src = transform_group(self, str(aligned))
-            out = np.empty((len(frame), 2), np.float32)
-            raw = frame[["x", "y"]].to_numpy(np.float64)
-            for k in np.unique(codes):
-                m = codes == k
-                out[m] = apply_stored(src, int(k), raw[m])
+            out = apply_by_section(src, codes, frame[["x", "y"]].to_numpy(np.float64)).astype(np.float32)
             frame.insert(where, "aligned_x", out[:, 0])
             frame.insert(where + 1, "aligned_y", out[:, 1])
             frame.insert(where + 2, "aligned_z", frame["z"].to_numpy())

@@ -47,6 +47,7 @@ _LAZY = {
     "map_tiles": ".maps",
     "map_neighbourhoods": ".maps",
     "domains": ".domains",
+    "add_image": ".ingest.images",
     **{
         name: ".stages"
         for name in (
@@ -86,6 +87,7 @@ __all__ = [
     "UnknownOptionError",
     "UnknownSectionError",
     "__version__",
+    "add_image",
     "align",
     "config",
     "connect",

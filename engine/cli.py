@@ -131,6 +131,8 @@ def cmd_build(args) -> int:
             ingest_spec(cfg),
             paste=inp["paste"] or None,
             pattern=inp["pattern"],
+            platform=inp["platform"],
+            images=inp["images"] if inp["platform"] else None,
             overwrite=args.overwrite or cfg["overwrite"],
             client=resources.client_for(input_bytes=_input_bytes(inp["path"])),
         )

@@ -39,7 +39,15 @@ CLUSTER = {
     "gpu": (bool, False),
 }
 REPORT = {"enabled": (bool, True), "out": (str | None, None)}
-INPUT_EXTRA = {"path": (str | list[str], REQUIRED), "paste": (list[str], []), "pattern": (str | None, None)}
+INPUT_EXTRA = {
+    "path": (str | list[str], REQUIRED),
+    "paste": (list[str], []),
+    "pattern": (str | None, None),
+    # an instrument's output folder per section (path: a folder or a list): xenium, merscope, cosmx, visium
+    "platform": (str | None, None),
+    # store the images the platform folders hold in /images
+    "images": (bool, True),
+}
 TOP = ("store", "overwrite", "run", "input", "cluster", "stages", "report")
 #: keys of the format before the stage contract, and where their settings went
 MOVED = {
@@ -201,6 +209,11 @@ def load_config(path: str | Path) -> dict:
                 f"{path}: input.path / input.paste: {p} does not exist; fix the path (relative paths "
                 f"are taken from the config file's folder {base})"
             )
+    if inp["platform"] is not None:
+        from .ingest.platforms import PLATFORMS
+
+        if inp["platform"] not in PLATFORMS:
+            raise ConfigError(f"{path}: input.platform {inp['platform']!r} is not one of {', '.join(PLATFORMS)}")
     cfg["store"] = resolve(cfg["store"])
     weights = cfg["stages"].get("register", {}).get("matcher_weights")
     if weights:

@@ -148,6 +148,21 @@ def _clean_stale(path: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _platform_spec(sections, spec: IngestSpec | None, spec_kwargs: dict) -> IngestSpec:
+    """The platform's reading options under the user's: a keyword given, or a field of ``spec`` that differs
+    from its default, wins."""
+    options = dict(sections[0][1].options)
+    options["obs"] = [c for c in options.get("obs", []) if all(c in ps.options.get("obs", []) for _, ps in sections)]
+    if spec is not None:
+        default = IngestSpec().to_dict()
+        given = {k: v for k, v in spec.to_dict().items() if v != default[k]}
+    else:
+        given = dict(spec_kwargs)
+    if given.get("units", options.get("units")) != "px":
+        options.pop("pixel_size", None)
+    return IngestSpec(**{**options, **given})
+
+
 def ingest(
     source,
     store,
@@ -155,6 +170,8 @@ def ingest(
     *,
     paste=None,
     pattern: str | None = None,
+    platform: str | None = None,
+    images=None,
     overwrite: bool = False,
     client=None,
     **spec_kwargs,
@@ -169,9 +186,32 @@ def ingest(
     (``x=``, ``y=``, ``section=``, ``z=``, ``cell_type=``, ``genes=``, ``units=`` ...). ``paste`` lists
     files whose rows correspond 1:1 to ``source`` (e.g. MERFISH positions + metadata). ``overwrite``
     replaces a store that was ingested from other input; the old one stays until the new one is complete.
+
+    ``platform``: ``xenium``, ``merscope``, ``cosmx``, ``visium`` or ``visium_hd``: ``source`` is then an
+    instrument output folder per section (one folder, a list, or ``{section id: folder}``), read as the vendor
+    documents it (see :mod:`lamina.ingest.platforms`); keyword options still override the layout's.
+    ``images``: ``{section id: path | dict(path=, pixel_size_um=, image_to_section=) | ImageSource}`` stored
+    in ``/images``; with a platform, True (default) also stores the images its folders hold, False none.
     """
     from ..datasets.phantom import Phantom
 
+    image_sources: dict = {}
+    if platform is not None:
+        if paste or pattern:
+            raise ConfigError("paste= and pattern= do not apply to a platform input (a folder per section)")
+        from .platforms import read_platform
+
+        sections = read_platform(platform, source)
+        spec = _platform_spec(sections, spec, spec_kwargs)
+        spec_kwargs = {}
+        if images is not False:
+            image_sources = {sid: ps.image for sid, ps in sections if ps.image is not None}
+    if isinstance(images, dict):
+        from .images import as_source
+
+        image_sources.update({str(k): as_source(v) for k, v in images.items()})
+    elif images not in (None, True, False):
+        raise ConfigError("images= is a dict {section id: image path or ImageSource}, or True / False with a platform")
     if spec is None:
         spec = phantom_spec(source, **spec_kwargs) if isinstance(source, Phantom) else IngestSpec(**spec_kwargs)
     elif spec_kwargs:
@@ -182,16 +222,23 @@ def ingest(
             f"shared path, then copy the store to object storage"
         )
     path = Path(store)
-    spec = _spatial_default(source, spec)
-    units, folder_mode = read_units(source, spec, paste, pattern)
+    if platform is not None:
+        units, folder_mode = [ps.unit for _, ps in sections], True
+    else:
+        spec = _spatial_default(source, spec)
+        units, folder_mode = read_units(source, spec, paste, pattern)
     from ..store.lock import writer
 
     with writer(path):
-        return _ingest(units, folder_mode, path, spec, overwrite, client)
+        return _ingest(units, folder_mode, path, spec, overwrite, client, image_sources)
 
 
-def _ingest(units: list[ReadUnit], folder_mode: bool, path: Path, spec: IngestSpec, overwrite: bool, client) -> Atlas:
+def _ingest(
+    units: list[ReadUnit], folder_mode: bool, path: Path, spec: IngestSpec, overwrite: bool, client, images: dict
+) -> Atlas:
     fingerprints = [u.fingerprint() for u in units]
+    if images:  # only then: the hash of a store without images stays what it was
+        fingerprints.append({"images": {sid: src.fingerprint() for sid, src in sorted(images.items())}})
     digest = params_hash("ingest", INGEST_VERSION, spec.to_dict(), fingerprints)
     if path.exists():
         existing = Atlas.open(path, mode="r")
@@ -232,6 +279,11 @@ def _ingest(units: list[ReadUnit], folder_mode: bool, path: Path, spec: IngestSp
         layout = layout_sections(summaries, spec, folder_mode)
         _write_store(staged, layout, summaries, spec, genes, str(staging), client)
         shutil.rmtree(staging)
+        if images:
+            from .images import write_images
+
+            write_images(staged.root, images, list(layout.ids))
+            log.info("ingest: images of %d section(s) stored in /images", len(images))
         seconds = time.perf_counter() - t0
         record = {
             "complete": True,

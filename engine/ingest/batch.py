@@ -167,8 +167,10 @@ def normalise(raw: RawChunk, unit: ReadUnit, spec: IngestSpec, genes: list[str],
         pos = {g: i for i, g in enumerate(genes)}
         X = np.zeros((n, len(genes)), dtype=np.float32) if raw.X is not None or unit_genes != genes else None
         if raw.X is not None:
-            src = [j for j, g in enumerate(unit_genes) if g in pos]
-            X[:, [pos[unit_genes[j]] for j in src]] = raw.X[:, src]
+            names = raw.genes if raw.genes is not None else unit_genes  # the columns of raw.X
+            wanted = set(unit_genes)
+            src = [j for j, g in enumerate(names) if g in pos and g in wanted]
+            X[:, [pos[names[j]] for j in src]] = raw.X[:, src]
         else:
             have = [g for g in unit_genes if g in pos]
             nonnum = [c for c in have if not pd.api.types.is_numeric_dtype(f[c])]

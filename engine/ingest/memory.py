@@ -102,6 +102,7 @@ class AnnDataTable(ReadUnit):
         cols = [c for c in obs.columns if str(c) in set(needed)]
         want_genes = any(n not in set(self.columns()) for n in needed)  # gene names are asked for too
         n = self.adata.n_obs
+        var_names = [str(g) for g in self.adata.var_names]
         for a in range(0, n, rows):
             b = min(n, a + rows)
             frame = obs.iloc[a:b][cols].reset_index(drop=True)
@@ -117,7 +118,7 @@ class AnnDataTable(ReadUnit):
             if want_genes and self.adata.X is not None:
                 X = self.adata.X[a:b]
                 block = (X.toarray() if sp.issparse(X) else np.asarray(X)).astype(np.float32, copy=False)
-            yield RawChunk(frame=frame, X=block, row0=a)
+            yield RawChunk(frame=frame, X=block, genes=var_names, row0=a)
 
     def fingerprint(self):
         h = hashlib.blake2b(digest_size=16)

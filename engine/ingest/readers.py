@@ -27,7 +27,7 @@ SUPPORTED = TABLE_SUFFIXES + H5AD_SUFFIXES
 class RawChunk:
     frame: pd.DataFrame  # columns as named in the input (may hold gene columns)
     X: np.ndarray | None = None  # [n, len(genes)] when expression comes apart from the frame (h5ad)
-    genes: list | None = None
+    genes: list | None = None  # names of X's columns (None: the unit's genes under the spec, in order)
     row0: int = 0  # first row's 0-based data-row number in the unit (header excluded)
 
 
@@ -141,6 +141,8 @@ class TableFile(ReadUnit):
     path: Path
     paste: list = field(default_factory=list)
     default_section: str | None = None
+    names: list | None = None  # column names of a CSV without a header row (Space Ranger 1's positions)
+    text: list = field(default_factory=list)  # columns read as text as written (ids: no int / float guess)
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -166,6 +168,8 @@ class TableFile(ReadUnit):
                 # pandas stores a non-default index as a column; it is row labels, not data
                 index = {c for c in ((schema.pandas_metadata or {}).get("index_columns") or []) if isinstance(c, str)}
                 return [c for c in schema.names if c not in index]
+            if self.names is not None:
+                return [str(c) for c in self.names]
             return list(pd.read_csv(p, sep=_sep(p), nrows=0).columns)
         except InputError:
             raise
@@ -202,10 +206,21 @@ class TableFile(ReadUnit):
                 frame = pa.Table.from_batches([batch]).to_pandas(split_blocks=True, self_destruct=True)
                 del batch
                 release_arrow_memory()
+                for c in set(self.text) & set(frame.columns):
+                    frame[c] = [v.decode() if isinstance(v, bytes) else str(v) for v in frame[c]]
                 yield frame.reset_index(drop=True)
         else:
             reader = pd.read_csv(
-                p, sep=_sep(p), usecols=have, chunksize=rows, low_memory=False, keep_default_na=False, na_values=[""]
+                p,
+                sep=_sep(p),
+                usecols=have,
+                chunksize=rows,
+                low_memory=False,
+                keep_default_na=False,
+                na_values=[""],
+                header=None if self.names is not None else "infer",
+                names=self.names,
+                dtype={c: str for c in self.text if c in have} or None,
             )
             for frame in reader:
                 yield missing_numbers(frame)
@@ -311,6 +326,12 @@ class H5adFile(ReadUnit):
             cols = [c for c in needed if c in obs_keys and c != idx_name]
             want_index = "_index" in needed or idx_name in needed
             X = f.get("X")
+            var_names = None
+            if X is not None and "var" in f:
+                var_names = [
+                    v.decode() if isinstance(v, bytes) else str(v)
+                    for v in f["var"][f["var"].attrs.get("_index", "_index")][...]
+                ]
             for a in range(0, n, rows):
                 b = min(n, a + rows)
                 try:
@@ -351,7 +372,7 @@ class H5adFile(ReadUnit):
                     raise
                 except (OSError, KeyError, ValueError) as exc:
                     raise _corrupt(str(self.path), a, exc) from exc
-                yield RawChunk(frame=pd.DataFrame(data), X=block, genes=None, row0=a)
+                yield RawChunk(frame=pd.DataFrame(data), X=block, genes=var_names, row0=a)
 
     def fingerprint(self):
         return [_file_fingerprint(self.path)]

@@ -48,6 +48,7 @@ _LAZY = {
     "map_neighbourhoods": ".maps",
     "domains": ".domains",
     "add_image": ".ingest.images",
+    "export_spatialdata": ".spatialdata_zarr",
     **{
         name: ".stages"
         for name in (
@@ -95,6 +96,7 @@ __all__ = [
     "embed",
     "encoder",
     "export_expression_parquet",
+    "export_spatialdata",
     "import_isost",
     "ingest",
     "interpolate",

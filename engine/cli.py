@@ -191,7 +191,7 @@ def cmd_export(args) -> int:
         out = args.out or str(Path(args.store).with_suffix("")) + "-volume.parquet"
         print(f"wrote {export_expression_parquet(atlas, out, genes):,} voxels to {out}")
         return 0
-    default = {"csv": ".csv.gz", "parquet": ".parquet", "anndata": ".h5ad"}[args.format]
+    default = {"csv": ".csv.gz", "parquet": ".parquet", "anndata": ".h5ad", "spatialdata": ".spatialdata.zarr"}[args.format]
     out = args.out or str(Path(args.store).with_suffix("")) + default
     print(f"wrote {export(atlas, args.format, out, sections, genes)}")
     return 0
@@ -274,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("store")
     i.set_defaults(func=cmd_info)
 
-    e = sub.add_parser("export", help="export cells (and expression) to csv, parquet or anndata")
+    e = sub.add_parser("export", help="export cells (and expression) to csv, parquet, anndata or spatialdata")
     e.add_argument("store")
-    e.add_argument("--format", required=True, choices=["csv", "parquet", "anndata"])
+    e.add_argument("--format", required=True, choices=["csv", "parquet", "anndata", "spatialdata"])
     e.add_argument("--out", help="output file (default: beside the store)")
     e.add_argument("--sections", help="comma-separated section ids")
     e.add_argument("--genes", help="comma-separated gene names")

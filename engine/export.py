@@ -1,4 +1,5 @@
-"""Export an atlas to CSV / Parquet (streamed chunk by chunk) or AnnData (in memory, size-guarded)."""
+"""Export an atlas to CSV / Parquet (streamed chunk by chunk), AnnData (in memory, size-guarded) or a
+SpatialData Zarr store (streamed, :mod:`lamina.spatialdata_zarr`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from .errors import ConfigError, MissingInputError, UnknownGeneError
 from .store.arrays import as_text
 from .store.atlas import Atlas
 
-FORMATS = ("csv", "parquet", "anndata")
+FORMATS = ("csv", "parquet", "anndata", "spatialdata")
 
 
 def iter_frames(atlas: Atlas, sections=None, genes=None) -> Iterator[pd.DataFrame]:
@@ -67,7 +68,7 @@ def _rows(atlas: Atlas, a: int, b: int) -> pd.DataFrame:
 
 
 def export(atlas: Atlas, fmt: str, out: str | Path, sections=None, genes=None) -> Path:
-    """Write the atlas (or some sections / genes) to ``out`` as ``fmt`` (csv, parquet, anndata)."""
+    """Write the atlas (or some sections / genes) to ``out`` as ``fmt`` (csv, parquet, anndata, spatialdata)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -75,6 +76,10 @@ def export(atlas: Atlas, fmt: str, out: str | Path, sections=None, genes=None) -
         atlas.section_index(s)
     gene_positions(atlas, genes)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "spatialdata":
+        from .spatialdata_zarr import export_spatialdata
+
+        return export_spatialdata(atlas, out, sections, genes, overwrite=True)
     tmp = out.with_name(out.name + ".partial")
     try:
         _write(atlas, fmt, tmp, out, sections, genes)

@@ -10,8 +10,10 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+import zarr
 
 import lamina
+from lamina.cli import main
 from lamina.errors import InputError, StoreLockedError
 
 GENES = [f"g{i}" for i in range(6)]
@@ -295,3 +297,90 @@ def test_two_concurrent_builds_one_fails_clearly(tmp_path, phantom_table):
     assert "still alive" not in results[0][1] + results[1][1]
     atlas = lamina.Atlas.open(tmp_path / "b.lamina.zarr")
     assert atlas.group_is_complete("transforms") and not os.path.exists(tmp_path / "b.lamina.zarr.lock")
+
+
+SPATIALDATA = """
+import json, sys, numpy as np, spatialdata as sd
+from spatialdata.transformations import get_transformation
+s = sd.read_zarr(sys.argv[1])
+t = s.tables["table"]
+sec = sys.argv[2]
+joined, table = sd.join_spatialelement_table(sdata=s, spatial_element_names=f"cells_{sec}", table_name="table", how="inner")
+shapes = joined[f"cells_{sec}"]
+image = get_transformation(s.images[f"{sec}_image"], get_all=True)[sec]
+print(json.dumps({
+    "n_obs": int(t.n_obs), "n_vars": int(t.n_vars), "X_sum": float(np.asarray(t.X).sum()),
+    "frames": sorted(s.coordinate_systems), "points": int(len(s.points["cells"])),
+    "joined": int(table.n_obs), "same_cells": bool((shapes.index.to_numpy() == table.obs["cell"].to_numpy()).all()),
+    "shape_x": float(shapes.geometry.x.iloc[0]), "table_x": float(table.obsm["spatial_raw"][0, 0]),
+    "image": image.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")).tolist(),
+    "points_z": float(s.points["cells"]["z"].compute().max()),
+}))
+"""
+
+
+def _with_image(aligned, tmp_path):
+    import tifffile
+
+    path = tmp_path / "img.lamina.zarr"
+    shutil.copytree(aligned.path, path)
+    sid = str(aligned.sections.id.iloc[1])
+    tifffile.imwrite(tmp_path / "he.tif", np.full((300, 400, 3), 200, np.uint8), tile=(128, 128), photometric="rgb")
+    atlas = lamina.add_image(path, sid, tmp_path / "he.tif", image_to_section=[[2, 0, 10], [0, 2, 20], [0, 0, 1]])
+    return atlas, sid
+
+
+def test_spatialdata_export_is_an_anndata_table_with_shapes_points_and_images(aligned, tmp_path):
+    """Read back without spatialdata: the table with anndata, the shapes and points with pyarrow."""
+    import anndata
+    import pyarrow.parquet as pq
+
+    atlas, sid = _with_image(aligned, tmp_path)
+    out = tmp_path / "a.spatialdata.zarr"
+    assert main(["export", atlas.path, "--format", "spatialdata", "--out", str(out)]) == 0
+    table = anndata.read_zarr(out / "tables" / "table")
+    cells = atlas.cells()
+    assert table.shape == (atlas.n_cells, atlas.n_genes)
+    np.testing.assert_array_equal(np.asarray(table.X), np.asarray(atlas.root["X"][:]))
+    np.testing.assert_array_equal(table.obsm["spatial"], cells[["aligned_x", "aligned_y", "aligned_z"]].to_numpy())
+    np.testing.assert_array_equal(table.obsm["spatial_raw"], cells[["x", "y"]].to_numpy())
+    np.testing.assert_allclose(table.obsm["X_pca"], np.asarray(atlas.root["pca/pcs"][:]))
+    assert (table.obs["cell"].to_numpy() == cells.index.to_numpy()).all()
+    assert table.obs["region"].astype(str).tolist() == [f"cells_{s}" for s in cells.section.astype(str)]
+    assert table.obs["cell_type"].isna().sum() == cells.cell_type.isna().sum()
+    assert table.uns["spatialdata_attrs"]["instance_key"] == "cell"
+    shapes = pq.read_table(out / "shapes" / f"cells_{sid}" / "shapes.parquet").to_pandas()
+    wkb = np.frombuffer(b"".join(shapes.geometry), dtype=[("o", "u1"), ("k", "<u4"), ("x", "<f8"), ("y", "<f8")])
+    mine = cells[cells.section.astype(str) == sid]
+    assert (wkb["k"] == 1).all() and np.allclose(wkb["x"], mine.x) and np.allclose(wkb["y"], mine.y)
+    assert (shapes.index.to_numpy() == mine.index.to_numpy()).all()
+    points = pd.read_parquet(out / "points" / "cells" / "points.parquet")
+    assert len(points) == atlas.n_cells and np.allclose(points.z, cells.aligned_z)
+    image = zarr.open_group(str(out / "images" / f"{sid}_image"), mode="r")
+    assert image["s0"].shape == (3, 300, 400)
+    affine = image.attrs["ome"]["multiscales"][0]["coordinateTransformations"][0]["affine"]
+    assert affine[1] == [0.0, 0.0, 2.0, 10.0] and affine[2] == [0.0, 2.0, 0.0, 20.0]
+
+
+def test_spatialdata_reads_the_export(aligned, tmp_path):
+    """spatialdata.read_zarr on the export, in this interpreter when it has spatialdata, else in the one
+    ``LAMINA_SPATIALDATA_PYTHON`` names (spatialdata pins dask and geometry libraries of its own)."""
+    import importlib.util
+    import json
+
+    python = sys.executable if importlib.util.find_spec("spatialdata") else os.environ.get("LAMINA_SPATIALDATA_PYTHON")
+    if not python:
+        pytest.skip("spatialdata is not installed here and LAMINA_SPATIALDATA_PYTHON names no interpreter that has it")
+    atlas, sid = _with_image(aligned, tmp_path)
+    out = lamina.export_spatialdata(atlas, tmp_path / "s.zarr")
+    run = subprocess.run([python, "-c", SPATIALDATA, str(out), sid], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["n_obs"] == atlas.n_cells and got["n_vars"] == atlas.n_genes
+    assert got["X_sum"] == pytest.approx(float(np.asarray(atlas.root["X"][:]).sum()), rel=1e-5)
+    assert got["frames"] == sorted(["atlas", *map(str, atlas.sections.id)])
+    assert got["points"] == atlas.n_cells and got["same_cells"]
+    n_sid = int((atlas.cells().section.astype(str) == sid).sum())
+    assert got["joined"] == n_sid and got["shape_x"] == pytest.approx(got["table_x"], abs=1e-3)
+    assert np.allclose(got["image"], [[2, 0, 10], [0, 2, 20], [0, 0, 1]])
+    assert got["points_z"] == pytest.approx(float(atlas.root["aligned/z"][:].max()), abs=1e-3)

@@ -191,7 +191,9 @@ def cmd_export(args) -> int:
         out = args.out or str(Path(args.store).with_suffix("")) + "-volume.parquet"
         print(f"wrote {export_expression_parquet(atlas, out, genes):,} voxels to {out}")
         return 0
-    default = {"csv": ".csv.gz", "parquet": ".parquet", "anndata": ".h5ad", "spatialdata": ".spatialdata.zarr"}[args.format]
+    default = {"csv": ".csv.gz", "parquet": ".parquet", "anndata": ".h5ad", "spatialdata": ".spatialdata.zarr"}[
+        args.format
+    ]
     out = args.out or str(Path(args.store).with_suffix("")) + default
     print(f"wrote {export(atlas, args.format, out, sections, genes)}")
     return 0

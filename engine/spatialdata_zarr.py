@@ -139,12 +139,11 @@ def _wkb_points(x: np.ndarray, y: np.ndarray):
 
 class _Shapes:
     """``shapes/<name>/shapes.parquet``: GeoParquet 1.0 circles (WKB points + radius), index ``cell``,
-    streamed in row groups."""
+    streamed in row groups (the optional bbox is left out: it would need the whole section first)."""
 
     def __init__(self, folder: Path, frame_name: str, unit: str):
         self.folder, self.frame_name, self.unit = folder, frame_name, unit
         self.writer = None
-        self.bbox = [np.inf, np.inf, -np.inf, -np.inf]
 
     def write(self, cell: np.ndarray, x: np.ndarray, y: np.ndarray, radius: np.ndarray) -> None:
         import pyarrow as pa
@@ -153,31 +152,22 @@ class _Shapes:
         frame = pd.DataFrame({"radius": radius.astype(np.float64)}, index=pd.Index(cell.astype(np.int64), name="cell"))
         table = pa.Table.from_pandas(frame, preserve_index=True)
         table = table.add_column(0, "geometry", _wkb_points(x.astype(np.float64), y.astype(np.float64)))
-        self.bbox = [min(self.bbox[0], x.min()), min(self.bbox[1], y.min()), max(self.bbox[2], x.max()), max(self.bbox[3], y.max())]
         if self.writer is None:
+            geo = {
+                "version": "1.0.0",
+                "primary_column": "geometry",
+                "columns": {"geometry": {"encoding": "WKB", "crs": None, "geometry_types": ["Point"]}},
+                "creator": {"library": "lamina", "version": __version__},
+            }
+            self.schema = table.schema.with_metadata(
+                {**(table.schema.metadata or {}), b"geo": json.dumps(geo).encode()}
+            )
             self.folder.mkdir(parents=True)
-            self.schema = table.schema
-            self.writer = pq.ParquetWriter(self.folder / "shapes.tmp.parquet", self.schema)
+            self.writer = pq.ParquetWriter(self.folder / "shapes.parquet", self.schema)
         self.writer.write_table(table.cast(self.schema))
 
     def close(self, root) -> None:
-        import pyarrow.parquet as pq
-
         self.writer.close()
-        # the GeoParquet "geo" key names the geometry column and its bbox, known only at the end
-        table = pq.read_table(self.folder / "shapes.tmp.parquet")  # one section's points: 21 B + 16 B a cell
-        geo = {
-            "version": "1.0.0",
-            "primary_column": "geometry",
-            "columns": {
-                "geometry": {"encoding": "WKB", "crs": None, "geometry_types": ["Point"], "bbox": [float(v) for v in self.bbox]}
-            },
-            "creator": {"library": "lamina", "version": __version__},
-        }
-        meta = dict(table.schema.metadata or {})
-        meta[b"geo"] = json.dumps(geo).encode()
-        pq.write_table(table.replace_schema_metadata(meta), self.folder / "shapes.parquet")
-        (self.folder / "shapes.tmp.parquet").unlink()
         node = root.require_group(f"shapes/{self.folder.name}")
         node.attrs.update(
             {
@@ -250,20 +240,25 @@ def _write(atlas: Atlas, path: Path, picks: list[int], gidx: np.ndarray, radius_
     for key in atlas.embeddings():
         if atlas.group_is_complete(f"embeddings/{key}"):
             dense[f"X_{key}"] = f"embeddings/{key}/values"
-    extra = {k: _array(obsm, k, (n, atlas.root[src].shape[1]), np.float32, (chunk, atlas.root[src].shape[1])) for k, src in dense.items()}
+    extra = {
+        k: _array(obsm, k, (n, atlas.root[src].shape[1]), np.float32, (chunk, atlas.root[src].shape[1]))
+        for k, src in dense.items()
+    }
     root.create_group("points/cells")
     points = path / "points" / "cells" / "points.parquet"
     points.mkdir()
     point_cats = {"section": ids, **cat_cols}
     row, part = 0, 0
-    for k, (i, sid) in enumerate(zip(picks, ids)):
+    for k, sid in enumerate(ids):
         shapes = _Shapes(path / "shapes" / regions[k], sid, unit)
         for frame in iter_frames(atlas, [sid], genes=[]):
             a, b = int(frame.index[0]), int(frame.index[-1]) + 1
             r0, r1 = row, row + (b - a)
             cell = frame.index.to_numpy(np.int64)
             values = {
-                "_index": (sid + ":" + frame["cell_id"].astype(str)).to_numpy(object) if "cell_id" in frame else cell.astype(str).astype(object),
+                "_index": (sid + ":" + frame["cell_id"].astype(str)).to_numpy(object)
+                if "cell_id" in frame
+                else cell.astype(str).astype(object),
                 "section": np.full(b - a, ids.index(sid), np.int32),
                 "z": frame["z"].to_numpy(np.float32),
                 "region": np.full(b - a, k, np.int32),
@@ -274,7 +269,9 @@ def _write(atlas: Atlas, path: Path, picks: list[int], gidx: np.ndarray, radius_
                 values[c] = (
                     np.asarray(v.cat.codes, np.int32)
                     if c in cat_cols
-                    else v.astype(object).to_numpy() if kinds[c][0] == "text" else v.to_numpy()
+                    else v.astype(object).to_numpy()
+                    if kinds[c][0] == "text"
+                    else v.to_numpy()
                 )
             obs.write(r0, r1, values)
             if len(gidx) and "X" in atlas.root:
@@ -317,14 +314,18 @@ def _write(atlas: Atlas, path: Path, picks: list[int], gidx: np.ndarray, radius_
         }
     )
     var = table.create_group("var")
-    var.attrs.update({"_index": "_index", "column-order": [], "encoding-type": "dataframe", "encoding-version": "0.2.0"})
+    var.attrs.update(
+        {"_index": "_index", "column-order": [], "encoding-type": "dataframe", "encoding-version": "0.2.0"}
+    )
     genes = atlas.genes[gidx].astype(str).to_numpy(object) if len(gidx) else np.array([], dtype=object)
     _array(var, "_index", (len(genes),), str, (max(1, len(genes)),), "string-array")[...] = genes
     for g in ("layers", "obsp", "varm", "varp"):
         _dict_group(table, g)
     uns = _dict_group(table, "uns")
     attrs = _dict_group(uns, "spatialdata_attrs")
-    _array(attrs, "region", (len(regions),), str, (len(regions),), "string-array")[...] = np.array(regions, dtype=object)
+    _array(attrs, "region", (len(regions),), str, (len(regions),), "string-array")[...] = np.array(
+        regions, dtype=object
+    )
     for key, value in (("region_key", "region"), ("instance_key", "cell")):
         arr = attrs.create_array(key, shape=(), dtype=str)
         arr[...] = value
@@ -357,7 +358,9 @@ def _write_image(atlas: Atlas, root, sid: str, name: str, unit: str) -> None:
             f"s{k}", shape=level.shape, dtype=level.dtype, chunks=level.chunksize, dimension_names=("c", "y", "x")
         )
         da.store(level, target, lock=False)  # type: ignore[arg-type]  # chunks equal: one task per chunk
-        datasets.append({"path": f"s{k}", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 2.0**k, 2.0**k]}]})
+        datasets.append(
+            {"path": f"s{k}", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 2.0**k, 2.0**k]}]}
+        )
     c = int(image["levels"][0].shape[0])
     group.attrs.update(
         {
@@ -367,7 +370,11 @@ def _write_image(atlas: Atlas, root, sid: str, name: str, unit: str) -> None:
                 "multiscales": [
                     {
                         "name": f"/images/{name}",
-                        "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+                        "axes": [
+                            {"name": "c", "type": "channel"},
+                            {"name": "y", "type": "space"},
+                            {"name": "x", "type": "space"},
+                        ],
                         "datasets": datasets,
                         "coordinateTransformations": [_image_affine(image["image_to_section"], sid, unit)],
                     }

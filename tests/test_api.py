@@ -305,7 +305,9 @@ from spatialdata.transformations import get_transformation
 s = sd.read_zarr(sys.argv[1])
 t = s.tables["table"]
 sec = sys.argv[2]
-joined, table = sd.join_spatialelement_table(sdata=s, spatial_element_names=f"cells_{sec}", table_name="table", how="inner")
+joined, table = sd.join_spatialelement_table(
+    sdata=s, spatial_element_names=f"cells_{sec}", table_name="table", how="inner"
+)
 shapes = joined[f"cells_{sec}"]
 image = get_transformation(s.images[f"{sec}_image"], get_all=True)[sec]
 print(json.dumps({

@@ -212,3 +212,15 @@ def test_quickstart_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "registration moved cells by" in proc.stdout and "obsm: 'spatial', 'spatial_raw'" in proc.stdout
     assert (tmp_path / "quickstart.lamina.zarr" / "aligned").is_dir()
+
+
+def test_platforms_benchmark_smoke():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "platforms.py"), "--smoke", "--platforms", "xenium"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| xenium |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["side by side", "lookup"]

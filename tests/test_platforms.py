@@ -32,7 +32,9 @@ def _folders(tmp_path, layout: str, shuffle: bool, n: int = 200, **kw) -> tuple[
     folders, frames = {}, []
     for s in range(2):
         frame = _cells(n, s).assign(section=f"s{s}")
-        folders[f"s{s}"] = write_layout(layout, tmp_path / layout / f"s{s}", frame, GENES, shuffle=shuffle, seed=s, **kw)
+        folders[f"s{s}"] = write_layout(
+            layout, tmp_path / layout / f"s{s}", frame, GENES, shuffle=shuffle, seed=s, **kw
+        )
         frames.append(frame)
     return folders, pd.concat(frames, ignore_index=True)
 
@@ -113,7 +115,9 @@ def test_platform_errors_name_the_file_and_the_fix(tmp_path):
     pos = folders["s0"] / "spatial" / "tissue_positions.csv"
     table = pd.read_csv(pos)
     table[table.barcode != "AAAC0000000007-1"].to_csv(pos, index=False)
-    with pytest.raises(lamina.InputError, match=r"1 cell\(s\) of the matrix have no position, e\.g\. key 'AAAC0000000007-1'"):
+    with pytest.raises(
+        lamina.InputError, match=r"1 cell\(s\) of the matrix have no position, e\.g\. key 'AAAC0000000007-1'"
+    ):
         lamina.ingest(folders, tmp_path / "b.zarr", platform="visium")
     assert not (tmp_path / "b.zarr").exists()
     with pytest.raises(lamina.InputError, match="is not a folder"):
@@ -173,3 +177,38 @@ def test_a_subset_of_genes_is_read_by_name(tmp_path, form):
     atlas = lamina.ingest(source, tmp_path / "t.zarr", genes=["w", "u"], min_cells_per_section=1)
     assert list(atlas.genes) == ["w", "u"]
     assert np.array_equal(np.asarray(atlas.root["X"][:]), np.tile(np.float32([2, 0]), (n, 1)))
+
+
+def test_the_shipped_platform_example_builds(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "xenium.yaml"
+    for k in (1, 2, 3):
+        write_layout("xenium", tmp_path / "xenium" / f"section-0{k}", _cells(150, k), GENES, seed=k)
+    cfg = tmp_path / "xenium.yaml"
+    cfg.write_text(example.read_text().replace("run: [align]", "run: []\nreport: {enabled: false}"))
+    assert main(["build", str(cfg)]) == 0
+    atlas = lamina.Atlas.open(tmp_path / "xenium.lamina.zarr")
+    assert atlas.sections.id.tolist() == ["section-01", "section-02", "section-03"]
+    assert np.allclose(atlas.sections.z, [0, 10, 20]) and atlas.images() == atlas.sections.id.tolist()
+
+
+def test_tiff_axes_become_c_y_x_read_by_tile(tmp_path):
+    import tifffile
+
+    from lamina.ingest.images import open_image
+
+    rng = np.random.default_rng(0)
+    stack = (rng.random((3, 200, 300)) * 1000).astype(np.uint16)  # Xenium's morphology.ome.tif is a z stack
+    meta = {"axes": "ZYX", "PhysicalSizeX": 0.2125, "PhysicalSizeY": 0.2125}
+    tifffile.imwrite(tmp_path / "z.ome.tif", stack, tile=(64, 64), metadata=meta)
+    image, size = open_image(tmp_path / "z.ome.tif", chunk=128)
+    assert image.shape == (1, 200, 300) and size == pytest.approx(0.2125) and image.numblocks == (1, 2, 3)
+    assert np.array_equal(image[:, 100:180, 50:250].compute()[0], stack[:, 100:180, 50:250].max(0))
+    channels = stack[:2]
+    tifffile.imwrite(tmp_path / "c.ome.tif", channels, tile=(64, 64), metadata={"axes": "CYX"})
+    image, size = open_image(tmp_path / "c.ome.tif")
+    assert size is None and np.array_equal(image.compute(), channels)
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(lamina.InputError, match="not a readable TIFF"):
+        open_image(tmp_path / "bad.tif")

@@ -105,7 +105,9 @@ def write_layout(
                 metadata={"axes": "YX", "PhysicalSizeX": pixel_um, "PhysicalSizeY": pixel_um},
             )
     elif platform == "merscope":
-        entity = np.array([str(10**20 + 10**12 * seed + 7919 * i) for i in range(n)])  # ids beyond int64, as MERSCOPE writes
+        entity = np.array(
+            [str(10**20 + 10**12 * seed + 7919 * i) for i in range(n)]
+        )  # ids beyond int64, as MERSCOPE writes
         by_gene = pd.DataFrame(counts, columns=genes)
         by_gene.insert(0, "cell", entity)
         by_gene["Blank-0001"] = rng.integers(0, 2, n)

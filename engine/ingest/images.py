@@ -46,7 +46,9 @@ class TiffRegion:
             raise InputError(f"{path}: image axes {self.axes!r} have no Y and X")
         extra = [a for a, n in zip(self.axes, raw_shape) if a not in "YXCSZ" and n > 1]
         if extra:
-            raise InputError(f"{path}: image axes {self.axes!r}: axis {extra[0]} (size > 1) is not supported; save one plane")
+            raise InputError(
+                f"{path}: image axes {self.axes!r}: axis {extra[0]} (size > 1) is not supported; save one plane"
+            )
         self.raw_shape = raw_shape
         size = dict(zip(self.axes, raw_shape))
         self.shape = (size.get("C", 1) * size.get("S", 1), size["Y"], size["X"])

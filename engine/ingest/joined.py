@@ -49,6 +49,8 @@ def _take(stream: Iterator[pd.DataFrame], buffer: list, n: int) -> pd.DataFrame:
             break
         buffer.append(nxt)
         have += len(nxt)
+    if not buffer:
+        return pd.DataFrame()
     frame = pd.concat(buffer, ignore_index=True) if len(buffer) != 1 else buffer[0].reset_index(drop=True)
     buffer.clear()
     if len(frame) > n:

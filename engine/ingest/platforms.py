@@ -85,7 +85,11 @@ def xenium(folder: Path, section: str) -> PlatformSection:
     matrix_path = _optional(folder, ["cell_feature_matrix.h5"])
     if matrix_path is None:
         zarr_matrix = _optional(folder, ["cell_feature_matrix.zarr.zip", "cell_feature_matrix"])
-        hint = f" ({zarr_matrix.name} is there: lamina reads the .h5 the instrument writes beside it)" if zarr_matrix else ""
+        hint = (
+            f" ({zarr_matrix.name} is there: lamina reads the .h5 the instrument writes beside it)"
+            if zarr_matrix
+            else ""
+        )
         raise InputError(f"{folder}: no cell_feature_matrix.h5{hint}; copy it from the Xenium output folder")
     matrix = TenxH5Matrix(matrix_path)
     unit = JoinedUnit(TableFile(cells, text=["cell_id"]), ["cell_id"], matrix, f"Xenium {folder}", section)
@@ -118,7 +122,9 @@ def xenium(folder: Path, section: str) -> PlatformSection:
 
 
 def merscope(folder: Path, section: str) -> PlatformSection:
-    meta = _first(folder, ["cell_metadata.csv", "cell_metadata.csv.gz", "cell_metadata.parquet"], "cell_metadata", "MERSCOPE")
+    meta = _first(
+        folder, ["cell_metadata.csv", "cell_metadata.csv.gz", "cell_metadata.parquet"], "cell_metadata", "MERSCOPE"
+    )
     counts = _first(folder, ["cell_by_gene.csv", "cell_by_gene.csv.gz"], "cell_by_gene table", "MERSCOPE")
     # both files name their first column differently ("EntityID", "cell", or nothing): it is the cell key
     meta_key = TableFile(meta).columns()[0]
@@ -147,8 +153,12 @@ def merscope(folder: Path, section: str) -> PlatformSection:
 
 
 def cosmx(folder: Path, section: str) -> PlatformSection:
-    meta = _first(folder, ["*metadata_file.csv.gz", "*metadata_file.csv", "*metadata_file.parquet"], "metadata file", "CosMx")
-    counts = _first(folder, ["*exprMat_file.csv.gz", "*exprMat_file.csv", "*exprMat_file.parquet"], "exprMat file", "CosMx")
+    meta = _first(
+        folder, ["*metadata_file.csv.gz", "*metadata_file.csv", "*metadata_file.parquet"], "metadata file", "CosMx"
+    )
+    counts = _first(
+        folder, ["*exprMat_file.csv.gz", "*exprMat_file.csv", "*exprMat_file.parquet"], "exprMat file", "CosMx"
+    )
     key = ["fov", "cell_ID"]
     matrix = TableMatrix(
         TableFile(counts, text=key),
@@ -212,7 +222,14 @@ def visium(folder: Path, section: str) -> PlatformSection:
         keep=("in_tissue", 1),
         scale={"x_um": ("pxl_col_in_fullres", um_per_px), "y_um": ("pxl_row_in_fullres", um_per_px)},
     )
-    options = {"x": "x_um", "y": "y_um", "cell_id": KEY, "genes": "rest", "units": "um", "obs": ["array_row", "array_col"]}
+    options = {
+        "x": "x_um",
+        "y": "y_um",
+        "cell_id": KEY,
+        "genes": "rest",
+        "units": "um",
+        "obs": ["array_row", "array_col"],
+    }
     image = None
     hires = _optional(spatial, ["tissue_hires_image.png"])
     if hires is not None and "tissue_hires_scalef" in scales:
@@ -240,7 +257,9 @@ def section_folders(source) -> dict[str, Path]:
     elif isinstance(source, (str, Path)):
         items = [(_name(Path(source)), Path(source))]
     else:
-        raise InputError(f"a platform input is a folder, a list of folders or a dict of them, not {type(source).__name__}")
+        raise InputError(
+            f"a platform input is a folder, a list of folders or a dict of them, not {type(source).__name__}"
+        )
     if not items:
         raise InputError("no section folders given")
     ids = [k for k, _ in items]
@@ -249,7 +268,9 @@ def section_folders(source) -> dict[str, Path]:
         raise InputError(f"section folders {dup} have the same name; pass a dict {{section id: folder}} to name them")
     for sid, p in items:
         if not p.is_dir():
-            raise InputError(f"section {sid!r}: {p} is not a folder; a platform input is the instrument's output folder")
+            raise InputError(
+                f"section {sid!r}: {p} is not a folder; a platform input is the instrument's output folder"
+            )
     return dict(items)
 
 
@@ -262,4 +283,3 @@ def read_platform(platform: str, source) -> list[tuple[str, PlatformSection]]:
     if platform not in PLATFORMS:
         raise ConfigError(f"platform {platform!r} is not one of {', '.join(PLATFORMS)}")
     return [(sid, PLATFORMS[platform](folder, sid)) for sid, folder in section_folders(source).items()]
-

@@ -119,4 +119,3 @@ class TenxH5Matrix:
                 X = np.zeros((b - a, len(self.genes)), dtype=np.float32)
                 X[row[kept], col[kept]] = data[kept]  # a barcode lists each feature once
                 yield barcodes, X
-

@@ -31,7 +31,12 @@ from .errors import (
     UnknownOptionError,
     UnknownSectionError,
 )
-from .ingest import IngestSpec, import_isost, ingest  # eager: the function shadows its own subpackage's name
+from .ingest import (
+    IngestSpec,
+    import_isost,
+    ingest,
+    ingest_blocks,
+)  # eager: the function shadows its own subpackage's name
 
 #: public name -> module that defines it (relative to this package)
 _LAZY = {
@@ -99,6 +104,7 @@ __all__ = [
     "export_spatialdata",
     "import_isost",
     "ingest",
+    "ingest_blocks",
     "interpolate",
     "invert",
     "kernels",

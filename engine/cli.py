@@ -115,20 +115,44 @@ def _truth_error(atlas, truth_path, max_cells: int = 200_000) -> tuple[float, fl
 
 
 def cmd_build(args) -> int:
+    import dataclasses
+
     from .config import ingest_spec, load_config
+    from .ingest import block_store, block_values
+
+    cfg = load_config(args.config)
+    inp, spec = cfg["input"], ingest_spec(cfg)
+    if not spec.block:
+        _build_one(args, cfg, cfg["store"], spec, cfg["report"]["out"])
+        return 0
+    # one store per block (donor / patient): a stack is never aligned across blocks
+    blocks = block_values(inp["path"], spec, inp["paste"] or None, inp["pattern"])
+    log.info("build: %d block(s) of column %s: %s", len(blocks), spec.block, ", ".join(blocks))
+    for b in blocks:
+        report = cfg["report"]["out"]
+        _build_one(
+            args,
+            cfg,
+            str(block_store(cfg["store"], b)),
+            dataclasses.replace(spec, only_blocks=[b]),
+            str(block_store(report, b)) if report else None,
+        )
+    return 0
+
+
+def _build_one(args, cfg: dict, store: str, spec, report_out: str | None) -> None:
     from .ingest import ingest
     from .report import write_report
     from .stages.pipeline import plan, run_plan
     from .store.lock import writer
 
-    cfg = load_config(args.config)
     inp = cfg["input"]
     # one lock over ingest and every stage: a second build of the same store fails (or waits) at once
-    with _resources(args, cfg["cluster"]) as resources, writer(cfg["store"], wait=args.wait):
+    with _resources(args, cfg["cluster"]) as resources, writer(store, wait=args.wait):
         atlas = ingest(
             inp["path"],
-            cfg["store"],
-            ingest_spec(cfg),
+            store,
+            spec,
             paste=inp["paste"] or None,
             pattern=inp["pattern"],
             platform=inp["platform"],
@@ -140,11 +164,10 @@ def cmd_build(args) -> int:
         log.info("build: %s", " -> ".join(s.stage.name for s in steps) or "nothing to run")
         run_plan(atlas, steps, resources.client_for(n_cells=atlas.n_cells))
     if cfg["report"]["enabled"]:
-        folder = cfg["report"]["out"] or str(Path(cfg["store"]).with_suffix("")) + "-report"
+        folder = report_out or str(Path(store).with_suffix("")) + "-report"
         for p in write_report(atlas, folder):
             print(f"picture: {p}")
     print(atlas.info())
-    return 0
 
 
 def cmd_info(args) -> int:

@@ -118,10 +118,29 @@ def _blur_down(img: torch.Tensor, factor: int) -> torch.Tensor:
     return F.avg_pool2d(img, factor, ceil_mode=True)
 
 
-def _perturbed(A: torch.Tensor, D: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``T(c + t) (I + D) T(-c) A``: a small affine change about the image centre ``c`` applied after ``A``
-    (``A`` ``[..., 3, 3]``, ``D`` ``[..., 2, 2]``, ``t`` ``[..., 2]``)."""
-    L = torch.eye(2, dtype=A.dtype, device=A.device) + D
+def _linear(D: torch.Tensor, rigid: bool) -> torch.Tensor:
+    """The 2x2 change of the refinement: ``I + D`` (``D`` ``[..., 2, 2]``), or for ``rigid`` the rotation by
+    ``D[..., 0, 0]`` radians (the other entries unused), so that neither scale nor shear can appear."""
+    if not rigid:
+        return torch.eye(2, dtype=D.dtype, device=D.device) + D
+    th = D[..., 0, 0]
+    c, s = torch.cos(th), torch.sin(th)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def nearest_rigid(A: np.ndarray) -> np.ndarray:
+    """The rotation (or reflection) + translation nearest to the affine ``A`` ``[..., 3, 3]``: its 2x2 part
+    ``U S V^T`` becomes ``U V^T`` (polar decomposition), the translation is kept."""
+    A = np.array(A, dtype=np.float64, copy=True)
+    U, _, Vt = np.linalg.svd(A[..., :2, :2])
+    A[..., :2, :2] = U @ Vt
+    return A
+
+
+def _perturbed(A: torch.Tensor, D: torch.Tensor, t: torch.Tensor, c: torch.Tensor, rigid: bool = False) -> torch.Tensor:
+    """``T(c + t) L T(-c) A``: a small change about the image centre ``c`` applied after ``A`` (``A``
+    ``[..., 3, 3]``, ``D`` ``[..., 2, 2]``, ``t`` ``[..., 2]``; ``L`` from :func:`_linear`)."""
+    L = _linear(D, rigid)
     top = torch.cat([L, (c + t - (L @ c[:, None])[..., 0])[..., None]], -1)
     bottom = torch.tensor([0.0, 0.0, 1.0], dtype=A.dtype, device=A.device).expand(*top.shape[:-2], 1, 3)
     return torch.cat([top, bottom], -2) @ A
@@ -155,9 +174,11 @@ def refine_affine_batch(
     scales=(4, 2, 1),
     iterations=(120, 60, 25),
     lr: float = 0.01,
+    rigid: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`refine_affine` of ``B`` independent pairs at once: ``fixed``, ``moving`` ``[B, C, H, W]``, ``init``
-    ``[B, 3, 3]``; returns transforms ``[B, 3, 3]`` and final losses ``[B]``.
+    ``[B, 3, 3]``; returns transforms ``[B, 3, 3]`` and final losses ``[B]``. ``rigid``: the init is made rigid
+    (:func:`nearest_rigid`) and only a rotation and a translation are refined (data of known pixel size).
 
     The losses are summed only so that one backward pass serves all (pair b's gradient depends on pair b
     alone, Adam is element-wise), and a pair that has converged is frozen while the others go on: each pair
@@ -165,7 +186,7 @@ def refine_affine_batch(
     """
     dev = fixed.device
     B = fixed.shape[0]
-    A = torch.as_tensor(np.asarray(init), dtype=torch.float64).to(dev)
+    A = torch.as_tensor(nearest_rigid(init) if rigid else np.asarray(init), dtype=torch.float64).to(dev)
     losses = torch.full((B,), float("nan"), dtype=torch.float64)
     for f, n_iter in zip(scales, iterations):
         fx, mv = _blur_down(fixed.double(), f), _blur_down(moving.double(), f)
@@ -180,7 +201,7 @@ def refine_affine_batch(
         active = torch.ones(B, dtype=torch.bool)
         for it in range(n_iter):
             opt.zero_grad()
-            loss = ((warp_image(mv, _perturbed(A_s, D, t, c), (fx.shape[-2], fx.shape[-1])) - fx) ** 2).mean(
+            loss = ((warp_image(mv, _perturbed(A_s, D, t, c, rigid), (fx.shape[-2], fx.shape[-1])) - fx) ** 2).mean(
                 dim=(1, 2, 3)
             )
             loss.sum().backward()
@@ -198,6 +219,6 @@ def refine_affine_batch(
                     break
             prev = torch.where(active, value, prev)
         with torch.no_grad():
-            A = torch.linalg.inv(S) @ _perturbed(A_s, D, t, c) @ S
+            A = torch.linalg.inv(S) @ _perturbed(A_s, D, t, c, rigid) @ S
             losses = ((warp_image(moving.double(), A) - fixed.double()) ** 2).mean(dim=(1, 2, 3)).cpu()
     return A.detach().cpu().numpy(), losses.numpy()

@@ -13,15 +13,50 @@ import lamina
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["merfish.yaml", "dlpfc.yaml"])
-def test_example_configs_build(tmp_path, name, data_dir):
+def test_example_configs_build(tmp_path, data_dir):
     from lamina.config import load_config
 
-    need(data_dir)
-    cfg = load_config(ROOT / "examples" / name)
+    need(data_dir / "merfish_moffitt")
+    cfg = load_config(ROOT / "examples" / "merfish.yaml")
     spec = lamina.config.ingest_spec(cfg)
     atlas = lamina.ingest(cfg["input"]["path"], tmp_path / "e.lamina.zarr", spec, paste=cfg["input"]["paste"] or None)
     assert atlas.n_sections == 12 and atlas.n_cells > 40_000
+
+
+def test_dlpfc_example_builds_one_stack_per_donor_with_its_spacings(tmp_path, data_dir):
+    from lamina.config import load_config
+
+    need(data_dir / "dlpfc")
+    cfg = load_config(ROOT / "examples" / "dlpfc.yaml")
+    spec = lamina.config.ingest_spec(cfg)
+    atlases = lamina.ingest_blocks(cfg["input"]["path"], tmp_path / "dlpfc.lamina.zarr", spec)
+    assert list(atlases) == ["Br5292", "Br5595", "Br8100"]
+    first = {"Br5292": "151507", "Br5595": "151669", "Br8100": "151673"}
+    for donor, atlas in atlases.items():
+        assert atlas.path.endswith(f"dlpfc-{donor}.lamina.zarr") and atlas.attrs["block"]["value"] == donor
+        assert atlas.sections.id.iloc[0] == first[donor] and atlas.n_sections == 4
+        assert np.allclose(atlas.sections.z, [0, 10, 310, 320])
+        assert set(atlas.obs().block.astype(str)) == {donor}
+    assert sum(a.n_cells for a in atlases.values()) == 47_681
+
+
+def test_her2st_example_builds_one_stack_per_patient(tmp_path, data_dir):
+    import dataclasses
+
+    from lamina.config import load_config
+
+    need(data_dir / "her2st")
+    cfg = load_config(ROOT / "examples" / "her2st.yaml")
+    spec = dataclasses.replace(lamina.config.ingest_spec(cfg), only_blocks=["C", "G"], genes=None)  # a small cut
+    atlases = lamina.ingest_blocks(
+        cfg["input"]["path"], cfg["store"].replace(str(ROOT / "examples"), str(tmp_path)), spec
+    )
+    assert {p: a.sections.id.tolist() for p, a in atlases.items()} == {
+        "C": ["C1", "C2", "C3", "C4", "C5", "C6"],
+        "G": ["G1", "G2", "G3"],
+    }
+    assert np.allclose(atlases["C"].sections.z, np.arange(6) * 16.0)
+    assert atlases["G"].path.endswith("her2st-G.lamina.zarr")
 
 
 def test_the_readme_shows_the_shipped_merfish_config(data_dir):

@@ -29,9 +29,13 @@ def _cells(n: int, seed: int) -> pd.DataFrame:
 
 
 def _folders(tmp_path, layout: str, shuffle: bool, n: int = 200, **kw) -> tuple[dict, pd.DataFrame]:
+    from lamina.datasets.layouts import visium_lattice
+
     folders, frames = {}, []
     for s in range(2):
         frame = _cells(n, s).assign(section=f"s{s}")
+        if layout in ("visium", "visium_sr1"):  # spots of a Visium slide lie on its lattice
+            frame[["x", "y"]] = visium_lattice(n, 3000, 2500, seed=s)
         folders[f"s{s}"] = write_layout(
             layout, tmp_path / layout / f"s{s}", frame, GENES, shuffle=shuffle, seed=s, **kw
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..ingest.platforms import COSMX_PIXEL_UM, VISIUM_COLUMNS, VISIUM_SPOT_UM
+from ..ingest.platforms import COSMX_PIXEL_UM, VISIUM_COLUMNS, VISIUM_PITCH_UM, VISIUM_SPOT_UM
 
 
 def write_tenx_h5(path, X, barcodes, names, feature_types=None) -> None:
@@ -47,6 +47,19 @@ def _image(extent_px: tuple[int, int], x_px, y_px, seed: int) -> np.ndarray:
     return img.astype(np.uint8)
 
 
+def visium_lattice(n: int, width_um: float, height_um: float, seed: int = 0) -> np.ndarray:
+    """``n`` distinct spot centres ``[n, 2]`` (x, y um) of a Visium lattice (100 um pitch, hexagonal) inside the
+    rectangle; a Visium table written by :func:`write_layout` has exact lattice indices only for such spots."""
+    rows = np.arange(1, int(height_um / (VISIUM_PITCH_UM * np.sqrt(3) / 2)))
+    cols = np.arange(1, int(width_um / (VISIUM_PITCH_UM / 2)))
+    r, c = np.meshgrid(rows, cols, indexing="ij")
+    keep = (r % 2) == (c % 2)
+    nodes = np.stack([c[keep] * VISIUM_PITCH_UM / 2, r[keep] * VISIUM_PITCH_UM * np.sqrt(3) / 2], 1)
+    if n > len(nodes):
+        raise ValueError(f"{n} spots do not fit a {width_um} x {height_um} um slide ({len(nodes)} places)")
+    return nodes[np.random.default_rng(seed).choice(len(nodes), n, replace=False)]
+
+
 def write_layout(
     platform: str,
     folder,
@@ -61,7 +74,8 @@ def write_layout(
     """Write ``cells`` (columns x, y in um, ``cell_id``, ``genes``) as ``platform``'s output folder.
 
     ``shuffle``: the positions file lists the cells in another order than the matrix (readers must join by
-    key); ``pixel_um``: the pixel size of the written image (coarse, to keep test folders small)."""
+    key); ``pixel_um``: the pixel size of the written image (coarse, to keep test folders small). Visium
+    cells should lie on :func:`visium_lattice` (the reader takes the slide's scale from the lattice)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -166,8 +180,9 @@ def write_layout(
             {
                 "barcode": np.concatenate([barcodes, [f"TTTT{i:010d}-1" for i in range(n_out)]]),
                 "in_tissue": np.r_[np.ones(n, int), np.zeros(n_out, int)],
-                "array_row": np.r_[np.round(y / 100).astype(int), np.zeros(n_out, int)],
-                "array_col": np.r_[np.round(x / 100).astype(int), np.zeros(n_out, int)],
+                # the spot lattice: an array_col step is half the pitch across, an array_row step sqrt(3)/2 down
+                "array_row": np.r_[np.round(y / (VISIUM_PITCH_UM * np.sqrt(3) / 2)).astype(int), np.zeros(n_out, int)],
+                "array_col": np.r_[np.round(x / (VISIUM_PITCH_UM / 2)).astype(int), np.zeros(n_out, int)],
                 "pxl_row_in_fullres": np.r_[y / um_per_px, np.full(n_out, 1.0)],
                 "pxl_col_in_fullres": np.r_[x / um_per_px, np.full(n_out, 1.0)],
             }

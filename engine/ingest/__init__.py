@@ -38,7 +38,7 @@ from .write import pieces_for_rows, write_block
 log = logging.getLogger("lamina")
 INGEST_VERSION = 2  # 2: /cells/input_row
 
-__all__ = ["ingest", "import_isost", "IngestSpec", "read_units"]
+__all__ = ["ingest", "ingest_blocks", "import_isost", "IngestSpec", "read_units"]
 
 
 def _unit_for(path: Path, spec: IngestSpec, paste, default_section=None) -> ReadUnit:
@@ -227,10 +227,86 @@ def ingest(
     else:
         spec = _spatial_default(source, spec)
         units, folder_mode = read_units(source, spec, paste, pattern)
+    if spec.only_sections is not None:  # a file that is one section outside the subset is not read at all
+        wanted = {str(s) for s in spec.only_sections}
+        units = [
+            u for u in units if u.default_section is None or spec.section in u.columns() or u.default_section in wanted
+        ]
+        image_sources = {k: v for k, v in image_sources.items() if k in wanted}
+        if not units:
+            raise InputError(f"only_sections={spec.only_sections}: no input file is one of these sections")
     from ..store.lock import writer
 
     with writer(path):
         return _ingest(units, folder_mode, path, spec, overwrite, client, image_sources)
+
+
+def block_store(store, block: str) -> Path:
+    """The store of one block: ``{block}`` in ``store`` replaced, else ``NAME-<block>.lamina.zarr`` beside it."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(block))
+    text = str(store)
+    if "{block}" in text:
+        return Path(text.replace("{block}", safe))
+    path = Path(text)
+    name = path.name
+    for suffix in (".lamina.zarr", ".zarr"):
+        if name.endswith(suffix):
+            return path.with_name(f"{name[: -len(suffix)]}-{safe}{suffix}")
+    return path.with_name(f"{name}-{safe}")
+
+
+def block_values(source, spec: IngestSpec, paste=None, pattern: str | None = None) -> list[str]:
+    """The blocks of ``source`` in its ``spec.block`` column (one pass over that column only), in natural order;
+    ``spec.only_blocks`` when given (each must exist)."""
+    import re
+
+    if not spec.block:
+        raise ConfigError("blocks need a block column: set block=<column> (config: columns.block)")
+    units, _ = read_units(source, spec, paste, pattern)
+    found: set[str] = set()
+    missing = 0
+    from .batch import MISSING, _text
+
+    for unit in units:
+        if spec.block not in unit.columns():
+            raise InputError(f"{unit.label}: no block column {spec.block!r}; its columns: {unit.columns()[:12]}")
+        for raw in unit.chunks(200_000, [spec.block]):
+            labels = _text(raw.frame[spec.block], spec.na_values)
+            missing += int((labels == MISSING).sum())
+            found.update(str(v) for v in pd.unique(labels) if v != MISSING)
+    if missing:
+        log.warning("ingest: %d cell(s) have no %s; they belong to no block and are not read", missing, spec.block)
+    order = sorted(found, key=lambda b: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", b)])
+    if spec.only_blocks is not None:
+        unknown = [str(b) for b in spec.only_blocks if str(b) not in found]
+        if unknown:
+            raise InputError(f"blocks {unknown} are not in column {spec.block!r}; it has {order[:12]}")
+        order = [str(b) for b in spec.only_blocks]
+    return order
+
+
+def ingest_blocks(source, store, spec: IngestSpec | None = None, *, paste=None, pattern=None, client=None, **kw):
+    """One store per block of ``spec.block`` (``block=`` column): ``{block: Atlas}``, each ingested as
+    :func:`ingest` with ``only_blocks=[block]`` into :func:`block_store` (``store`` with ``{block}``, or
+    ``NAME-<block>.lamina.zarr``). The input is read once per block (and once for the block column)."""
+    import dataclasses
+
+    options = {k: kw.pop(k) for k in ("overwrite", "images") if k in kw}
+    if spec is not None and kw:
+        raise ConfigError("pass either spec= or keyword options to ingest_blocks(), not both")
+    spec = spec if spec is not None else IngestSpec(**kw)
+    return {
+        b: ingest(
+            source,
+            block_store(store, b),
+            dataclasses.replace(spec, only_blocks=[b]),
+            paste=paste,
+            pattern=pattern,
+            client=client,
+            **options,
+        )
+        for b in block_values(source, spec, paste, pattern)
+    }
 
 
 def _ingest(
@@ -299,6 +375,8 @@ def _ingest(
             "algorithm_version": INGEST_VERSION,
         }
         staged.root.attrs["stages"] = {"ingest": record}
+        if spec.block:
+            staged.root.attrs["block"] = {"column": spec.block, "value": (layout.categories.get("block") or [None])[0]}
         if not spec.scale_known:  # lengths are pixels of unknown size; every um in the store reads "px"
             staged.root.attrs.update({"units": "px", "scale_known": False})
         arrays.consolidate(str(tmp))

@@ -77,6 +77,19 @@ def layout_sections(summaries: list[dict], spec: IngestSpec, folder_mode: bool) 
     for s in summaries:
         if s["rows"] == 0:
             raise InputError(f"{s['unit']} has no cells (no data rows); remove it or fix the export")
+    if not any(s["sections"] for s in summaries):
+        raise InputError(
+            f"no cells in the selection (only_sections={spec.only_sections}, only_blocks={spec.only_blocks}); "
+            f"check the ids against the input's section / block column"
+        )
+    blocks = sorted({b for s in summaries for b in s["categories"].get("block", [])})
+    if spec.block and len(blocks) > 1:
+        raise InputError(
+            f"the input holds {len(blocks)} blocks in column {spec.block!r} ({', '.join(blocks[:8])}); a stack is "
+            f"never aligned across blocks: read one with only_blocks=[...], or one store per block with "
+            f"lamina.ingest_blocks (lamina build does this when columns.block is set)"
+        )
+    for s in summaries:
         for sid, rec in s["sections"].items():
             if sid in where and folder_mode:
                 raise InputError(
@@ -111,7 +124,7 @@ def layout_sections(summaries: list[dict], spec: IngestSpec, folder_mode: bool) 
         if missing:
             raise InputError(f"sections {missing[:10]} have no z in section_z; add them (um)")
         extra = [k for k in given if k not in stats]
-        if extra:
+        if extra and not (spec.selects or spec.block):  # a subset: the other sections' depths are not used
             raise InputError(
                 f"section_z lists {extra[:10]} but no cells belong to them; check the ids "
                 f"(sections found: {order[:10]})"
@@ -120,6 +133,8 @@ def layout_sections(summaries: list[dict], spec: IngestSpec, folder_mode: bool) 
     else:
         if spec.section_order:
             listed = [str(s) for s in spec.section_order]
+            if spec.selects or spec.block:  # a subset: the order of the sections read
+                listed = [s for s in listed if s in stats]
             extra = [s for s in listed if s not in stats]
             unlisted = [s for s in order if s not in set(listed)]
             if extra:

@@ -34,6 +34,8 @@ def stored_names(spec: IngestSpec) -> dict:
         names[spec.cell_type] = "cell_type"
     if spec.cell_id:
         names[spec.cell_id] = "cell_id"
+    if spec.block:
+        names[spec.block] = "block"
     reserved = {"section", "x", "y", "input_row"} & set(names.values())
     if reserved:
         raise InputError(f"obs columns may not be named {sorted(reserved)} (lamina's own cell columns); rename them")
@@ -48,7 +50,7 @@ def coord_columns(spec: IngestSpec) -> tuple[str, str]:
 
 def required_columns(spec: IngestSpec, unit: ReadUnit) -> list[str]:
     x, y = coord_columns(spec)
-    cols = [x, y, spec.z, spec.cell_type, spec.cell_id, *spec.obs]
+    cols = [x, y, spec.z, spec.cell_type, spec.cell_id, spec.block, *spec.obs]
     if unit.default_section is None:
         cols.append(spec.section)
     return [c for c in cols if c]
@@ -71,6 +73,7 @@ def check_columns(spec: IngestSpec, unit: ReadUnit) -> None:
                 spec.z: "z",
                 spec.cell_type: "cell_type",
                 spec.cell_id: "cell_id",
+                spec.block: "block",
             }.get(col, "obs")
             import difflib
 
@@ -158,7 +161,7 @@ def normalise(raw: RawChunk, unit: ReadUnit, spec: IngestSpec, genes: list[str],
         values = f[col] if col in f else f["_index"]
         if col == spec.cell_id and is_text(values):
             texts[name] = _text(values, spec.na_values)
-        elif col in spec.categorical or is_text(values):
+        elif col in spec.categorical or col == spec.block or is_text(values):
             cats[name] = _text(values, spec.na_values)
         else:
             nums[name] = np.asarray(pd.Series(values).to_numpy())
@@ -202,3 +205,20 @@ def normalise(raw: RawChunk, unit: ReadUnit, spec: IngestSpec, genes: list[str],
             total = X.sum(axis=1, keepdims=True)
             X = np.log1p(np.divide(X * 1e4, total, out=np.zeros_like(X), where=total > 0)).astype(np.float32)
     return CellBatch(section=section, x=x, y=y, z=z, cats=cats, texts=texts, nums=nums, X=X)
+
+
+def selected(raw: RawChunk, unit: ReadUnit, spec: IngestSpec) -> np.ndarray | None:
+    """Rows of ``raw`` inside ``spec.only_sections`` / ``spec.only_blocks`` (None: every row is read)."""
+    if not spec.selects:
+        return None
+    f, keep = raw.frame, np.ones(len(raw.frame), dtype=bool)
+    if spec.only_sections is not None:
+        wanted = [str(s) for s in spec.only_sections]
+        if unit.default_section is not None and not (spec.section and spec.section in f):
+            keep &= unit.default_section in wanted
+        else:
+            keep &= pd.Series(f[spec.section]).astype(str).isin(wanted).to_numpy()
+    if spec.only_blocks is not None:
+        labels = _text(f[spec.block], spec.na_values)
+        keep &= pd.Series(labels).isin([str(b) for b in spec.only_blocks]).to_numpy()
+    return keep

@@ -20,8 +20,8 @@ visium     spatial/tissue_positions[_list].csv |       filtered_feature_bc_     
            pxl_col/row_in_fullres -> um by scalefactors
 =========  ==========================================  ===========================  =======================
 
-Visium's full-resolution pixels become um with ``microns_per_pixel`` (Visium HD) or 55 um / ``spot_diameter_
-fullres`` (a Visium spot is 55 um wide), per slide, so slides scanned at different resolutions agree.
+Visium's full-resolution pixels become um per slide, so slides scanned at different resolutions agree: with
+``microns_per_pixel`` (Visium HD), else from the spot lattice (spots 100 um apart, :func:`_grid_scale`).
 Visium HD: pass a bin folder (``binned_outputs/square_008um``) or ``outs`` (then the 8 um bins are read).
 """
 
@@ -42,8 +42,11 @@ from .tenx import TenxH5Matrix
 
 #: CosMx SMI pixel size (um per pixel of the global coordinates); pass pixel_size= for another instrument
 COSMX_PIXEL_UM = 0.12028
-#: Visium spot diameter (um): full-resolution pixels per um follow from the scale factors' spot diameter
-VISIUM_SPOT_UM = 55.0
+#: Visium's spot grid: spots 100 um apart centre to centre on a hexagonal lattice; one array_col step is
+#: 50 um across, one array_row step 50 * sqrt(3) um down
+VISIUM_PITCH_UM = 100.0
+#: Space Ranger's spot_diameter_fullres spans a "theoretical 65 um spot" (10x's definition): the fallback scale
+VISIUM_SPOT_UM = 65.0
 VISIUM_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 
 
@@ -207,7 +210,8 @@ def visium(folder: Path, section: str) -> PlatformSection:
         um_per_px = (
             float(scales["microns_per_pixel"])
             if "microns_per_pixel" in scales
-            else VISIUM_SPOT_UM / float(scales["spot_diameter_fullres"])
+            else _grid_scale(TableFile(pos, names=names, text=["barcode"]))
+            or VISIUM_SPOT_UM / float(scales["spot_diameter_fullres"])
         )
     except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
         raise InputError(f"{scale_file}: no spot_diameter_fullres / microns_per_pixel ({exc})") from exc
@@ -236,6 +240,29 @@ def visium(folder: Path, section: str) -> PlatformSection:
         size = um_per_px / float(scales["tissue_hires_scalef"])
         image = ImageSource(hires, pixel_size_um=size)
     return PlatformSection(unit, options, image)
+
+
+def _grid_scale(positions: TableFile) -> float | None:
+    """um per full-resolution pixel of a Visium slide, from its spot lattice: the least-squares affine from the
+    spots' lattice positions in um (array_col * 50, array_row * 50 sqrt(3)) to their pixels, whose scale is
+    px per um. None with fewer than 3 in-tissue spots or a degenerate lattice.
+
+    The manufactured 100 um pitch is the slide's one exact length; Space Ranger's spot_diameter_fullres (a
+    "theoretical 65 um spot") differs from it by ~7% on the DLPFC slides."""
+    import pandas as pd
+
+    cols = ["in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+    frames = [raw.frame for raw in positions.chunks(100_000, cols)]  # one slide: <= 4,992 spots
+    f = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+    f = f[pd.to_numeric(f["in_tissue"], errors="coerce") == 1]
+    if len(f) < 3:
+        return None
+    lattice = np.stack([f.array_col * VISIUM_PITCH_UM / 2, f.array_row * VISIUM_PITCH_UM / 2 * np.sqrt(3)], 1)
+    design = np.c_[lattice, np.ones(len(f))].astype(np.float64)
+    pixels = f[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
+    coef, *_ = np.linalg.lstsq(design, pixels, rcond=None)
+    det = abs(np.linalg.det(coef[:2]))
+    return float(1.0 / np.sqrt(det)) if np.isfinite(det) and det > 1e-12 else None
 
 
 PLATFORMS: dict[str, Callable[[Path, str], PlatformSection]] = {

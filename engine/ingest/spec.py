@@ -27,6 +27,9 @@ class IngestSpec:
 
     x, y, section, z, cell_type, cell_id: column names in the input (``section``/``z``/``cell_type``/``cell_id``
     may be None). In a folder of one file per section, a missing section column means "the file's stem".
+    block: the column naming the block (donor, patient, specimen) of each cell; a store holds one block (a
+    stack is never aligned across blocks): pick it with ``only_blocks``, or let :func:`lamina.ingest_blocks`
+    / ``lamina build`` write one store per block. only_sections / only_blocks: read a subset of the rows.
     genes: None (no expression), a list of column names, or ``"rest"`` (every column not used otherwise).
     obs: further columns to keep; strings become categorical codes, numbers stay numeric.
     na_values: labels that mean "missing" in text columns (cell type, obs, cell id), in every input format;
@@ -50,6 +53,9 @@ class IngestSpec:
     z: str | None = _field(None, "columns.z", "column of z (um); null: from sections.z or sections.spacing")
     cell_type: str | None = _field(None, "columns.cell_type", "column of cell-type labels")
     cell_id: str | None = _field(None, "columns.cell_id", "column of cell ids")
+    block: str | None = _field(
+        None, "columns.block", "column of the block (donor / patient / specimen): each block is its own stack"
+    )
     genes: list[str] | Literal["rest"] | None = _field(
         None, "genes", "gene columns: a list, 'rest' (every other column) or null (no expression)"
     )
@@ -62,6 +68,10 @@ class IngestSpec:
     section_order: list[str | int] | None = _field(None, "sections.order", "section ids in z order")
     section_z: dict | None = _field(None, "sections.z", "section id -> z (um)")
     section_spacing: float = _field(10.0, "sections.spacing", "distance between sections (um) when z is not given")
+    only_sections: list[str | int] | None = _field(None, "sections.only", "read only these section ids (null: all)")
+    only_blocks: list[str | int] | None = _field(
+        None, "blocks", "read only these blocks (null: all; needs a block column)"
+    )
     gene_join: Literal["strict", "union", "intersection"] = _field(
         "strict", "gene_join", "files with different genes: error, union (missing = 0), or intersection"
     )
@@ -95,6 +105,12 @@ class IngestSpec:
                 raise ConfigError(f"section_order lists duplicate section ids {dup}; each section once")
         if self.section_spacing is None or self.section_spacing <= 0:
             raise ConfigError(f"section_spacing={self.section_spacing!r} must be a positive distance in um")
+        for name in ("only_sections", "only_blocks"):
+            value = getattr(self, name)
+            if value is not None and not len(value):
+                raise ConfigError(f"{name} is an empty list; give the ids to keep, or null for all")
+        if self.only_blocks is not None and not self.block:
+            raise ConfigError("only_blocks selects blocks of the block column: set block: <column> too")
         if self.min_cells_per_section < 1:
             raise ConfigError("min_cells_per_section must be >= 1")
 
@@ -116,7 +132,13 @@ class IngestSpec:
         return [c for c in [self.cell_type] if c]
 
     def used_columns(self) -> list[str]:
-        return [c for c in [self.x, self.y, self.section, self.z, self.cell_type, self.cell_id, *self.obs] if c]
+        cols = [self.x, self.y, self.section, self.z, self.cell_type, self.cell_id, self.block, *self.obs]
+        return [c for c in cols if c]
+
+    @property
+    def selects(self) -> bool:
+        """True when only some rows are read (a section or block subset)."""
+        return self.only_sections is not None or self.only_blocks is not None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .batch import MISSING, CellBatch, check_columns, normalise, required_columns
-from .readers import ReadUnit
+from .batch import MISSING, CellBatch, check_columns, normalise, required_columns, selected
+from .readers import RawChunk, ReadUnit
 from .spec import IngestSpec
 
 READ_BYTES = 64 * 2**20
@@ -46,10 +46,19 @@ def stage_unit(unit: ReadUnit, spec: IngestSpec, genes: list[str], staging: str,
     needed = required_columns(spec, unit) + ([g for g in unit_genes] if genes else [])
     if unit.default_section is not None and spec.section:
         needed.append(spec.section)
+    if spec.only_sections is not None and spec.section and spec.section not in needed:
+        needed.append(spec.section)
     rows = read_rows(spec, len(needed))
     fragments, sections, categories, kinds = [], {}, {}, {}
     total = 0
     for c, raw in enumerate(unit.chunks(rows, needed)):
+        input_rows = raw.row0 + np.arange(len(raw.frame), dtype=np.int64)
+        keep = selected(raw, unit, spec)
+        if keep is not None:
+            total += len(raw.frame)  # input_row counts every row read, kept or not
+            input_rows = input_rows[keep]
+            X = raw.X[keep] if raw.X is not None else None
+            raw = RawChunk(frame=raw.frame[keep].reset_index(drop=True), X=X, genes=raw.genes, row0=raw.row0)
         if not len(raw.frame):
             continue
         batch = normalise(raw, unit, spec, genes, unit_genes)
@@ -63,7 +72,7 @@ def stage_unit(unit: ReadUnit, spec: IngestSpec, genes: list[str], staging: str,
         folder.mkdir(parents=True, exist_ok=False)
         _save(folder, "x", batch.x[order].astype(np.float32))
         _save(folder, "y", batch.y[order].astype(np.float32))
-        _save(folder, "row", (raw.row0 + np.arange(len(batch.x), dtype=np.int64))[order])
+        _save(folder, "row", input_rows[order])
         for name, values in {**batch.cats, **batch.texts, **batch.nums}.items():
             _save(folder, f"obs.{name}", np.asarray(values)[order])
         if batch.X is not None:
@@ -105,7 +114,8 @@ def stage_unit(unit: ReadUnit, spec: IngestSpec, genes: list[str], staging: str,
                 raise InputError(
                     f"{unit.label}: column {name!r} holds text in some rows and numbers in others; make it one type"
                 )
-        total += rows_read
+        if keep is None:
+            total += rows_read
     return {
         "unit": unit.label,
         "index": index,

@@ -104,7 +104,9 @@ def _sum_task(store: str, g: str, usable: np.ndarray) -> int:
     return int(usable.sum())
 
 
-def _affine_task(store: str, g: str, ks: list[int], B: np.ndarray, n_usable: int, scales, iterations) -> tuple:
+def _affine_task(
+    store: str, g: str, ks: list[int], B: np.ndarray, n_usable: int, scales, iterations, rigid: bool = False
+) -> tuple:
     """Affine corrections ``[len(ks), 3, 3]`` (starting from ``B``) and losses of sections ``ks``, each against the
     mean of the other usable sections, refined as one batch (:func:`refine_affine_batch`)."""
     import torch
@@ -117,7 +119,7 @@ def _affine_task(store: str, g: str, ks: list[int], B: np.ndarray, n_usable: int
     own = np.stack([np.asarray(root[f"{g}/current"][k], np.float64) for k in ks])
     templates = torch.from_numpy((total[None] - own) / (n_usable - 1)).to(dev)
     canvases = torch.from_numpy(np.stack([np.asarray(root[f"{g}/canvas"][k], np.float64) for k in ks])).to(dev)
-    return refine_affine_batch(templates, canvases, B, scales=scales, iterations=iterations)
+    return refine_affine_batch(templates, canvases, B, scales=scales, iterations=iterations, rigid=rigid)
 
 
 def _apply_affine_task(store: str, g: str, k: int, B: np.ndarray) -> int:
@@ -250,6 +252,7 @@ def _build(ctx: StageContext) -> dict:
     final = np.asarray(atlas.root["transforms/affine"][...])
     ref = int(atlas.root["transforms/affine"].attrs["reference"])
     held = bool(atlas.root["transforms/affine"].attrs.get("reference_held", False))
+    rigid = bool(atlas.root["transforms/affine"].attrs.get("rigid", False))  # register's choice holds here too
     Q = affine_matrix(0.0, 1.0, cen[ref]) @ P  # atlas canvas pixel -> atlas um
     Qi = np.linalg.inv(Q)
     f = max(1, int(round(N / opts.lddmm_grid_px)))
@@ -295,7 +298,7 @@ def _build(ctx: StageContext) -> dict:
             ctx.compute(dask.delayed(_sum_task, pure=False)(store, g, usable))
             tasks = [
                 dask.delayed(_affine_task, pure=False)(
-                    store, g, ks, B[ks], int(usable.sum()), (2 * f_aff, f_aff), tuple(opts.affine_iterations)
+                    store, g, ks, B[ks], int(usable.sum()), (2 * f_aff, f_aff), tuple(opts.affine_iterations), rigid
                 )
                 for ks in affine_batches
             ]
@@ -306,11 +309,15 @@ def _build(ctx: StageContext) -> dict:
                         B[k], affine_loss[k] = B[k] + step * (Bk - B[k]), loss
             if not held:
                 B = affine_gauge(B, usable)
+            if rigid:  # the gauge's mean correction is not a rotation in general
+                from ..kernels.image_align import nearest_rigid
+
+                B = nearest_rigid(B)
             ctx.compute(*[dask.delayed(_apply_affine_task, pure=False)(store, g, k, B[k]) for k in range(S)])
     # raw -> atlas after the affine rounds, then the frame's mean shear removed about the reference centre
     G = np.stack([Q @ B[k] @ Qi @ final[k] for k in range(S)])
     frame = np.eye(3)
-    if usable.sum() >= 3 and not held:  # two sections' mean shear is mostly their own warps, not the frame's
+    if usable.sum() >= 3 and not held and not rigid:  # two sections' mean shear is mostly their own warps
         frame[:2, :2] = frame_stretch(G[usable][:, :2, :2])
     C_um = affine_matrix(0.0, 1.0, cen[ref]) @ frame @ affine_matrix(0.0, 1.0, -cen[ref])
     G = np.stack([C_um @ G[k] for k in range(S)])

@@ -57,6 +57,15 @@ class RegisterOptions(Options):
     skip_pairs: bool = option(True, "also register each section with the one two away, for the joint solve")
     min_overlap: float = option(0.5, "QC flag below this tissue overlap after alignment", ge=0, le=1)
     min_ncc: float = option(0.3, "QC flag below this correlation after alignment", le=1)
+    rigid: bool = option(False, "rotation + translation only (data of known pixel size); refine's affine rounds follow")
+    scale_range: tuple[float, ...] = option(
+        (0.8, 1.25), "QC flag when a pair's scale (sqrt det) is outside this range (min, max)", gt=0
+    )
+    max_anisotropy: float = option(1.15, "QC flag above this ratio of a pair's stretches (shear)", ge=1)
+    max_rotation_deg: float = option(60.0, "QC flag above this rotation between neighbouring sections", ge=0)
+    ambiguous_loss: float = option(
+        0.05, "QC flag when the other candidate's loss is within this share and its transform differs", ge=0
+    )
     min_mass_ratio: float = option(
         0.02,
         "a section with less than this share of its partner's cells is not registered (placed by its neighbours)",
@@ -150,21 +159,28 @@ def register_pairs(
         torch.stack([w[1] for w in work]),
         np.stack([w[4] for w in work]),
         iterations=tuple(opts.iterations),
+        rigid=opts.rigid,
     )
     best: dict[int, tuple] = {}
+    tried: dict[int, list] = {}
     for (i, m, f, name, _), A, loss in zip(work, found, losses):
-        if np.all(np.isfinite(A)) and np.isfinite(loss) and (i not in best or loss < best[i][3]):
-            best[i] = (m, f, name, float(loss), A)
+        if np.all(np.isfinite(A)) and np.isfinite(loss):
+            tried.setdefault(i, []).append((float(loss), A))
+            if i not in best or loss < best[i][3]:
+                best[i] = (m, f, name, float(loss), A)
     for i in {w[0] for w in work} - best.keys():
         rows[i]["flag"] = "no finite transform"
     for i, (m, f, name, loss, A) in best.items():
         rows[i].update(method=name, transform=A, loss=loss)
-        _qc(rows[i], m, f, A, opts)
+        _qc(rows[i], m, f, A, opts, [(lo, B) for lo, B in tried[i] if B is not A])
     return rows
 
 
-def _qc(row: dict, m, f, A: np.ndarray, opts: RegisterOptions) -> None:
-    """QC numbers and flags of a registered pair (``A``: moving -> fixed pixels)."""
+def _qc(row: dict, m, f, A: np.ndarray, opts: RegisterOptions, others=()) -> None:
+    """QC numbers and flags of a registered pair (``A``: moving -> fixed pixels; ``others``: the other
+    candidates' (loss, transform)). A flag says the chosen transform is doubtful: little overlap or correlation
+    after alignment, or another candidate nearly as good that puts the tissue elsewhere. Which candidate won
+    is information (``method``), not a flag."""
     import torch
 
     from ..kernels.image_align import ncc, warp_image
@@ -176,13 +192,42 @@ def _qc(row: dict, m, f, A: np.ndarray, opts: RegisterOptions) -> None:
     covered = float(f.sum(0)[warped.sum(0) > 0.25].sum() / f.sum().clamp_min(1e-12))
     row["overlap"] = min(on_fixed, covered)
     reasons = []
-    if row["n_inliers"] < opts.min_inliers:
-        reasons.append(f"too few feature matches ({row['n_inliers']} inliers; rotation search used)")
+    tissue = torch.nonzero(m.sum(0) > 0.25).double().flip(-1).cpu().numpy()  # (x, y) pixels of moving tissue
+    if len(tissue):
+        pts = np.c_[tissue, np.ones(len(tissue))]
+        size = float(np.ptp(tissue, 0).max()) + 1.0
+        for loss, B in others:
+            apart = float(np.median(np.linalg.norm((pts @ (B - A).T)[:, :2], axis=1)))
+            if loss <= row["loss"] * (1 + opts.ambiguous_loss) + 1e-12 and apart > 0.1 * size:
+                reasons.append(
+                    f"ambiguous: another candidate fits as well (loss {loss:.3g} vs {row['loss']:.3g}) and "
+                    f"places the tissue {apart / size:.0%} of its size elsewhere"
+                )
     if row["overlap"] < opts.min_overlap:
         reasons.append(f"low overlap after alignment ({row['overlap']:.2f})")
     if row["ncc_after"] < opts.min_ncc:
         reasons.append(f"low correlation after alignment ({row['ncc_after']:.2f})")
     row["flag"] = "; ".join(reasons) if reasons else row["flag"]
+
+
+def implausible(M: np.ndarray, opts: RegisterOptions, adjacent: bool) -> list[str]:
+    """Reasons to doubt a pair's transform ``M`` (3x3, moving -> fixed um) as anatomy: serial sections of one
+    specimen differ little in size and are not sheared; a large turn between neighbours is possible (slides
+    placed by hand) but worth a look. Empty when none applies."""
+    L = np.asarray(M, np.float64)[:2, :2]
+    U, sv, Vt = np.linalg.svd(L)
+    scale = float(np.sqrt(abs(np.linalg.det(L))))
+    R = U @ Vt
+    turn = float(np.degrees(abs(np.arctan2(R[1, 0] - R[0, 1], R[0, 0] + R[1, 1]))))
+    lo, hi = (list(opts.scale_range) + [np.inf])[:2]
+    out = []
+    if not lo <= scale <= hi:
+        out.append(f"implausible scale {scale:.2f} (outside {lo:g}-{hi:g}: another specimen, or wrong units?)")
+    if sv[0] / max(sv[1], 1e-12) > opts.max_anisotropy:
+        out.append(f"implausible shear (stretch ratio {sv[0] / sv[1]:.2f} > {opts.max_anisotropy:g})")
+    if adjacent and turn > opts.max_rotation_deg:
+        out.append(f"large rotation between neighbours ({turn:.0f} deg > {opts.max_rotation_deg:g})")
+    return out
 
 
 def _pairs_task(store: str, raster: str, pairs: list[tuple[int, int]], opts: RegisterOptions) -> list[dict]:
@@ -282,6 +327,9 @@ def _build(ctx: StageContext) -> dict:
     rows = [row for done in ctx.compute(*tasks) for row in done]
     for r in rows:
         r["affine_um"] = P @ r["transform"] @ Pinv
+        if r["method"] != "none":
+            doubts = implausible(r["affine_um"], opts, adjacent=abs(r["moving"] - r["fixed"]) == 1)
+            r["flag"] = "; ".join([r["flag"], *doubts] if r["flag"] else doubts)
     step = {r["moving"]: r["affine_um"] for r in rows[: S - 1]}
     prior = chain(S, ref, step)
     cells = raster["cells"]
@@ -292,7 +340,11 @@ def _build(ctx: StageContext) -> dict:
         w = (1.0 if abs(r["moving"] - r["fixed"]) == 1 else 0.5) * trust
         eqs.append((r["moving"], r["fixed"], r["affine_um"], w, tissue_points(np.asarray(cells[r["moving"]]), P)))
     G = joint_affines(S, ref, eqs, prior) if S > 1 else prior
-    if not held:  # the atlas frame takes the sections' mean scale, not the middle section's own (+-10% is common)
+    if opts.rigid:  # the joint least squares of rigid pairs is rigid only up to its residuals
+        from ..kernels.image_align import nearest_rigid
+
+        G = nearest_rigid(G)
+    elif not held:  # the atlas frame takes the sections' mean scale, not the middle section's own (+-10% is common)
         mean_scale = float(np.exp(np.mean(np.log(np.sqrt(np.abs(np.linalg.det(G[:, :2, :2])))))))
         G = np.diag([1 / mean_scale, 1 / mean_scale, 1.0]) @ G
     centroid = np.asarray(raster["centroid"][...])
@@ -304,7 +356,12 @@ def _build(ctx: StageContext) -> dict:
         "affine",
         final,
         ("section", "i", "j"),
-        {"maps": "raw (x, y, 1) um -> atlas (x, y, 1) um", "reference": int(ref), "reference_held": held},
+        {
+            "maps": "raw (x, y, 1) um -> atlas (x, y, 1) um",
+            "reference": int(ref),
+            "reference_held": held,
+            "rigid": bool(opts.rigid),
+        },
     )
     qc = group.create_group("pairs")
     for name in ("moving", "fixed", "n_matches", "n_inliers"):

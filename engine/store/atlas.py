@@ -521,6 +521,11 @@ class Atlas:
             f"  format {self.attrs.get('format_version')}  units {self.attrs.get('units')}  "
             f"created by {self.attrs.get('created_by')}",
         ]
+        block = self.attrs.get("block")
+        if isinstance(block, dict):
+            lines.append(
+                f"  block {block.get('value')} (column {block.get('column')}): one stack, never aligned to others"
+            )
         if not self.has_cells:
             lines.append("  (no cells yet)")
         else:

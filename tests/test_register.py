@@ -138,9 +138,13 @@ def test_blank_tiny_low_overlap_and_sparse_sections_are_flagged_not_nan(tmp_path
     refined = atlas.root["deformation/sections/refined"][...]
     assert not refined[3] and refined[[0, 2]].all() and atlas.stage_records()["refine"]["skipped_sections"] == ["S003"]
     assert np.isfinite(atlas.root["deformation/displacement"][...]).all()
-    # the sparse section still aligns to its neighbour
+    # the sparse section fitted onto the sliver is a doubtful transform, and says so; its skip pair is not
     row = pairs[(pairs.moving == 0) & (pairs.fixed == 1)].iloc[0]
-    assert row.flag == "" or "feature" in row.flag
+    assert "implausible" in row.flag or "overlap" in row.flag
+    skip = pairs[(pairs.moving == 0) & (pairs.fixed == 2)].iloc[0]
+    assert "implausible" not in skip.flag
+    scale = np.sqrt(np.abs(np.linalg.det(atlas.root["transforms/affine"][...][:, :2, :2])))
+    assert 0.8 < scale[0] / scale[2] < 1.25  # the joint solve places it by the good pair
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +228,66 @@ def test_loftr_matcher_needs_a_readable_weights_file(tmp_path, small_table):
     with pytest.raises(lamina.ConfigError, match="'matcher' must be one of sift, loftr, got 'orb'"):
         lamina.register(atlas, matcher="orb")
     assert "register" not in atlas.completed_stages()
+
+
+def test_a_cross_donor_pair_and_an_implausible_scale_are_flagged_and_good_pairs_are_not(tmp_path, data_dir):
+    """DLPFC: 151507, 151508, 151509 are donor Br5292, 151669 is donor Br5595; 151507 is shrunk to 70%. Only the
+    doubtful pairs carry a flag; which candidate won is recorded, not flagged."""
+    from conftest import need
+
+    path = need(data_dir / "dlpfc" / "dlpfc_12_sections_spots_layers.csv.gz")
+    table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    ids = ["151507", "151508", "151509", "151669"]
+    table = table[table.section.astype(str).isin(ids)].astype({"pxl_col_fullres": float, "pxl_row_fullres": float})
+    shrink = table.section.astype(str) == "151507"
+    table.loc[shrink, ["pxl_col_fullres", "pxl_row_fullres"]] *= 0.7
+    atlas = lamina.ingest(
+        table,
+        tmp_path / "d.lamina.zarr",
+        x="pxl_col_fullres",
+        y="pxl_row_fullres",
+        cell_type="layer",
+        na_values=["NA"],
+        units="px",
+        pixel_size=0.7246,
+        section_order=ids,
+    )
+    pairs = _pairs(_pipeline(atlas))
+    sid = atlas.sections.id.to_numpy()
+    flags = {(sid[k], sid[j]): f for k, j, f in zip(pairs.moving, pairs.fixed, pairs.flag)}
+    assert "implausible scale 1.4" in flags[("151507", "151508")]  # 1 / 0.7, the shrunk section grown back
+    assert all("implausible" in f for (k, j), f in flags.items() if "151669" in (k, j))  # another donor
+    assert flags[("151508", "151509")] == ""  # same donor, both intact
+    assert not any("feature matches" in f for f in flags.values())
+    assert set(pairs.method) <= {"features", "rotation_search"}
+
+
+def test_rigid_registration_keeps_scale_and_shape(tmp_path, small_table):
+    ph, table = small_table
+    atlas = _pipeline(_table_store(tmp_path, table, "rigid"), fine=True, rigid=True)
+    for group in ("transforms", "deformation"):
+        A = atlas.root[f"{group}/affine"][...][:, :2, :2]
+        np.testing.assert_allclose(np.linalg.svd(A, compute_uv=False), 1.0, atol=1e-9)
+    pairs = atlas.root["transforms/pairs/affine_um"][...][:, :2, :2]
+    np.testing.assert_allclose(np.linalg.svd(pairs, compute_uv=False), 1.0, atol=1e-9)
+    assert (_pairs(atlas).ncc_after > 0.6).all()
+
+
+def test_cells_without_a_label_stay_in_the_density_and_the_channels_are_told(tmp_path, small_table, caplog):
+    import logging
+
+    ph, table = small_table
+    t = table.copy()
+    t["cell_type"] = t["cell_type"].astype(object)
+    t.loc[t.sample(frac=0.3, random_state=1).index, "cell_type"] = None  # 30% unlabelled
+    atlas = _table_store(tmp_path, t, "nolabel")
+    lamina.section_stats(atlas)
+    with caplog.at_level(logging.INFO, logger="lamina"):
+        lamina.rasterize(atlas)
+    images = atlas.root["raster/cells"][...]
+    per_section = images.sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(per_section, atlas.sections.n_cells.to_numpy(), rtol=1e-3)  # every cell counts
+    assert "registration channels (one per label of cell_type)" in caplog.text
+    assert "labels drive the fit" in caplog.text
+    names = atlas.stage_records()["rasterize"]["params"]["channel_names"]
+    assert names == list(atlas.categories("cell_type"))

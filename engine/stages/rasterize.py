@@ -9,6 +9,7 @@ streams the section's cells chunk by chunk through ``kernels.raster.splat`` and 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +27,8 @@ from .options import Options, option
 
 MAX_CANVAS_PX = 256
 CHANNELS = ("auto", "types", "pcs", "types+pcs", "density")
+
+log = logging.getLogger("lamina")
 
 
 @dataclass(frozen=True)
@@ -118,12 +121,20 @@ def _rasterize_section(
         y = np.asarray(root["cells/y"][a:b], np.float64) - center[1]
         types = np.asarray(root["cells/cell_type"][a:b]) if "types" in kind else None
         weights = None
-        if expression:  # identity channels (the type, or one density channel) keep 1 - share of each cell
-            identity = np.eye(n_identity)[types] if types is not None else np.ones((b - a, 1))
-            e = expression_channels(np.asarray(root["pca/pcs"][a:b, :n_pcs]) - centre, sd, share)
-            weights = np.hstack([identity * (1.0 - share), e])
-            if types is not None:  # cells without a type (code -1) are left out, as in the types-only image
-                weights[types < 0] = 0.0
+        unlabelled = types is not None and bool((types < 0).any())
+        if expression or unlabelled:
+            # identity channels: the type (a cell without one spreads evenly over them, so that it still counts
+            # in the density every image sums to), or the one density channel
+            if types is None:
+                identity = np.ones((b - a, 1))
+            else:
+                identity = np.eye(n_identity)[np.maximum(types, 0)]
+                identity[types < 0] = 1.0 / n_identity
+            if expression:  # the identity channels keep 1 - share of each cell's mass, the PC channels the rest
+                e = expression_channels(np.asarray(root["pca/pcs"][a:b, :n_pcs]) - centre, sd, share)
+                weights = np.hstack([identity * (1.0 - share), e])
+            else:
+                weights = identity
             types = None
         img += splat(x, y, types, n_channels, geom["origin"], geom["pixel_um"], shape, weights=weights)
     target = root[geom["target"]]
@@ -172,6 +183,20 @@ def _build(ctx: StageContext) -> dict:
     geom = canvas_geometry(atlas, opts.pixel_um)
     kind, names, n_pcs = _layout(atlas, opts)
     share = float(opts.expression_share) if n_pcs else 0.0
+    what = {
+        "types": "one per label of cell_type",
+        "pcs": "cell density split by the signs of the first expression PCs",
+        "types+pcs": "labels of cell_type and expression PCs",
+        "density": "cell density",
+    }[kind]
+    log.info(
+        "rasterize: registration channels (%s): %s%s",
+        what,
+        ", ".join(names[:12]),
+        " ..." if len(names) > 12 else "",
+    )
+    if "types" in kind and opts.channels == "auto":
+        log.info("rasterize: labels drive the fit; stages.rasterize.channels: density (or pcs) registers without them")
     S, C, N = atlas.n_sections, len(names), geom["size"]
     arrays.create(
         group,
@@ -225,7 +250,7 @@ STAGE = Stage(
     output="raster",
     inputs=("ingest", "section_stats", "pca"),  # pca for PC channels only (_needs)
     options=RasterizeOptions,
-    version=1,
+    version=2,  # 2: cells without a label stay in the density (spread over the type channels)
     summary="Every section as smoothed density images on one shared, section-centred canvas.",
     build=_build,
     element="lamina.raster",

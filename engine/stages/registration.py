@@ -61,8 +61,10 @@ class RegisterOptions(Options):
     scale_range: tuple[float, ...] = option(
         (0.8, 1.25), "QC flag when a pair's scale (sqrt det) is outside this range (min, max)", gt=0
     )
-    max_anisotropy: float = option(1.15, "QC flag above this ratio of a pair's stretches (shear)", ge=1)
-    max_rotation_deg: float = option(60.0, "QC flag above this rotation between neighbouring sections", ge=0)
+    max_anisotropy: float = option(1.3, "QC flag above this ratio of a pair's stretches (shear)", ge=1)
+    max_rotation_deg: float | None = option(
+        None, "QC flag above this rotation between neighbours (null: none; slides are often mounted at any angle)", ge=0
+    )
     ambiguous_loss: float = option(
         0.05, "QC flag when the other candidate's loss is within this share and its transform differs", ge=0
     )
@@ -225,7 +227,7 @@ def implausible(M: np.ndarray, opts: RegisterOptions, adjacent: bool) -> list[st
         out.append(f"implausible scale {scale:.2f} (outside {lo:g}-{hi:g}: another specimen, or wrong units?)")
     if sv[0] / max(sv[1], 1e-12) > opts.max_anisotropy:
         out.append(f"implausible shear (stretch ratio {sv[0] / sv[1]:.2f} > {opts.max_anisotropy:g})")
-    if adjacent and turn > opts.max_rotation_deg:
+    if adjacent and opts.max_rotation_deg is not None and turn > opts.max_rotation_deg:
         out.append(f"large rotation between neighbours ({turn:.0f} deg > {opts.max_rotation_deg:g})")
     return out
 

@@ -30,6 +30,45 @@ def _sample(atlas: Atlas, i: int, max_cells: int, use_aligned: bool = False) -> 
     return out
 
 
+def palette(n: int) -> list[str]:
+    """``n`` distinct colours as hex, the same in every picture (PNG and HTML): matplotlib's tab10, then the
+    lighter half of tab20, then hues spaced by the golden angle at alternating lightness (no repeats past 20)."""
+    import colorsys
+
+    import matplotlib.colors as mcolors
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"].colors
+    base = [mcolors.to_hex(c) for c in colormaps["tab10"].colors] + [mcolors.to_hex(c) for c in tab20[1::2]]
+    out = base[:n]
+    k = 0
+    while len(out) < n:
+        hue = (0.13 + k * 0.381966) % 1.0  # golden-angle steps never land on the same hue twice
+        light, sat = (0.45, 0.75) if k % 2 == 0 else (0.65, 0.55)
+        out.append(mcolors.to_hex(colorsys.hls_to_rgb(hue, light, sat)))
+        k += 1
+    return out
+
+
+def nice_length(span: float) -> float:
+    """A round scale-bar length (1, 2 or 5 x 10^k) near a fifth of ``span``."""
+    target = max(float(span), 1e-9) / 5
+    exp = np.floor(np.log10(target))
+    for m in (5, 2, 1):
+        if m * 10**exp <= target:
+            return float(m * 10**exp)
+    return float(10**exp)
+
+
+def scale_bar(ax, span_um: float, x0: float, y0: float, unit: str = "um", color: str = "k") -> str:
+    """Draw a scale bar of a round length from data point (x0, y0) on ``ax``; returns its label."""
+    length = nice_length(span_um)
+    label = f"{length:g} {unit}" if length < 1000 or unit != "um" else f"{length / 1000:g} mm"
+    ax.plot([x0, x0 + length], [y0, y0], color=color, lw=2, solid_capstyle="butt")
+    ax.text(x0 + length / 2, y0, label, ha="center", va="bottom", fontsize=6, color=color)
+    return label
+
+
 def _save(fig, path: str | Path, dpi: int) -> Path:
     """Write ``fig`` to ``path`` and free it (pyplot keeps every open figure alive)."""
     import matplotlib.pyplot as plt
@@ -40,8 +79,13 @@ def _save(fig, path: str | Path, dpi: int) -> Path:
     return path
 
 
-def section_grid(atlas: Atlas, path: str | Path, max_cells: int = 4000) -> Path:
-    """Small multiples of every section in its own (raw) coordinates, coloured by cell type."""
+def _unit(atlas: Atlas) -> str:
+    return "px" if atlas.attrs.get("units") == "px" else "um"
+
+
+def section_grid_figure(atlas: Atlas, max_cells: int = 4000):
+    """Small multiples of every section in its own (raw) coordinates, in z order, coloured by cell type (one
+    legend entry and one distinct colour per type), each with a scale bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,57 +94,107 @@ def section_grid(atlas: Atlas, path: str | Path, max_cells: int = 4000) -> Path:
     S = atlas.n_sections
     cols = min(6, S)
     rows = int(np.ceil(S / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
-    cats = atlas.categories("cell_type") if "cell_type" in atlas.cell_columns else None
-    cmap = plt.get_cmap("tab10" if len(cats or []) <= 10 else "tab20")
-    sec = atlas.sections
+    cats = list(atlas.categories("cell_type")) if "cell_type" in atlas.cell_columns else []
+    colors = np.array(palette(len(cats)) + ["#b0b0b0"])  # the last: cells without a label
+    legend_rows = int(np.ceil(len(cats) / 6))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows + 0.25 * legend_rows + 0.6), squeeze=False)
+    sec, unit = atlas.sections, _unit(atlas)
     for i, ax in enumerate(axes.ravel()):
         ax.set_axis_off()
         if i >= S:
             continue
         d = _sample(atlas, i, max_cells)
-        color = cmap(d["type"] % cmap.N) if "type" in d else "k"
+        color = colors[np.where(d["type"] >= 0, d["type"], len(cats))] if "type" in d else "k"
         ax.scatter(d["x"], d["y"], s=0.5, c=color, linewidths=0)
         ax.set_aspect("equal")
-        ax.set_title(f"{sec.id.iloc[i]}  z={sec.z.iloc[i]:g} um\n{sec.n_cells.iloc[i]:,} cells", fontsize=8)
+        ax.set_title(f"{sec.id.iloc[i]}  z={sec.z.iloc[i]:g} {unit}\n{sec.n_cells.iloc[i]:,} cells", fontsize=8)
+        if len(d["x"]):
+            x0, x1, y0, y1 = float(d["x"].min()), float(d["x"].max()), float(d["y"].min()), float(d["y"].max())
+            scale_bar(ax, x1 - x0, x0, y0 - 0.06 * (y1 - y0 + 1), unit)
     if cats:
-        handles = [
-            plt.Line2D([], [], marker="o", ls="", color=cmap(k % cmap.N), label=c) for k, c in enumerate(cats[:20])
-        ]
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
-    fig.suptitle(f"{Path(atlas.path).name}: sections as acquired (raw coordinates, um)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    return _save(fig, path, 110)
+        handles = [plt.Line2D([], [], marker="o", ls="", color=colors[k], label=c) for k, c in enumerate(cats)]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+    bottom = (0.25 * legend_rows + 0.1) / fig.get_figheight()
+    fig.suptitle(f"{Path(atlas.path).name}: sections as acquired, in z order (raw coordinates, {unit})", fontsize=10)
+    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.45 / fig.get_figheight()))
+    return fig
 
 
-def stack_html(atlas: Atlas, path: str | Path, max_points: int = 60_000) -> Path:
-    """Interactive 3D scatter of the stack (aligned coordinates when registration has run, raw otherwise)."""
+def section_grid(atlas: Atlas, path: str | Path, max_cells: int = 4000) -> Path:
+    """:func:`section_grid_figure` as a PNG."""
+    return _save(section_grid_figure(atlas, max_cells), path, 110)
+
+
+def stack_figure(atlas: Atlas, max_points: int = 60_000, z_scale: float = 1.0, interpolated: bool = True):
+    """Interactive 3D scatter of the stack (aligned coordinates when registration has run, raw otherwise), in
+    the true aspect of the data (``z_scale`` stretches z, and says so in the title), with a camera that frames
+    the whole atlas; the interpolated layers as one more trace (hidden until clicked) when they exist."""
     import plotly.graph_objects as go
 
     aligned = "aligned" in atlas.root and atlas.group_is_complete("aligned")
     S = atlas.n_sections
     parts = [_sample(atlas, i, max(1, max_points // S), aligned) for i in range(S)]
     d = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    cats = atlas.categories("cell_type") if "type" in d else None
+    cats = list(atlas.categories("cell_type")) if "type" in d else []
+    colors = palette(len(cats))
     traces = []
     if cats:
-        for k, name in enumerate(cats):
-            m = d["type"] == k
+        for k, name in enumerate(cats + ["no label"]):
+            m = d["type"] == (k if k < len(cats) else -1)
+            if k == len(cats) and not m.any():
+                continue
+            color = colors[k] if k < len(cats) else "#b0b0b0"
             traces.append(
-                go.Scatter3d(x=d["x"][m], y=d["y"][m], z=d["z"][m], mode="markers", name=name, marker={"size": 1.5})
-            )
+                go.Scatter3d(
+                    x=d["x"][m], y=d["y"][m], z=d["z"][m] * z_scale, mode="markers", name=name,
+                    marker={"size": 1.5, "color": color},
+                )
+            )  # fmt: skip
     else:
-        traces.append(go.Scatter3d(x=d["x"], y=d["y"], z=d["z"], mode="markers", marker={"size": 1.5}))
+        traces.append(
+            go.Scatter3d(x=d["x"], y=d["y"], z=d["z"] * z_scale, mode="markers", name="cells", marker={"size": 1.5})
+        )
+    if interpolated and atlas.group_is_complete("interpolated"):
+        g = atlas.root["interpolated"]
+        step = max(1, g["x"].shape[0] // max(1, max_points // 4))
+        traces.append(
+            go.Scatter3d(
+                x=np.asarray(g["x"][::step]), y=np.asarray(g["y"][::step]), z=np.asarray(g["z"][::step]) * z_scale,
+                mode="markers", name="interpolated layers", visible="legendonly",
+                marker={"size": 1.0, "color": "#808080", "opacity": 0.5},
+            )
+        )  # fmt: skip
+    span = np.array([np.ptp(d["x"]), np.ptp(d["y"]), np.ptp(d["z"]) * z_scale], np.float64)
+    span = np.maximum(span, 1e-6 * max(span.max(), 1e-9))
+    ratio = span / span.max()
+    # the eye at a fixed distance from the scene's centre, oblique from above: the whole box stays in view
+    eye = np.array([1.2, -1.6, 1.0]) / np.linalg.norm([1.2, -1.6, 1.0]) * 2.2
+    unit = _unit(atlas)
     title = "aligned atlas" if aligned else "stack before registration (raw x, y; section z)"
-    fig = go.Figure(
+    title += "" if z_scale == 1 else f"; z stretched {z_scale:g}x"
+    return go.Figure(
         traces,
         layout={
-            "title": f"{Path(atlas.path).name}: {title}",
-            "scene": {"aspectmode": "data", "xaxis_title": "x (um)", "yaxis_title": "y (um)", "zaxis_title": "z (um)"},
+            "title": f"{Path(atlas.path).name}: {title} (true aspect)"
+            if z_scale == 1
+            else f"{Path(atlas.path).name}: {title}",
+            "scene": {
+                "aspectmode": "manual",
+                "aspectratio": {"x": float(ratio[0]), "y": float(ratio[1]), "z": float(ratio[2])},
+                "camera": {"eye": {"x": float(eye[0]), "y": float(eye[1]), "z": float(eye[2])}},
+                "xaxis_title": f"x ({unit})",
+                "yaxis_title": f"y ({unit})",
+                "zaxis_title": f"z ({unit})",
+            },
+            "legend": {"itemsizing": "constant"},
         },
     )
+
+
+def stack_html(atlas: Atlas, path: str | Path, max_points: int = 60_000) -> Path:
+    """:func:`stack_figure` as a self-contained HTML file."""
     path = Path(path)
-    fig.write_html(path, include_plotlyjs=True)
+    stack_figure(atlas, max_points).write_html(path, include_plotlyjs=True)
     return path
 
 
@@ -111,8 +205,21 @@ def _composite(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
     return np.clip(np.stack([f, m, f], -1), 0, 1)
 
 
-def pair_overlays(atlas: Atlas, path: str | Path, max_pairs: int = 12) -> Path:
-    """Registration QC: each adjacent pair before (section-centred) and after its affine, with its QC numbers."""
+def _label_map(img: np.ndarray, colors: list[str]) -> np.ndarray:
+    """RGB of ``[C, H, W]`` channels: each pixel in the colour of its strongest channel, as bright as its
+    total (the channels that drive the fit, side by side)."""
+    import matplotlib.colors as mcolors
+
+    rgb = np.array([mcolors.to_rgb(c) for c in colors])
+    total = img.sum(0)
+    out = rgb[img.argmax(0)] * np.clip(total / max(np.percentile(total, 99), 1e-9), 0, 1)[..., None]
+    return out
+
+
+def pair_overlays_figure(atlas: Atlas, max_pairs: int = 12):
+    """Registration QC: each adjacent pair, in z order, before (section-centred) and after its affine, with its
+    QC numbers and flag, and the raster channels (cell types, or density / PCs) that drove the fit: fixed and
+    moving after alignment, each pixel in the colour of its strongest channel. Scale bars in um."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,29 +233,57 @@ def pair_overlays(atlas: Atlas, path: str | Path, max_pairs: int = 12) -> Path:
     raster, pairs = atlas.root["raster"], atlas.root["transforms/pairs"]
     P = pixel_to_um(raster)
     moving, fixed = pairs["moving"][...], pairs["fixed"][...]
-    adjacent = [i for i in range(len(moving)) if abs(int(moving[i]) - int(fixed[i])) == 1][:max_pairs]
+    adjacent = sorted(
+        (i for i in range(len(moving)) if abs(int(moving[i]) - int(fixed[i])) == 1),
+        key=lambda i: min(int(moving[i]), int(fixed[i])),
+    )[:max_pairs]
     flags, methods = as_text(pairs["flag"][...]), as_text(pairs["method"][...])
     ncc0, ncc1 = pairs["ncc_before"][...], pairs["ncc_after"][...]
-    ids = atlas.sections.id.tolist()
-    fig, axes = plt.subplots(len(adjacent), 2, figsize=(6, 3 * len(adjacent)), squeeze=False)
+    ids, z = atlas.sections.id.tolist(), atlas.sections.z.to_numpy()
+    names = list(raster["cells"].attrs.get("channels", []))
+    colors = palette(len(names))
+    n = max(1, len(adjacent))
+    fig, axes = plt.subplots(n, 4, figsize=(11, 2.9 * n + 1.0), squeeze=False)
+    spacing, N = float(raster.attrs["spacing"]), raster["cells"].shape[-1]
+    unit = _unit(atlas)
     for row, i in enumerate(adjacent):
         k, j = int(moving[i]), int(fixed[i])
-        m = np.asarray(raster["cells"][k]).sum(0)
-        f = np.asarray(raster["cells"][j]).sum(0)
+        mc = np.asarray(raster["cells"][k], np.float64)
+        fc = np.asarray(raster["cells"][j], np.float64)
         A_px = np.linalg.inv(P) @ pairs["affine_um"][i] @ P
-        warped = warp_image(torch.from_numpy(m)[None, None].double(), torch.from_numpy(A_px)[None])[0, 0].numpy()
-        for col, (img, title) in enumerate(
-            [(m, f"before  ncc {ncc0[i]:.2f}"), (warped, f"after ({methods[i]})  ncc {ncc1[i]:.2f}")]
-        ):
+        warped = warp_image(torch.from_numpy(mc)[None].double(), torch.from_numpy(A_px)[None])[0].numpy()
+        panels = [
+            (_composite(fc.sum(0), mc.sum(0)), f"before  ncc {ncc0[i]:.2f}"),
+            (_composite(fc.sum(0), warped.sum(0)), f"after ({methods[i]})  ncc {ncc1[i]:.2f}"),
+            (_label_map(fc, colors), f"{ids[j]} channels"),
+            (_label_map(warped, colors), f"{ids[k]} aligned, channels"),
+        ]
+        for col, (img, title) in enumerate(panels):
             ax = axes[row, col]
-            ax.imshow(_composite(f, img), origin="lower")
-            ax.set_title(f"{ids[k]} -> {ids[j]}: {title}", fontsize=7)
+            ax.imshow(img, origin="lower", extent=(0, N * spacing, 0, N * spacing))
+            ax.set_title(title, fontsize=7)
             ax.set_axis_off()
+        axes[row, 0].text(
+            -0.08, 0.5, f"{ids[k]} (z {z[k]:g}) ->\n{ids[j]} (z {z[j]:g})", fontsize=7, rotation=90,
+            ha="right", va="center", transform=axes[row, 0].transAxes,
+        )  # fmt: skip
+        scale_bar(axes[row, 0], N * spacing, 0.05 * N * spacing, 0.05 * N * spacing, unit, color="w")
         if flags[i]:
-            axes[row, 1].text(0.01, 0.01, flags[i][:60], color="yellow", fontsize=6, transform=axes[row, 1].transAxes)
-    fig.suptitle("registration QC: fixed magenta, moving green", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path, 100)
+            axes[row, 1].text(0.01, 0.01, flags[i][:80], color="yellow", fontsize=6, transform=axes[row, 1].transAxes)
+    if names:
+        handles = [plt.Line2D([], [], marker="s", ls="", color=colors[c], label=nm) for c, nm in enumerate(names)]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 8), fontsize=7, frameon=False)
+    legend_rows = int(np.ceil(len(names) / 8))
+    fig.suptitle(
+        "registration QC in z order: fixed magenta, moving green; right: the channels the fit used", fontsize=9
+    )
+    fig.tight_layout(rect=(0, (0.22 * legend_rows + 0.05) / fig.get_figheight(), 1, 1 - 0.4 / fig.get_figheight()))
+    return fig
+
+
+def pair_overlays(atlas: Atlas, path: str | Path, max_pairs: int = 12) -> Path:
+    """:func:`pair_overlays_figure` as a PNG."""
+    return _save(pair_overlays_figure(atlas, max_pairs), path, 100)
 
 
 def stack_view(atlas: Atlas, path: str | Path) -> Path:

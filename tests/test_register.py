@@ -291,3 +291,36 @@ def test_cells_without_a_label_stay_in_the_density_and_the_channels_are_told(tmp
     assert "labels drive the fit" in caplog.text
     names = atlas.stage_records()["rasterize"]["params"]["channel_names"]
     assert names == list(atlas.categories("cell_type"))
+
+
+def test_pictures_read_in_z_order_with_a_legend_per_type_scale_bars_and_one_palette(registered):
+    import matplotlib.colors as mcolors
+
+    from lamina.report import pair_overlays_figure, palette, section_grid_figure, stack_figure
+
+    ph, atlas, table, truth = registered
+    cats = list(atlas.categories("cell_type"))
+    colors = palette(40)
+    assert len(set(colors)) == 40  # distinct past 10 and 20 types
+    grid = section_grid_figure(atlas)
+    legend = grid.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == cats
+    assert {mcolors.to_hex(h.get_color()) for h in legend.legend_handles} == set(colors[: len(cats)])
+    titles = [ax.get_title().split()[0] for ax in grid.axes if ax.get_title()]
+    assert titles == atlas.sections.id.tolist()  # z order
+    bars = [t.get_text() for ax in grid.axes for t in ax.texts]
+    assert len(bars) == atlas.n_sections and all(b.endswith(" um") for b in bars)
+    pairs = pair_overlays_figure(atlas)
+    labels = [t.get_text() for ax in pairs.axes for t in ax.texts if "->" in t.get_text()]
+    firsts = [atlas.sections.id.tolist().index(lab.split()[0]) for lab in labels]
+    seconds = [atlas.sections.id.tolist().index(lab.split("->")[1].split()[0]) for lab in labels]
+    lows = [min(a, b) for a, b in zip(firsts, seconds)]
+    assert lows == sorted(lows) and len(lows) == atlas.n_sections - 1  # adjacent pairs in z order
+    assert any(t.get_text().endswith(" um") for ax in pairs.axes for t in ax.texts)
+    html = stack_figure(atlas)
+    traced = {t.name: t.marker.color for t in html.data}
+    assert [n for n in traced if n in cats] == cats and all(traced[c] == colors[i] for i, c in enumerate(cats))
+    ratio = html.layout.scene.aspectratio
+    xyz = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y", "z")], 1)
+    span = np.ptp(xyz, 0)
+    assert ratio.z / ratio.x == pytest.approx(span[2] / span[0], rel=0.1)  # true aspect

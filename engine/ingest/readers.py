@@ -325,7 +325,9 @@ class H5adFile(ReadUnit):
             obs_keys = set(obs.keys())  # one listing: `in obs` per name is an HDF5 lookup
             cols = [c for c in needed if c in obs_keys and c != idx_name]
             want_index = "_index" in needed or idx_name in needed
-            X = f.get("X")
+            own = obs_keys | {"_index", idx_name} | {c for c in needed if c.startswith("obsm:")}
+            # expression is read only when genes are asked for (names beyond the obs columns)
+            X = f.get("X") if any(c not in own for c in needed) else None
             var_names = None
             if X is not None and "var" in f:
                 var_names = [

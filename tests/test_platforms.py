@@ -216,3 +216,18 @@ def test_tiff_axes_become_c_y_x_read_by_tile(tmp_path):
     (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
     with pytest.raises(lamina.InputError, match="not a readable TIFF"):
         open_image(tmp_path / "bad.tif")
+
+
+def test_orders_that_part_midway_switch_to_lookup(tmp_path, caplog):
+    import logging
+
+    folders, truth = _folders(tmp_path, "xenium", False, n=300)
+    for folder in folders.values():  # the last 100 positions in reverse: the files agree for 200 rows only
+        cells = pd.read_parquet(folder / "cells.parquet")
+        pd.concat([cells.iloc[:200], cells.iloc[200:][::-1]]).to_parquet(folder / "cells.parquet", index=False)
+    with caplog.at_level(logging.INFO, logger="lamina"):
+        atlas = lamina.ingest(folders, tmp_path / "a.zarr", platform="xenium", read_rows=64)
+    assert "from matrix row 200 on the positions list the cells in another order" in caplog.text
+    both = _match(atlas, truth)
+    assert (both["cell_id"] == both["cell_id_in"]).all()
+    assert np.array_equal(both["X_Actb"].to_numpy(), np.round(both["Actb_in"].to_numpy()))

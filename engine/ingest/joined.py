@@ -5,12 +5,14 @@ MERSCOPE ``cell_metadata.csv`` + ``cell_by_gene.csv``, CosMx ``metadata_file`` +
 ``tissue_positions`` + ``filtered_feature_bc_matrix.h5``). The matrix decides which cells exist and their
 order; each matrix row gets the positions row with the same key.
 
-Two ways to join, chosen by one pass over the key columns only:
+Two ways to join:
 
 * **in step** (the usual case: both files list the cells in the same order, after the positions' filter,
-  e.g. Visium's ``in_tissue == 1``): both files stream side by side, one chunk at a time;
-* **by lookup** otherwise: the positions table of the section (only the columns the ingest needs) is held
-  while the matrix streams. That is one section's positions, never the matrix, and it is logged.
+  e.g. Visium's ``in_tissue == 1``): both files stream side by side, one chunk at a time, each chunk's keys
+  checked;
+* **by lookup** from the first row where the orders part: the rest of the section's positions (only the
+  columns the ingest needs) are held while the rest of the matrix streams. That is one section's positions,
+  never the matrix, and it is logged. A matrix row whose key is missing (or consumed already) is an error.
 """
 
 from __future__ import annotations
@@ -159,15 +161,6 @@ class JoinedUnit(ReadUnit):
             for keys, _ in self.matrix.chunks(rows):
                 yield np.asarray(keys, dtype=object)
 
-    def in_step(self, rows: int) -> bool:
-        """True when positions (after ``keep``) and matrix list the same keys in the same order."""
-        stream, buffer = self._positions(rows, []), []
-        for keys in self._matrix_keys(rows):
-            pos = _take(stream, buffer, len(keys))
-            if len(pos) != len(keys) or not np.array_equal(pos[KEY].to_numpy(), np.asarray(keys, dtype=object)):
-                return False
-        return not buffer and next(stream, None) is None
-
     def _matrix_chunks(self, rows: int, genes: list[str]):
         if isinstance(self.matrix, TableMatrix):
             yield from self.matrix.chunks(rows, genes)
@@ -179,37 +172,54 @@ class JoinedUnit(ReadUnit):
     def chunks(self, rows: int, needed: list[str]) -> Iterator[RawChunk]:
         pcols = [c for c in needed if c in set(self.positions.columns()) | set(self.scale)]
         genes = [g for g in self.matrix.genes if g in set(needed)]
+        stream, buffer = self._positions(rows, pcols), []
+        table = None  # the rest of the positions by key, once the two files' orders part
         row0 = 0
-        if self.in_step(rows):
-            stream, buffer = self._positions(rows, pcols), []
-            for keys, X in self._matrix_chunks(rows, genes):
-                frame = _take(stream, buffer, len(keys))
-                yield RawChunk(frame=frame, X=X, genes=genes, row0=row0)
-                row0 += len(keys)
-            return
-        table = pd.concat(list(self._positions(rows, pcols)), ignore_index=True)
+        for keys, X in self._matrix_chunks(rows, genes):
+            keys = np.asarray(keys, dtype=object)
+            if table is None:
+                pos = _take(stream, buffer, len(keys))
+                n = min(len(pos), len(keys))
+                same = pos[KEY].to_numpy()[:n] == keys[:n] if n else np.zeros(0, bool)
+                if n == len(keys) and same.all():
+                    yield RawChunk(frame=pos, X=X, genes=genes, row0=row0)
+                    row0 += len(keys)
+                    continue
+                i = n if same.all() else int(np.argmin(same))
+                table = self._lookup_table([pos.iloc[i:], *buffer, *stream], row0 + i)
+                buffer.clear()
+                frame = pd.concat([pos.iloc[:i], self._lookup(table, keys[i:], row0 + i)], ignore_index=True)
+            else:
+                frame = self._lookup(table, keys, row0)
+            yield RawChunk(frame=frame, X=X, genes=genes, row0=row0)
+            row0 += len(keys)
+
+    def _lookup_table(self, frames: list[pd.DataFrame], row: int) -> pd.DataFrame:
+        frames = [f for f in frames if len(f)]
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[KEY])
         dup = table[KEY].duplicated()
         if dup.any():
             raise InputError(
                 f"{self.positions.label}: cell key {table[KEY][dup].iloc[0]!r} is listed twice; each cell once"
             )
         log.info(
-            "%s: positions and matrix list cells in different orders; joining by lookup (%d positions held)",
+            "%s: from matrix row %d on the positions list the cells in another order; joining by lookup "
+            "(%d positions held)",
             self.label,
+            row,
             len(table),
         )
-        table = table.set_index(KEY, drop=False)
-        for keys, X in self._matrix_chunks(rows, genes):
-            missing = ~pd.Index(keys).isin(table.index)
-            if missing.any():
-                raise InputError(
-                    f"{self.label}: {int(missing.sum())} cell(s) of the matrix have no position, e.g. key "
-                    f"{keys[int(np.flatnonzero(missing)[0])]!r} (near matrix row {row0}); the two files are "
-                    f"from different runs or one is truncated"
-                )
-            frame = table.loc[list(keys)].reset_index(drop=True)
-            yield RawChunk(frame=frame, X=X, genes=genes, row0=row0)
-            row0 += len(keys)
+        return table.set_index(KEY, drop=False)
+
+    def _lookup(self, table: pd.DataFrame, keys: np.ndarray, row0: int) -> pd.DataFrame:
+        missing = ~pd.Index(keys).isin(table.index)
+        if missing.any():
+            raise InputError(
+                f"{self.label}: {int(missing.sum())} cell(s) of the matrix have no position, e.g. key "
+                f"{keys[int(np.flatnonzero(missing)[0])]!r} (near matrix row {row0}); the two files are "
+                f"from different runs or one is truncated"
+            )
+        return table.loc[list(keys)].reset_index(drop=True)
 
     def fingerprint(self):
         scale = {k: [src, float(f)] for k, (src, f) in self.scale.items()}

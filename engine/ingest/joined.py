@@ -92,11 +92,6 @@ class TableMatrix:
                 frame = frame[frame[self.drop[0]].astype(str) != str(self.drop[1])]
             yield frame
 
-    def keys(self, rows: int) -> Iterator[np.ndarray]:
-        cols = self.key + ([self.drop[0]] if self.drop and self.drop[0] not in self.key else [])
-        for frame in self._frames(rows, cols):
-            yield key_text(frame, self.key)
-
     def chunks(self, rows: int, genes: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         cols = self.key + ([self.drop[0]] if self.drop and self.drop[0] not in self.key else []) + genes
         for frame in self._frames(rows, cols):
@@ -109,7 +104,7 @@ class TableMatrix:
 
 class JoinedUnit(ReadUnit):
     """One section: ``positions`` (a table with the key columns ``key``) joined with ``matrix`` (an object
-    with ``genes``, ``keys(rows)`` and ``chunks(rows, genes)``, e.g. :class:`TableMatrix` or
+    with ``genes`` and ``chunks(rows[, genes])``, e.g. :class:`TableMatrix` or
     :class:`~lamina.ingest.tenx.TenxH5Matrix`). ``keep``: (column, value) positions rows that are cells;
     ``scale``: new column -> (column, factor), e.g. Visium's full-resolution pixels as um."""
 
@@ -154,18 +149,12 @@ class JoinedUnit(ReadUnit):
                     frame[name] = pd.to_numeric(frame[src], errors="coerce") * factor
             yield frame
 
-    def _matrix_keys(self, rows: int) -> Iterator[np.ndarray]:
-        if hasattr(self.matrix, "keys"):
-            yield from self.matrix.keys(rows)
-        else:
-            for keys, _ in self.matrix.chunks(rows):
-                yield np.asarray(keys, dtype=object)
-
     def _matrix_chunks(self, rows: int, genes: list[str]):
         if isinstance(self.matrix, TableMatrix):
             yield from self.matrix.chunks(rows, genes)
             return
-        idx = [self.matrix.genes.index(g) for g in genes]
+        at = {g: i for i, g in enumerate(self.matrix.genes)}
+        idx = [at[g] for g in genes]
         for keys, X in self.matrix.chunks(rows):
             yield np.asarray(keys, dtype=object), X[:, idx]
 

@@ -91,13 +91,6 @@ class TenxH5Matrix:
             )
         return f["matrix"]
 
-    def keys(self, rows: int):
-        """Yield the barcodes of consecutive row slices (no counts read)."""
-        with self._open() as f:
-            m = self._group(f)
-            for a in range(0, self.n_rows, rows):
-                yield np.asarray(_text(m["barcodes"][a : a + rows]), dtype=object)
-
     def chunks(self, rows: int):
         """Yield ``(barcodes, X)`` for consecutive row slices: ``X`` ``[b - a, len(genes)]`` float32."""
         with self._open() as f:

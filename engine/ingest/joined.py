@@ -81,7 +81,6 @@ class TableMatrix:
             raise InputError(f"{self.table.label}: no column {missing[0]!r}; its columns start {cols[:6]}")
         skip = set(self.key) | ({self.drop[0]} if self.drop else set())
         self.genes = [c for c in cols if c not in skip and not c.startswith(self.control or ("\0",))]
-        self.controls = [c for c in cols if c not in skip and c not in set(self.genes)]
         if not self.genes:
             raise InputError(f"{self.table.label}: no gene columns besides the key {self.key}")
 

@@ -54,6 +54,21 @@ def _corrupt(label: str, row: int, exc: BaseException) -> InputError:
 _READ_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, OSError, UnicodeDecodeError, pd.errors.ParserError, ValueError)
 
 
+def text_list(values) -> list[str]:
+    """HDF5 / Parquet strings as Python ``str`` (bytes decoded as UTF-8)."""
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def open_hdf5(path: Path, fix: str, kind: str = "HDF5"):
+    """``h5py.File(path, "r")``; a file h5py cannot open is an :class:`InputError` naming it and ``fix``."""
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable {kind} file ({exc}); {fix}") from exc
+
+
 def genes_of(names: list[str], spec) -> list[str]:
     """The genes of ``spec.genes`` (``"rest"``: all) among a unit's gene ``names`` (AnnData's var_names)."""
     if spec.genes == "rest":
@@ -207,7 +222,7 @@ class TableFile(ReadUnit):
                 del batch
                 release_arrow_memory()
                 for c in set(self.text) & set(frame.columns):
-                    frame[c] = [v.decode() if isinstance(v, bytes) else str(v) for v in frame[c]]
+                    frame[c] = text_list(frame[c])
                 yield frame.reset_index(drop=True)
         else:
             reader = pd.read_csv(
@@ -267,15 +282,12 @@ class H5adFile(ReadUnit):
         self.label = str(self.path)
 
     def _open(self):
-        import h5py
+        fix = "the file looks truncated or corrupt: re-download or re-write it with anndata"
+        return open_hdf5(self.path, fix, kind="HDF5/h5ad")
 
-        try:
-            return h5py.File(self.path, "r")
-        except OSError as exc:
-            raise InputError(
-                f"{self.path}: not a readable HDF5/h5ad file ({exc}); the file looks truncated or "
-                f"corrupt: re-download or re-write it with anndata"
-            ) from exc
+    @staticmethod
+    def _var_names(f) -> list[str]:
+        return text_list(f["var"][f["var"].attrs.get("_index", "_index")][...])
 
     def columns(self) -> list[str]:
         with self._open() as f:
@@ -297,10 +309,7 @@ class H5adFile(ReadUnit):
         with self._open() as f:
             if "var" not in f or "X" not in f:
                 raise InputError(f"{self.path}: no 'var'/'X'; cannot read genes from it (set genes: null)")
-            names = [
-                v.decode() if isinstance(v, bytes) else str(v)
-                for v in f["var"][f["var"].attrs.get("_index", "_index")][...]
-            ]
+            names = self._var_names(f)
         return genes_of(names, spec)
 
     @staticmethod
@@ -308,7 +317,7 @@ class H5adFile(ReadUnit):
         node = obs[name]
         if hasattr(node, "keys"):  # categorical: codes + categories
             codes = np.asarray(node["codes"][a:b])
-            cats = [c.decode() if isinstance(c, bytes) else str(c) for c in node["categories"][...]]
+            cats = text_list(node["categories"][...])
             return pd.Categorical.from_codes(codes, categories=cats)
         values = node[a:b]
         if values.dtype.kind in "OS":
@@ -328,12 +337,7 @@ class H5adFile(ReadUnit):
             own = obs_keys | {"_index", idx_name} | {c for c in needed if c.startswith("obsm:")}
             # expression is read only when genes are asked for (names beyond the obs columns)
             X = f.get("X") if any(c not in own for c in needed) else None
-            var_names = None
-            if X is not None and "var" in f:
-                var_names = [
-                    v.decode() if isinstance(v, bytes) else str(v)
-                    for v in f["var"][f["var"].attrs.get("_index", "_index")][...]
-                ]
+            var_names = self._var_names(f) if X is not None and "var" in f else None
             for a in range(0, n, rows):
                 b = min(n, a + rows)
                 try:

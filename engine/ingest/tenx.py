@@ -20,10 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-
-
-def _text(values) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+from .readers import open_hdf5
+from .readers import text_list as _text
 
 
 def make_unique(names: list[str]) -> list[str]:
@@ -66,22 +64,12 @@ class TenxH5Matrix:
                 f"{self.path}: no features of type {', '.join(feature_types or ())}; the file has "
                 f"{', '.join(sorted(set(types)))}"
             )
-        self.columns = np.asarray(keep, dtype=np.int64)
         self.genes = make_unique([names[i] for i in keep])
-        self.dropped = sorted(set(types) - set(feature_types or types))
-        self._col_of = np.full(n_features, -1, dtype=np.int64)
-        self._col_of[self.columns] = np.arange(len(keep))
+        self._col_of = np.full(n_features, -1, dtype=np.int64)  # file feature -> column of X (-1: left out)
+        self._col_of[keep] = np.arange(len(keep))
 
     def _open(self):
-        import h5py
-
-        try:
-            return h5py.File(self.path, "r")
-        except OSError as exc:
-            raise InputError(
-                f"{self.path}: not a readable HDF5 file ({exc}); it looks truncated or corrupt: copy it again "
-                f"from the instrument's output folder"
-            ) from exc
+        return open_hdf5(self.path, "it looks truncated or corrupt: copy it again from the instrument's output folder")
 
     def _group(self, f):
         if "matrix" not in f or not all(k in f["matrix"] for k in ("barcodes", "data", "indices", "indptr", "shape")):

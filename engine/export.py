@@ -16,16 +16,16 @@ from .store.atlas import Atlas
 FORMATS = ("csv", "parquet", "anndata", "spatialdata")
 
 
-def iter_frames(atlas: Atlas, sections=None, genes=None) -> Iterator[pd.DataFrame]:
+def iter_frames(atlas: Atlas, sections=None, genes=None, embeddings: bool = True) -> Iterator[pd.DataFrame]:
     """Cell tables (one cell chunk at a time): cell columns, z, aligned x/y/z if present, the embeddings
-    (``<key>_0``, ``<key>_1``, ...), one column per gene."""
+    (``<key>_0``, ``<key>_1``, ...; ``embeddings=False``: none), one column per gene."""
     sec = atlas.sections
     picks = sec.index if sections is None else [atlas.section_index(s) for s in sections]
     names = atlas.genes
     gidx = gene_positions(atlas, genes)
     step = atlas.cell_chunk
     aligned = "aligned" in atlas.root and atlas.group_is_complete("aligned")
-    embeddings = [k for k in atlas.embeddings() if atlas.group_is_complete(f"embeddings/{k}")]
+    keys = [k for k in atlas.embeddings() if atlas.group_is_complete(f"embeddings/{k}")] if embeddings else []
     for i in picks:
         lo, hi = int(sec.cell_start.iloc[i]), int(sec.cell_stop.iloc[i])
         # pieces end on chunk boundaries (reads are chunk-aligned); a section need not start on one
@@ -36,7 +36,7 @@ def iter_frames(atlas: Atlas, sections=None, genes=None) -> Iterator[pd.DataFram
             if aligned:
                 for k in ("x", "y", "z"):
                     frame[f"aligned_{k}"] = np.asarray(atlas.root[f"aligned/{k}"][a:b])
-            for key in embeddings:
+            for key in keys:
                 values = np.asarray(atlas.root[f"embeddings/{key}/values"][a:b])
                 cols = [f"{key}_{j}" for j in range(values.shape[1])]
                 frame = pd.concat([frame, pd.DataFrame(values, columns=cols, index=frame.index)], axis=1)

@@ -171,13 +171,11 @@ def stack_figure(atlas: Atlas, max_points: int = 60_000, z_scale: float = 1.0, i
     eye = np.array([1.2, -1.6, 1.0]) / np.linalg.norm([1.2, -1.6, 1.0]) * 2.2
     unit = _unit(atlas)
     title = "aligned atlas" if aligned else "stack before registration (raw x, y; section z)"
-    title += "" if z_scale == 1 else f"; z stretched {z_scale:g}x"
+    title += " (true aspect)" if z_scale == 1 else f"; z stretched {z_scale:g}x"
     return go.Figure(
         traces,
         layout={
-            "title": f"{Path(atlas.path).name}: {title} (true aspect)"
-            if z_scale == 1
-            else f"{Path(atlas.path).name}: {title}",
+            "title": f"{Path(atlas.path).name}: {title}",
             "scene": {
                 "aspectmode": "manual",
                 "aspectratio": {"x": float(ratio[0]), "y": float(ratio[1]), "z": float(ratio[2])},

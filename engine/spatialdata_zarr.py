@@ -221,7 +221,7 @@ def _write(atlas: Atlas, path: Path, picks: list[int], gidx: np.ndarray, radius_
     aligned = "aligned" in atlas.root and atlas.group_is_complete("aligned")
     frame_name = "atlas" if aligned else "stack"
     columns = [c for c in atlas.cell_columns if c not in ("section", "x", "y")]
-    cat_cols = {c: list(atlas.categories(c)) for c in columns if atlas.categories(c) is not None}
+    cat_cols = {c: list(cats) for c in columns if (cats := atlas.categories(c)) is not None}
     regions = [f"cells_{s}" for s in names]
     kinds: dict[str, tuple] = {"section": ("cat", ids), "z": ("num", np.float32)}
     for c in columns:
@@ -251,7 +251,7 @@ def _write(atlas: Atlas, path: Path, picks: list[int], gidx: np.ndarray, radius_
     row, part = 0, 0
     for k, sid in enumerate(ids):
         shapes = _Shapes(path / "shapes" / regions[k], sid, unit)
-        for frame in iter_frames(atlas, [sid], genes=[]):
+        for frame in iter_frames(atlas, [sid], genes=[], embeddings=False):  # obsm reads them as arrays
             a, b = int(frame.index[0]), int(frame.index[-1]) + 1
             r0, r1 = row, row + (b - a)
             cell = frame.index.to_numpy(np.int64)

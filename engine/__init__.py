@@ -72,6 +72,7 @@ _LAZY = {
             "embed",
             "niche",
             "encoder",
+            "enhance",
             "export_expression_parquet",
         )
     },
@@ -100,6 +101,7 @@ __all__ = [
     "datasets",
     "embed",
     "encoder",
+    "enhance",
     "export_expression_parquet",
     "export_spatialdata",
     "import_isost",

@@ -66,6 +66,7 @@ def _tile_task(
     factor: int,
     fn,
     kwargs: dict,
+    with_origin: bool = False,
 ) -> int:
     root = open_root(store, "r+")
     src, dst = root[source], root[target]
@@ -75,7 +76,7 @@ def _tile_task(
     a0, a1, b0, b1 = max(0, Y0 - halo), min(H, Y1 + halo), max(0, X0 - halo), min(W, X1 + halo)
     leading = tuple(slice(a, b) for a, b in lead)
     block = np.asarray(src[(*leading, *(slice(None),) * (src.ndim - 2 - len(lead)), slice(a0, a1), slice(b0, b1))])
-    out = np.asarray(fn(block, **kwargs))
+    out = np.asarray(fn(block, origin=(a0, b0), **kwargs) if with_origin else fn(block, **kwargs))
     oy, ox = (Y0 - a0) // factor, (X0 - b0) // factor
     core = out[..., oy : oy + (y1 - y0), ox : ox + (x1 - x0)]
     ensure(
@@ -96,6 +97,7 @@ def map_tiles(
     factor: int = 1,
     batch_dims: int | None = None,
     kwargs: dict | None = None,
+    with_origin: bool = False,
     client=None,
     label: str = "map_tiles",
 ) -> int:
@@ -106,6 +108,8 @@ def map_tiles(
     ``[C, H, W]`` image) are sliced alike in both, the channel dims are whole in every task. One task per
     chunk of ``target``: it reads the source under the chunk grown by ``halo`` input pixels (a multiple of
     ``factor``), calls ``fn`` and writes the chunk's part of the result. Returns the number of tiles.
+    ``with_origin``: ``fn`` also gets ``origin=(row, col)``, the source pixel of ``block[..., 0, 0]`` (a kernel
+    that places the block in the image, e.g. next to points given in image coordinates).
     """
     kwargs = dict(kwargs or {})
     if halo is None:
@@ -142,7 +146,7 @@ def map_tiles(
     for d in range(nb):
         leads = [(*lead, span) for lead in leads for span in spans(dst.shape[d], dst.chunks[d])]
     tasks = [
-        dask.delayed(_tile_task, pure=False)(store, source, target, lead, ys, xs, halo, factor, fn, kwargs)
+        dask.delayed(_tile_task, pure=False)(store, source, target, lead, ys, xs, halo, factor, fn, kwargs, with_origin)
         for lead in leads
         for ys in spans(dst.shape[-2], dst.chunks[-2])
         for xs in spans(dst.shape[-1], dst.chunks[-1])

@@ -5,6 +5,7 @@ store, compute it, and commit one output group atomically. Each is declared once
 from ..export import export_expression_parquet
 from .contract import PlanContext, Stage, StageContext
 from .encoder import encoder
+from .enhance import enhance
 from .flow import train_flow
 from .interpolate import interpolate
 from .invert import invert
@@ -50,5 +51,6 @@ __all__ = [
     "embed",
     "niche",
     "encoder",
+    "enhance",
     "export_expression_parquet",
 ]

@@ -136,6 +136,22 @@ ExpressionVolumeV1 = _element(
 )
 ImagesV1 = _element("lamina.images", doc="/images: one ImageV1 per section, named by the section id")
 EmbeddingsV1 = _element("lamina.embeddings", doc="/embeddings: one EmbeddingV1 per key")
+EnhanceV1 = _element(
+    "lamina.enhance",
+    ("model", "cells"),
+    ("sections", "spot_diameter_um", "spot_pitch_um", "residual_sigma_um", "rank"),
+    {"cells/scores": ("cell", "metagene"), "model/loadings": ("metagene", "gene")},
+    doc="/enhance: model/ (NMF loadings [metagene, gene], the image head), cells/scores [cell, metagene] and one "
+    "EnhanceSectionV1 per enhanced section",
+)
+EnhanceSectionV1 = _element(
+    "lamina.enhance-section",
+    ("embedding",),
+    ("section", "superpixel_um", "grid_to_section"),
+    {"embedding": ("metagene", "y", "x"), "genes": ("gene", "y", "x")},
+    doc="/enhance/<section>: embedding [metagene, y, x] on the superpixel grid (grid_to_section: 3x3 from "
+    "(col, row, 1) to the section's raw um), optional gene maps genes [gene, y, x] with their names in gene",
+)
 
 
 class ImageV1(Element):
@@ -300,6 +316,8 @@ ELEMENTS: dict[tuple[str, str], type[Element]] = {
         ImageV1,
         EmbeddingsV1,
         EmbeddingV1,
+        EnhanceV1,
+        EnhanceSectionV1,
     )
 }
 #: the current encoding of each element type

@@ -1,0 +1,295 @@
+"""Histology -> expression kernels of the ``enhance`` stage: weight-free image features on a superpixel grid,
+their context, and the low-rank forward-sum model that maps them to metagene scores.
+
+Convention:
+    - images are ``[C, H, W]`` (C = 3 for RGB, 0-255 or 0-1) at one pyramid level; ``px_um`` is that level's
+      pixel size in um;
+    - a superpixel is a ``factor x factor`` block of image pixels; superpixel grids are ``[F, h, w]`` with
+      ``h = ceil(H / factor)``;
+    - spot scores ``W [spot, rank]`` and loadings ``H [rank, gene]`` are non-negative (NMF of the spots):
+      expression ``x ~ W H``.
+
+The model (iStar's forward-sum objective with a linear head): per superpixel ``p`` with standardised features
+``z_p``, metagene scores ``s_p = z_p B + o_section``. A spot measures the mean over its footprint ``S``, so
+``mean_{p in S} s_p = (mean_{p in S} z_p) B + o``: the fit needs only each spot's footprint-mean features,
+solved in closed form by ridge regression (``fit_ridge``). What the image cannot explain is carried by the
+spots themselves: the residuals ``r_s = W_s - mean_S s`` of the fitted spots, spread by a Gaussian kernel
+(``residual_field``), are added to every superpixel ("regression kriging"); optionally each measured spot's
+footprint is shifted so its mean equals its measurement exactly (``project_spots``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage as ndi
+
+#: Ruifrok & Johnston (2001) stain vectors (rows: haematoxylin, eosin, DAB) in optical density RGB
+STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+STAINS = STAINS / np.linalg.norm(STAINS, axis=1, keepdims=True)
+#: filter-bank scales, in um (turned into pixels by the level's pixel size)
+BANK_UM = (2.0, 4.0, 8.0)
+#: per channel: a Gaussian at each scale, a gradient magnitude at the two finest, a Laplacian at the two coarsest
+PER_CHANNEL = 3 + 2 + 2
+CHANNELS = ("haematoxylin", "eosin", "dab", "grey")
+N_FEATURES = len(CHANNELS) * PER_CHANNEL + 3  # + the within-superpixel sd of H, E and grey
+
+
+def stain_density(rgb: np.ndarray) -> np.ndarray:
+    """Colour deconvolution: RGB ``[3, H, W]`` -> stain densities ``[3, H, W]`` (H, E, DAB), float64.
+
+    ``od = -ln((I + 1) / 256)`` per channel (``I`` in 0-255; a 0-1 float image is scaled by 255 first), then
+    ``od = d @ STAINS`` solved for ``d`` (Ruifrok & Johnston 2001).
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[0] != 3:
+        raise ValueError(f"stain_density expects [3, H, W], got {rgb.shape}")
+    img = rgb.astype(np.float64)
+    if rgb.dtype.kind == "f" and img.size and float(np.nanmax(img)) <= 1.0:
+        img = img * 255.0
+    od = -np.log((np.clip(img, 0, 255) + 1.0) / 256.0)
+    return np.einsum("chw,cd->dhw", od, np.linalg.inv(STAINS))
+
+
+def _scales_px(px_um: float) -> list[float]:
+    return [max(s / px_um, 0.5) for s in BANK_UM]
+
+
+def feature_halo(px_um: float) -> int:
+    """Pixels of context :func:`image_features` reads around each output pixel (4 sigma of its widest filter)."""
+    return int(math.ceil(4 * max(_scales_px(px_um)))) + 1
+
+
+def image_features(block: np.ndarray, px_um: float, factor: int) -> np.ndarray:
+    """Superpixel features of an RGB (or grey) block: ``[C, H, W]`` -> ``[N_FEATURES, ceil(H/f), ceil(W/f)]``.
+
+    Channels: H, E, DAB densities (:func:`stain_density`) and grey level (0-1). For each, Gaussian means at
+    ``BANK_UM`` (2, 4, 8 um), gradient magnitudes at the two finest and Laplacians of Gaussian at the two
+    coarsest scales; each pooled as the mean over the ``factor x factor`` superpixel, plus the sd of H, E and
+    grey inside it (texture). A grey image (C = 1) is taken as R = G = B; an alpha channel (C = 4) is dropped.
+    Filters see ``feature_halo(px_um)`` pixels of context (``mode='nearest'`` at the image border).
+    """
+    block = np.asarray(block)
+    if block.ndim != 3 or block.shape[0] not in (1, 3, 4):
+        raise ValueError(f"image_features expects [1|3|4, H, W], got {block.shape}")
+    if block.shape[0] == 1:
+        block = np.repeat(block, 3, axis=0)
+    rgb = block[:3]
+    dens = stain_density(rgb)
+    scale = 255.0 if rgb.dtype.kind in "ui" or float(np.nanmax(rgb, initial=0)) > 1.0 else 1.0
+    grey = rgb.astype(np.float64).mean(0, keepdims=True) / scale
+    chans = np.concatenate([dens, grey], 0)
+    s = _scales_px(px_um)
+    maps = []
+    for c in chans:
+        maps += [ndi.gaussian_filter(c, si, mode="nearest") for si in s]
+        maps += [ndi.gaussian_gradient_magnitude(c, si, mode="nearest") for si in s[:2]]
+        maps += [ndi.gaussian_laplace(c, si, mode="nearest") for si in s[1:]]
+    mean = pool_mean(np.stack(maps), factor)
+    sq = pool_mean(chans[[0, 1, 3]] ** 2, factor)
+    sd = np.sqrt(np.maximum(sq - pool_mean(chans[[0, 1, 3]], factor) ** 2, 0))
+    return np.concatenate([mean, sd], 0).astype(np.float32)
+
+
+def _image_features_halo(px_um: float, factor: int) -> int:
+    return feature_halo(px_um)
+
+
+image_features.required_halo = _image_features_halo  # type: ignore[attr-defined]
+
+
+def pool_mean(x: np.ndarray, factor: int) -> np.ndarray:
+    """Means over ``factor x factor`` blocks: ``[C, H, W]`` -> ``[C, ceil(H/f), ceil(W/f)]`` (a partial block at
+    the bottom / right edge is the mean of the pixels it has)."""
+    C, H, W = x.shape
+    f = int(factor)
+    h, w = -(-H // f), -(-W // f)
+    pad = np.zeros((C, h * f, w * f), np.float64)
+    cnt = np.zeros((h * f, w * f), np.float64)
+    pad[:, :H, :W] = x
+    cnt[:H, :W] = 1
+    s = pad.reshape(C, h, f, w, f).sum((2, 4))
+    n = cnt.reshape(h, f, w, f).sum((1, 3))
+    return s / n
+
+
+def context_features(block: np.ndarray, sigmas_sp: tuple[float, ...]) -> np.ndarray:
+    """A superpixel feature block ``[F, h, w]`` and its Gaussian means at each of ``sigmas_sp`` (superpixels):
+    ``[F * (1 + len(sigmas_sp)), h, w]``. ``mode='nearest'`` at the border; halo ``context_halo(sigmas_sp)``."""
+    block = np.asarray(block, np.float64)
+    out = [block]
+    for s in sigmas_sp:
+        out.append(np.stack([ndi.gaussian_filter(c, s, mode="nearest", truncate=4.0) for c in block]))
+    return np.concatenate(out, 0).astype(np.float32)
+
+
+def context_halo(sigmas_sp: tuple[float, ...]) -> int:
+    """Superpixels of context :func:`context_features` reads (scipy's Gaussian radius at truncate 4)."""
+    return max([int(4.0 * float(s) + 0.5) for s in sigmas_sp] + [0])
+
+
+context_features.required_halo = context_halo  # type: ignore[attr-defined]
+
+
+def footprints(centres_sp: np.ndarray, radius_sp: float, h: int, w: int, origin=(0, 0)):
+    """The superpixels of each spot's footprint: those whose centres lie within ``radius_sp`` of the spot centre
+    ``(col, row)`` (superpixel units, grid coordinates), and always the one nearest the centre; only those inside
+    an ``h x w`` block whose first superpixel is at grid ``origin`` (row, col).
+
+    Returns ``(rows [n, K], cols [n, K], inside [n, K])``: block positions of K candidates per spot and whether
+    each belongs to the footprint and lies in the block.
+    """
+    c = np.asarray(centres_sp, np.float64).reshape(-1, 2) - np.array([origin[1], origin[0]], np.float64)
+    r = max(float(radius_sp), 0.5)
+    k = int(math.ceil(r))
+    offs = np.arange(-k - 1, k + 2)
+    dx, dy = np.meshgrid(offs, offs)
+    cols = np.floor(c[:, 0]).astype(np.int64)[:, None] + dx.ravel()[None]
+    rows = np.floor(c[:, 1]).astype(np.int64)[:, None] + dy.ravel()[None]
+    d2 = (cols + 0.5 - c[:, :1]) ** 2 + (rows + 0.5 - c[:, 1:]) ** 2
+    inside = d2 <= r * r
+    if len(c):
+        inside[np.arange(len(c)), np.argmin(d2, axis=1)] = True
+    inside &= (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+    return rows, cols, inside
+
+
+def footprint_means(
+    grid: np.ndarray, centres_sp: np.ndarray, radius_sp: float, origin: tuple[int, int] = (0, 0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of ``grid [F, h, w]`` over each footprint: the superpixels whose centres lie within ``radius_sp`` of a
+    centre ``(col, row)`` in superpixel units (at least the superpixel under the centre).
+
+    ``origin``: the grid position of ``grid[:, 0, 0]`` (a tile of a larger grid). Returns ``(means [n, F], count
+    [n])``; a footprint with no superpixel in the block gets NaN and count 0.
+    """
+    F, h, w = grid.shape
+    rows, cols, inside = footprints(centres_sp, radius_sp, h, w, origin)
+    flat = grid.reshape(F, -1)
+    idx = np.where(inside, rows * w + cols, 0)
+    vals = flat[:, idx]  # [F, n, K]
+    cnt = inside.sum(1)
+    s = (vals * inside[None]).sum(2).T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = s / cnt[:, None]
+    return means, cnt
+
+
+def fit_ridge(Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, alpha: float):
+    """Ridge regression with an unpenalised offset per group: ``W [n, R] ~ Z [n, F] B + O[group]``.
+
+    Solves ``min |W - Z B - G O|^2 + alpha |B|^2`` in closed form (``G`` the one-hot of ``group``). Returns
+    ``(B [F, R], O [n_groups, R])``; a group without rows gets the mean offset.
+    """
+    Z = np.asarray(Z, np.float64)
+    W = np.asarray(W, np.float64)
+    G = np.zeros((len(Z), n_groups))
+    G[np.arange(len(Z)), np.asarray(group, np.int64)] = 1.0
+    present = G.sum(0) > 0
+    A = np.concatenate([Z, G[:, present]], 1)
+    pen = np.concatenate([np.full(Z.shape[1], float(alpha)), np.zeros(int(present.sum()))])
+    coef = np.linalg.solve(A.T @ A + np.diag(pen) + 1e-9 * np.eye(A.shape[1]), A.T @ W)
+    B = coef[: Z.shape[1]]
+    O = np.zeros((n_groups, W.shape[1]))
+    O[present] = coef[Z.shape[1] :]
+    if not present.all():
+        O[~present] = O[present].mean(0)
+    return B, O
+
+
+def residual_field(
+    points: np.ndarray, spots: np.ndarray, residuals: np.ndarray, sigma: float, prior: float = 0.1
+) -> np.ndarray:
+    """Gaussian-kernel spread of spot residuals: ``[n, 2]`` points, ``[m, 2]`` spots, ``[m, R]`` residuals ->
+    ``[n, R]``.
+
+    ``f(p) = sum_s k(p, s) r_s / (sum_s k(p, s) + prior)``, ``k = exp(-|p - s|^2 / (2 sigma^2))``: the kernel-
+    weighted mean of the nearby residuals, fading to 0 (the image alone) where no spot is within a few sigma.
+    Spots beyond 4 sigma are ignored.
+    """
+    from scipy.spatial import cKDTree
+
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    out = np.zeros((len(points), residuals.shape[1]))
+    if not len(spots) or not len(points):
+        return out
+    tree = cKDTree(np.asarray(spots, np.float64))
+    lists = tree.query_ball_point(points, 4.0 * sigma)
+    counts = np.fromiter((len(v) for v in lists), np.int64, len(lists))
+    if not counts.sum():
+        return out
+    from scipy.sparse import csr_matrix
+
+    flat = np.fromiter((i for v in lists for i in v), np.int64, int(counts.sum()))
+    owner = np.repeat(np.arange(len(points)), counts)
+    d2 = ((points[owner] - spots[flat]) ** 2).sum(1)
+    k = csr_matrix((np.exp(-d2 / (2.0 * sigma * sigma)), (owner, flat)), shape=(len(points), len(spots)))
+    den = np.asarray(k.sum(1)).ravel() + prior
+    return (k @ np.asarray(residuals, np.float64)) / den[:, None]
+
+
+def footprint_mask(centres_sp: np.ndarray, radius_sp: float, h: int, w: int, origin=(0, 0)) -> np.ndarray:
+    """Which spot's footprint each superpixel of an ``h x w`` block lies in: ``[h, w]`` int64, -1 for none.
+
+    Footprints as in :func:`footprint_means` (centres ``(col, row)`` in superpixels, the block's first
+    superpixel at grid position ``origin``); where footprints overlap, the later spot wins.
+    """
+    out = np.full((h, w), -1, np.int64)
+    rows, cols, inside = footprints(centres_sp, radius_sp, h, w, origin)
+    spot = np.broadcast_to(np.arange(len(rows))[:, None], cols.shape)
+    out[rows[inside], cols[inside]] = spot[inside]
+    return out
+
+
+def grid_points(origin: tuple[int, int], h: int, w: int, grid_to_um: np.ndarray) -> np.ndarray:
+    """Centres of the superpixels of a block (first at grid ``origin`` (row, col)) in um: ``[h * w, 2]`` (x, y),
+    through the 3x3 ``grid_to_um`` on (col, row, 1)."""
+    rr, cc = np.mgrid[origin[0] : origin[0] + h, origin[1] : origin[1] + w]
+    pts = np.stack([cc.ravel() + 0.5, rr.ravel() + 0.5, np.ones(h * w)], 1)
+    return (pts @ np.asarray(grid_to_um, np.float64).T)[:, :2]
+
+
+def embedding_block(
+    block: np.ndarray,
+    origin: tuple[int, int],
+    *,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    coef: np.ndarray,
+    offset: np.ndarray,
+    grid_to_um: np.ndarray,
+    spots_um: np.ndarray,
+    residuals: np.ndarray,
+    sigma_um: float,
+    prior: float,
+    centres_sp: np.ndarray | None = None,
+    radius_sp: float = 0.0,
+    shift: np.ndarray | None = None,
+) -> np.ndarray:
+    """Metagene scores of a block of context features: ``[F, h, w]`` -> ``[R, h, w]`` (float32).
+
+    ``s_p = ((z_p - mean) / scale) coef + offset + residual_field(p)``; with ``centres_sp`` / ``shift``
+    ``[m, R]``, every superpixel in spot ``i``'s footprint is moved by ``shift[i]`` (the projection that makes
+    each measured spot's footprint mean equal its scores).
+    """
+    F, h, w = block.shape
+    z = (np.asarray(block, np.float64).reshape(F, -1).T - mean) / scale
+    s = z @ coef + offset
+    if len(spots_um):
+        s += residual_field(grid_points(origin, h, w, grid_to_um), spots_um, residuals, sigma_um, prior)
+    if centres_sp is not None and shift is not None and len(centres_sp):
+        owner = footprint_mask(centres_sp, radius_sp, h, w, origin).ravel()
+        hit = owner >= 0
+        s[hit] += shift[owner[hit]]
+    return s.T.reshape(-1, h, w).astype(np.float32)
+
+
+def gene_block(block: np.ndarray, loadings: np.ndarray) -> np.ndarray:
+    """Gene maps from metagene scores: ``[R, h, w]``, loadings ``[R, G]`` -> ``[G, h, w]`` = ``sum_r s_r H_rg``."""
+    R, h, w = block.shape
+    return (
+        (np.asarray(loadings, np.float64).T @ np.asarray(block, np.float64).reshape(R, -1))
+        .reshape(-1, h, w)
+        .astype(np.float32)
+    )

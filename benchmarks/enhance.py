@@ -104,14 +104,18 @@ def gauss(Y, xy, section, visible, sigma):
 
 # ------------------------------------------------------------------------------------------ lamina
 def lamina_predict(atlas, options: dict) -> np.ndarray:
-    """Run enhance with ``options`` (forced) and return every row's predicted expression (scores @ loadings)."""
+    """Run enhance with ``options`` (forced) and return every input row's predicted expression (scores @ loadings),
+    in the input's row order."""
     import lamina
 
     lamina.enhance(atlas, force=True, **options)
     g = atlas.root["enhance"]
     genes = [str(x) for x in g["model/gene"][...]]
     order = [genes.index(x) for x in atlas.genes]
-    return np.asarray(g["cells/scores"][...], np.float64) @ np.asarray(g["model/loadings"][...])[:, order]
+    pred = np.asarray(g["cells/scores"][...], np.float64) @ np.asarray(g["model/loadings"][...])[:, order]
+    out = np.empty_like(pred)
+    out[np.asarray(atlas.root["cells/input_row"][...])] = pred
+    return out
 
 
 def build_store(path: Path, table: pd.DataFrame, genes, images: dict, pixel_size: float, obs=()):
@@ -144,7 +148,7 @@ def hidden_spots(work: Path, seeds: int) -> tuple[list, dict]:
     table.insert(0, "section", section)
     table.insert(1, "x", obs.pixel_x.values)
     table.insert(2, "y", obs.pixel_y.values)
-    for k, (name, vis) in enumerate(masks.items()):
+    for k, vis in enumerate(masks.values()):
         table[f"visible{k}"] = vis.astype(np.int8)
     t0 = time.perf_counter()
     atlas = build_store(
@@ -249,11 +253,11 @@ def smoke(work: Path) -> None:
     from lamina.datasets.histology import histology_phantom
 
     ph = histology_phantom(seed=0)
-    vis = ph.table["visible"].to_numpy()
+    vis = ph.table["visible"].to_numpy().astype(bool)
     Y = ph.table[ph.genes].to_numpy(np.float64)
     xy = ph.table[["x", "y"]].to_numpy(np.float64)
     section = ph.table["section"].to_numpy().astype(str)
-    atlas = build_store(work / "smoke.lamina.zarr", ph.table, ph.genes, ph.images, ph.pixel_size_um)
+    atlas = build_store(work / "smoke.lamina.zarr", ph.table, ph.genes, ph.images, ph.pixel_size_um, obs=["visible"])
     P = lamina_predict(atlas, {"fit_column": "visible"})
     genes = np.arange(len(ph.genes))
     r_lamina = score(P, ph.truth, section, ~vis, genes)

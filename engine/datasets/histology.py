@@ -1,11 +1,12 @@
 """A synthetic section with an H&E-like image whose information about expression is controlled: the truth of
 the ``enhance`` stage.
 
-The tissue has ``n_fields`` smooth random fields ``f_k(x, y)`` (sums of Gaussian bumps 25-70 um wide: finer than the spot pitch, so that spots undersample them). Gene
-``g``'s expression is ``log1p`` of a non-negative mix of the fields (its truth at every point). The image is
-stained by the same fields with weight ``info`` (0: the stain carries none of them and follows an independent
-field instead; 1: all of it): haematoxylin ~ the first field, eosin ~ the second, on a textured background.
-Spots sit on a square lattice (``pitch_um``) and measure the truth averaged over their footprint plus noise.
+The tissue has ``n_fields`` smooth random fields ``f_k(x, y)``: sums of Gaussian bumps 25-70 um wide, finer
+than the spot pitch, so that spots undersample them. Gene ``g``'s expression is ``log1p`` of a non-negative mix
+of the fields (its truth at every point). The image is stained by the same fields with weight ``info`` (0: the
+stain carries none of them and follows an independent field instead; 1: all of it): haematoxylin ~ the first
+field, eosin ~ the second, with pixel noise. Spots sit on a square lattice (``pitch_um``) and measure the truth
+averaged over their footprint plus noise.
 """
 
 from __future__ import annotations

@@ -377,6 +377,73 @@ def volume_slices(atlas: Atlas, path: str | Path, gene: str | None = None) -> Pa
     return _save(fig, path, 100)
 
 
+def enhance_figure(atlas: Atlas, path: str | Path, genes: list[str] | None = None, max_genes: int = 3) -> Path:
+    """Per enhanced section (a row each): its H&E (the pyramid level nearest the superpixel grid), the measured
+    spots and the enhanced map of each of a few genes side by side, in the section's um. ``genes``: default the
+    gene maps the stage wrote, else the model genes of largest loading. Reads one coarse image level and the
+    [metagene, y, x] embedding per section."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .store.arrays import as_text
+
+    g = atlas.root["enhance"]
+    names = list(as_text(g["model/gene"][...]))
+    H = np.asarray(g["model/loadings"][...], np.float64)
+    if genes is None:
+        first = g[str(g.attrs["sections"][0])]
+        genes = list(as_text(first["gene"][...])) if "gene" in first else [names[i] for i in np.argsort(-H.max(0))]
+    unknown = [x for x in genes if x not in names]
+    if unknown:
+        raise UnknownGeneError(f"gene(s) {unknown} are not model genes of {atlas.path}/enhance (re-run with genes=)")
+    genes = list(genes)[:max_genes]
+    cols = [names.index(x) for x in genes]
+    sections = [str(s) for s in g.attrs["sections"]]
+    fig, axes = plt.subplots(
+        len(sections), 1 + 2 * len(genes), figsize=(3.2 * (1 + 2 * len(genes)), 3.2 * len(sections))
+    )
+    axes = np.atleast_2d(axes)
+    secs = atlas.sections
+    gene_idx = [list(atlas.genes).index(x) for x in genes]
+    for r, sid in enumerate(sections):
+        grp = g[sid]
+        emb = np.asarray(grp["embedding"][...], np.float64)
+        A = np.asarray(grp.attrs["grid_to_section"])
+        h, w = emb.shape[1:]
+        extent = (A[0, 2], A[0, 2] + A[0, 0] * w, A[1, 2] + A[1, 1] * h, A[1, 2])
+        img = atlas.image(sid)
+        lvl = img["levels"][min(int(grp.attrs["image_level"]) + 1, len(img["levels"]) - 1)]
+        rgb = np.moveaxis(np.asarray(lvl), 0, -1)
+        rgb = rgb[..., :3] if rgb.shape[-1] >= 3 else np.repeat(rgb, 3, -1)
+        ax = axes[r, 0]
+        ax.imshow(rgb, extent=extent)
+        ax.set_title(f"{sid}: image", fontsize=9)
+        row = secs[secs.id == sid].iloc[0]
+        a, b = int(row.cell_start), int(row.cell_stop)
+        x, y = np.asarray(atlas.root["cells/x"][a:b]), np.asarray(atlas.root["cells/y"][a:b])
+        measured = np.asarray(atlas.root["X"][a:b])[:, gene_idx]
+        for k, (gene, col) in enumerate(zip(genes, cols)):
+            gmap = np.einsum("r,ryx->yx", H[:, col], emb)
+            lo, hi = np.nanpercentile(measured[:, k], [2, 98])
+            ax = axes[r, 1 + 2 * k]
+            ax.scatter(x, y, c=measured[:, k], s=6, cmap="viridis", vmin=lo, vmax=hi)
+            ax.set_xlim(extent[0], extent[1])
+            ax.set_ylim(extent[2], extent[3])
+            ax.set_aspect("equal")
+            ax.set_title(f"{gene}: measured spots", fontsize=9)
+            ax = axes[r, 2 + 2 * k]
+            ax.imshow(gmap, extent=extent, cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_title(f"{gene}: enhanced ({float(grp.attrs['superpixel_um']):.0f} um)", fontsize=9)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        scale_bar(axes[r, 0], extent[1] - extent[0], extent[0], extent[2], color="k")
+    fig.tight_layout()
+    return _save(fig, path, 90)
+
+
 def write_report(atlas: Atlas, folder: str | Path) -> list[Path]:
     """All pictures that apply to the stages done so far, into ``folder``."""
     folder = Path(folder)
@@ -388,4 +455,6 @@ def write_report(atlas: Atlas, folder: str | Path) -> list[Path]:
         out.append(stack_view(atlas, folder / "stack_views.png"))
     if atlas.group_is_complete("volume"):
         out.append(volume_slices(atlas, folder / "volume_slices.png"))
+    if atlas.group_is_complete("enhance"):
+        out.append(enhance_figure(atlas, folder / "enhance.png"))
     return out

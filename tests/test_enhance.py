@@ -141,6 +141,15 @@ def test_embedding_is_the_same_under_two_tilings_and_matches_the_spot_scores(tmp
     radius = float(g["S0"].attrs["spot_radius_um"]) / float(g["S0"].attrs["superpixel_um"])
     means, _ = K.footprint_means(emb, centres, radius)
     np.testing.assert_allclose(means, np.asarray(g["cells/scores"][...]), atol=1e-4)
+    # the picture: image, measured spots and enhanced map of the genes written, per section
+    from PIL import Image
+
+    from lamina.report import enhance_figure
+
+    png = enhance_figure(atlas, tmp_path / "enhance.png")
+    assert Image.open(png).size[0] > 3 * Image.open(png).size[1]  # 1 section x (image + 2 genes x 2 panels)
+    with pytest.raises(lamina.UnknownGeneError, match="NOPE"):
+        enhance_figure(atlas, tmp_path / "x.png", genes=["NOPE"])
     # gene maps = embedding x loadings
     names = [str(x) for x in g["model/gene"][...]]
     H = np.asarray(g["model/loadings"][...])[:, [names.index("G00"), names.index("G03")]]

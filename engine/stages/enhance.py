@@ -237,6 +237,17 @@ def _model_genes(atlas: Atlas, rows: np.ndarray, opts: EnhanceOptions) -> np.nda
     return np.unique(np.concatenate([top, [name[g] for g in opts.genes]]).astype(np.int64))
 
 
+def _grid_map(ctx: StageContext, grid: _Grid, g, fn, source: str, name: str, channels: int, dim: str, **kw) -> None:
+    """``g/<name>`` ``[channels, h, w]`` on the section's superpixel grid (chunks of ``TILE`` superpixels, the
+    channels whole), filled from ``source`` by :func:`lamina.map_tiles` (``kw``: its halo, factor, kwargs, ...)."""
+    from ..maps import map_tiles
+
+    chunks = (channels, min(TILE, grid.h), min(TILE, grid.w))
+    arrays.create(g, name, (channels, grid.h, grid.w), np.float32, chunks, (dim, "y", "x"))
+    label = f"enhance: {name} {grid.section}"
+    map_tiles(fn, ctx.atlas.path, source, f"{g.path}/{name}", batch_dims=0, client=ctx.client, label=label, **kw)
+
+
 # -------------------------------------------------------------------------------------------- build
 def _build(ctx: StageContext) -> dict:
     from sklearn.decomposition import NMF
@@ -251,7 +262,6 @@ def _build(ctx: StageContext) -> dict:
         image_features,
         residual_field,
     )
-    from ..maps import map_tiles
     from ..store.elements import EnhanceSectionV1
 
     atlas, opts, group = ctx.atlas, ctx.options, ctx.group
@@ -266,33 +276,13 @@ def _build(ctx: StageContext) -> dict:
     for si, sid in enumerate(sections):
         grid = grids[sid] = _grid(atlas, sid, opts.superpixel_um)
         g = group.create_group(sid)
-        chunks = (N_FEATURES, min(TILE, grid.h), min(TILE, grid.w))
-        arrays.create(g, "features", (N_FEATURES, grid.h, grid.w), np.float32, chunks, ("feature", "y", "x"))
-        map_tiles(
-            image_features,
-            atlas.path,
-            f"images/{sid}/{grid.level}",
-            f"{g.path}/features",
-            factor=grid.factor,
-            batch_dims=0,
-            kwargs={"px_um": grid.px_um, "factor": grid.factor},
-            client=ctx.client,
-            label=f"enhance: features {sid}",
+        image = f"images/{sid}/{grid.level}"
+        features = {"px_um": grid.px_um, "factor": grid.factor}
+        _grid_map(
+            ctx, grid, g, image_features, image, "features", N_FEATURES, "feature", factor=grid.factor, kwargs=features
         )
-        sig_sp = tuple(k * radius_um / grid.sp_um for k in CONTEXT_RADII)
-        arrays.create(
-            g, "context", (n_ctx, grid.h, grid.w), np.float32, (n_ctx, chunks[1], chunks[2]), ("feature", "y", "x")
-        )
-        map_tiles(
-            context_features,
-            atlas.path,
-            f"{g.path}/features",
-            f"{g.path}/context",
-            batch_dims=0,
-            kwargs={"sigmas_sp": sig_sp},
-            client=ctx.client,
-            label=f"enhance: context {sid}",
-        )
+        sig_sp = {"sigmas_sp": tuple(k * radius_um / grid.sp_um for k in CONTEXT_RADII)}
+        _grid_map(ctx, grid, g, context_features, f"{g.path}/features", "context", n_ctx, "feature", kwargs=sig_sp)
         row = secs[secs.id == sid].iloc[0]
         a, b = int(row.cell_start), int(row.cell_stop)
         if b - a == 0:
@@ -379,15 +369,16 @@ def _build(ctx: StageContext) -> dict:
         before = head[m] + field_mean
         shift = np.where(fit[m][:, None], W[m] - before, 0.0) if opts.project else None
         scores[m] = before + (shift if shift is not None else 0.0)
-        chunks = (rank, min(TILE, grid.h), min(TILE, grid.w))
-        arrays.create(g, "embedding", (rank, grid.h, grid.w), np.float32, chunks, ("metagene", "y", "x"))
-        map_tiles(
+        _grid_map(
+            ctx,
+            grid,
+            g,
             embedding_block,
-            atlas.path,
             f"{g.path}/context",
-            f"{g.path}/embedding",
+            "embedding",
+            rank,
+            "metagene",
             halo=0,
-            batch_dims=0,
             with_origin=True,
             kwargs={
                 "mean": mean,
@@ -403,23 +394,11 @@ def _build(ctx: StageContext) -> dict:
                 "radius_sp": radius_sp,
                 "shift": shift[fit[m]] if shift is not None else None,
             },
-            client=ctx.client,
-            label=f"enhance: embedding {sid}",
         )
         if maps:
-            arrays.create(
-                g, "genes", (len(maps), grid.h, grid.w), np.float32, (len(maps), *chunks[1:]), ("gene", "y", "x")
-            )
-            map_tiles(
-                gene_block,
-                atlas.path,
-                f"{g.path}/embedding",
-                f"{g.path}/genes",
-                halo=0,
-                batch_dims=0,
-                kwargs={"loadings": H[:, maps]},
-                client=ctx.client,
-                label=f"enhance: genes {sid}",
+            loadings = {"loadings": H[:, maps]}
+            _grid_map(
+                ctx, grid, g, gene_block, f"{g.path}/embedding", "genes", len(maps), "gene", halo=0, kwargs=loadings
             )
             arrays.write_small(g, "gene", np.asarray(list(opts.genes), dtype=str), ("gene",))
         del g["features"], g["context"]

@@ -72,6 +72,7 @@ _LAZY = {
             "embed",
             "niche",
             "encoder",
+            "histology",
             "enhance",
             "export_expression_parquet",
         )
@@ -103,6 +104,7 @@ __all__ = [
     "encoder",
     "enhance",
     "export_expression_parquet",
+    "histology",
     "export_spatialdata",
     "import_isost",
     "ingest",

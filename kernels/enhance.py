@@ -198,6 +198,53 @@ def fit_ridge(Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, al
     return B, O
 
 
+def ridge_loo_error(Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, alphas) -> np.ndarray:
+    """Leave-one-out squared error of :func:`fit_ridge` for each of ``alphas``: ``[len(alphas)]``.
+
+    Closed form (no refits): with ``A = [Z, G]``, ``M = A^T A + diag(alpha, 0)``, the hat diagonal
+    ``h_i = a_i^T M^-1 a_i`` and the in-sample residual ``e_i``, the left-out residual is ``e_i / (1 - h_i)``;
+    the error is ``sum_i |e_i|^2 / (1 - h_i)^2``.
+    """
+    Z = np.asarray(Z, np.float64)
+    W = np.asarray(W, np.float64)
+    G = np.zeros((len(Z), n_groups))
+    G[np.arange(len(Z)), np.asarray(group, np.int64)] = 1.0
+    A = np.concatenate([Z, G[:, G.sum(0) > 0]], 1)
+    AtA, AtW = A.T @ A, A.T @ W
+    out = []
+    for alpha in alphas:
+        pen = np.concatenate([np.full(Z.shape[1], float(alpha)), np.zeros(A.shape[1] - Z.shape[1])])
+        M = AtA + np.diag(pen) + 1e-9 * np.eye(A.shape[1])
+        coef = np.linalg.solve(M, AtW)
+        h = np.einsum("ij,ji->i", A, np.linalg.solve(M, A.T))
+        e = W - A @ coef
+        out.append(float(((e / np.maximum(1.0 - h, 1e-6)[:, None]) ** 2).sum()))
+    return np.asarray(out)
+
+
+def residual_loo_error(spots: np.ndarray, residuals: np.ndarray, sigmas, prior: float = 0.1) -> np.ndarray:
+    """Leave-one-out squared error of :func:`residual_field` at the spots themselves, each spot predicted from
+    the others, for each of ``sigmas``: ``[len(sigmas)]``. ``sigma = 0`` is "no field" (the error of 0)."""
+    from scipy.sparse import csr_matrix
+    from scipy.spatial import cKDTree
+
+    spots = np.asarray(spots, np.float64)
+    residuals = np.asarray(residuals, np.float64)
+    tree = cKDTree(spots)
+    out = []
+    for sigma in sigmas:
+        if sigma <= 0:
+            out.append(float((residuals**2).sum()))
+            continue
+        pairs = tree.query_pairs(4.0 * sigma, output_type="ndarray")
+        i, j = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
+        k = np.exp(-((spots[i] - spots[j]) ** 2).sum(1) / (2.0 * sigma * sigma))
+        K = csr_matrix((k, (i, j)), shape=(len(spots), len(spots)))
+        pred = (K @ residuals) / (np.asarray(K.sum(1)).ravel() + prior)[:, None]
+        out.append(float(((residuals - pred) ** 2).sum()))
+    return np.asarray(out)
+
+
 def residual_field(
     points: np.ndarray, spots: np.ndarray, residuals: np.ndarray, sigma: float, prior: float = 0.1
 ) -> np.ndarray:

@@ -121,7 +121,7 @@ def test_enhance_does_not_invent_detail_from_an_uninformative_image(tmp_path):
 def test_embedding_is_the_same_under_two_tilings_and_matches_the_spot_scores(tmp_path, monkeypatch):
     import importlib
 
-    stage = importlib.import_module("lamina.stages.enhance")  # the module, not the function it exports
+    stage = importlib.import_module("lamina.stages.histology")  # the module, not the function it exports
 
     ph, atlas = _store(tmp_path)
     lamina.enhance(atlas, fit_column="visible", genes=["G00", "G03"], project=True)
@@ -130,6 +130,7 @@ def test_embedding_is_the_same_under_two_tilings_and_matches_the_spot_scores(tmp
     genes = np.asarray(g["S0/genes"][...])
     monkeypatch.setattr(stage, "TILE", 24)
     lamina.enhance(atlas, fit_column="visible", genes=["G00", "G03"], project=True, force=True)
+    assert atlas.root["histology/S0/features"].chunks[1] == 24
     g = atlas.root["enhance"]
     assert g["S0/embedding"].chunks[1] == 24 and emb.shape[1] > 48
     np.testing.assert_allclose(np.asarray(g["S0/embedding"][...]), emb, atol=1e-5)
@@ -229,3 +230,15 @@ def test_benchmark_smoke(tmp_path):
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT smoke"))
     vals = dict(kv.split("=") for kv in line.split()[2:])
     assert float(vals["lamina_r"]) > float(vals["idw_r"]) + 0.1
+
+
+def test_a_refit_reuses_the_features_and_a_new_image_recomputes_them(tmp_path):
+    ph, atlas = _store(tmp_path)
+    lamina.enhance(atlas, fit_column="visible")
+    first = atlas.stage_records()["histology"]["finished"]
+    seconds = lamina.enhance(atlas, rank=4)  # another model: the features are reused
+    assert atlas.stage_records()["histology"]["finished"] == first and seconds["histology"] < 1.0
+    assert atlas.root["enhance"].attrs["rank"] == 4
+    lamina.add_image(atlas, "S0", ph.images["S0"], pixel_size_um=ph.pixel_size_um)  # the same file, a new copy
+    lamina.enhance(atlas, rank=4)
+    assert atlas.stage_records()["histology"]["finished"] != first

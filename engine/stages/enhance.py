@@ -1,26 +1,20 @@
 """Stage ``enhance``: histology + spot expression -> high-definition expression on a superpixel grid, per
-section, tile by tile (what SpaHDmap and SpaMCAF do; no downloaded weights).
+section, tile by tile (what SpaHDmap and SpaMCAF do; no downloaded weights). Reads the image features of stage
+``histology`` (:mod:`lamina.stages.histology`).
 
-Data flow, per section with an image in ``/images``::
-
-    image level (pixel <= superpixel / 4) --map_tiles(image_features, halo from the filter bank)--> features
-        [F, h, w] on the superpixel grid (scratch) --map_tiles(context_features, halo 4 sigma)--> context
-        [3F, h, w]: each superpixel's features and their means at 1x and 3x the spot radius (scratch)
-    context tiles + the spots whose centres fall in them --footprint_means--> spot features [spot, 3F]
-
-Then, for the whole atlas at once (spots are few: a Visium section has <= 5k):
+For the whole atlas at once (spots are few: a Visium section has <= 5k)::
 
     /X (log-normalised, non-negative) of the model genes --NMF (rank, fitted on <= fit_spots spots)-->
         loadings H [rank, gene] (metagenes) and spot scores W [spot, rank]
-    ridge with one unpenalised offset per section: W ~ standardised spot features @ coef + offset
-        (the forward-sum objective of a linear head: a spot's mean over its footprint is the head at its mean
-        features); residuals r = W - fitted, of the fitted spots only
+    /histology/cells/features --ridge, one unpenalised offset per section--> W ~ standardised features @ coef
+        + offset: the forward-sum objective of a linear head (a spot's mean over its footprint is the head at its
+        footprint-mean features); residuals r = W - fitted, of the fitted spots only
 
-and back to the tiles:
+and per section, tile by tile::
 
-    context --map_tiles(embedding_block)--> /enhance/<section>/embedding [rank, y, x]: head + the residuals
-        spread by a Gaussian of residual_sigma_um (+ with ``project``, each fitted spot's footprint shifted so
-        its mean equals its scores) --map_tiles(gene_block)--> genes [gene, y, x] for the genes asked for
+    /histology/<section>/features --map_tiles(embedding_block)--> /enhance/<section>/embedding [rank, y, x]:
+        head + the residuals spread by a Gaussian of residual_sigma_um (+ with ``project``, each fitted spot's
+        footprint shifted so its mean equals its scores) --map_tiles(gene_block)--> genes [gene, y, x]
 
 ``/enhance/cells/scores [cell, rank]``: every spot's (cell's) footprint mean of the embedding; its expression is
 ``scores @ model/loadings``. Spots left out of the fit (``fit_column``) are predicted, never seen: the
@@ -30,10 +24,8 @@ benchmark scores them.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
-import dask
 import numpy as np
 
 from ..errors import ConfigError, InputError, MissingInputError, UnknownGeneError, ensure
@@ -44,24 +36,27 @@ from .options import Options, option
 
 log = logging.getLogger("lamina")
 
-#: superpixels per side of a feature / embedding chunk
-TILE = 256
-#: context scales, in spot radii
-CONTEXT_RADII = (1.0, 3.0)
 #: gene maps written per run at most (each is [gene, y, x] per section)
 MAX_GENE_MAPS = 256
+#: weight of "no residual" in the residual field (a spot at ~2.1 sigma weighs as much)
+PRIOR = 0.1
+#: ridge penalties tried by alpha=null (leave-one-out error, closed form)
+ALPHAS = tuple(10.0**k for k in range(-1, 7))
+#: residual spreads tried by residual_sigma_um=null, in spot pitches (0: none)
+SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
 @dataclass(frozen=True)
 class EnhanceOptions(Options):
-    superpixel_um: float = option(16.0, "side of a superpixel (um): the grid of the enhanced maps", gt=0)
-    spot_diameter_um: float | None = option(
-        None, "spot diameter (um); null: half the median distance between neighbouring spots (Visium 55 / 100)", gt=0
-    )
     rank: int = option(10, "metagenes (NMF rank of the spots): dimensions of /enhance/<section>/embedding", ge=1)
-    alpha: float = option(300.0, "ridge penalty of the image head (on standardised features)", ge=0)
+    alpha: float | None = option(
+        None, "ridge penalty of the image head (standardised features); null: the least leave-one-out error", ge=0
+    )
     residual_sigma_um: float | None = option(
-        None, "Gaussian (um) that spreads the spots' residuals; null: the spot pitch; 0: image head only", ge=0
+        None,
+        "Gaussian (um) that spreads the spots' residuals; null: the least leave-one-out error of 0.5-3 spot pitches "
+        "(or none); 0: the image head only",
+        ge=0,
     )
     project: bool = option(False, "shift each fitted spot's footprint so its mean equals the spot's scores")
     genes: tuple[str, ...] = option((), "genes whose maps [gene, y, x] are written (at most 256)")
@@ -69,33 +64,15 @@ class EnhanceOptions(Options):
     fit_column: str | None = option(
         None, "cell column (bool / 0-1): the spots the model is fitted on; the others are predicted only"
     )
-    sections: tuple[str, ...] = option((), "sections to enhance; empty: every section with an image")
     fit_spots: int = option(50_000, "spots the NMF is fitted on at most (a fixed random subset)", ge=10)
     seed: int = option(0, "seed of the NMF and of the fit subset")
 
 
 # ------------------------------------------------------------------------------------------- checks
-def _sections(atlas: Atlas, opts: EnhanceOptions) -> list[str]:
-    have = atlas.images()
-    ids = [str(s) for s in atlas.sections.id]
-    if opts.sections:
-        missing = [s for s in opts.sections if s not in ids]
-        if missing:
-            raise InputError(f"enhance: section(s) {missing} are not in {atlas.path}; sections: {', '.join(ids)}")
-        lacking = [s for s in opts.sections if s not in have]
-        if lacking:
-            raise MissingInputError(
-                f"enhance: section(s) {lacking} of {atlas.path} have no image; add one with "
-                f"lamina.add_image(atlas, section, path, pixel_size_um=...)"
-            )
-        return list(opts.sections)
-    return [s for s in ids if s in have]
-
-
 def _check(atlas: Atlas, opts: EnhanceOptions) -> None:
     if "X" not in atlas.root or atlas.n_genes == 0:
         raise MissingInputError(f"enhance: {atlas.path} has no expression matrix /X; ingest it with genes=...")
-    if not _sections(atlas, opts):
+    if not atlas.images():
         raise MissingInputError(
             f"enhance: no section of {atlas.path} has an image; ingest with images={{section: path}} or "
             f"lamina.add_image(atlas, section, path, pixel_size_um=...)"
@@ -112,104 +89,9 @@ def _check(atlas: Atlas, opts: EnhanceOptions) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------------ geometry
-@dataclass
-class _Grid:
-    """One section's superpixel grid: the image level it is read from and the map grid (col, row) -> um."""
-
-    section: str
-    level: int
-    factor: int
-    px_um: float
-    h: int
-    w: int
-    grid_to_um: np.ndarray
-
-    @property
-    def sp_um(self) -> float:
-        return self.px_um * self.factor
-
-
-def _grid(atlas: Atlas, sid: str, superpixel_um: float) -> _Grid:
-    img = atlas.image(sid)
-    levels, px0 = img["levels"], img["pixel_size_um"]
-    level = 0
-    while level + 1 < len(levels) and px0 * 2 ** (level + 1) <= superpixel_um / 4:
-        level += 1
-    px = px0 * 2**level
-    factor = max(1, int(round(superpixel_um / px)))
-    _, H, W = levels[level].shape
-    to_um = img["image_to_section"] @ np.diag([2.0**level * factor, 2.0**level * factor, 1.0])
-    return _Grid(sid, level, factor, px, -(-H // factor), -(-W // factor), to_um)
-
-
-def _spot_geometry(atlas: Atlas, sections: list[str], opts: EnhanceOptions) -> tuple[float, float]:
-    """(spot diameter, spot pitch) in um: the pitch is the median distance to the nearest other spot."""
-    from scipy.spatial import cKDTree
-
-    secs = atlas.sections
-    d = []
-    for sid in sections:
-        row = secs[secs.id == sid].iloc[0]
-        a, b = int(row.cell_start), int(row.cell_stop)
-        if b - a >= 2:
-            xy = np.c_[atlas.root["cells/x"][a:b], atlas.root["cells/y"][a:b]].astype(np.float64)
-            dist, _ = cKDTree(xy).query(xy, k=2)
-            d.append(dist[:, 1])
-    pitch = float(np.median(np.concatenate(d))) if d else float("nan")
-    if not np.isfinite(pitch) or pitch <= 0:
-        if opts.spot_diameter_um is None or opts.residual_sigma_um is None:
-            raise InputError(
-                f"enhance: the spots of {atlas.path} have no neighbours to measure their pitch from; "
-                f"give spot_diameter_um and residual_sigma_um"
-            )
-        pitch = float(opts.residual_sigma_um)
-    diameter = float(opts.spot_diameter_um) if opts.spot_diameter_um is not None else 0.5 * pitch
-    return diameter, pitch
-
-
-# ------------------------------------------------------------------------------------------- tasks
-def _spot_features_task(store: str, context: str, centres_sp: np.ndarray, pick: np.ndarray, tile, halo, radius_sp):
-    from ..kernels.enhance import footprint_means
-
-    root = arrays.open_root(store, "r")
-    arr = root[context]
-    _, h, w = arr.shape
-    (y0, y1), (x0, x1) = tile
-    a0, a1, b0, b1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
-    block = np.asarray(arr[:, a0:a1, b0:b1])
-    means, count = footprint_means(block, centres_sp, radius_sp, origin=(a0, b0))
-    return pick, means, count
-
-
-def _spot_features(ctx: StageContext, grid: _Grid, context: str, xy_um: np.ndarray, radius_um: float):
-    """Footprint means ``[n, F]`` of the context features for the spots at ``xy_um`` (one task per context tile
-    holding spot centres) and the spots' centres in superpixels ``[n, 2]``."""
-    inv = np.linalg.inv(grid.grid_to_um)
-    centres = (np.c_[xy_um, np.ones(len(xy_um))] @ inv.T)[:, :2]
-    radius_sp = radius_um / grid.sp_um
-    halo = int(math.ceil(radius_sp)) + 2
-    ty = np.floor(centres[:, 1] / TILE).astype(np.int64)
-    tx = np.floor(centres[:, 0] / TILE).astype(np.int64)
-    tasks = []
-    for key in sorted(set(zip(ty.tolist(), tx.tolist()))):
-        pick = np.flatnonzero((ty == key[0]) & (tx == key[1]))
-        tile = ((key[0] * TILE, (key[0] + 1) * TILE), (key[1] * TILE, (key[1] + 1) * TILE))
-        tasks.append(
-            dask.delayed(_spot_features_task, pure=False)(
-                ctx.atlas.path, context, centres[pick], pick, tile, halo, radius_sp
-            )
-        )
-    F = ctx.atlas.root[context].shape[0]
-    out = np.full((len(xy_um), F), np.nan)
-    count = np.zeros(len(xy_um), np.int64)
-    for pick, means, cnt in ctx.compute(*tasks):
-        out[pick], count[pick] = means, cnt
-    return out, count, centres
-
-
+# ---------------------------------------------------------------------------------------- expression
 def _expression(atlas: Atlas, rows: np.ndarray, genes: np.ndarray) -> np.ndarray:
-    """/X at sorted ``rows`` and ``genes`` (small: spots x model genes), float64."""
+    """/X at sorted ``rows`` and ``genes`` (small: spots x model genes), float64, read chunk by chunk."""
     X = atlas.root["X"]
     out = np.empty((len(rows), len(genes)))
     chunk = X.chunks[0]
@@ -221,7 +103,7 @@ def _expression(atlas: Atlas, rows: np.ndarray, genes: np.ndarray) -> np.ndarray
 
 
 def _model_genes(atlas: Atlas, rows: np.ndarray, opts: EnhanceOptions) -> np.ndarray:
-    """Indices of the model genes: the ``n_genes`` of highest variance over the spots, and ``genes``."""
+    """Indices of the model genes: the ``n_genes`` of highest variance over the spots ``rows``, and ``genes``."""
     X = atlas.root["X"]
     G = X.shape[1]
     s1, s2 = np.zeros(G), np.zeros(G)
@@ -237,15 +119,19 @@ def _model_genes(atlas: Atlas, rows: np.ndarray, opts: EnhanceOptions) -> np.nda
     return np.unique(np.concatenate([top, [name[g] for g in opts.genes]]).astype(np.int64))
 
 
-def _grid_map(ctx: StageContext, grid: _Grid, g, fn, source: str, name: str, channels: int, dim: str, **kw) -> None:
-    """``g/<name>`` ``[channels, h, w]`` on the section's superpixel grid (chunks of ``TILE`` superpixels, the
-    channels whole), filled from ``source`` by :func:`lamina.map_tiles` (``kw``: its halo, factor, kwargs, ...)."""
-    from ..maps import map_tiles
-
-    chunks = (channels, min(TILE, grid.h), min(TILE, grid.w))
-    arrays.create(g, name, (channels, grid.h, grid.w), np.float32, chunks, (dim, "y", "x"))
-    label = f"enhance: {name} {grid.section}"
-    map_tiles(fn, ctx.atlas.path, source, f"{g.path}/{name}", batch_dims=0, client=ctx.client, label=label, **kw)
+def _spots(atlas: Atlas, sections: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The enhanced sections' spots: rows, section position, xy (um) and footprint features ``[spot, F]``."""
+    secs = atlas.sections
+    feats = atlas.root["histology/cells/features"]
+    rows, sec, xy, F = [], [], [], []
+    for si, sid in enumerate(sections):
+        row = secs[secs.id == sid].iloc[0]
+        a, b = int(row.cell_start), int(row.cell_stop)
+        rows.append(np.arange(a, b))
+        sec.append(np.full(b - a, si))
+        xy.append(np.c_[atlas.root["cells/x"][a:b], atlas.root["cells/y"][a:b]].astype(np.float64))
+        F.append(np.asarray(feats[a:b], np.float64))
+    return np.concatenate(rows), np.concatenate(sec), np.concatenate(xy), np.concatenate(F)
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -253,60 +139,22 @@ def _build(ctx: StageContext) -> dict:
     from sklearn.decomposition import NMF
 
     from ..kernels.enhance import (
-        N_FEATURES,
-        context_features,
         embedding_block,
         fit_ridge,
         footprints,
         gene_block,
-        image_features,
         residual_field,
+        residual_loo_error,
+        ridge_loo_error,
     )
     from ..store.elements import EnhanceSectionV1
+    from .histology import Grid, grid_map
 
     atlas, opts, group = ctx.atlas, ctx.options, ctx.group
-    sections = _sections(atlas, opts)
-    diameter, pitch = _spot_geometry(atlas, sections, opts)
-    radius_um = diameter / 2
-    sigma_um = pitch if opts.residual_sigma_um is None else float(opts.residual_sigma_um)
-    secs = atlas.sections
-    grids: dict[str, _Grid] = {}
-    spot_rows, spot_sec, spot_feat, spot_centres, spot_xy = [], [], [], [], []
-    n_ctx = N_FEATURES * (1 + len(CONTEXT_RADII))
-    for si, sid in enumerate(sections):
-        grid = grids[sid] = _grid(atlas, sid, opts.superpixel_um)
-        g = group.create_group(sid)
-        image = f"images/{sid}/{grid.level}"
-        features = {"px_um": grid.px_um, "factor": grid.factor}
-        _grid_map(
-            ctx, grid, g, image_features, image, "features", N_FEATURES, "feature", factor=grid.factor, kwargs=features
-        )
-        sig_sp = {"sigmas_sp": tuple(k * radius_um / grid.sp_um for k in CONTEXT_RADII)}
-        _grid_map(ctx, grid, g, context_features, f"{g.path}/features", "context", n_ctx, "feature", kwargs=sig_sp)
-        row = secs[secs.id == sid].iloc[0]
-        a, b = int(row.cell_start), int(row.cell_stop)
-        if b - a == 0:
-            raise InputError(f"enhance: section {sid!r} of {atlas.path} has no spots; leave it out with sections=")
-        xy = np.c_[atlas.root["cells/x"][a:b], atlas.root["cells/y"][a:b]].astype(np.float64)
-        feat, count, centres = _spot_features(ctx, grid, f"{g.path}/context", xy, radius_um)
-        outside = count == 0
-        if outside.mean() > 0.05:
-            img = atlas.image(sid)
-            raise InputError(
-                f"enhance: {int(outside.sum())} of {b - a} spots of section {sid!r} lie outside its image "
-                f"({img['source'] or 'images/' + sid}, {grid.w * grid.factor} x {grid.h * grid.factor} px at level "
-                f"{grid.level}): the image or its pixel size / image_to_section does not match the spots; fix "
-                f"them with lamina.add_image(atlas, {sid!r}, path, pixel_size_um=... | image_to_section=...)"
-            )
-        spot_rows.append(np.arange(a, b))
-        spot_sec.append(np.full(b - a, si))
-        spot_feat.append(feat)
-        spot_centres.append(centres)
-        spot_xy.append(xy)
-    rows = np.concatenate(spot_rows)
-    sec = np.concatenate(spot_sec)
-    Zraw = np.concatenate(spot_feat)
-    centres_all, xy_all = np.concatenate(spot_centres), np.concatenate(spot_xy)
+    hist = atlas.root["histology"]
+    sections = [str(s) for s in hist.attrs["sections"]]
+    pitch = float(hist.attrs["spot_pitch_um"])
+    rows, sec, xy, Zraw = _spots(atlas, sections)
     usable = np.isfinite(Zraw).all(1)
     fit = usable.copy()
     if opts.fit_column is not None:
@@ -317,7 +165,7 @@ def _build(ctx: StageContext) -> dict:
             f"{', with ' + opts.fit_column if opts.fit_column else ''}); need at least {max(opts.rank + 2, 10)}"
         )
 
-    # expression and metagenes
+    # metagenes of the fitted spots
     gene_idx = _model_genes(atlas, rows[fit], opts)
     Y = _expression(atlas, rows, gene_idx)
     bad = ~np.isfinite(Y) | (Y < 0)
@@ -327,91 +175,97 @@ def _build(ctx: StageContext) -> dict:
             f"{int(rows[fit][np.argmax(bad[fit].any(1))])}); enhance needs counts or log-normalised expression "
             f"(ingest with normalize='log1p', not scaled values)"
         )
-    rng = np.random.default_rng(opts.seed)
     fit_idx = np.flatnonzero(fit)
-    nmf_idx = np.sort(rng.choice(fit_idx, min(len(fit_idx), opts.fit_spots), replace=False))
+    nmf_idx = np.sort(np.random.default_rng(opts.seed).choice(fit_idx, min(len(fit_idx), opts.fit_spots), False))
     rank = min(opts.rank, len(gene_idx), len(nmf_idx))
     nmf = NMF(rank, init="nndsvda", max_iter=1000, random_state=opts.seed).fit(Y[nmf_idx])
     H = nmf.components_
     W = np.zeros((len(rows), rank))
     W[fit] = nmf.transform(Y[fit])
 
-    # the image head
+    # the image head and its residuals
     mean, scale = Zraw[fit].mean(0), Zraw[fit].std(0)
     scale = np.where(scale > 1e-12, scale, 1.0)
     Z = np.where(usable[:, None], (np.nan_to_num(Zraw) - mean) / scale, 0.0)
-    coef, offsets = fit_ridge(Z[fit], W[fit], sec[fit], len(sections), opts.alpha)
+    alpha = opts.alpha
+    if alpha is None:  # the image earns its weight: with no information in it the head shrinks to the offsets
+        loo = ridge_loo_error(Z[fit], W[fit], sec[fit], len(sections), ALPHAS)
+        alpha = ALPHAS[int(np.argmin(loo))]
+        log.info(
+            "enhance: ridge penalty %g (leave-one-out error %.4g; %g: %.4g)", alpha, loo.min(), ALPHAS[-1], loo[-1]
+        )
+    coef, offsets = fit_ridge(Z[fit], W[fit], sec[fit], len(sections), alpha)
     head = Z @ coef + offsets[sec]
     resid = np.where(fit[:, None], W - head, 0.0)
+    sigma_um = opts.residual_sigma_um
+    if sigma_um is None:  # per section: residuals spread only within their own section
+        sigmas = [k * pitch for k in SIGMAS]
+        loo = sum(
+            residual_loo_error(xy[fit & (sec == i)], resid[fit & (sec == i)], sigmas, PRIOR)
+            for i in range(len(sections))
+        )
+        sigma_um = float(sigmas[int(np.argmin(loo))])
+        log.info("enhance: residual sigma %g um (leave-one-out error %.4g; none: %.4g)", sigma_um, loo.min(), loo[0])
     r2 = 1 - ((W[fit] - head[fit]) ** 2).sum() / max(((W[fit] - W[fit].mean(0)) ** 2).sum(), 1e-30)
 
-    # per section: the embedding (and genes); the spots' scores = footprint means of the embedding
+    # per section: the embedding (and gene maps); each spot's scores = the footprint mean of the embedding
     scores = np.full((len(rows), rank), np.nan)
-    gene_pos = {g: i for i, g in enumerate(atlas.genes[gene_idx])}
-    maps = [gene_pos[g] for g in opts.genes]
+    model_genes = list(atlas.genes[gene_idx])
+    maps = [model_genes.index(g) for g in opts.genes]
     for si, sid in enumerate(sections):
-        grid, g = grids[sid], group[sid]
-        m = sec == si
-        fm = fit & m
-        spots_um = xy_all[fm]
-        radius_sp = radius_um / grid.sp_um
-        centres = centres_all[m]
-        # the mean of the residual field over each spot's footprint (the head's mean is linear: head[m])
-        rr, cc, inside = footprints(centres, radius_sp, grid.h, grid.w)
-        pts = np.stack([cc + 0.5, rr + 0.5, np.ones_like(rr, dtype=float)], -1) @ grid.grid_to_um.T
-        field = residual_field(pts[..., :2].reshape(-1, 2), spots_um, resid[fm], sigma_um) if sigma_um > 0 else None
-        if field is None:
-            field_mean = np.zeros((int(m.sum()), rank))
-        else:
+        grid = Grid.of(hist[sid])
+        g = group.create_group(sid)
+        m, fm = sec == si, fit & (sec == si)
+        radius_sp = float(hist[sid].attrs["spot_radius_um"]) / grid.sp_um
+        centres = grid.centres(xy[m])
+        # the residual field's mean over each footprint (the head's is linear: head[m])
+        field_mean = np.zeros((int(m.sum()), rank))
+        if sigma_um > 0 and fm.any():
+            rr, cc, inside = footprints(centres, radius_sp, grid.h, grid.w)
+            pts = np.stack([cc + 0.5, rr + 0.5, np.ones(rr.shape)], -1) @ grid.grid_to_um.T
+            field = residual_field(pts[..., :2].reshape(-1, 2), xy[fm], resid[fm], sigma_um, PRIOR)
             field = field.reshape(*rr.shape, rank)
             with np.errstate(invalid="ignore"):
                 field_mean = (field * inside[..., None]).sum(1) / inside.sum(1)[:, None]
         before = head[m] + field_mean
         shift = np.where(fit[m][:, None], W[m] - before, 0.0) if opts.project else None
-        scores[m] = before + (shift if shift is not None else 0.0)
-        _grid_map(
+        scores[m] = before if shift is None else before + shift
+        kwargs = {
+            "mean": mean,
+            "scale": scale,
+            "coef": coef,
+            "offset": offsets[si],
+            "grid_to_um": grid.grid_to_um,
+            "spots_um": xy[fm] if sigma_um > 0 else np.zeros((0, 2)),
+            "residuals": resid[fm],
+            "sigma_um": max(sigma_um, 1e-9),
+            "prior": PRIOR,
+            "centres_sp": centres[fit[m]] if shift is not None else None,
+            "radius_sp": radius_sp,
+            "shift": shift[fit[m]] if shift is not None else None,
+        }
+        source = f"histology/{sid}/features"
+        grid_map(
             ctx,
             grid,
             g,
             embedding_block,
-            f"{g.path}/context",
+            source,
             "embedding",
             rank,
             "metagene",
             halo=0,
             with_origin=True,
-            kwargs={
-                "mean": mean,
-                "scale": scale,
-                "coef": coef,
-                "offset": offsets[si],
-                "grid_to_um": grid.grid_to_um,
-                "spots_um": spots_um if sigma_um > 0 else np.zeros((0, 2)),
-                "residuals": resid[fm],
-                "sigma_um": max(sigma_um, 1e-9),
-                "prior": 0.1,
-                "centres_sp": centres[fit[m]] if opts.project else None,
-                "radius_sp": radius_sp,
-                "shift": shift[fit[m]] if shift is not None else None,
-            },
+            kwargs=kwargs,
         )
         if maps:
             loadings = {"loadings": H[:, maps]}
-            _grid_map(
+            grid_map(
                 ctx, grid, g, gene_block, f"{g.path}/embedding", "genes", len(maps), "gene", halo=0, kwargs=loadings
             )
             arrays.write_small(g, "gene", np.asarray(list(opts.genes), dtype=str), ("gene",))
-        del g["features"], g["context"]
-        g.attrs.update(
-            {
-                "section": sid,
-                "superpixel_um": grid.sp_um,
-                "grid_to_section": grid.grid_to_um.tolist(),
-                "image_level": grid.level,
-                "pixels_per_superpixel": grid.factor,
-                "spot_radius_um": radius_um,
-            }
-        )
+        g.attrs.update({k: hist[sid].attrs[k] for k in ("section", "superpixel_um", "grid_to_section", "image_level")})
+        g.attrs["spot_radius_um"] = hist[sid].attrs["spot_radius_um"]
         EnhanceSectionV1.stamp(g)
 
     n, chunk = atlas.n_cells, atlas.cell_chunk
@@ -427,7 +281,7 @@ def _build(ctx: StageContext) -> dict:
         target[a:b], fitted[a:b] = block, flag
     model = group.create_group("model")
     arrays.write_small(model, "loadings", H.astype(np.float32), ("metagene", "gene"))
-    arrays.write_small(model, "gene", np.asarray(atlas.genes[gene_idx], dtype=str), ("gene",))
+    arrays.write_small(model, "gene", np.asarray(model_genes, dtype=str), ("gene",))
     arrays.write_small(model, "feature_mean", mean, ("feature",))
     arrays.write_small(model, "feature_scale", scale, ("feature",))
     arrays.write_small(model, "coef", coef, ("feature", "metagene"))
@@ -436,9 +290,10 @@ def _build(ctx: StageContext) -> dict:
     group.attrs.update(
         {
             "sections": sections,
-            "spot_diameter_um": diameter,
+            "spot_diameter_um": float(hist.attrs["spot_diameter_um"]),
             "spot_pitch_um": pitch,
             "residual_sigma_um": sigma_um,
+            "alpha": alpha,
             "rank": rank,
         }
     )
@@ -450,23 +305,25 @@ def _build(ctx: StageContext) -> dict:
         "model_genes": len(gene_idx),
         "rank": rank,
         "head_r2": round(float(r2), 4),
+        "alpha": alpha,
+        "residual_sigma_um": round(sigma_um, 2),
     }
 
 
 STAGE = Stage(
     name="enhance",
     output="enhance",
-    inputs=(),
+    inputs=("histology",),
     options=EnhanceOptions,
     version=1,
     summary=(
-        "Histology-guided high-definition expression: weight-free H&E features per superpixel, NMF metagenes of the "
-        "spots, a ridge head fitted by the forward-sum objective plus the spots' residuals spread by a Gaussian "
-        "-> /enhance/<section>/embedding [rank, y, x] (+ gene maps), /enhance/cells/scores."
+        "Histology-guided high-definition expression: NMF metagenes of the spots, a ridge head on the histology "
+        "features fitted by the forward-sum objective, plus the spots' residuals spread by a Gaussian -> "
+        "/enhance/<section>/embedding [rank, y, x] (+ gene maps), /enhance/cells/scores."
     ),
     build=_build,
     element="lamina.enhance",
     pipeline="enhance",
     check=_check,
 )
-enhance = STAGE.function
+enhance = STAGE.function  # the stage alone; lamina.enhance is the pipeline histology -> enhance

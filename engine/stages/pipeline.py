@@ -172,3 +172,13 @@ def embed(atlas: Atlas, client=None, learned: bool = True, stages: dict | None =
     disabled = () if learned else ("encoder",)
     routed = route(names, options, stages, "lamina.embed()")
     return run_plan(atlas, plan(atlas, ["embed"], routed, disabled), client)
+
+
+def enhance(atlas: Atlas, client=None, stages: dict | None = None, force: bool = False, **options) -> dict[str, float]:
+    """``histology -> enhance``: image features per superpixel, then the expression model and its maps; returns
+    wall seconds per stage. Options go to the stage that declares them (``superpixel_um=`` to histology,
+    ``rank=``, ``genes=``, ``fit_column=`` ... to enhance); a refit with other enhance options reuses the features.
+    ``force`` re-runs both."""
+    names = with_inputs(pipelines()["enhance"])
+    routed = route(names, options, stages, "lamina.enhance()")
+    return run_plan(atlas, plan(atlas, ["enhance"], routed), client, force=force)

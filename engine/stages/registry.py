@@ -35,6 +35,7 @@ BUILTIN = (
     "invert",
     "niche",
     "encoder",
+    "histology",
     "enhance",
 )
 #: the stage that creates a store; every other stage reads it (it is run by ``lamina.ingest``, not the registry)

@@ -19,6 +19,7 @@ Elements designed for the stages to come (the ``enhance`` and ``embed`` issues):
 
 from __future__ import annotations
 
+import uuid
 from typing import ClassVar, TypeVar, cast
 
 import numpy as np
@@ -136,6 +137,22 @@ ExpressionVolumeV1 = _element(
 )
 ImagesV1 = _element("lamina.images", doc="/images: one ImageV1 per section, named by the section id")
 EmbeddingsV1 = _element("lamina.embeddings", doc="/embeddings: one EmbeddingV1 per key")
+HistologyV1 = _element(
+    "lamina.histology",
+    ("cells",),
+    ("sections", "spot_diameter_um", "spot_pitch_um", "feature_names"),
+    {"cells/features": ("cell", "feature")},
+    doc="/histology: cells/features [cell, feature] (each spot's footprint mean; NaN outside the sections read) and "
+    "one HistologySectionV1 per section with an image",
+)
+HistologySectionV1 = _element(
+    "lamina.histology-section",
+    ("features",),
+    ("section", "superpixel_um", "grid_to_section", "image_level", "pixels_per_superpixel", "spot_radius_um"),
+    {"features": ("feature", "y", "x")},
+    doc="/histology/<section>: features [feature, y, x] on the superpixel grid (grid_to_section: 3x3 from "
+    "(col, row, 1) to the section's raw um)",
+)
 EnhanceV1 = _element(
     "lamina.enhance",
     ("model", "cells"),
@@ -242,6 +259,7 @@ class ImageV1(Element):
                 "image_to_section": affine.tolist(),
                 "section": section,
                 "source": str(source),
+                "written": uuid.uuid4().hex,  # identifies this copy: stages that read the image hash it
             }
         )
         cls.stamp(group)
@@ -316,6 +334,8 @@ ELEMENTS: dict[tuple[str, str], type[Element]] = {
         ImageV1,
         EmbeddingsV1,
         EmbeddingV1,
+        HistologyV1,
+        HistologySectionV1,
         EnhanceV1,
         EnhanceSectionV1,
     )

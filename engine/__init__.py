@@ -54,6 +54,7 @@ _LAZY = {
     "domains": ".domains",
     "add_image": ".ingest.images",
     "export_spatialdata": ".spatialdata_zarr",
+    "export_enhanced": ".export_enhance",
     **{
         name: ".stages"
         for name in (

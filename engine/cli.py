@@ -204,6 +204,15 @@ def cmd_export(args) -> int:
     atlas = Atlas.open(args.store)
     sections = args.sections.split(",") if args.sections else None
     genes = args.genes.split(",") if args.genes else None
+    if args.enhanced:
+        from .export_enhance import export_enhanced
+
+        if args.format not in ("parquet", "anndata"):
+            raise ConfigError("--enhanced exports the enhanced maps as parquet or anndata")
+        suffix = "-enhanced.parquet" if args.format == "parquet" else "-enhanced.h5ad"
+        out = args.out or str(Path(args.store).with_suffix("")) + suffix
+        print(f"wrote {export_enhanced(atlas, out, args.format, genes, sections)}")
+        return 0
     if args.volume:
         from .stages import export_expression_parquet
 
@@ -307,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--genes", help="comma-separated gene names")
     e.add_argument(
         "--volume", action="store_true", help="export the voxel expression volume (x, y, z, genes) instead of cells"
+    )
+    e.add_argument(
+        "--enhanced",
+        action="store_true",
+        help="export the enhanced maps (one row per superpixel of the measured tissue: x, y, z, metagenes, genes)",
     )
     e.set_defaults(func=cmd_export)
 

@@ -242,3 +242,34 @@ def test_a_refit_reuses_the_features_and_a_new_image_recomputes_them(tmp_path):
     lamina.add_image(atlas, "S0", ph.images["S0"], pixel_size_um=ph.pixel_size_um)  # the same file, a new copy
     lamina.enhance(atlas, rank=4)
     assert atlas.stage_records()["histology"]["finished"] != first
+
+
+def test_export_of_the_enhanced_maps_parquet_anndata_and_cli(tmp_path):
+    import anndata as ad
+    import pandas as pd
+
+    from lamina.cli import main
+
+    ph, atlas = _store(tmp_path)
+    lamina.enhance(atlas, fit_column="visible")
+    out = lamina.export_enhanced(atlas, tmp_path / "sp.parquet", genes=["G01", "G05"])
+    df = pd.read_parquet(out)
+    g = atlas.root["enhance"]
+    emb = np.asarray(g["S0/embedding"][...])
+    # every superpixel within one pitch of a spot: the lattice covers the image, so nearly all of it
+    assert 0.9 * emb.shape[1] * emb.shape[2] <= len(df) <= emb.shape[1] * emb.shape[2]
+    assert list(df.columns[:4]) == ["section", "x", "y", "z"] and "atlas_x" not in df  # not aligned
+    names = [str(x) for x in g["model/gene"][...]]
+    H = np.asarray(g["model/loadings"][...])
+    A = np.asarray(g["S0"].attrs["grid_to_section"])
+    col = np.floor((df.x.to_numpy() - A[0, 2]) / A[0, 0]).astype(int)
+    row = np.floor((df.y.to_numpy() - A[1, 2]) / A[1, 1]).astype(int)
+    np.testing.assert_allclose(
+        df.G05, (H[:, names.index("G05")] @ emb.reshape(len(H), -1))[row * emb.shape[2] + col], atol=1e-4
+    )
+    assert main(["export", atlas.path, "--format", "anndata", "--enhanced", "--out", str(tmp_path / "sp.h5ad")]) == 0
+    adata = ad.read_h5ad(tmp_path / "sp.h5ad")
+    assert adata.n_obs == len(df) and adata.obsm["X_enhance"].shape[1] == g.attrs["rank"]
+    assert adata.obsm["spatial"].shape[1] == 3 and adata.n_vars == len(names)
+    assert main(["export", atlas.path, "--format", "csv", "--enhanced"]) == 2
+    assert not (tmp_path / "sp.parquet.partial").exists()

@@ -205,7 +205,7 @@ def super_resolution_case(work, name, section, x, y, bx, by, Y, truth, genes, se
     r over spots and within-block deviation r against ``truth`` (the measurement, or a phantom's noise-free
     truth), next to copying the block value."""
     import lamina
-    from lamina.kernels.enhance import footprint_means
+    from lamina.kernels.enhance import footprint_mask, footprint_means
 
     codes, count, pseudo, px, py, psec = pooled(section, x, y, bx, by, Y)
     table = pd.DataFrame(pseudo.astype(np.float32), columns=genes)
@@ -221,16 +221,28 @@ def super_resolution_case(work, name, section, x, y, bx, by, Y, truth, genes, se
         seconds = time.perf_counter() - t
         g = atlas.root["enhance"]
         mgenes = [str(v) for v in g["model/gene"][...]]
-        H = np.asarray(g["model/loadings"][...])[:, [mgenes.index(v) for v in genes]]
+        cols = [mgenes.index(v) for v in genes]
+        H = np.asarray(g["model/loadings"][...])[:, cols]
+        # each pseudo-spot's measurement minus its metagenes, spread over its footprint (project=True)
+        E = np.asarray(g["cells/residuals"][...], np.float64)[:, cols]
+        prow = np.asarray(atlas.root["cells/input_row"][...])
         P = np.zeros_like(truth, dtype=np.float64)
         for s in np.unique(section):
             m = section == s
             grp = g[s]
+            sp_um = float(grp.attrs["superpixel_um"])
             A = np.asarray(grp.attrs["grid_to_section"])
             c = (np.c_[xy[m], np.ones(m.sum())] @ np.linalg.inv(A).T)[:, :2]
             emb = np.asarray(grp["embedding"][...], np.float64)
-            means, _ = footprint_means(emb, c, spot / 2 / float(grp.attrs["superpixel_um"]))
-            P[m] = means @ H
+            means, _ = footprint_means(emb, c, spot / 2 / sp_um)
+            # the pseudo-spot whose footprint holds each spot's centre
+            pm = np.flatnonzero(psec[prow] == s)
+            pc = (np.c_[px[prow[pm]], py[prow[pm]], np.ones(len(pm))] * [px_um, px_um, 1] @ np.linalg.inv(A).T)[:, :2]
+            owner = footprint_mask(pc, float(grp.attrs["spot_radius_um"]) / sp_um, *emb.shape[1:])
+            hit = owner[
+                np.clip(c[:, 1].astype(int), 0, emb.shape[1] - 1), np.clip(c[:, 0].astype(int), 0, emb.shape[2] - 1)
+            ]
+            P[m] = means @ H + np.where(hit[:, None] >= 0, E[pm[np.maximum(hit, 0)]], 0.0)
         return P, seconds
 
     copy = pseudo[codes]
@@ -347,6 +359,100 @@ def histology_alone(work: Path) -> list:
     return rows
 
 
+# ------------------------------------------------------------------------------------------- scale
+SLIDE_PX_UM = 0.5
+SLIDE_PITCH_UM = 100.0
+SLIDE_GENES = 50
+
+
+def _slide_fields(size_px: int, seed: int = 0):
+    """Two smooth fields on a coarse grid (one value per 64 px) and a function giving them at any pixel."""
+    rng = np.random.default_rng(seed)
+    coarse = max(2, size_px // 64)
+    from scipy import ndimage as ndi
+
+    fields = np.stack([ndi.gaussian_filter(rng.normal(size=(coarse, coarse)), 3) for _ in range(2)])
+    fields = (fields - fields.min()) / (np.ptp(fields) + 1e-9)
+
+    def at(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return np.stack([ndi.map_coordinates(f, [rows / 64.0, cols / 64.0], order=1, mode="nearest") for f in fields])
+
+    return at
+
+
+def make_slide(path: Path, size_px: int) -> None:
+    """A synthetic RGB slide of ``size_px`` square (tiled TIFF, 512 px tiles, written tile by tile)."""
+    import tifffile
+
+    at = _slide_fields(size_px)
+    tile = 512
+    rng = np.random.default_rng(1)
+
+    def tiles():
+        for y0 in range(0, size_px, tile):
+            for x0 in range(0, size_px, tile):
+                rr, cc = np.mgrid[y0 : y0 + tile, x0 : x0 + tile]
+                f = at(rr.ravel().astype(float), cc.ravel().astype(float)).reshape(2, tile, tile)
+                od = 1.2 * f[0, ..., None] * np.array([0.65, 0.70, 0.29]) + 0.8 * f[1, ..., None] * np.array(
+                    [0.07, 0.99, 0.11]
+                )
+                od += rng.normal(0, 0.03, od.shape)
+                yield np.clip(255 * np.exp(-od), 0, 255).astype(np.uint8)
+
+    tifffile.imwrite(path, tiles(), shape=(size_px, size_px, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb")
+
+
+def slide_spots(size_px: int) -> pd.DataFrame:
+    """Spots on a square lattice over the slide, expression = non-negative mixes of the two fields + noise."""
+    at = _slide_fields(size_px)
+    k = int(size_px * SLIDE_PX_UM // SLIDE_PITCH_UM)
+    rows, cols = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    py = (rows.ravel() + 0.5) * SLIDE_PITCH_UM / SLIDE_PX_UM
+    px = (cols.ravel() + 0.5) * SLIDE_PITCH_UM / SLIDE_PX_UM
+    f = at(py, px)
+    rng = np.random.default_rng(2)
+    mix = rng.uniform(0, 1, (SLIDE_GENES, 2))
+    Y = np.log1p(3 * (mix @ f).T) + rng.normal(0, 0.1, (len(px), SLIDE_GENES))
+    table = pd.DataFrame(np.maximum(Y, 0).astype(np.float32), columns=[f"G{i}" for i in range(SLIDE_GENES)])
+    table.insert(0, "section", "slide")
+    table.insert(1, "x", px)
+    table.insert(2, "y", py)
+    return table
+
+
+def scale_child(size_px: int, work: Path) -> None:
+    import json
+
+    import lamina
+
+    tif = work / f"slide-{size_px}.tif"
+    table = slide_spots(size_px)
+    t0 = time.perf_counter()
+    atlas = build_store(work / f"slide-{size_px}.lamina.zarr", table, table.columns[3:], {"slide": tif}, SLIDE_PX_UM)
+    ingest = time.perf_counter() - t0
+    seconds = lamina.enhance(atlas, genes=["G0", "G1"])
+    out = {"ingest": ingest, **seconds, "spots": len(table)}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def scale(work: Path, sizes) -> list:
+    from _measure import child_result, run_measured
+
+    rows = []
+    for size in sizes:
+        tif = work / f"slide-{size}.tif"
+        t = time.perf_counter()
+        make_slide(tif, size)
+        make = time.perf_counter() - t
+        m = run_measured([sys.executable, "-W", "ignore", __file__, "--scale-child", str(size), "--work", str(work)])
+        res = child_result(m)
+        rows.append({"px": size, "make_tiff_s": make, **res, "wall": m["seconds"], "peak_gib": m["peak_rss"] / 2**30})
+        print(rows[-1], flush=True)
+        shutil.rmtree(work / f"slide-{size}.lamina.zarr", ignore_errors=True)
+        tif.unlink(missing_ok=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- smoke
 def smoke(work: Path) -> None:
     """A synthetic section whose image carries the expression (seconds): enhance must beat IDW on hidden spots."""
@@ -371,11 +477,44 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--scale", type=int, nargs="*", help="slide sizes (px) for the scale table only, e.g. 20000 40000")
+    ap.add_argument("--scale-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
         smoke(work)
+        return
+    if args.scale_child:
+        scale_child(args.scale_child, work)
+        return
+    if args.scale:
+        rows = scale(work, args.scale)
+        lines = [
+            "## Enhance at scale (benchmarks/enhance.py --scale)",
+            "",
+            f"{dt.date.today()} · {platform.machine()}, 2 cores, no GPU · Python {platform.python_version()} · "
+            f"command: `python benchmarks/enhance.py --scale {' '.join(map(str, args.scale))} --write`",
+            "",
+            f"A synthetic RGB slide (tiled TIFF, {SLIDE_PX_UM} um per pixel, written tile by tile before the run and "
+            f"not timed), spots on a {SLIDE_PITCH_UM:g} um lattice over it with {SLIDE_GENES} genes; one child process "
+            "(threads, no client): ingest (the image read tile by tile into the store's pyramid), then "
+            "histology -> enhance with defaults and 2 gene maps. Peak RSS of the child.",
+            "",
+            "| slide (px) | spots | ingest (s) | histology (s) | enhance (s) | s per 100 M px (histology) | wall (s) | "
+            "peak RSS (GiB) |",
+            "|---|---|---|---|---|---|---|---|",
+            *[
+                f"| {r['px']:,} x {r['px']:,} | {r['spots']:,} | {r['ingest']:.1f} | {r['histology']:.1f} | "
+                f"{r['enhance']:.1f} | {r['histology'] / (r['px'] ** 2 / 1e8):.2f} | {r['wall']:.1f} | "
+                f"{r['peak_gib']:.2f} |"
+                for r in rows
+            ],
+        ]
+        text = "\n".join(lines)
+        print(text)
+        if args.write:
+            write_results(text, "enhance-scale")
         return
     if not (DATA / "her2st_all_sections.h5ad").exists():
         print(f"skip: {DATA} not present (see ../shared/data/README.md)")

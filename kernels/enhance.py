@@ -332,11 +332,22 @@ def embedding_block(
     return s.T.reshape(-1, h, w).astype(np.float32)
 
 
-def gene_block(block: np.ndarray, loadings: np.ndarray) -> np.ndarray:
-    """Gene maps from metagene scores: ``[R, h, w]``, loadings ``[R, G]`` -> ``[G, h, w]`` = ``sum_r s_r H_rg``."""
+def gene_block(
+    block: np.ndarray,
+    origin: tuple[int, int] = (0, 0),
+    *,
+    loadings: np.ndarray,
+    centres_sp: np.ndarray | None = None,
+    radius_sp: float = 0.0,
+    shift: np.ndarray | None = None,
+) -> np.ndarray:
+    """Gene maps from metagene scores: ``[R, h, w]``, loadings ``[R, G]`` -> ``[G, h, w]`` = ``sum_r s_r H_rg``;
+    with ``centres_sp`` / ``shift`` ``[m, G]``, spot ``i``'s footprint is moved by ``shift[i]`` (the gene-space
+    residual ``x_i - W_i H`` of a fitted spot: its footprint mean then equals its measurement)."""
     R, h, w = block.shape
-    return (
-        (np.asarray(loadings, np.float64).T @ np.asarray(block, np.float64).reshape(R, -1))
-        .reshape(-1, h, w)
-        .astype(np.float32)
-    )
+    out = np.asarray(loadings, np.float64).T @ np.asarray(block, np.float64).reshape(R, -1)
+    if centres_sp is not None and shift is not None and len(centres_sp):
+        owner = footprint_mask(centres_sp, radius_sp, h, w, origin).ravel()
+        hit = owner >= 0
+        out[:, hit] += np.asarray(shift, np.float64)[owner[hit]].T
+    return out.reshape(-1, h, w).astype(np.float32)

@@ -58,7 +58,11 @@ class EnhanceOptions(Options):
         "(or none); 0: the image head only",
         ge=0,
     )
-    project: bool = option(False, "shift each fitted spot's footprint so its mean equals the spot's scores")
+    project: bool = option(
+        False,
+        "shift each fitted spot's footprint so its mean equals its scores (embedding) and its measurement (gene maps, "
+        "cells/residuals)",
+    )
     genes: tuple[str, ...] = option((), "genes whose maps [gene, y, x] are written (at most 256)")
     n_genes: int = option(2000, "model genes: the most variable of /X (variance over the spots), plus genes", ge=1)
     fit_column: str | None = option(
@@ -279,6 +283,16 @@ def _build(ctx: StageContext) -> dict:
         block[rows[sel] - a] = scores[sel]
         flag[rows[sel] - a] = fit[sel]
         target[a:b], fitted[a:b] = block, flag
+    if opts.project:  # what the metagenes miss of each fitted spot's measurement: x - W H (0 elsewhere)
+        G = len(gene_idx)
+        resid_x = arrays.create(cells, "residuals", (n, G), np.float32, (chunk, min(G, 256)), ("cell", "gene"))
+        E = np.where(fit[:, None], Y - W @ H, 0.0)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            block = np.zeros((b - a, G), np.float32)
+            sel = (rows >= a) & (rows < b)
+            block[rows[sel] - a] = E[sel]
+            resid_x[a:b] = block
     model = group.create_group("model")
     arrays.write_small(model, "loadings", H.astype(np.float32), ("metagene", "gene"))
     arrays.write_small(model, "gene", np.asarray(model_genes, dtype=str), ("gene",))

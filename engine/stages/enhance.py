@@ -188,7 +188,9 @@ def _build(ctx: StageContext) -> dict:
     W[fit] = nmf.transform(Y[fit])
 
     # the image head and its residuals
-    mean, scale = Zraw[fit].mean(0), Zraw[fit].std(0)
+    # standardised at the superpixels' scale, where the head is applied: a feature that varies much within a
+    # footprint but little between spots (texture) is penalised for that variation, not amplified by it
+    mean, scale = np.asarray(hist["feature_mean"][...]), np.asarray(hist["feature_scale"][...])
     scale = np.where(scale > 1e-12, scale, 1.0)
     Z = np.where(usable[:, None], (np.nan_to_num(Zraw) - mean) / scale, 0.0)
     alpha = opts.alpha

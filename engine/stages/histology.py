@@ -7,6 +7,8 @@ Data flow, per section with an image in ``/images``::
         [F, h, w] per superpixel --map_tiles(context_features, halo 4 sigma)--> /histology/<section>/features
         [3F, h, w]: each superpixel's features and their Gaussian means at 1x and 3x the spot radius
     features tiles + the spots whose centres fall in them --footprint_means--> /histology/cells/features [cell, 3F]
+        and the features' mean and sd over the superpixels of all footprints (feature_mean, feature_scale: the
+        scale at which enhance applies its head)
 
 A separate stage because the features depend only on the images, the superpixel size and the spot radius:
 refitting ``enhance`` (other genes, rank, held-out spots) reuses them. Its hash includes a token of every image
@@ -179,13 +181,16 @@ def _footprint_task(store: str, source: str, centres_sp: np.ndarray, pick: np.nd
     _, h, w = arr.shape
     (y0, y1), (x0, x1) = tile
     a0, a1, b0, b1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
-    means, count = footprint_means(np.asarray(arr[:, a0:a1, b0:b1]), centres_sp, radius_sp, origin=(a0, b0))
-    return pick, means, count
+    block = np.asarray(arr[:, a0:a1, b0:b1], np.float64)
+    means, count = footprint_means(block, centres_sp, radius_sp, origin=(a0, b0))
+    squares, _ = footprint_means(block * block, centres_sp, radius_sp, origin=(a0, b0))
+    return pick, means, squares, count
 
 
 def footprint_grid_means(ctx: StageContext, source: str, centres_sp: np.ndarray, radius_sp: float):
-    """Footprint means ``[n, C]`` of the grid array ``source`` ``[C, h, w]`` at ``centres_sp`` (col, row), one task
-    per ``TILE`` tile holding centres (read with a halo that holds the footprints), and the superpixels counted."""
+    """Footprint means ``[n, C]`` of the grid array ``source`` ``[C, h, w]`` and of its squares at ``centres_sp``
+    (col, row), one task per ``TILE`` tile holding centres (read with a halo that holds the footprints), and the
+    superpixels counted ``[n]``."""
     halo = int(math.ceil(radius_sp)) + 2
     ty = np.floor(centres_sp[:, 1] / TILE).astype(np.int64)
     tx = np.floor(centres_sp[:, 0] / TILE).astype(np.int64)
@@ -200,10 +205,11 @@ def footprint_grid_means(ctx: StageContext, source: str, centres_sp: np.ndarray,
         )
     C = ctx.atlas.root[source].shape[0]
     out = np.full((len(centres_sp), C), np.nan)
+    sq = np.full((len(centres_sp), C), np.nan)
     count = np.zeros(len(centres_sp), np.int64)
-    for pick, means, cnt in ctx.compute(*tasks):
-        out[pick], count[pick] = means, cnt
-    return out, count
+    for pick, means, squares, cnt in ctx.compute(*tasks):
+        out[pick], sq[pick], count[pick] = means, squares, cnt
+    return out, sq, count
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -220,6 +226,7 @@ def _build(ctx: StageContext) -> dict:
     cells = group.create_group("cells")
     spot = arrays.create(cells, "features", (n, n_ctx), np.float32, (chunk, n_ctx), ("cell", "feature"))
     spots = 0
+    moments, superpixels = np.zeros((2, n_ctx)), 0  # sums of the features and their squares over the footprints
     for sid in sections:
         grid = _grid(atlas, sid, opts.superpixel_um)
         g = group.create_group(sid)
@@ -231,7 +238,14 @@ def _build(ctx: StageContext) -> dict:
         row = secs[secs.id == sid].iloc[0]
         a, b = int(row.cell_start), int(row.cell_stop)
         xy = np.c_[atlas.root["cells/x"][a:b], atlas.root["cells/y"][a:b]].astype(np.float64)
-        means, count = footprint_grid_means(ctx, f"{g.path}/features", grid.centres(xy), radius_um / grid.sp_um)
+        means, squares, count = footprint_grid_means(
+            ctx, f"{g.path}/features", grid.centres(xy), radius_um / grid.sp_um
+        )
+        inside = count > 0
+        moments += np.stack(
+            [(means[inside] * count[inside, None]).sum(0), (squares[inside] * count[inside, None]).sum(0)]
+        )
+        superpixels += int(count[inside].sum())
         outside = count == 0
         if outside.mean() > MAX_OUTSIDE:
             src = atlas.image(sid)["source"] or f"images/{sid}"
@@ -261,6 +275,10 @@ def _build(ctx: StageContext) -> dict:
             }
         )
         HistologySectionV1.stamp(g)
+    ensure(superpixels > 0, "histology: no spot lies inside an image")
+    mean = moments[0] / superpixels
+    arrays.write_small(group, "feature_mean", mean, ("feature",))
+    arrays.write_small(group, "feature_scale", np.sqrt(np.maximum(moments[1] / superpixels - mean**2, 0)), ("feature",))
     group.attrs.update(
         {
             "sections": sections,

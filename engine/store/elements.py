@@ -139,7 +139,7 @@ ImagesV1 = _element("lamina.images", doc="/images: one ImageV1 per section, name
 EmbeddingsV1 = _element("lamina.embeddings", doc="/embeddings: one EmbeddingV1 per key")
 HistologyV1 = _element(
     "lamina.histology",
-    ("cells",),
+    ("cells", "feature_mean", "feature_scale"),
     ("sections", "spot_diameter_um", "spot_pitch_um", "feature_names"),
     {"cells/features": ("cell", "feature")},
     doc="/histology: cells/features [cell, feature] (each spot's footprint mean; NaN outside the sections read) and "

@@ -273,3 +273,31 @@ def test_export_of_the_enhanced_maps_parquet_anndata_and_cli(tmp_path):
     assert adata.obsm["spatial"].shape[1] == 3 and adata.n_vars == len(names)
     assert main(["export", atlas.path, "--format", "csv", "--enhanced"]) == 2
     assert not (tmp_path / "sp.parquet.partial").exists()
+
+
+def test_bad_images_are_refused_before_the_store_changes(tmp_path):
+    ph, atlas = _store(tmp_path)
+    before = atlas.root["images/S0"].attrs["written"]
+    with pytest.raises(lamina.InputError, match="nope.png does not exist"):
+        lamina.add_image(atlas, "S0", tmp_path / "nope.png", pixel_size_um=2.0)
+    with pytest.raises(lamina.InputError, match="S0.png"):
+        lamina.add_image(atlas, "S0", ph.images["S0"], pixel_size_um=0.0)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    with pytest.raises(lamina.InputError, match="broken.png: not a readable image"):
+        lamina.add_image(atlas, "S0", broken, pixel_size_um=2.0)
+    assert atlas.root["images/S0"].attrs["written"] == before
+
+
+def test_a_small_second_section_is_enhanced_with_the_shared_model(tmp_path):
+    from lamina.datasets.histology import histology_phantom
+
+    ph = histology_phantom(seed=2, folder=tmp_path / "img")
+    two = ph.table.copy()
+    two.loc[two.index[:12], "section"] = "S1"  # a second section of 12 spots (ingest refuses fewer than 10)
+    images = {"S0": ph.images["S0"], "S1": ph.images["S0"]}
+    atlas = bench.build_store(tmp_path / "two.lamina.zarr", two, ph.genes, images, ph.pixel_size_um)
+    lamina.enhance(atlas)  # one model across the sections, an offset per section
+    scores = np.asarray(atlas.root["enhance/cells/scores"][...])
+    assert np.isfinite(scores).all() and scores.shape[0] == len(two)
+    assert atlas.root["enhance/model/offsets"].shape[0] == 2

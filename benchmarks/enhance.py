@@ -137,7 +137,32 @@ def build_store(path: Path, table: pd.DataFrame, genes, images: dict, pixel_size
     )
 
 
-def hidden_spots(work: Path, seeds: int) -> tuple[list, dict]:
+def tesla_predict(peers_python: str, work: Path, obs, Y, images, visible) -> tuple[np.ndarray, float, float]:
+    """TESLA in its own environment (benchmarks/enhance_peers.py): predictions at the hidden spots, wall seconds
+    and peak RSS (GiB) of its process."""
+    from _measure import run_measured
+
+    section = obs.section.astype(str).values
+    px = np.c_[obs.pixel_x.values, obs.pixel_y.values]
+    job = {"sections": np.array(SECTIONS), "radius_px": 50.0 / PX_UM, "pitch_px": 200.0 / PX_UM}
+    for s in SECTIONS:
+        m = section == s
+        job[f"{s}/image"] = np.array(str(images[s]))
+        job[f"{s}/visible_px"] = px[m & visible]
+        job[f"{s}/visible_y"] = Y[m & visible]
+        job[f"{s}/hidden_px"] = px[m & ~visible]
+    np.savez(work / "tesla-job.npz", **job)
+    m = run_measured(
+        [peers_python, str(HERE / "enhance_peers.py"), str(work / "tesla-job.npz"), str(work / "tesla.npz")]
+    )
+    out = np.load(work / "tesla.npz")
+    P = np.zeros_like(Y, dtype=np.float64)
+    for s in SECTIONS:
+        P[(section == s) & ~visible] = out[s]
+    return P, m["seconds"], m["peak_rss"] / 2**30
+
+
+def hidden_spots(work: Path, seeds: int, peers_python: str | None = None) -> tuple[list, dict]:
     obs, Y, genes, sets, images = her2st_hne()
     section = obs.section.astype(str).values
     xy = np.c_[obs.pixel_x.values, obs.pixel_y.values] * PX_UM
@@ -169,10 +194,16 @@ def hidden_spots(work: Path, seeds: int) -> tuple[list, dict]:
                 atlas, {"fit_column": f"visible{k}", "alpha": 1e9}
             ),
         }
+        if peers_python:
+            methods["TESLA 1.2.2 (res 50 px, k 2, 10 neighbours)"] = lambda v=vis: tesla_predict(
+                peers_python, work, obs, Y, images, v
+            )
         for method, fn in methods.items():
             t = time.perf_counter()
             P = fn()
             sec = time.perf_counter() - t
+            if isinstance(P, tuple):  # a peer in its own process: its wall time
+                P, sec, _ = P
             rows.append(
                 {
                     "split": name,
@@ -477,6 +508,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--peers-python", help="python of TESLA's environment (benchmarks/enhance_peers.requirements.txt)")
+    ap.add_argument("--make-peers-env", metavar="DIR", help="create TESLA's environment in DIR, then exit")
     ap.add_argument("--scale", type=int, nargs="*", help="slide sizes (px) for the scale table only, e.g. 20000 40000")
     ap.add_argument("--scale-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -484,6 +517,17 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
         smoke(work)
+        return
+    if args.make_peers_env:
+        import subprocess
+
+        env = Path(args.make_peers_env)
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+        pip = [str(env / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        subprocess.run([*pip, "--no-deps", "teslaforst==1.2.2"], check=True)
+        subprocess.run([*pip, "-r", str(HERE / "enhance_peers.requirements.txt")], check=True)
+        print(f"peers environment ready: --peers-python {env / 'bin' / 'python'}")
         return
     if args.scale_child:
         scale_child(args.scale_child, work)
@@ -520,7 +564,7 @@ def main(argv=None) -> None:
         print(f"skip: {DATA} not present (see ../shared/data/README.md)")
         return
     t0 = time.perf_counter()
-    rows, meta = hidden_spots(work, args.seeds)
+    rows, meta = hidden_spots(work, args.seeds, args.peers_python)
     sr = super_resolution(work)
     halluc = no_hallucination(work)
     alone = histology_alone(work)

@@ -98,6 +98,8 @@ def test_every_import_of_the_project_is_declared():
             "STAGATE_pyG": "stagate-modern",
             "GraphST": "graphst-modern",
             "torch_geometric": "torch-geometric",
+            "TESLA": "teslaforst",
+            "cv2": "opencv-python-headless",
         }
     )
     missing = []

@@ -577,7 +577,8 @@ def main(argv=None) -> None:
         "## Enhance: histology-guided expression (benchmarks/enhance.py)",
         "",
         f"{dt.date.today()} · {platform.machine()}, 2 cores, no GPU · Python {platform.python_version()} · "
-        f"command: `python benchmarks/enhance.py --write` · {meta['spots']} spots of her2st B4, C2-C6 "
+        f"command: `python benchmarks/enhance.py {' '.join(argv if argv is not None else sys.argv[1:])}` · "
+        f"{meta['spots']} spots of her2st B4, C2-C6 "
         f"({meta['genes']} genes: 250 hvg + 50 most expressed), ingest with images {meta['ingest_s']:.1f} s, "
         f"whole run {time.perf_counter() - t0:.0f} s",
         "",

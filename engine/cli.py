@@ -156,7 +156,7 @@ def _build_one(args, cfg: dict, store: str, spec, report_out: str | None) -> Non
             paste=inp["paste"] or None,
             pattern=inp["pattern"],
             platform=inp["platform"],
-            images=inp["images"] if inp["platform"] else None,
+            images=inp["images"] if inp["platform"] or isinstance(inp["images"], dict) else None,
             overwrite=args.overwrite or cfg["overwrite"],
             client=resources.client_for(input_bytes=_input_bytes(inp["path"])),
         )

@@ -45,8 +45,9 @@ INPUT_EXTRA = {
     "pattern": (str | None, None),
     # an instrument's output folder per section (path: a folder or a list): xenium, merscope, cosmx, visium
     "platform": (str | None, None),
-    # store the images the platform folders hold in /images
-    "images": (bool, True),
+    # with a platform: store the images its folders hold in /images (true / false); otherwise a mapping
+    # {section id: path | {path, pixel_size_um, image_to_section, level}} of one image per section
+    "images": (bool | dict, True),
 }
 TOP = ("store", "overwrite", "run", "input", "cluster", "stages", "report")
 #: keys of the format before the stage contract, and where their settings went
@@ -209,6 +210,20 @@ def load_config(path: str | Path) -> dict:
                 f"{path}: input.path / input.paste: {p} does not exist; fix the path (relative paths "
                 f"are taken from the config file's folder {base})"
             )
+    if isinstance(inp["images"], dict):
+        images = {}
+        for sid, value in inp["images"].items():
+            entry = dict(value) if isinstance(value, dict) else {"path": value}
+            if "path" not in entry:
+                raise ConfigError(f"{path}: input.images.{sid}: give path (and pixel_size_um or image_to_section)")
+            entry["path"] = resolve(str(entry["path"]))
+            if not Path(entry["path"]).exists():
+                raise ConfigError(
+                    f"{path}: input.images.{sid}: {entry['path']} does not exist; fix the path (relative paths "
+                    f"are taken from the config file's folder {base})"
+                )
+            images[str(sid)] = entry
+        inp["images"] = images
     if inp["platform"] is not None:
         from .ingest.platforms import PLATFORMS
 

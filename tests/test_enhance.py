@@ -151,10 +151,17 @@ def test_embedding_is_the_same_under_two_tilings_and_matches_the_spot_scores(tmp
     assert Image.open(png).size[0] > 3 * Image.open(png).size[1]  # 1 section x (image + 2 genes x 2 panels)
     with pytest.raises(lamina.UnknownGeneError, match="NOPE"):
         enhance_figure(atlas, tmp_path / "x.png", genes=["NOPE"])
-    # gene maps = embedding x loadings
+    # gene maps = embedding x loadings, and inside a fitted spot's footprint (project) + its measurement's residual:
+    # the footprint mean of a gene map is the measurement
     names = [str(x) for x in g["model/gene"][...]]
     H = np.asarray(g["model/loadings"][...])[:, [names.index("G00"), names.index("G03")]]
-    np.testing.assert_allclose(genes, np.einsum("rg,ryx->gyx", H, emb), atol=1e-4)
+    fitted = np.asarray(g["cells/fitted"][...])
+    owner = K.footprint_mask(centres[fitted], radius, *emb.shape[1:])
+    outside = np.broadcast_to(owner < 0, genes.shape)
+    np.testing.assert_allclose(genes[outside], np.einsum("rg,ryx->gyx", H, emb)[outside], atol=1e-4)
+    gmeans, _ = K.footprint_means(genes, centres[fitted], radius)
+    X = np.asarray(atlas.root["X"][...])[fitted][:, [list(atlas.genes).index(x) for x in ("G00", "G03")]]
+    np.testing.assert_allclose(gmeans, X, atol=1e-4)
 
 
 def test_projection_makes_fitted_spots_match_their_scores(tmp_path):
@@ -301,3 +308,52 @@ def test_a_small_second_section_is_enhanced_with_the_shared_model(tmp_path):
     scores = np.asarray(atlas.root["enhance/cells/scores"][...])
     assert np.isfinite(scores).all() and scores.shape[0] == len(two)
     assert atlas.root["enhance/model/offsets"].shape[0] == 2
+
+
+def test_the_her2st_enhance_example_builds(tmp_path, data_dir):
+    """examples/her2st_enhance.yaml through `lamina build` (two of its sections, to stay short)."""
+    import yaml
+
+    from lamina.cli import main
+
+    if not (data_dir / "her2st" / "images").exists():
+        pytest.skip(f"{data_dir / 'her2st'} not present (see ../shared/data/README.md)")
+    root = Path(__file__).resolve().parent.parent
+    cfg = yaml.safe_load((root / "examples" / "her2st_enhance.yaml").read_text())
+    cfg["input"]["path"] = str(data_dir / "her2st" / "her2st_all_sections.h5ad")
+    cfg["input"]["sections"]["only"] = ["C2", "C3"]
+    cfg["input"]["images"] = {
+        s: {**v, "path": str((root / "examples" / v["path"]).resolve())}
+        for s, v in cfg["input"]["images"].items()
+        if s in ("C2", "C3")
+    }
+    cfg["store"] = str(tmp_path / "c.lamina.zarr")
+    cfg["report"] = {"out": str(tmp_path / "report")}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["build", str(path)]) == 0
+    atlas = lamina.Atlas.open(tmp_path / "c.lamina.zarr")
+    g = atlas.root["enhance"]
+    assert g.attrs["sections"] == ["C2", "C3"] and [str(x) for x in g["C2/gene"][...]] == [
+        "ERBB2",
+        "GRB7",
+        "CD74",
+        "KRT19",
+    ]
+    assert (tmp_path / "report" / "enhance.png").exists()
+    # projected: each spot's footprint mean of the ERBB2 map is its measurement
+    from lamina.kernels.enhance import footprint_means
+
+    grid = g["C2"]
+    A = np.asarray(grid.attrs["grid_to_section"])
+    secs = atlas.sections
+    a, b = int(secs.cell_start.iloc[0]), int(secs.cell_stop.iloc[0])
+    xy = np.c_[atlas.root["cells/x"][a:b], atlas.root["cells/y"][a:b]].astype(float)
+    c = (np.c_[xy, np.ones(len(xy))] @ np.linalg.inv(A).T)[:, :2]
+    means, _ = footprint_means(
+        np.asarray(grid["genes"][...], np.float64)[:1],
+        c,
+        float(grid.attrs["spot_radius_um"]) / float(grid.attrs["superpixel_um"]),
+    )
+    measured = np.asarray(atlas.root["X"][a:b])[:, list(atlas.genes).index("ERBB2")]
+    np.testing.assert_allclose(means[:, 0], measured, atol=1e-3)

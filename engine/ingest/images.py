@@ -110,6 +110,8 @@ def open_image(path, level: int = 0, chunk: int = 2048):
     if name.endswith(PIL_SUFFIXES):
         from PIL import Image
 
+        # a whole-slide H&E is legitimately beyond PIL's decompression-bomb guard (89 M px): the caller chose the file
+        Image.MAX_IMAGE_PIXELS = None
         try:
             with Image.open(path) as im:
                 pixels = np.asarray(im.convert("RGB") if im.mode in ("P", "RGBA", "LA", "CMYK") else im)

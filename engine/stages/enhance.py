@@ -265,10 +265,11 @@ def _build(ctx: StageContext) -> dict:
             kwargs=kwargs,
         )
         if maps:
-            loadings = {"loadings": H[:, maps]}
-            grid_map(
-                ctx, grid, g, gene_block, f"{g.path}/embedding", "genes", len(maps), "gene", halo=0, kwargs=loadings
-            )
+            kw = {"loadings": H[:, maps]}
+            if opts.project:  # the footprint of a fitted spot: its measurement, gene by gene
+                kw.update(centres_sp=centres[fit[m]], radius_sp=radius_sp, shift=(Y[fm] - W[fm] @ H)[:, maps])
+            src = f"{g.path}/embedding"
+            grid_map(ctx, grid, g, gene_block, src, "genes", len(maps), "gene", halo=0, with_origin=True, kwargs=kw)
             arrays.write_small(g, "gene", np.asarray(list(opts.genes), dtype=str), ("gene",))
         g.attrs.update({k: hist[sid].attrs[k] for k in ("section", "superpixel_um", "grid_to_section", "image_level")})
         g.attrs["spot_radius_um"] = hist[sid].attrs["spot_radius_um"]

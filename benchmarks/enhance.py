@@ -430,7 +430,9 @@ def make_slide(path: Path, size_px: int) -> None:
                 od += rng.normal(0, 0.03, od.shape)
                 yield np.clip(255 * np.exp(-od), 0, 255).astype(np.uint8)
 
-    tifffile.imwrite(path, tiles(), shape=(size_px, size_px, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb")
+    tifffile.imwrite(
+        path, tiles(), shape=(size_px, size_px, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb", bigtiff=True
+    )
 
 
 def slide_spots(size_px: int) -> pd.DataFrame:

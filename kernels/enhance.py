@@ -224,25 +224,49 @@ def ridge_loo_error(Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: i
 
 def residual_loo_error(spots: np.ndarray, residuals: np.ndarray, sigmas, prior: float = 0.1) -> np.ndarray:
     """Leave-one-out squared error of :func:`residual_field` at the spots themselves, each spot predicted from
-    the others, for each of ``sigmas``: ``[len(sigmas)]``. ``sigma = 0`` is "no field" (the error of 0)."""
-    from scipy.sparse import csr_matrix
+    the others, for each of ``sigmas``: ``[len(sigmas)]``. ``sigma = 0`` is "no field" (the error of 0).
+    Spots are taken in blocks, so memory stays bounded by a block's neighbour pairs."""
     from scipy.spatial import cKDTree
 
     spots = np.asarray(spots, np.float64)
     residuals = np.asarray(residuals, np.float64)
-    tree = cKDTree(spots)
+    tree = cKDTree(spots) if len(spots) else None
     out = []
     for sigma in sigmas:
-        if sigma <= 0:
+        if sigma <= 0 or tree is None:
             out.append(float((residuals**2).sum()))
             continue
-        pairs = tree.query_pairs(4.0 * sigma, output_type="ndarray")
-        i, j = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
-        k = np.exp(-((spots[i] - spots[j]) ** 2).sum(1) / (2.0 * sigma * sigma))
-        K = csr_matrix((k, (i, j)), shape=(len(spots), len(spots)))
-        pred = (K @ residuals) / (np.asarray(K.sum(1)).ravel() + prior)[:, None]
-        out.append(float(((residuals - pred) ** 2).sum()))
+        err = 0.0
+        for a in range(0, len(spots), BLOCK_POINTS):
+            b = min(len(spots), a + BLOCK_POINTS)
+            pred = _kernel_mean(tree, spots, spots[a:b], residuals, sigma, prior, exclude=np.arange(a, b))
+            err += float(((residuals[a:b] - pred) ** 2).sum())
+        out.append(err)
     return np.asarray(out)
+
+
+#: points handled at once by the residual field: bounds its memory by the block's neighbour pairs
+BLOCK_POINTS = 16_384
+
+
+def _kernel_mean(tree, spots, points, residuals, sigma, prior, exclude=None) -> np.ndarray:
+    """``sum_s k(p, s) r_s / (sum_s k(p, s) + prior)`` for ``points`` (spots within 4 sigma; ``exclude[i]``: a spot
+    left out for point ``i``)."""
+    from scipy.sparse import csr_matrix
+
+    lists = tree.query_ball_point(points, 4.0 * sigma)
+    counts = np.fromiter((len(v) for v in lists), np.int64, len(lists))
+    out = np.zeros((len(points), residuals.shape[1]))
+    if not counts.sum():
+        return out
+    flat = np.fromiter((i for v in lists for i in v), np.int64, int(counts.sum()))
+    owner = np.repeat(np.arange(len(points)), counts)
+    k = np.exp(-((points[owner] - spots[flat]) ** 2).sum(1) / (2.0 * sigma * sigma))
+    if exclude is not None:
+        k[flat == np.asarray(exclude)[owner]] = 0.0
+    K = csr_matrix((k, (owner, flat)), shape=(len(points), len(spots)))
+    den = np.asarray(K.sum(1)).ravel() + prior
+    return (K @ residuals) / den[:, None]
 
 
 def residual_field(
@@ -253,27 +277,21 @@ def residual_field(
 
     ``f(p) = sum_s k(p, s) r_s / (sum_s k(p, s) + prior)``, ``k = exp(-|p - s|^2 / (2 sigma^2))``: the kernel-
     weighted mean of the nearby residuals, fading to 0 (the image alone) where no spot is within a few sigma.
-    Spots beyond 4 sigma are ignored.
+    Spots beyond 4 sigma are ignored; points are taken in blocks of ``BLOCK_POINTS``.
     """
     from scipy.spatial import cKDTree
 
     points = np.asarray(points, np.float64).reshape(-1, 2)
+    residuals = np.asarray(residuals, np.float64)
     out = np.zeros((len(points), residuals.shape[1]))
     if not len(spots) or not len(points):
         return out
-    tree = cKDTree(np.asarray(spots, np.float64))
-    lists = tree.query_ball_point(points, 4.0 * sigma)
-    counts = np.fromiter((len(v) for v in lists), np.int64, len(lists))
-    if not counts.sum():
-        return out
-    from scipy.sparse import csr_matrix
-
-    flat = np.fromiter((i for v in lists for i in v), np.int64, int(counts.sum()))
-    owner = np.repeat(np.arange(len(points)), counts)
-    d2 = ((points[owner] - spots[flat]) ** 2).sum(1)
-    k = csr_matrix((np.exp(-d2 / (2.0 * sigma * sigma)), (owner, flat)), shape=(len(points), len(spots)))
-    den = np.asarray(k.sum(1)).ravel() + prior
-    return (k @ np.asarray(residuals, np.float64)) / den[:, None]
+    spots = np.asarray(spots, np.float64)
+    tree = cKDTree(spots)
+    for a in range(0, len(points), BLOCK_POINTS):
+        b = min(len(points), a + BLOCK_POINTS)
+        out[a:b] = _kernel_mean(tree, spots, points[a:b], residuals, sigma, prior)
+    return out
 
 
 def footprint_mask(centres_sp: np.ndarray, radius_sp: float, h: int, w: int, origin=(0, 0)) -> np.ndarray:

@@ -357,3 +357,17 @@ def test_the_her2st_enhance_example_builds(tmp_path, data_dir):
     )
     measured = np.asarray(atlas.root["X"][a:b])[:, list(atlas.genes).index("ERBB2")]
     np.testing.assert_allclose(means[:, 0], measured, atol=1e-3)
+
+
+def test_residual_loo_error_matches_the_dense_leave_one_out(monkeypatch):
+    rng = np.random.default_rng(5)
+    spots, res = rng.uniform(0, 600, (70, 2)), rng.normal(size=(70, 2))
+    monkeypatch.setattr(K, "BLOCK_POINTS", 16)  # several blocks
+    got = K.residual_loo_error(spots, res, [0.0, 50.0, 120.0], 0.1)
+    d = np.sqrt(((spots[:, None] - spots[None]) ** 2).sum(-1))
+    want = [float((res**2).sum())]
+    for s in (50.0, 120.0):
+        k = np.where(d <= 4 * s, np.exp(-(d**2) / (2 * s * s)), 0.0)
+        np.fill_diagonal(k, 0.0)
+        want.append(float(((res - k @ res / (k.sum(1) + 0.1)[:, None]) ** 2).sum()))
+    np.testing.assert_allclose(got, want, rtol=1e-10)

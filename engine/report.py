@@ -379,13 +379,15 @@ def volume_slices(atlas: Atlas, path: str | Path, gene: str | None = None) -> Pa
 
 def enhance_figure(atlas: Atlas, path: str | Path, genes: list[str] | None = None, max_genes: int = 3) -> Path:
     """Per enhanced section (a row each): its H&E (the pyramid level nearest the superpixel grid), the measured
-    spots and the enhanced map of each of a few genes side by side, in the section's um. ``genes``: default the
+    spots and the enhanced map of each of a few genes side by side, in the section's um, framed on the spots (the
+    map is drawn within one spot pitch of a spot, as the export). ``genes``: default the
     gene maps the stage wrote, else the model genes of largest loading. Reads one coarse image level and the
     [metagene, y, x] embedding per section."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from scipy.spatial import cKDTree
 
     from .store.arrays import as_text
 
@@ -424,22 +426,28 @@ def enhance_figure(atlas: Atlas, path: str | Path, genes: list[str] | None = Non
         a, b = int(row.cell_start), int(row.cell_stop)
         x, y = np.asarray(atlas.root["cells/x"][a:b]), np.asarray(atlas.root["cells/y"][a:b])
         measured = np.asarray(atlas.root["X"][a:b])[:, gene_idx]
+        # the tissue the spots cover (within one pitch of a spot, as the export), framed with a pitch of margin
+        pitch = float(g.attrs["spot_pitch_um"])
+        rr, cc = np.mgrid[0:h, 0:w]
+        centres = np.stack([cc.ravel() + 0.5, rr.ravel() + 0.5, np.ones(h * w)], 1) @ A.T
+        near = np.isfinite(cKDTree(np.c_[x, y]).query(centres[:, :2], distance_upper_bound=pitch)[0]).reshape(h, w)
+        frame = (x.min() - pitch, x.max() + pitch, y.max() + pitch, y.min() - pitch)
         for k, (gene, col) in enumerate(zip(genes, cols)):
-            gmap = np.einsum("r,ryx->yx", H[:, col], emb)
+            gmap = np.where(near, np.einsum("r,ryx->yx", H[:, col], emb), np.nan)
             lo, hi = np.nanpercentile(measured[:, k], [2, 98])
             ax = axes[r, 1 + 2 * k]
             ax.scatter(x, y, c=measured[:, k], s=6, cmap="viridis", vmin=lo, vmax=hi)
-            ax.set_xlim(extent[0], extent[1])
-            ax.set_ylim(extent[2], extent[3])
             ax.set_aspect("equal")
             ax.set_title(f"{gene}: measured spots", fontsize=9)
             ax = axes[r, 2 + 2 * k]
             ax.imshow(gmap, extent=extent, cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_title(f"{gene}: enhanced ({float(grp.attrs['superpixel_um']):.0f} um)", fontsize=9)
         for ax in axes[r]:
+            ax.set_xlim(frame[0], frame[1])
+            ax.set_ylim(frame[2], frame[3])
             ax.set_xticks([])
             ax.set_yticks([])
-        scale_bar(axes[r, 0], extent[1] - extent[0], extent[0], extent[2], color="k")
+        scale_bar(axes[r, 0], frame[1] - frame[0], frame[0] + pitch / 4, frame[2] - pitch / 4, color="k")
     fig.tight_layout()
     return _save(fig, path, 90)
 

@@ -55,6 +55,7 @@ _LAZY = {
     "add_image": ".ingest.images",
     "export_spatialdata": ".spatialdata_zarr",
     "export_enhanced": ".export_enhance",
+    "enhance": ".stages.pipeline",  # the pipeline histology -> enhance (lamina.stages.enhance is the stage alone)
     **{
         name: ".stages"
         for name in (
@@ -74,7 +75,6 @@ _LAZY = {
             "niche",
             "encoder",
             "histology",
-            "enhance",
             "export_expression_parquet",
         )
     },

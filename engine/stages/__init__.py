@@ -5,6 +5,7 @@ store, compute it, and commit one output group atomically. Each is declared once
 from ..export import export_expression_parquet
 from .contract import PlanContext, Stage, StageContext
 from .encoder import encoder
+from .enhancement import enhance
 from .flow import train_flow
 from .histology import histology
 from .interpolate import interpolate
@@ -12,7 +13,7 @@ from .invert import invert
 from .niche import niche
 from .options import Options, option
 from .pca import pca
-from .pipeline import align, embed, enhance, plan, reconstruct, run_plan
+from .pipeline import align, embed, plan, reconstruct, run_plan
 from .qc import section_stats
 from .rasterize import rasterize
 from .refine import refine

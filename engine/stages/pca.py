@@ -1,9 +1,13 @@
 """Stage ``pca``: out-of-core PCA of ``/X`` -> ``/pca`` {components, mean, scale, explained_variance, pcs}.
 
 Genes are centred (and, by default, scaled to unit variance, as ``scanpy.pp.scale`` before
-``scanpy.tl.pca``). The components come from randomised subspace iteration on the gene-gene covariance:
-``W <- orth(Z^T Z W)`` with ``W`` ``[gene, k + 10]``, each product one streaming pass over the cell chunks
-(``sum_c Z_c^T (Z_c W)``, tree-reduced), then the small eigenproblem ``W^T Z^T Z W``. Memory is
+``scanpy.tl.pca``). The components come from randomised block Krylov iteration on the gene-gene covariance
+(Musco & Musco 2015): ``W_{j+1} = orth(Z^T Z W_j)`` with ``W_0`` ``[gene, k + 10]`` random, each product one
+streaming pass over the cell chunks (``sum_c Z_c^T (Z_c W)``, tree-reduced); then Rayleigh-Ritz on the whole
+space ``Q = orth([W_0 ... W_q])``: the small eigenproblem ``Q^T Z^T Z Q`` (one more pass, ``q + 1`` times as wide).
+Plain subspace iteration keeps only ``W_q``; on expression, whose spectrum past the first PCs is flat, it converges
+slowly (her2st patient A, 50 PCs: subspace overlap with the exact PCA 0.37 after 4 passes, 0.78 after 14), while
+the Krylov space reaches 0.98 with ``q = 8`` (9 passes of width 60 and one of 540). Memory is
 ``O(genes x (k + 10))`` plus one cell chunk per task, whatever the number of cells. (dask's
 ``svd_compressed`` reuses the standardised matrix across its passes inside one graph, and the scheduler
 keeps all of it in memory to do so: 12 GB at 3M cells x 500 genes.) Per-cell PCs are then written one task
@@ -35,7 +39,9 @@ DEFAULT_N_PCS = 50
 class PCAOptions(Options):
     n_pcs: int | None = option(None, "principal components; null: min(50, genes)", ge=1)
     scale: bool = option(True, "scale genes to unit variance before the PCA (as scanpy.pp.scale)")
-    n_power_iter: int = option(2, "power iterations of the randomised subspace iteration", ge=0)
+    n_power_iter: int = option(
+        8, "Krylov blocks of the randomised block Krylov iteration (each one streaming pass over /X)", ge=0
+    )
     seed: int = option(0, "seed of the random start")
 
 
@@ -118,12 +124,17 @@ def _build(ctx: StageContext) -> dict:
     sc = safe_scale(np.sqrt(var)) if opts.scale else np.ones(G)
     width = min(G, k + 10)
     W = np.linalg.qr(np.random.default_rng(opts.seed).normal(size=(G, width)))[0]
-    for _ in range(opts.n_power_iter + 1):
+    blocks = [W]
+    for _ in range(opts.n_power_iter):
+        if sum(b.shape[1] for b in blocks) >= G:  # the Krylov space holds every gene: nothing left to add
+            break
         W = np.linalg.qr(_covariance_times(ctx, mean, sc, W))[0]
-    M = W.T @ _covariance_times(ctx, mean, sc, W)
+        blocks.append(W)
+    Q = np.linalg.qr(np.concatenate(blocks, axis=1))[0][:, :G]
+    M = Q.T @ _covariance_times(ctx, mean, sc, Q)  # Rayleigh-Ritz on the whole Krylov space
     lam, vec = np.linalg.eigh((M + M.T) / 2)
     top = np.argsort(lam)[::-1][:k]
-    v = (W @ vec[:, top]).T
+    v = (Q @ vec[:, top]).T
     s = np.sqrt(np.maximum(lam[top], 0.0))
     flip = np.sign(v[np.arange(k), np.abs(v).argmax(1)])
     v *= np.where(flip == 0, 1.0, flip)[:, None]
@@ -150,7 +161,7 @@ STAGE = Stage(
     output="pca",
     inputs=("ingest",),
     options=PCAOptions,
-    version=1,
+    version=2,
     summary="Out-of-core PCA of ``/X``: components, mean, scale and per-cell PCs as arrays in ``/pca``.",
     build=_build,
     element="lamina.pca",

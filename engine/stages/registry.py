@@ -36,7 +36,7 @@ BUILTIN = (
     "niche",
     "encoder",
     "histology",
-    "enhance",
+    "enhancement",
 )
 #: the stage that creates a store; every other stage reads it (it is run by ``lamina.ingest``, not the registry)
 ROOT = "ingest"

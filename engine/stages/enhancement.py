@@ -1,6 +1,7 @@
 """Stage ``enhance``: histology + spot expression -> high-definition expression on a superpixel grid, per
 section, tile by tile (what SpaHDmap and SpaMCAF do; no downloaded weights). Reads the image features of stage
-``histology`` (:mod:`lamina.stages.histology`).
+``histology`` (:mod:`lamina.stages.histology`); ``lamina.enhance`` is the pipeline histology -> enhance, this
+module's ``enhance`` (``lamina.stages.enhance``) the stage alone.
 
 For the whole atlas at once (spots are few: a Visium section has <= 5k)::
 

@@ -95,19 +95,7 @@ def _write(atlas: Atlas, fmt: str, tmp: Path, out: Path, sections, genes) -> Non
         adata = atlas.to_anndata(sections=sections, genes=genes)
         adata.write_h5ad(tmp)
     elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        writer = None
-        try:
-            for frame in iter_frames(atlas, sections, genes):
-                table = pa.Table.from_pandas(frame.reset_index(), preserve_index=False)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table.cast(writer.schema))
-        finally:
-            if writer is not None:
-                writer.close()
+        write_parquet_frames((f.reset_index() for f in iter_frames(atlas, sections, genes)), tmp)
     else:
         import gzip
 
@@ -117,6 +105,26 @@ def _write(atlas: Atlas, fmt: str, tmp: Path, out: Path, sections, genes) -> Non
             for frame in iter_frames(atlas, sections, genes):
                 frame.to_csv(fh, header=first)
                 first = False
+
+
+def write_parquet_frames(frames, path) -> int:
+    """Stream DataFrames into one Parquet file at ``path`` (the schema of the first; the others cast to it), a row
+    group per frame; returns the rows written (0: nothing written, no file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer, rows = None, 0
+    try:
+        for frame in frames:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table.cast(writer.schema))
+            rows += len(frame)
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
 
 
 def export_expression_parquet(atlas: Atlas, path, genes=None, row_group_rows: int = 65_536) -> int:

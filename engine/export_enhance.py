@@ -85,10 +85,8 @@ def export_enhanced(
     """Write the enhanced maps to ``out`` as ``parquet`` (streamed) or ``anndata`` (``.h5ad``: X = genes, obs
     section / z, obsm ``spatial`` (atlas x, y, z when aligned, else raw x, y, z), ``spatial_raw``, ``X_enhance``
     (the metagene scores)); written to ``out.partial`` and renamed when complete."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from .errors import ConfigError
+    from .export import write_parquet_frames
 
     if fmt not in ("parquet", "anndata"):
         raise ConfigError(f"the enhanced maps export as parquet or anndata, not {fmt!r}")
@@ -97,17 +95,7 @@ def export_enhanced(
     tmp = out.with_name(out.name + ".partial")
     try:
         if fmt == "parquet":
-            writer = None
-            try:
-                for frame in iter_enhanced(atlas, genes, sections):
-                    table = pa.Table.from_pandas(frame, preserve_index=False)
-                    if writer is None:
-                        writer = pq.ParquetWriter(tmp, table.schema)
-                    writer.write_table(table.cast(writer.schema))
-            finally:
-                if writer is not None:
-                    writer.close()
-            if writer is None:
+            if not write_parquet_frames(iter_enhanced(atlas, genes, sections), tmp):
                 raise MissingInputError(f"{atlas.path}: no superpixel of the enhanced sections lies near a spot")
         else:
             frames, size = [], 0

@@ -68,13 +68,14 @@ def sections_with_images(atlas: Atlas, wanted: tuple[str, ...]) -> list[str]:
 
 
 def _check(atlas: Atlas, opts: HistologyOptions) -> None:
-    if not sections_with_images(atlas, opts.sections):
+    sections = sections_with_images(atlas, opts.sections)
+    if not sections:
         raise MissingInputError(
             f"histology: no section of {atlas.path} has an image; ingest with images={{section: path}} or "
             f"lamina.add_image(atlas, section, path, pixel_size_um=...)"
         )
     secs = atlas.sections
-    empty = [s for s in sections_with_images(atlas, opts.sections) if int(secs[secs.id == s].n_cells.iloc[0]) == 0]
+    empty = [s for s in sections if int(secs[secs.id == s].n_cells.iloc[0]) == 0]
     if empty:
         raise InputError(f"histology: section(s) {empty} of {atlas.path} have no spots; leave them out with sections=")
 

@@ -293,6 +293,221 @@ def dlpfc_rows(work: Path, client) -> str:
     )
 
 
+# ------------------------------------------------------------------------------- independent validation (issue 20)
+#: phantom families with truth, next to the default one: what a fine stage may not straighten or invent
+FAMILIES = {
+    "default": {},
+    "sections far apart (150 um) with layers that bend with depth": {
+        "section_spacing": 150.0,
+        "layer_drift_um": 80.0,
+        "layer_drift_period_um": 1500.0,
+    },
+    "a tube that appears and vanishes (middle 40% of the depth)": {"tube_span": (0.3, 0.7)},
+    "a strongly curved tube (900 um of travel)": {"tube_travel_um": 900.0},
+    "20% of sections badly damaged (tears of 25-40% of the area)": {"damaged_fraction": 0.2},
+}
+
+
+def _tube_travel(xy: np.ndarray, truth: np.ndarray, sec: np.ndarray, tube: np.ndarray, S: int) -> tuple:
+    """(true, aligned) distance between the tube's cell centroid in the first and the last section holding
+    tube cells (aligned positions after one global rigid fit onto the truth)."""
+    from lamina.kernels.ransac import rigid_align
+
+    moved = rigid_align(xy, truth)
+    have = [k for k in range(S) if ((sec == k) & tube).sum() > 20]
+    if len(have) < 2:
+        return float("nan"), float("nan")
+    a, b = have[0], have[-1]
+    true = np.linalg.norm(truth[(sec == b) & tube].mean(0) - truth[(sec == a) & tube].mean(0))
+    kept = np.linalg.norm(moved[(sec == b) & tube].mean(0) - moved[(sec == a) & tube].mean(0))
+    return float(true), float(kept)
+
+
+def family_rows(work: Path, client, n_cells: int, n_sections: int, families=None) -> tuple[str, list[dict]]:
+    """Each phantom family: the affine stage, the fine stage without its held-out check (refine version 1)
+    and with it (the default), against the truth."""
+    import lamina
+    from lamina.kernels.ransac import rigid_residuals
+
+    rows = []
+    for name, extra in (families or FAMILIES).items():
+        ph = lamina.datasets.phantom(n_cells=n_cells, n_sections=n_sections, n_genes=8, seed=0, **extra)
+        atlas = lamina.ingest(ph, work / f"family_{len(rows)}.lamina.zarr", client=client)
+        truth = np.concatenate([xyz for s in range(n_sections) for _, xyz in ph.section_chunks(s)])[:, :2]
+        obs = atlas.obs(columns=["section", "cell_type"])
+        sec = obs.section.cat.codes.to_numpy()
+        tube = (obs.cell_type == "tube").to_numpy()
+        row: dict = {"family": name}
+        lamina.align(atlas, client, fine=False)
+        runs = [("affine", {}), ("unchecked", {"heldout_check": False}), ("checked", {})]
+        for key, opts in runs:
+            if key != "affine":
+                t0 = time.perf_counter()
+                lamina.refine(atlas, client, **opts)
+                lamina.warp(atlas, client, source="refined")
+                row[f"{key}_s"] = time.perf_counter() - t0
+                row[f"{key}_warped"] = int(np.sum(atlas.root["deformation/sections/refined"][...]))
+            xy = _aligned(atlas)
+            err = rigid_residuals(xy, truth)
+            row[key] = (float(np.median(err)), float(np.percentile(err, 95)))
+            row["damaged_" + key] = (
+                float(np.median(err[np.isin(sec, np.flatnonzero(ph.damaged))])) if ph.damaged.any() else float("nan")
+            )
+            row["travel"], row[f"travel_{key}"] = _tube_travel(xy, truth, sec, tube, n_sections)
+        rows.append(row)
+        print(row, flush=True)
+    head = (
+        "| phantom family | affine median / p95 (um) | fine stage unchecked (v1) | **fine stage checked** | "
+        "checked vs affine (median) | sections warped (v1 / checked) | tube travel: true / affine / v1 / checked (um) "
+        "|\n|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+
+        def pair(key, r=r):
+            return f"{r[key][0]:.1f} / {r[key][1]:.1f}"
+
+        lines.append(
+            f"| {r['family']} | {pair('affine')} | {pair('unchecked')} | **{pair('checked')}** | "
+            f"{100 * (r['checked'][0] / r['affine'][0] - 1):+.0f}% | {r['unchecked_warped']} / {r['checked_warped']} "
+            f"of {n_sections} | {r['travel']:.0f} / {r['travel_affine']:.0f} / {r['travel_unchecked']:.0f} / "
+            f"{r['travel_checked']:.0f} |"
+        )
+    damaged = [r for r in rows if np.isfinite(r["damaged_affine"])]
+    text = (
+        f"### Phantom families with truth ({n_sections} sections, {n_cells:,} cells; default perturbations)\n\n"
+        + head
+        + "\n".join(lines)
+        + "\n"
+    )
+    for r in damaged:
+        text += (
+            f"\nDamaged sections alone ({r['family']}): median {r['damaged_affine']:.1f} um affine, "
+            f"{r['damaged_unchecked']:.1f} unchecked, {r['damaged_checked']:.1f} checked.\n"
+        )
+    text += (
+        "\nFine-stage time (refine + warp, s): "
+        + "; ".join(f"{r['family'].split(' (')[0]} {r['unchecked_s']:.1f} / {r['checked_s']:.1f}" for r in rows)
+        + " (unchecked / checked).\n"
+    )
+    return text, rows
+
+
+def _hidden_scores(atlas, P: np.ndarray, labels: np.ndarray, hidden: list) -> tuple[list, list]:
+    """Per adjacent pair, scored on the cells of the hidden labels only: the share whose nearest hidden-label
+    cell of the next section has the same label, and the correlation of the two sections' hidden-label
+    density images (one channel per hidden label; pixel 1.5x the typical cell spacing, blur 1.5 px)."""
+    from scipy.spatial import cKDTree
+
+    from lamina.kernels.raster import smooth, splat
+
+    sec = atlas.sections
+    parts = [slice(int(sec.cell_start[k]), int(sec.cell_stop[k])) for k in range(len(sec))]
+    code = {h: i for i, h in enumerate(hidden)}
+    ch = np.array([code.get(v, -1) for v in labels])
+    d, _ = cKDTree(P[parts[0]]).query(P[parts[0]], k=2)
+    pixel = 1.5 * float(np.median(d[:, 1]))
+    lo, hi = P.min(0) - 5 * pixel, P.max(0) + 5 * pixel
+    shape = (int((hi[1] - lo[1]) / pixel) + 1, int((hi[0] - lo[0]) / pixel) + 1)
+    agree, ncc = [], []
+    for a, b in zip(parts[:-1], parts[1:]):
+        ha, hb = ch[a] >= 0, ch[b] >= 0
+        _, j = cKDTree(P[b][hb]).query(P[a][ha])
+        agree.append(float((ch[a][ha] == ch[b][hb][j]).mean()))
+        imgs = [
+            smooth(splat(P[s][:, 0], P[s][:, 1], ch[s], len(hidden), lo, pixel, shape), 1.5).ravel() for s in (a, b)
+        ]
+        ncc.append(float(np.corrcoef(imgs[0], imgs[1])[0, 1]))
+    return agree, ncc
+
+
+def _holdout(work: Path, client, table, label: str, name: str, **ingest) -> dict:
+    """Every second label (sorted) hidden from the rasters (its cells count in the density only); affine,
+    fine stage unchecked (v1) and checked, scored on the hidden labels."""
+    import lamina
+
+    labels = sorted(table[label].dropna().astype(str).unique())
+    hidden = labels[1::2]
+    table = table.assign(fit_type=table[label].where(~table[label].astype(str).isin(hidden)))
+    src = work / f"{name}.parquet"
+    table.to_parquet(src, index=False)
+    atlas = lamina.ingest(src, work / f"{name}.lamina.zarr", cell_type="fit_type", client=client, **ingest)
+    rows = atlas.obs(columns=["input_row"]).input_row.to_numpy()
+    truth = table[label].astype(str).to_numpy()[rows]
+    out = {"hidden": hidden, "n_labels": len(labels)}
+    lamina.align(atlas, client, fine=False)
+    out["affine"] = _hidden_scores(atlas, _aligned(atlas), truth, hidden)
+    for key, opts in (("unchecked", {"heldout_check": False}), ("checked", {})):
+        lamina.refine(atlas, client, **opts)
+        lamina.warp(atlas, client, source="refined")
+        out[key] = _hidden_scores(atlas, _aligned(atlas), truth, hidden)
+        out[f"{key}_warped"] = int(np.sum(atlas.root["deformation/sections/refined"][...]))
+    out["sections"] = atlas.n_sections
+    return out
+
+
+def holdout_rows(work: Path, client) -> str:
+    """Channel hold-out on DLPFC (6 pairs, layers) and MERFISH (12 sections, cell classes)."""
+    import json
+
+    import pandas as pd
+
+    results = []
+    path = DATA / "dlpfc" / "dlpfc_12_sections_spots_layers.csv.gz"
+    if path.exists():
+        scale = json.loads((DATA / "dlpfc/raw/151507/scalefactors_json.json").read_text())
+        table = pd.read_csv(path)
+        for a, b in DLPFC_PAIRS:
+            part = table[table.section.astype(str).isin([a, b])].reset_index(drop=True)
+            part = part.assign(section=part.section.astype(str))
+            res = _holdout(
+                work,
+                client,
+                part,
+                "layer",
+                f"dlpfc_holdout_{a}",
+                x="pxl_col_fullres",
+                y="pxl_row_fullres",
+                section="section",
+                units="px",
+                pixel_size=65.0 / scale["spot_diameter_fullres"],
+                section_order=[a, b],
+            )
+            results.append((f"DLPFC {a} -> {b}", res))
+    folder = DATA / "merfish_moffitt"
+    if folder.exists():
+        cells = pd.read_csv(folder / "merFISH_3D_data_cell_locations.txt", sep="\t")
+        meta = pd.read_csv(folder / "merFISH_3D_metadata.txt", sep="\t")
+        both = pd.concat([cells.reset_index(drop=True), meta.reset_index(drop=True)], axis=1)
+        both = both.loc[:, ~both.columns.duplicated()]
+        res = _holdout(work, client, both, "orig_cell_types", "merfish_holdout", section="layer_ID", z="z")
+        results.append(("MERFISH, 12 sections (mean of 11 pairs)", res))
+    if not results:
+        return "### Channel hold-out: skipped (../shared/data/dlpfc and merfish_moffitt not present)\n"
+    lines = [
+        "| data (hidden labels) | agreement affine / v1 / checked | NCC affine / v1 / checked | warped v1 / checked |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results:
+        ag = [np.mean(r[k][0]) for k in ("affine", "unchecked", "checked")]
+        nc = [np.mean(r[k][1]) for k in ("affine", "unchecked", "checked")]
+        lines.append(
+            f"| {name} ({', '.join(r['hidden'][:4])}{' ...' if len(r['hidden']) > 4 else ''}) | "
+            + " / ".join(f"{v:.3f}" for v in ag)
+            + " | "
+            + " / ".join(f"{v:.3f}" for v in nc)
+            + f" | {r['unchecked_warped']} / {r['checked_warped']} of {r['sections']} |"
+        )
+    return (
+        "### Channel hold-out: every second label (sorted) hidden from the fit, scored on the hidden labels only\n\n"
+        "The hidden labels' cells stay in the rasters' density (spread over the visible channels) but their identity "
+        "is never seen. Agreement: share of hidden-label cells whose nearest hidden-label cell in the next section "
+        "has the same label; NCC: correlation of the two sections' hidden-label density images.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- against the peers
 PEERS = ("lamina", "PASTE", "STalign")
 
@@ -653,6 +868,12 @@ def main(argv=None) -> int:
         choices=list(METRICS),
         help="data sets for the comparison with PASTE and STalign (none: skip it)",
     )
+    p.add_argument(
+        "--validation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the independent validation: phantom families with truth, labels held out of the fit",
+    )
     p.add_argument("--paste-cells", type=int, default=1500)
     p.add_argument("--stalign-iter", type=int, default=1000)
     p.add_argument("--write", action="store_true")
@@ -664,6 +885,9 @@ def main(argv=None) -> int:
     try:
         if args.smoke:
             sections["registration"] = phantom_rows(work, client, 8_000, 4)[0]
+            sections["registration_validation"] = family_rows(
+                work, client, 6_000, 4, {k: FAMILIES[k] for k in list(FAMILIES)[:2]}
+            )[0]
             sections["registration_peers"] = peer_section(
                 work, client, ["phantom"], 4_000, 2, paste_cells=300, stalign_iter=20
             )
@@ -676,6 +900,10 @@ def main(argv=None) -> int:
                         dlpfc_rows(work, client),
                     ]
                 )
+            if args.validation:
+                sections["registration_validation"] = "\n".join(
+                    [family_rows(work, client, args.cells, args.sections)[0], holdout_rows(work, client)]
+                )
             if args.peers:
                 sections["registration_peers"] = peer_section(
                     work, client, args.peers, args.cells, args.sections, args.paste_cells, args.stalign_iter
@@ -686,6 +914,7 @@ def main(argv=None) -> int:
     titles = {
         "registration": "Registration (benchmarks/registration.py)",
         "registration_peers": "Registration against the peers (benchmarks/registration.py)",
+        "registration_validation": "Registration, validated by what it never fits (benchmarks/registration.py)",
     }
     for block, text in sections.items():
         header = (

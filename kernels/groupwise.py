@@ -39,6 +39,23 @@ def template_weights(n: int, k: int, sigma: float | None, usable: np.ndarray | N
     return w / total if total > 0 else w
 
 
+def side_weights(weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Section ``k``'s template weights ``[n]`` split into the sections below it and those above it, each
+    renormalised to sum 1: ``(lower, upper, two_sided)``.
+
+    Why: a warp fitted towards one side and checked against the other must explain what both sides share
+    (the section's own distortion) and cannot explain what one side shows alone (anatomy that moves or
+    changes along z). At an end of the stack, or when one side has no usable section, both halves are the
+    whole template and ``two_sided`` is False (the check then holds out cells only).
+    """
+    w = np.asarray(weights, np.float64)
+    j = np.arange(len(w))
+    lower, upper = np.where(j < k, w, 0.0), np.where(j > k, w, 0.0)
+    if lower.sum() <= 0 or upper.sum() <= 0:
+        return w, w, False
+    return lower / lower.sum(), upper / upper.sum(), True
+
+
 def smoothing_weights(n: int, sigma: float | None, usable: np.ndarray | None = None) -> np.ndarray:
     """``[n, n]`` row-normalised Gaussian weights over section index (cut beyond ``TRUNCATE`` sigma), self
     included: the gauge's local mean."""

@@ -58,6 +58,11 @@ class PhantomSpec:
     noise: float = 0.3  # sd of expression noise
     type_noise: float = 0.03  # share of cells whose type label is random
     tube_travel_um: float = 300.0  # lateral travel of the tube from the first section to the last
+    # validation families (issue 20); the defaults leave the phantom as it always was
+    tube_span: tuple = (0.0, 1.0)  # share of the depth where the tube exists: it appears and vanishes
+    layer_drift_um: float = 0.0  # amplitude of a wave in the layer boundaries that travels along x with depth
+    layer_drift_period_um: float = 1000.0  # depth over which that wave travels one wavelength
+    damaged_fraction: float = 0.0  # share of sections badly damaged: a tear of 25-40% of the area
     seed: int = 0
     chunk_rows: int = 200_000
 
@@ -118,6 +123,12 @@ class Phantom:
         self.field_freqs = d * (2 * np.pi / wl)[:, None]
         self.field_phases = rng.uniform(0, 2 * np.pi, sp.rank)
         self.field_weights = rng.normal(0.0, 0.6, (sp.rank, G))
+        # a generator of its own: the draws above (and so the default phantom) stay what they always were
+        extra = np.random.default_rng([sp.seed, 0xDA4A6E])
+        self.damaged = np.zeros(S, bool)
+        n_damaged = int(round(sp.damaged_fraction * S))
+        if n_damaged:
+            self.damaged[extra.choice(S, n_damaged, replace=False)] = True
 
     # ------------------------------------------------------------------ geometry of the true tissue
     def _center(self, z):
@@ -145,11 +156,17 @@ class Phantom:
         cx, cy = self._center(xyz[:, 2])
         rx, ry = self._radii(xyz[:, 2])
         depth = (xyz[:, 1] - (cy - ry)) / (2 * ry) + 0.08 * np.sin(3 * np.pi * xyz[:, 0] / self.width)
+        if self.spec.layer_drift_um:  # layer boundaries that bend differently at each depth
+            phase = 2 * np.pi * (xyz[:, 0] / self.width + xyz[:, 2] / self.spec.layer_drift_period_um)
+            depth = depth + self.spec.layer_drift_um / (2 * ry) * np.sin(phase)
         n_layers = self.spec.n_types - 1
         layers = soft_bins(depth, np.arange(1, n_layers) / n_layers, width=0.015)
         tx, ty = self.tube_center(xyz[:, 2])
         radius = 0.07 * self.width
         tube = 0.5 * (1.0 + np.tanh((radius - np.hypot(xyz[:, 0] - tx, xyz[:, 1] - ty)) / 16.0))
+        t0, t1 = self.spec.tube_span
+        t = xyz[:, 2] / self.depth
+        tube = np.where((t >= t0) & (t <= t1), tube, 0.0)
         return np.concatenate([layers * (1 - tube)[:, None], tube[:, None]], axis=1)
 
     def field(self, xyz: np.ndarray) -> np.ndarray:
@@ -178,10 +195,12 @@ class Phantom:
         return apply_affine(self.affine[section], q)
 
     # ------------------------------------------------------------------ streaming cells
-    def _sample_true_xy(self, rng, z: float, n: int) -> np.ndarray:
+    def _sample_true_xy(self, rng, z: float, n: int, damaged: bool = False) -> np.ndarray:
         cx, cy = self._center(z)
         rx, ry = self._radii(z)
         tear_r = np.sqrt(rng.uniform(0, self.spec.tear_fraction) * rx * ry)
+        if damaged:  # drawn after the default tear, so that undamaged sections are what they always were
+            tear_r = np.sqrt(rng.uniform(0.25, 0.40) * rx * ry)  # a disc of that share of the outline
         tear_c = np.array([cx, cy]) + rng.uniform(-0.7, 0.7, 2) * np.array([rx, ry])
         keep_p = 1.0 - self.spec.dropout
         out, have = [], 0
@@ -208,7 +227,7 @@ class Phantom:
         for c, start in enumerate(range(0, n_total, sp.chunk_rows)):
             n = min(sp.chunk_rows, n_total - start)
             rng = np.random.default_rng([sp.seed, section, c])
-            true_xy = self._sample_true_xy(rng, z, n)
+            true_xy = self._sample_true_xy(rng, z, n, bool(self.damaged[section]))
             xyz = np.column_stack([true_xy, np.full(n, z)])
             member = self.memberships(xyz)
             types = np.argmax(member, axis=1)

@@ -27,6 +27,7 @@ reference alone, as in a pair) takes the full step.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import dask
@@ -41,6 +42,8 @@ from ..store.arrays import open_root
 from .contract import Stage, StageContext
 from .options import Options, option
 from .rasterize import pixel_to_um
+
+log = logging.getLogger("lamina")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class RefineOptions(Options):
         ge=0,
     )
     mass_preserving: bool = option(True, "carry rasters as densities (times the Jacobian) under the warp")
+    heldout_check: bool = option(
+        True,
+        "fit each warp twice (half the cells each, towards the sections below / above) and keep it only where it "
+        "brings the held-out half closer to the held-out side; false: one fit of all cells, always kept (version 1)",
+    )
     batch: int = option(4, "sections fitted as one batch per task (16-32 on GPU workers)", ge=1)
 
 
@@ -79,11 +87,16 @@ def _canvas_task(store: str, g: str, k: int, M: np.ndarray) -> float:
     from ..kernels.image_align import warp_image
 
     root = _open(store)
-    img = torch.from_numpy(normalise_density(np.asarray(root["raster/cells"][k]))).double()
-    out = warp_image(img[None], torch.from_numpy(M)[None])[0].float().numpy()
-    root[f"{g}/canvas"][k] = out
-    root[f"{g}/current"][k] = out
-    return float(out.sum())
+    cells = np.asarray(root["raster/cells"][k], np.float64)
+    half = np.asarray(root["raster/half"][k], np.float64)
+    # the two halves of the cells, each on the density scale of the whole (rasterize.check_half)
+    images = np.stack([normalise_density(cells), normalise_density(cells - half), normalise_density(half)])
+    out = warp_image(torch.from_numpy(images), torch.from_numpy(M)[None].expand(3, 3, 3))
+    out = out.float().numpy()
+    for name, img in zip(("canvas", "canvas_fit", "canvas_check"), out):
+        root[f"{g}/{name}"][k] = img
+    root[f"{g}/current"][k] = out[0]
+    return float(out[0].sum())
 
 
 def _weighted_sum(arr, weights: np.ndarray) -> np.ndarray:
@@ -141,23 +154,51 @@ def _template(root, g: str, weights: np.ndarray):
 
 
 def _lddmm_task(
-    store: str, g: str, ks: list[int], weights: np.ndarray, steps: list[float], warm: bool, opts: dict
+    store: str,
+    g: str,
+    ks: list[int],
+    sides: np.ndarray,
+    steps: list[float],
+    warm: bool,
+    opts: dict,
 ) -> list[dict]:
-    """LDDMM of sections ``ks`` onto their templates (``weights`` ``[len(ks), S]``) as one batch
-    (:func:`lddmm.register_batch`: each section gets what it would get alone, every operation runs once)."""
+    """Two-fold cross-fitted LDDMM of sections ``ks`` as one batch (:func:`lddmm.register_batch`).
+
+    ``sides`` ``[len(ks), 3, S]``: each section's template weights over the sections below it, above it
+    (:func:`kernels.groupwise.side_weights`) and both. Fold a fits the *fit half* of the section's cells to the
+    sections below, fold b the *check half* to the sections above; each fold is then scored on what it
+    never saw: fold a moves the check half and is compared with the sections above, fold b the reverse
+    (normalised cross-correlation, gain over no warp). The section's warp is the mean of the two folds'
+    velocities when the mean of the two gains is positive, else none (it keeps its affine; ``kept`` False).
+    """
     import torch
 
     from ..kernels import lddmm
+    from ..kernels.image_align import ncc
 
     root = _open(store)
     dev = task_device()
-    templates = _template(root, g, weights).to(dev)
-    canvases = torch.from_numpy(np.stack([np.asarray(root[f"{g}/canvas"][k], np.float32) for k in ks])).to(dev)
+    n = len(ks)
+    checked = bool(opts["heldout_check"])
+
+    def images(name: str):
+        return torch.from_numpy(np.stack([np.asarray(root[f"{g}/{name}"][k], np.float32) for k in ks])).to(dev)
+
     f = opts["pool"]
-    init = torch.from_numpy(np.stack([np.asarray(root[f"{g}/velocity"][k]) for k in ks])).to(dev) if warm else None
+    init = None
+    if warm:  # [n, fold, T, 2, h, w] -> [fold * n, T, 2, h, w] (fold a first)
+        init = torch.from_numpy(np.stack([np.asarray(root[f"{g}/velocity"][k]) for k in ks])).to(dev)
+        init = init.transpose(0, 1).reshape(2 * n, *init.shape[2:])
+    if checked:
+        lower, upper = (_template(root, g, sides[:, i]).to(dev) for i in (0, 1))
+        fit, check = images("canvas_fit"), images("canvas_check")
+        fixed, moving = torch.cat([lower, upper]), torch.cat([fit, check])
+    else:  # refine version 1: all cells against the template of both sides, one fit, nothing held out
+        fixed, moving = _template(root, g, sides[:, 2]).to(dev), images("canvas")
+        init = None if init is None else init[:n]
     vs, reps = lddmm.register_batch(
-        templates,
-        canvases,
+        fixed,
+        moving,
         steps=opts["time_steps"],
         alpha=opts["alpha_px"],
         power=opts["power"],
@@ -171,50 +212,97 @@ def _lddmm_task(
     )
     # Jacobi step towards the consensus (kernels.groupwise.consensus_step), taken on the velocity
     previous = torch.zeros_like(vs) if init is None else lddmm.resize_velocity(init.to(vs), vs.shape[-2:])
-    vs = previous + torch.tensor(steps, dtype=vs.dtype, device=vs.device).reshape(-1, 1, 1, 1, 1) * (vs - previous)
-    N = canvases.shape[-1]
-    inverse = lddmm.integrate_inverse(vs).cpu().numpy()
+    step = torch.tensor(steps * (len(vs) // n), dtype=vs.dtype, device=vs.device).reshape(-1, 1, 1, 1, 1)
+    vs = previous + step * (vs - previous)
+    if not checked:  # both fold slots hold the one fit; nothing is held out, every warp is kept
+        vs, reps = torch.cat([vs, vs]), reps + reps
+    mass = opts["mass_preserving"]
+    gains = np.full((n, 2), np.nan)
+    if checked:
+        with torch.no_grad():
+            moved = lddmm.integrate_inverse(vs)
+            # fold a (fitted: fit half -> below) moves the check half towards above; fold b the reverse
+            held_out = [(check, upper, moved[:n]), (fit, lower, moved[n:])]
+            gains = np.array(
+                [
+                    [
+                        ncc(lddmm.deform(img[i].double(), d[i].double(), mass), tpl[i].double())
+                        - ncc(img[i].double(), tpl[i].double())
+                        for img, tpl, d in held_out
+                    ]
+                    for i in range(n)
+                ]
+            )
+    kept = gains.sum(1) > 0 if checked else np.ones(n, bool)  # cross-validation: the mean out-of-fold gain
+    v = 0.5 * (vs[:n] + vs[n:]) * torch.from_numpy(kept).to(vs).reshape(-1, 1, 1, 1, 1)
+    N = moving.shape[-1]
+    inverse = lddmm.integrate_inverse(v).cpu().numpy()
+    shape = root[f"{g}/velocity"].shape[-2:]
     out = []
     for i, k in enumerate(ks):
-        v = vs[i]
-        root[f"{g}/velocity"][k] = lddmm.resize_velocity(v, root[f"{g}/velocity"].shape[-2:]).cpu().numpy()
+        folds = torch.stack([vs[i], vs[n + i]])
+        root[f"{g}/velocity"][k] = lddmm.resize_velocity(folds, shape).cpu().numpy()
         root[f"{g}/flow"][k] = (
-            lddmm.forward_displacement_tiled(v, tile=max(32, N // 2), halo=lddmm.required_halo(v)).cpu().numpy()
+            lddmm.forward_displacement_tiled(v[i], tile=max(32, N // 2), halo=lddmm.required_halo(v[i])).cpu().numpy()
         )
         root[f"{g}/flow_inverse"][k] = inverse[i]
         out.append(
             {
                 "section": k,
-                "data_before": reps[i]["data_before"],
-                "data_after": reps[i]["data_after"],
-                "iterations": int(sum(reps[i]["iterations"])),
+                "kept": bool(kept[i]),
+                "gain_a": float(gains[i, 0]),
+                "gain_b": float(gains[i, 1]),
+                "data_before": 0.5 * (reps[i]["data_before"] + reps[n + i]["data_before"]),
+                "data_after": 0.5 * (reps[i]["data_after"] + reps[n + i]["data_after"]),
+                "iterations": int(sum(reps[i]["iterations"]) + sum(reps[n + i]["iterations"])),
             }
         )
     return out
 
 
-def _gauge_task(store: str, g: str, k: int, weights: np.ndarray, spacing: float, mass: bool) -> int:
+def _gauge_task(store: str, g: str, k: int, weights: np.ndarray, spacing: float, mass: bool, kept: bool) -> dict:
+    """Section k's flow without its neighbourhood's shared part (``weights`` ``[S]`` over the kept sections),
+    as displacement / inverse grids in um, and its deformed canvas. A section whose warp was not kept, or
+    whose warp folds (Jacobian determinant <= 0 somewhere), gets exactly zero displacement."""
     import torch
 
     from ..kernels import lddmm
     from ..kernels.groupwise import remove_common
 
     root = _open(store)
-    flows = root[f"{g}/flow"]
-    common = _weighted_sum(flows, weights)
-    fwd, inv = remove_common(
-        torch.from_numpy(np.asarray(flows[k], np.float64)),
-        torch.from_numpy(np.asarray(root[f"{g}/flow_inverse"][k], np.float64)),
-        torch.from_numpy(common),
-    )
-    ensure(
-        bool(torch.isfinite(fwd).all() and torch.isfinite(inv).all()),
-        f"refine: non-finite displacement for section {k}",
-    )
+    N = root[f"{g}/flow"].shape[-1]
+    fwd = inv = torch.zeros((2, N, N), dtype=torch.float64)
+    if kept:
+        common = _weighted_sum(root[f"{g}/flow"], weights)
+        fwd, inv = remove_common(
+            torch.from_numpy(np.asarray(root[f"{g}/flow"][k], np.float64)),
+            torch.from_numpy(np.asarray(root[f"{g}/flow_inverse"][k], np.float64)),
+            torch.from_numpy(common),
+        )
+    finite = bool(torch.isfinite(fwd).all() and torch.isfinite(inv).all())
+    det = lddmm.jacobian_det(fwd) if finite else torch.full((N, N), float("nan"), dtype=torch.float64)
+    folded = not finite or float(det.min()) <= 0.0
+    if folded:
+        fwd = inv = torch.zeros((2, N, N), dtype=torch.float64)
     root[f"{g}/displacement"][k] = (fwd * spacing).float().numpy()
     root[f"{g}/inverse"][k] = (inv * spacing).float().numpy()
     canvas = torch.from_numpy(np.asarray(root[f"{g}/canvas"][k], np.float64))
-    root[f"{g}/current"][k] = lddmm.deform(canvas, inv, mass).float().numpy()
+    root[f"{g}/current"][k] = lddmm.deform(canvas, inv, mass).float().numpy() if kept and not folded else canvas.numpy()
+    return {
+        "section": k,
+        "folded": bool(kept and folded),
+        "jacobian_min": float(det.min()) if finite else float("nan"),
+        "jacobian_max": float(det.max()) if finite else float("nan"),
+        "displacement_max_um": float(fwd.norm(dim=0).max()) * spacing,
+    }
+
+
+def _revert_task(store: str, g: str, k: int) -> int:
+    """Section k keeps its affine: zero displacement, and its current image is its canvas."""
+    root = _open(store)
+    for name in ("displacement", "inverse"):
+        root[f"{g}/{name}"][k] = np.zeros(root[f"{g}/{name}"].shape[1:], np.float32)
+    root[f"{g}/current"][k] = np.asarray(root[f"{g}/canvas"][k])
     return k
 
 
@@ -240,7 +328,14 @@ def _build(ctx: StageContext) -> dict:
     made refine 1.3-1.7x faster). The split depends only on ``batch``, so results do not depend on the
     number of workers. A reference held by ``register`` (``reference=``) is never moved.
     """
-    from ..kernels.groupwise import affine_gauge, consensus_step, frame_stretch, smoothing_weights, template_weights
+    from ..kernels.groupwise import (
+        affine_gauge,
+        consensus_step,
+        frame_stretch,
+        side_weights,
+        smoothing_weights,
+        template_weights,
+    )
 
     atlas, opts, group = ctx.atlas, ctx.options, ctx.group
     g, store = group.path, atlas.path
@@ -261,9 +356,11 @@ def _build(ctx: StageContext) -> dict:
     img, field = ("section", "channel", "y", "x"), ("section", "xy", "y", "x")
     for name, shape, dims in [
         ("canvas", (S, C, N, N), img),
+        ("canvas_fit", (S, C, N, N), img),
+        ("canvas_check", (S, C, N, N), img),
         ("current", (S, C, N, N), img),
         ("template_sum", (C, N, N), img[1:]),
-        ("velocity", (S, T, 2, n_coarse, n_coarse), ("section", "t", "xy", "yc", "xc")),
+        ("velocity", (S, 2, T, 2, n_coarse, n_coarse), ("section", "fold", "t", "xy", "yc", "xc")),
         ("flow", (S, 2, N, N), field),
         ("flow_inverse", (S, 2, N, N), field),
         ("displacement", (S, 2, N, N), field),
@@ -324,37 +421,92 @@ def _build(ctx: StageContext) -> dict:
     final_new = G
     to_canvas(np.stack([Qi @ C_um @ Q @ B[k] for k in range(S)]))
 
-    reports = []
     sig = opts.z_sigma_sections
     tw = np.stack([template_weights(S, k, sig, usable) for k in range(S)])
+    split = [side_weights(tw[k], k) for k in range(S)]
+    sides = np.stack([np.stack([*sw[:2], tw[k]]) for k, sw in enumerate(split)])  # [S, below / above / all, S]
     local = smoothing_weights(S, sig, usable)
     template_moves = [bool(moving[tw[k] != 0].any()) for k in range(S)]
     steps = [consensus_step(local[k, k], template_moves=template_moves[k]) for k in range(S)]
     n_lddmm = opts.lddmm_rounds if usable.sum() >= 2 else 0
     if not any(template_moves[k] for k in np.flatnonzero(moving)):
         n_lddmm = min(n_lddmm, 1)  # every template is held: a second round would only continue the same fit
-    # the gauge: each section loses its neighbourhood's shared flow, unless a held reference fixes the frame
-    gauge = np.zeros((S, S)) if held else local * usable[:, None]
     lopts = {**opts.to_dict(), "pool": f}
-    batches = even_batches([int(k) for k in np.flatnonzero(moving) if tw[k].sum() > 0], opts.batch)
+    fitted = [int(k) for k in np.flatnonzero(moving) if tw[k].sum() > 0]
+    batches = even_batches(fitted, opts.batch)
+    reports: dict[int, dict] = {}
+    gauges: dict[int, dict] = {}
     for r in range(n_lddmm):
         tasks = [
-            dask.delayed(_lddmm_task, pure=False)(store, g, ks, tw[ks], [steps[k] for k in ks], r > 0, lopts)
+            dask.delayed(_lddmm_task, pure=False)(store, g, ks, sides[ks], [steps[k] for k in ks], r > 0, lopts)
             for ks in batches
         ]
-        reports = [rep for done in ctx.compute(*tasks) for rep in done]
-        ctx.compute(
+        reports = {rep["section"]: rep for done in ctx.compute(*tasks) for rep in done}
+        kept = np.array([reports.get(k, {}).get("kept", False) for k in range(S)])
+        # the gauge: each kept section loses its kept neighbourhood's shared flow, unless a held reference
+        # fixes the frame; a section that keeps its affine neither moves nor counts in its neighbours' gauge
+        gauge = np.zeros((S, S)) if held else smoothing_weights(S, sig, usable & kept) * kept[:, None]
+        done = ctx.compute(
             *[
-                dask.delayed(_gauge_task, pure=False)(store, g, k, gauge[k], spacing, opts.mass_preserving)
+                dask.delayed(_gauge_task, pure=False)(
+                    store, g, k, gauge[k], spacing, opts.mass_preserving, bool(kept[k])
+                )
                 for k in range(S)
             ]
         )
-    scores = (
-        np.asarray(ctx.compute(*[dask.delayed(_score_task, pure=False)(store, g, k, tw[k]) for k in range(S)]))
-        if S > 1
-        else np.zeros((S, 2))
-    )
-    for name in ("template_sum", "velocity", "flow", "flow_inverse"):
+        gauges = {d["section"]: d for d in done}
+
+    def score() -> np.ndarray:
+        if S < 2:
+            return np.zeros((S, 2))
+        return np.asarray(ctx.compute(*[dask.delayed(_score_task, pure=False)(store, g, k, tw[k]) for k in range(S)]))
+
+    scores = score()
+    # the last guard: a warp fitted on this section's own cells that leaves it less like its neighbours is
+    # worse than none
+    fell = [
+        k
+        for k in range(S)
+        if reports.get(k, {}).get("kept") and not gauges[k]["folded"] and scores[k, 1] < scores[k, 0]
+    ]
+    if fell:
+        ctx.compute(*[dask.delayed(_revert_task, pure=False)(store, g, k) for k in fell])
+        fell_scores = {k: (float(scores[k, 0]), float(scores[k, 1])) for k in fell}
+        scores = score()
+    reasons = []
+    for k in range(S):
+        rep, gau = reports.get(k), gauges.get(k)
+        if not usable[k]:
+            reasons.append(f"too few cells to register ({int(n_cells[k])})")
+        elif held and k == ref:
+            reasons.append("held reference: never moved")
+        elif rep is None:
+            reasons.append("fine stage off (lddmm_rounds 0)" if n_lddmm == 0 else "no usable neighbour")
+        elif not rep["kept"]:
+            sides_txt = "below / above" if split[k][2] else "(one side only: cells held out)"
+            reasons.append(
+                f"held-out check failed: the warp fitted on half of the cells did not bring the other half closer "
+                f"to the sections it was not fitted to {sides_txt} (correlation gains {rep['gain_a']:+.4f}, "
+                f"{rep['gain_b']:+.4f}); keeps its affine"
+            )
+        elif gau is not None and gau["folded"]:
+            reasons.append(f"folded warp (Jacobian determinant down to {gau['jacobian_min']:.3f}); keeps its affine")
+        elif k in fell:
+            a, b = fell_scores[k]
+            reasons.append(f"correlation with its neighbours fell with the warp ({a:.3f} -> {b:.3f}); keeps its affine")
+        else:
+            reasons.append("")
+    warped = np.array([reason == "" for reason in reasons])
+    reverted = [str(atlas.sections.id.iloc[k]) for k in range(S) if usable[k] and k in reports and not warped[k]]
+    if reverted:
+        log.warning(
+            "refine: %d of %d sections keep their affine (the fine stage did not earn its warp): %s; "
+            "the reasons are in /deformation/sections (attr reasons)",
+            len(reverted),
+            S,
+            ", ".join(reverted[:12]) + (" ..." if len(reverted) > 12 else ""),
+        )
+    for name in ("template_sum", "velocity", "flow", "flow_inverse", "canvas_fit", "canvas_check"):
         del group[name]
     ensure(bool(np.all(np.isfinite(final_new))), "refine produced a non-finite transform")
     arrays.write_small(
@@ -381,21 +533,31 @@ def _build(ctx: StageContext) -> dict:
         "correlation with the section's template of neighbours: before = after the affine rounds, "
         "after = with the displacement too"
     )
-    data = {
+    qc.attrs["heldout_gain"] = (
+        "held-out check of the last LDDMM round, gain in correlation over no warp: a = the warp fitted on the fit "
+        "half of the cells towards the sections below, scored on the check half against the sections above; b = "
+        "the reverse (one side only at the ends of the stack); the warp is kept when their mean is positive"
+    )
+    qc.attrs["reasons"] = reasons
+    data: dict[str, np.ndarray] = {
         "ncc_before": scores[:, 0],
         "ncc_after": scores[:, 1],
         "affine_loss": affine_loss,
-        "lddmm_data_before": np.full(S, np.nan),
-        "lddmm_data_after": np.full(S, np.nan),
     }
-    for rep in reports:
-        data["lddmm_data_before"][rep["section"]] = rep["data_before"]
-        data["lddmm_data_after"][rep["section"]] = rep["data_after"]
+    for key in ("gain_a", "gain_b", "data_before", "data_after"):
+        name = {"gain_a": "heldout_gain_a", "gain_b": "heldout_gain_b"}.get(key, f"lddmm_{key}")
+        data[name] = np.array([reports[k][key] if k in reports else np.nan for k in range(S)])
+    for key in ("jacobian_min", "jacobian_max", "displacement_max_um"):
+        data[key] = np.array(
+            [gauges[k][key] if k in gauges and warped[k] else (1.0 if "jac" in key else 0.0) for k in range(S)]
+        )
     for name, values in data.items():
         arrays.write_small(qc, name, np.asarray(values, np.float64), ("section",))
-    arrays.write_small(qc, "refined", usable, ("section",))
+    arrays.write_small(qc, "refined", warped, ("section",))
+    arrays.write_small(qc, "two_sided", np.array([sw[2] for sw in split]), ("section",))
     skipped = [str(atlas.sections.id.iloc[k]) for k in np.flatnonzero(~usable)]
     return {
+        "kept_affine": reverted,
         "lddmm_pool": f,
         "skipped_sections": skipped,
         "rounds": {"affine": affine_rounds, "lddmm": n_lddmm},
@@ -409,8 +571,9 @@ STAGE = Stage(
     output="deformation",
     inputs=("register",),
     options=RefineOptions,
-    version=1,
-    summary="Group-wise affine consistency, then LDDMM of each section against its neighbours in z.",
+    version=2,  # 2: two-fold cross-fitted LDDMM, a warp kept only where the held-out check says it helps
+    summary="Group-wise affine consistency, then LDDMM of each section against its neighbours in z, kept only "
+    "where a held-out check confirms it.",
     build=_build,
     element="lamina.deformation",
     pipeline="align",

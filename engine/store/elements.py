@@ -95,6 +95,14 @@ RasterV1 = _element(
     {"cells": ("section", "channel", "y", "x")},
     doc="/raster: [section, channel, y, x] images",
 )
+RasterV2 = _element(
+    "lamina.raster",
+    ("cells", "half", "centroid"),
+    ("origin", "spacing"),
+    {"cells": ("section", "channel", "y", "x"), "half": ("section", "channel", "y", "x")},
+    version="2",
+    doc="/raster: [section, channel, y, x] images of all cells and of the check half of them",
+)
 TransformsV1 = _element("lamina.transforms", ("affine", "pairs"), doc="/transforms: affine stage + pair QC")
 DeformationV1 = _element(
     "lamina.deformation",
@@ -102,6 +110,15 @@ DeformationV1 = _element(
     ("origin", "spacing"),
     {"displacement": ("section", "xy", "y", "x")},
     doc="/deformation: affine + displacement grids",
+)
+DeformationV2 = _element(
+    "lamina.deformation",
+    ("affine", "displacement", "inverse", "sections"),
+    ("origin", "spacing"),
+    {"displacement": ("section", "xy", "y", "x"), "sections/refined": ("section",)},
+    version="2",
+    doc="/deformation: affine + displacement grids; sections/ holds per section the held-out checks, the "
+    "Jacobian range, whether the warp was kept and (attr reasons) why not",
 )
 AlignedV1 = _element("lamina.aligned", ("x", "y", "z"), doc="/aligned: atlas-frame x, y, z [cell]")
 PCAV1 = _element(
@@ -322,8 +339,10 @@ ELEMENTS: dict[tuple[str, str], type[Element]] = {
         MatrixV1,
         QCV1,
         RasterV1,
+        RasterV2,
         TransformsV1,
         DeformationV1,
+        DeformationV2,
         AlignedV1,
         PCAV1,
         FlowV1,

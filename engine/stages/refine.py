@@ -483,17 +483,17 @@ def _build(ctx: StageContext) -> dict:
         elif rep is None:
             reasons.append("fine stage off (lddmm_rounds 0)" if n_lddmm == 0 else "no usable neighbour")
         elif not rep["kept"]:
-            sides_txt = "below / above" if split[k][2] else "(one side only: cells held out)"
+            sides_txt = "below / above" if split[k][2] else "one side only: cells held out"
             reasons.append(
                 f"held-out check failed: the warp fitted on half of the cells did not bring the other half closer "
-                f"to the sections it was not fitted to {sides_txt} (correlation gains {rep['gain_a']:+.4f}, "
+                f"to the sections it was not fitted to ({sides_txt}; correlation gains {rep['gain_a']:+.4f}, "
                 f"{rep['gain_b']:+.4f}); keeps its affine"
             )
         elif gau is not None and gau["folded"]:
             reasons.append(f"folded warp (Jacobian determinant down to {gau['jacobian_min']:.3f}); keeps its affine")
         elif k in fell:
             a, b = fell_scores[k]
-            reasons.append(f"correlation with its neighbours fell with the warp ({a:.3f} -> {b:.3f}); keeps its affine")
+            reasons.append(f"correlation with its neighbours fell with the warp ({a:.4f} -> {b:.4f}); keeps its affine")
         else:
             reasons.append("")
     warped = np.array([reason == "" for reason in reasons])

@@ -5,6 +5,7 @@ Only a bounded subsample per section is read (strided rows), so pictures cost th
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -317,6 +318,71 @@ def stack_view(atlas: Atlas, path: str | Path) -> Path:
     return _save(fig, path, 110)
 
 
+def deformation_figure(atlas: Atlas, max_sections: int = 24):
+    """Where the fine stage moved tissue: per section (z order, at most ``max_sections``, evenly picked) the
+    displacement magnitude ``|d|`` (um) and the Jacobian determinant ``det(I + grad d)`` of the map
+    ``a -> a + d(a)`` on the atlas canvas (1: area kept, < 1 compressed, > 1 stretched, <= 0 would be a fold,
+    which refine never keeps), inside the tissue only. A section that keeps its affine says so, with the
+    reason refine recorded in ``/deformation/sections``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from .kernels.lddmm import jacobian_det
+
+    g = atlas.root["deformation"]
+    S, _, N, _ = g["displacement"].shape
+    spacing = float(g.attrs["spacing"])
+    qc = g["sections"] if "sections" in g else None
+    refined = np.asarray(qc["refined"][...], bool) if qc is not None and "refined" in qc else np.ones(S, bool)
+    reasons = list(qc.attrs.get("reasons", [""] * S)) if qc is not None else [""] * S
+    pick = np.unique(np.linspace(0, S - 1, min(S, max_sections)).round().astype(int))
+    per_row = 4
+    rows = int(np.ceil(len(pick) / per_row))
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(2.1 * 2 * per_row, 2.5 * rows + 1.3), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    ids, extent = atlas.sections.id.tolist(), (0, N * spacing, 0, N * spacing)
+    vmax = max(1e-6, max(float(np.linalg.norm(g["displacement"][k], axis=0).max()) for k in pick))
+    mag_im = det_im = None
+    for i, k in enumerate(pick):
+        a_mag, a_det = axes[i // per_row, 2 * (i % per_row)], axes[i // per_row, 2 * (i % per_row) + 1]
+        d = np.asarray(g["displacement"][k], np.float64)
+        tissue = np.asarray(g["current"][k], np.float64).sum(0)
+        inside = tissue > 0.05 * tissue.max() if tissue.max() > 0 else np.ones_like(tissue, bool)
+        mag = np.where(inside, np.linalg.norm(d, axis=0), np.nan)
+        det = np.where(inside, jacobian_det(torch.from_numpy(d / spacing)).numpy(), np.nan)
+        mag_im = a_mag.imshow(mag, origin="lower", extent=extent, cmap="viridis", vmin=0, vmax=vmax)
+        det_im = a_det.imshow(det, origin="lower", extent=extent, cmap="RdBu_r", vmin=0.5, vmax=1.5)
+        state = f"max {np.nanmax(mag):.1f} um" if refined[k] and np.isfinite(mag).any() else "keeps its affine"
+        a_mag.set_title(f"{ids[k]}: |d|, {state}", fontsize=7)
+        span = f"{np.nanmin(det):.2f}-{np.nanmax(det):.2f}" if np.isfinite(det).any() else "-"
+        a_det.set_title(f"det J {span}", fontsize=7)
+        if not refined[k] and reasons[k]:
+            words = reasons[k].split(" (")[0]
+            a_mag.text(0.0, -0.02, textwrap.fill(words, 40), fontsize=5, va="top", transform=a_mag.transAxes)
+        scale_bar(a_mag, N * spacing, 0.05 * N * spacing, 0.02 * N * spacing, _unit(atlas))
+    bottom = 0.9 / fig.get_figheight()
+    if mag_im is not None:
+        cax = fig.add_axes((0.12, 0.5 * bottom, 0.3, 0.15 * bottom))
+        fig.colorbar(mag_im, cax=cax, orientation="horizontal").set_label(f"|displacement| ({_unit(atlas)})", size=7)
+        cax = fig.add_axes((0.58, 0.5 * bottom, 0.3, 0.15 * bottom))
+        fig.colorbar(det_im, cax=cax, orientation="horizontal").set_label("Jacobian determinant", size=7)
+    fig.suptitle(
+        f"fine stage: where it moved tissue ({int(refined.sum())} of {S} sections warped; the rest keep the affine)",
+        fontsize=9,
+    )
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=bottom + 0.02, top=1 - 0.45 / fig.get_figheight())
+    return fig
+
+
+def deformation_qc(atlas: Atlas, path: str | Path, max_sections: int = 24) -> Path:
+    """:func:`deformation_figure` as a PNG."""
+    return _save(deformation_figure(atlas, max_sections), path, 100)
+
+
 def volume_slices(atlas: Atlas, path: str | Path, gene: str | None = None) -> Path:
     """Orthogonal slices (x-y at the middle z, x-z at the middle y, y-z at the middle x) through the
     expression volume of ``gene`` (default: the gene with the largest spread over the middle x-y slice) and
@@ -461,6 +527,7 @@ def write_report(atlas: Atlas, folder: str | Path) -> list[Path]:
         out.append(pair_overlays(atlas, folder / "registration_pairs.png"))
     if atlas.group_is_complete("deformation"):
         out.append(stack_view(atlas, folder / "stack_views.png"))
+        out.append(deformation_qc(atlas, folder / "deformation.png"))
     if atlas.group_is_complete("volume"):
         out.append(volume_slices(atlas, folder / "volume_slices.png"))
     if atlas.group_is_complete("enhance"):

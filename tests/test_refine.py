@@ -357,3 +357,27 @@ def test_unrelated_sections_keep_their_affine_and_say_why(tmp_path, caplog):
     qc = atlas.root["deformation/sections"]
     assert np.all(qc["refined"][...]) and np.all(qc["jacobian_min"][...] > 0)
     assert np.linalg.norm(atlas.root["deformation/displacement"][...], axis=1).max() > 5.0
+
+
+def test_the_qc_picture_shows_displacement_and_jacobian_per_section(refined, tmp_path):
+    from lamina.report import deformation_figure, write_report
+
+    ph, atlas, truth, _, _ = refined
+    fig = deformation_figure(atlas)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    warped = np.asarray(atlas.root["deformation/sections/refined"][...])
+    qc = atlas.root["deformation/sections"]
+    for k, sid in enumerate(atlas.sections.id):
+        title = next(t for t in titles if t.startswith(f"{sid}: |d|"))
+        if warped[k]:  # the panel's maximum is the one refine recorded
+            assert float(title.split("max ")[1].split(" um")[0]) == pytest.approx(
+                qc["displacement_max_um"][k], abs=0.06
+            )
+        else:
+            assert "keeps its affine" in title
+    dets = [t for t in titles if t.startswith("det J ")]
+    assert len(dets) == atlas.n_sections
+    low = [float(t.split()[2].split("-")[0]) for t in dets]
+    assert min(low) > 0.3 and min(low) >= float(np.min(qc["jacobian_min"][...])) - 1e-6  # tissue only, never folded
+    written = write_report(atlas, tmp_path)
+    assert tmp_path / "deformation.png" in written and (tmp_path / "deformation.png").stat().st_size > 20_000

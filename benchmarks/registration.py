@@ -396,8 +396,8 @@ def family_rows(work: Path, client, n_cells: int, n_sections: int, families=None
 
 
 def _hidden_scores(atlas, P: np.ndarray, labels: np.ndarray, hidden: list) -> tuple[list, list]:
-    """Per adjacent pair, scored on the cells of the hidden labels only: the share whose nearest hidden-label
-    cell of the next section has the same label, and the correlation of the two sections' hidden-label
+    """Per adjacent pair, scored on the cells of the hidden labels only: the share whose nearest cell of the
+    next section (any label) has the same label, and the correlation of the two sections' hidden-label
     density images (one channel per hidden label; pixel 1.5x the typical cell spacing, blur 1.5 px)."""
     from scipy.spatial import cKDTree
 
@@ -413,9 +413,10 @@ def _hidden_scores(atlas, P: np.ndarray, labels: np.ndarray, hidden: list) -> tu
     shape = (int((hi[1] - lo[1]) / pixel) + 1, int((hi[0] - lo[0]) / pixel) + 1)
     agree, ncc = [], []
     for a, b in zip(parts[:-1], parts[1:]):
-        ha, hb = ch[a] >= 0, ch[b] >= 0
-        _, j = cKDTree(P[b][hb]).query(P[a][ha])
-        agree.append(float((ch[a][ha] == ch[b][hb][j]).mean()))
+        ha = ch[a] >= 0
+        # among all cells: a hidden-label cell matched across its band's edge counts as a miss
+        _, j = cKDTree(P[b]).query(P[a][ha])
+        agree.append(float((ch[a][ha] == ch[b][j]).mean()))
         imgs = [
             smooth(splat(P[s][:, 0], P[s][:, 1], ch[s], len(hidden), lo, pixel, shape), 1.5).ravel() for s in (a, b)
         ]
@@ -503,7 +504,7 @@ def holdout_rows(work: Path, client) -> str:
     return (
         "### Channel hold-out: every second label (sorted) hidden from the fit, scored on the hidden labels only\n\n"
         "The hidden labels' cells stay in the rasters' density (spread over the visible channels) but their identity "
-        "is never seen. Agreement: share of hidden-label cells whose nearest hidden-label cell in the next section "
+        "is never seen. Agreement: share of hidden-label cells whose nearest cell in the next section (any label) "
         "has the same label; NCC: correlation of the two sections' hidden-label density images.\n\n"
         + "\n".join(lines)
         + "\n"

@@ -39,21 +39,33 @@ def template_weights(n: int, k: int, sigma: float | None, usable: np.ndarray | N
     return w / total if total > 0 else w
 
 
-def side_weights(weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Section ``k``'s template weights ``[n]`` split into the sections below it and those above it, each
-    renormalised to sum 1: ``(lower, upper, two_sided)``.
+#: how :func:`side_weights` split a template: not at all, nearest vs farther neighbours, below vs above
+SPLIT_NONE, SPLIT_NEAR_FAR, SPLIT_SIDES = 0, 1, 2
 
-    Why: a warp fitted towards one side and checked against the other must explain what both sides share
-    (the section's own distortion) and cannot explain what one side shows alone (anatomy that moves or
-    changes along z). At an end of the stack, or when one side has no usable section, both halves are the
-    whole template and ``two_sided`` is False (the check then holds out cells only).
+
+def side_weights(weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Section ``k``'s template weights ``[n]`` split into two disjoint templates, each renormalised to sum 1:
+    ``(a, b, split)``.
+
+    Inside the stack (``split`` = ``SPLIT_SIDES``) ``a`` holds the sections below ``k`` and ``b`` those above.
+    At an end (``SPLIT_NEAR_FAR``) ``a`` is the nearest neighbour alone and ``b`` the farther ones. With one
+    neighbour or none (``SPLIT_NONE``) both are the whole template.
+
+    Why: a warp fitted towards one template and checked against the other must explain what both share (the
+    section's own distortion) and cannot explain what one shows alone (anatomy that moves or changes along
+    z, or tissue unrelated to this section); without a split the check can only hold out cells.
     """
     w = np.asarray(weights, np.float64)
     j = np.arange(len(w))
     lower, upper = np.where(j < k, w, 0.0), np.where(j > k, w, 0.0)
-    if lower.sum() <= 0 or upper.sum() <= 0:
-        return w, w, False
-    return lower / lower.sum(), upper / upper.sum(), True
+    if lower.sum() > 0 and upper.sum() > 0:
+        return lower / lower.sum(), upper / upper.sum(), SPLIT_SIDES
+    used = np.flatnonzero(w > 0)
+    if len(used) < 2:
+        return w, w, SPLIT_NONE
+    nearest = used[np.argmin(np.abs(used - k))]
+    near, far = np.where(j == nearest, w, 0.0), np.where(j != nearest, w, 0.0)
+    return near / near.sum(), far / far.sum(), SPLIT_NEAR_FAR
 
 
 def smoothing_weights(n: int, sigma: float | None, usable: np.ndarray | None = None) -> np.ndarray:

@@ -268,14 +268,18 @@ def test_mass_preserving_deformation_keeps_the_cell_count():
     assert float(kept.sum()) == pytest.approx(float(img.sum()), rel=0.03)
 
 
-def test_side_weights_split_the_template_into_below_and_above():
+def test_side_weights_split_the_template_into_two_disjoint_ones():
     w = groupwise.template_weights(7, 3, sigma=2.0)
-    lower, upper, two = groupwise.side_weights(w, 3)
-    assert two and lower.sum() == pytest.approx(1) and upper.sum() == pytest.approx(1)
+    lower, upper, split = groupwise.side_weights(w, 3)
+    assert split == groupwise.SPLIT_SIDES and lower.sum() == pytest.approx(1) and upper.sum() == pytest.approx(1)
     assert np.all(lower[3:] == 0) and np.all(upper[:4] == 0) and lower[2] == pytest.approx(upper[4])
     end = groupwise.template_weights(7, 0, sigma=2.0)
-    a, b, two = groupwise.side_weights(end, 0)  # an end of the stack: both halves are the whole template
-    assert not two and np.array_equal(a, end) and np.array_equal(b, end)
+    near, far, split = groupwise.side_weights(end, 0)  # an end: the nearest neighbour against the farther ones
+    assert split == groupwise.SPLIT_NEAR_FAR and near[1] == 1 and far[1] == 0 and far.sum() == pytest.approx(1)
+    assert np.all(far[2:] > 0)
+    pair = groupwise.template_weights(2, 1, sigma=2.0)
+    a, b, split = groupwise.side_weights(pair, 1)  # one neighbour: nothing to split, cells are held out
+    assert split == groupwise.SPLIT_NONE and np.array_equal(a, pair) and np.array_equal(b, pair)
 
 
 def test_the_check_half_is_half_of_the_cells_fixed_by_row_and_unrelated_to_neighbours():
@@ -297,7 +301,7 @@ def test_refine_records_its_checks_and_never_folds(refined):
     assert warped.sum() >= 6  # measured 7 of 8 (one kept its affine when its neighbour correlation fell)
     gains = np.stack([qc["heldout_gain_a"][...], qc["heldout_gain_b"][...]], 1)
     assert np.all(np.isfinite(gains)) and np.all(gains[warped].sum(1) > 0)
-    assert list(qc["two_sided"][...]) == [False] + [True] * (S - 2) + [False]
+    assert list(qc["template_split"][...]) == [1] + [2] * (S - 2) + [1]  # ends: nearest vs farther
     assert np.all(qc["jacobian_min"][...] > 0) and np.all(qc["jacobian_max"][...] < 10)
     disp = atlas.root["deformation/displacement"][...]
     magnitude = np.linalg.norm(disp, axis=1).max(axis=(1, 2))
@@ -333,30 +337,38 @@ def _unrelated_sections(S: int = 6, n: int = 4000, seed: int = 0):
     return pd.concat(frames, ignore_index=True)
 
 
-def test_unrelated_sections_keep_their_affine_and_say_why(tmp_path, caplog):
-    """Shuffled tissue (issue 20, bad input): every warp fails its held-out check, so every section keeps its
-    affine with a reason and a warning; nothing is NaN or folded. Without the check (refine version 1) the
-    same stack is warped, so the check is what keeps it straight. Measured gains -0.0003 to -0.011 inside the stack."""
-    atlas = lamina.ingest(_unrelated_sections(), tmp_path / "u.lamina.zarr")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unrelated_sections_keep_their_affine_and_say_why(tmp_path, caplog, seed):
+    """Shuffled tissue (issue 20, bad input): one round outline, insides unrelated. A warp fitted towards one
+    part of the neighbours does not bring held-out cells closer to the other part, so every section the affine
+    stage aligned keeps its affine, with a reason and a warning; nothing is NaN or folded. Seed 1 has a section
+    the affine stage left turned against the shared outline (correlation 0.77): there the two folds agree
+    (gain +0.17) and that warp alone is kept. Without the check (refine version 1) every section is warped."""
+    atlas = lamina.ingest(_unrelated_sections(seed=seed), tmp_path / "u.lamina.zarr")
     with caplog.at_level("WARNING", logger="lamina"):
         lamina.align(atlas)
-    assert "6 of 6 sections keep their affine" in caplog.text
     qc = atlas.root["deformation/sections"]
-    assert not np.any(qc["refined"][...])
-    reasons = list(qc.attrs["reasons"])
-    # inner sections fail the two-sided check; an end section is checked on held-out cells against its one
-    # side, which can pass by chance (seed 0: +0.002), and then fails the last guard (correlation fell)
-    assert all(r.startswith("held-out check failed") for r in reasons[1:-1]), reasons
-    assert all(r.startswith(("held-out check failed", "correlation with its neighbours fell")) for r in reasons)
-    assert np.all(np.stack([qc["heldout_gain_a"][1:-1], qc["heldout_gain_b"][1:-1]]).sum(0) <= 0)
+    warped, reasons = np.asarray(qc["refined"][...]), list(qc.attrs["reasons"])
+    aligned_by_affine = np.asarray(qc["ncc_before"][...]) > 0.9
+    assert aligned_by_affine.sum() >= 5 and not warped[aligned_by_affine].any(), (seed, warped)
+    assert f"{6 - warped.sum()} of 6 sections keep their affine" in caplog.text
+    assert all(r.startswith(("held-out check failed", "correlation with its neighbours fell")) for r, w in
+               zip(reasons, warped) if not w)  # fmt: skip
+    gains = np.stack([qc["heldout_gain_a"][...], qc["heldout_gain_b"][...]], 1)
+    assert np.all(gains[warped] > 0.05) and np.all(gains[~warped].sum(1) <= 0)  # measured <= -0.001 / >= +0.17
     disp = atlas.root["deformation/displacement"][...]
-    assert np.isfinite(disp).all() and np.all(disp == 0) and np.all(atlas.root["deformation/inverse"][...] == 0)
-    np.testing.assert_array_equal(qc["ncc_after"][...], qc["ncc_before"][...])
+    assert (
+        np.isfinite(disp).all()
+        and np.all(disp[~warped] == 0)
+        and np.all(atlas.root["deformation/inverse"][...][~warped] == 0)
+    )
+    np.testing.assert_array_equal(qc["ncc_after"][...][~warped], qc["ncc_before"][...][~warped])
+    assert np.all(qc["jacobian_min"][...] > 0)
     assert np.isfinite(np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")])).all()
     lamina.refine(atlas, heldout_check=False)
     qc = atlas.root["deformation/sections"]
     assert np.all(qc["refined"][...]) and np.all(qc["jacobian_min"][...] > 0)
-    assert np.linalg.norm(atlas.root["deformation/displacement"][...], axis=1).max() > 5.0
+    assert np.linalg.norm(atlas.root["deformation/displacement"][...], axis=1).max(axis=(1, 2)).min() > 5.0
 
 
 def test_the_qc_picture_shows_displacement_and_jacobian_per_section(refined, tmp_path):

@@ -164,12 +164,14 @@ def _lddmm_task(
 ) -> list[dict]:
     """Two-fold cross-fitted LDDMM of sections ``ks`` as one batch (:func:`lddmm.register_batch`).
 
-    ``sides`` ``[len(ks), 3, S]``: each section's template weights over the sections below it, above it
-    (:func:`kernels.groupwise.side_weights`) and both. Fold a fits the *fit half* of the section's cells to the
-    sections below, fold b the *check half* to the sections above; each fold is then scored on what it
-    never saw: fold a moves the check half and is compared with the sections above, fold b the reverse
-    (normalised cross-correlation, gain over no warp). The section's warp is the mean of the two folds'
-    velocities when the mean of the two gains is positive, else none (it keeps its affine; ``kept`` False).
+    ``sides`` ``[len(ks), 3, S]``: each section's template weights split in two disjoint templates (below /
+    above; at an end of the stack nearest / farther: :func:`kernels.groupwise.side_weights`), and whole.
+    Fold a fits the *fit half* of the section's cells to the first template, fold b the *check half* to the
+    second; each fold is then scored on what it never saw: fold a moves the check half and is compared with
+    the second template, fold b the reverse (normalised cross-correlation, gain over no warp). The section's
+    warp is the mean of the two folds' velocities when the mean of the two gains is positive, else none (it
+    keeps its affine; ``kept`` False). ``agreement``: the cosine similarity of the two folds' displacement
+    fields inside the tissue (split-half reproducibility; recorded, not used to decide).
     """
     import torch
 
@@ -233,6 +235,15 @@ def _lddmm_task(
                     for i in range(n)
                 ]
             )
+    agreement = np.full(n, np.nan)
+    if checked:  # split-half reproducibility: do two fits from disjoint cells and opposite sides move alike?
+        with torch.no_grad():
+            tissue = (fit + check).sum(1)
+            inside = (tissue > 0.05 * tissue.flatten(1).amax(1)[:, None, None]).unsqueeze(1).to(moved)
+            da, db = moved[:n] * inside, moved[n:] * inside
+            num = (da * db).flatten(1).sum(1)
+            den = (da.square().flatten(1).sum(1) * db.square().flatten(1).sum(1)).sqrt().clamp_min(1e-12)
+            agreement = (num / den).cpu().numpy()
     kept = gains.sum(1) > 0 if checked else np.ones(n, bool)  # cross-validation: the mean out-of-fold gain
     v = 0.5 * (vs[:n] + vs[n:]) * torch.from_numpy(kept).to(vs).reshape(-1, 1, 1, 1, 1)
     N = moving.shape[-1]
@@ -252,6 +263,7 @@ def _lddmm_task(
                 "kept": bool(kept[i]),
                 "gain_a": float(gains[i, 0]),
                 "gain_b": float(gains[i, 1]),
+                "agreement": float(agreement[i]),
                 "data_before": 0.5 * (reps[i]["data_before"] + reps[n + i]["data_before"]),
                 "data_after": 0.5 * (reps[i]["data_after"] + reps[n + i]["data_after"]),
                 "iterations": int(sum(reps[i]["iterations"]) + sum(reps[n + i]["iterations"])),
@@ -329,6 +341,8 @@ def _build(ctx: StageContext) -> dict:
     number of workers. A reference held by ``register`` (``reference=``) is never moved.
     """
     from ..kernels.groupwise import (
+        SPLIT_NEAR_FAR,
+        SPLIT_SIDES,
         affine_gauge,
         consensus_step,
         frame_stretch,
@@ -443,9 +457,10 @@ def _build(ctx: StageContext) -> dict:
         ]
         reports = {rep["section"]: rep for done in ctx.compute(*tasks) for rep in done}
         kept = np.array([reports.get(k, {}).get("kept", False) for k in range(S)])
-        # the gauge: each kept section loses its kept neighbourhood's shared flow, unless a held reference
-        # fixes the frame; a section that keeps its affine neither moves nor counts in its neighbours' gauge
-        gauge = np.zeros((S, S)) if held else smoothing_weights(S, sig, usable & kept) * kept[:, None]
+        # the gauge: each kept section loses its neighbourhood's shared flow, unless a held reference fixes the
+        # frame; a section that keeps its affine counts with its zero flow (a kept section among rejected ones
+        # would otherwise be its own neighbourhood and lose all of its warp)
+        gauge = np.zeros((S, S)) if held else smoothing_weights(S, sig, usable) * kept[:, None]
         done = ctx.compute(
             *[
                 dask.delayed(_gauge_task, pure=False)(
@@ -483,7 +498,9 @@ def _build(ctx: StageContext) -> dict:
         elif rep is None:
             reasons.append("fine stage off (lddmm_rounds 0)" if n_lddmm == 0 else "no usable neighbour")
         elif not rep["kept"]:
-            sides_txt = "below / above" if split[k][2] else "one side only: cells held out"
+            sides_txt = {SPLIT_SIDES: "below / above", SPLIT_NEAR_FAR: "nearest / farther neighbours"}.get(
+                split[k][2], "one neighbour only: cells held out"
+            )
             reasons.append(
                 f"held-out check failed: the warp fitted on half of the cells did not bring the other half closer "
                 f"to the sections it was not fitted to ({sides_txt}; correlation gains {rep['gain_a']:+.4f}, "
@@ -535,8 +552,9 @@ def _build(ctx: StageContext) -> dict:
     )
     qc.attrs["heldout_gain"] = (
         "held-out check of the last LDDMM round, gain in correlation over no warp: a = the warp fitted on the fit "
-        "half of the cells towards the sections below, scored on the check half against the sections above; b = "
-        "the reverse (one side only at the ends of the stack); the warp is kept when their mean is positive"
+        "half of the cells towards the sections below (at an end: the nearest neighbour), scored on the check half "
+        "against the sections above (the farther neighbours); b = the reverse; the warp is kept when their mean is "
+        "positive. fold_agreement: cosine similarity of the two folds' displacements inside the tissue"
     )
     qc.attrs["reasons"] = reasons
     data: dict[str, np.ndarray] = {
@@ -544,8 +562,10 @@ def _build(ctx: StageContext) -> dict:
         "ncc_after": scores[:, 1],
         "affine_loss": affine_loss,
     }
-    for key in ("gain_a", "gain_b", "data_before", "data_after"):
-        name = {"gain_a": "heldout_gain_a", "gain_b": "heldout_gain_b"}.get(key, f"lddmm_{key}")
+    for key in ("gain_a", "gain_b", "agreement", "data_before", "data_after"):
+        name = {"gain_a": "heldout_gain_a", "gain_b": "heldout_gain_b", "agreement": "fold_agreement"}.get(
+            key, f"lddmm_{key}"
+        )
         data[name] = np.array([reports[k][key] if k in reports else np.nan for k in range(S)])
     for key in ("jacobian_min", "jacobian_max", "displacement_max_um"):
         data[key] = np.array(
@@ -554,7 +574,16 @@ def _build(ctx: StageContext) -> dict:
     for name, values in data.items():
         arrays.write_small(qc, name, np.asarray(values, np.float64), ("section",))
     arrays.write_small(qc, "refined", warped, ("section",))
-    arrays.write_small(qc, "two_sided", np.array([sw[2] for sw in split]), ("section",))
+    arrays.write_small(
+        qc,
+        "template_split",
+        np.array([sw[2] for sw in split], np.uint8),
+        ("section",),
+        {
+            "codes": "how the held-out check split the neighbours: 0 none (cells held out only), 1 nearest / farther "
+            "(an end of the stack), 2 below / above"
+        },
+    )
     skipped = [str(atlas.sections.id.iloc[k]) for k in np.flatnonzero(~usable)]
     return {
         "kept_affine": reverted,

@@ -60,6 +60,7 @@ def test_demo_end_to_end(tmp_path):
     assert (tmp_path / "d" / "sections.png").stat().st_size > 10_000
     assert (tmp_path / "d" / "registration_pairs.png").stat().st_size > 10_000
     assert (tmp_path / "d" / "stack_views.png").stat().st_size > 10_000
+    assert (tmp_path / "d" / "deformation.png").stat().st_size > 10_000
     html = (tmp_path / "d" / "stack3d.html").read_text()
     assert "plotly" in html and "scatter3d" in html
     assert (tmp_path / "d" / "demo.truth.zarr" / "zarr.json").exists()

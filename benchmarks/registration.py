@@ -251,6 +251,17 @@ def merfish_rows(work: Path, client) -> str:
     )
 
 
+def _dlpfc_columns(scale: dict) -> dict:
+    """How the DLPFC table is read: full-resolution pixels, scaled by the 65 um spot diameter."""
+    return {
+        "x": "pxl_col_fullres",
+        "y": "pxl_row_fullres",
+        "section": "section",
+        "units": "px",
+        "pixel_size": 65.0 / scale["spot_diameter_fullres"],
+    }
+
+
 def dlpfc_rows(work: Path, client) -> str:
     import json
 
@@ -272,12 +283,8 @@ def dlpfc_rows(work: Path, client) -> str:
         atlas = lamina.ingest(
             src,
             work / f"dlpfc_{a}.lamina.zarr",
-            x="pxl_col_fullres",
-            y="pxl_row_fullres",
-            section="section",
+            **_dlpfc_columns(scale),
             cell_type="layer",
-            units="px",
-            pixel_size=65.0 / scale["spot_diameter_fullres"],
             section_order=[a, b],
             client=client,
         )
@@ -464,17 +471,7 @@ def holdout_rows(work: Path, client) -> str:
             part = table[table.section.astype(str).isin([a, b])].reset_index(drop=True)
             part = part.assign(section=part.section.astype(str))
             res = _holdout(
-                work,
-                client,
-                part,
-                "layer",
-                f"dlpfc_holdout_{a}",
-                x="pxl_col_fullres",
-                y="pxl_row_fullres",
-                section="section",
-                units="px",
-                pixel_size=65.0 / scale["spot_diameter_fullres"],
-                section_order=[a, b],
+                work, client, part, "layer", f"dlpfc_holdout_{a}", **_dlpfc_columns(scale), section_order=[a, b]
             )
             results.append((f"DLPFC {a} -> {b}", res))
     folder = DATA / "merfish_moffitt"

@@ -222,29 +222,20 @@ def _build(ctx: StageContext) -> dict:
     if "types" in kind and opts.channels == "auto":
         log.info("rasterize: labels drive the fit; stages.rasterize.channels: density (or pcs) registers without them")
     S, C, N = atlas.n_sections, len(names), geom["size"]
-    arrays.create(
-        group,
-        "cells",
-        (S, C, N, N),
-        np.float32,
-        (1, C, N, N),
-        ("section", "channel", "y", "x"),
-        {"units": "cells per pixel", "channels": names, "kind": kind},
+    half = (
+        "the same image of the check half of the cells (rasterize.check_half): refine fits each warp on one half "
+        "of a section's cells and checks it on the other"
     )
-    arrays.create(
-        group,
-        "half",
-        (S, C, N, N),
-        np.float32,
-        (1, C, N, N),
-        ("section", "channel", "y", "x"),
-        {
-            "units": "cells per pixel",
-            "channels": names,
-            "description": "the same image of the check half of the cells (rasterize.check_half): refine fits "
-            "each warp on one half of a section's cells and checks it on the other",
-        },
-    )
+    for name, extra in (("cells", {"kind": kind}), ("half", {"description": half})):
+        arrays.create(
+            group,
+            name,
+            (S, C, N, N),
+            np.float32,
+            (1, C, N, N),
+            ("section", "channel", "y", "x"),
+            {"units": "cells per pixel", "channels": names, **extra},
+        )
     arrays.write_small(
         group,
         "centroid",

@@ -273,8 +273,9 @@ def _lddmm_task(
 
 
 def _gauge_task(store: str, g: str, k: int, weights: np.ndarray, spacing: float, mass: bool, kept: bool) -> dict:
-    """Section k's flow without its neighbourhood's shared part (``weights`` ``[S]`` over the kept sections),
-    as displacement / inverse grids in um, and its deformed canvas. A section whose warp was not kept, or
+    """Section k's flow without its neighbourhood's shared part (``weights`` ``[S]`` over the usable sections;
+    a section whose warp was not kept has zero flow there), as displacement / inverse grids in um, and its
+    deformed canvas. A section whose warp was not kept, or
     whose warp folds (Jacobian determinant <= 0 somewhere), gets exactly zero displacement."""
     import torch
 

@@ -53,6 +53,7 @@ _LAZY = {
     "map_neighbourhoods": ".maps",
     "domains": ".domains",
     "add_image": ".ingest.images",
+    "mark_aligned": ".stages.warp",
     "export_spatialdata": ".spatialdata_zarr",
     "export_enhanced": ".export_enhance",
     "enhance": ".stages.pipeline",  # the pipeline histology -> enhance (lamina.stages.enhance is the stage alone)
@@ -115,6 +116,7 @@ __all__ = [
     "kernels",
     "map_neighbourhoods",
     "map_tiles",
+    "mark_aligned",
     "niche",
     "pca",
     "rasterize",

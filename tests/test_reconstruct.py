@@ -288,3 +288,28 @@ def test_stages_need_their_inputs(phantom_store, tmp_path):
     with pytest.raises(StoreError, match="voxelize"):
         lamina.invert(atlas)
     assert isinstance(zarr.open_group(str(path), mode="r"), zarr.Group)
+
+
+def test_gaps_without_layers_and_costly_gaps_are_named(recon, tmp_path, caplog):
+    """Issue 21 item 4: a gap narrower than 1.5 dz gets no layer, and says so (which gaps, the dz that fills
+    them); a gap of many Euler steps says what it costs and the dz that bounds it."""
+    from lamina.stages.interpolate import MANY_STEPS, gap_messages
+
+    z, sec = np.array([0.0, 35.0, 70.0, 520.0]), np.arange(4)
+    ids = ["a", "b", "c", "d"]
+    assert gap_messages(ids, z, sec, 20.0) == []  # 35 / 20 = 1.75 steps rounds to 2: one layer per gap
+    empty, costly = gap_messages(ids, z, sec, 25.0), gap_messages(ids, z, sec, 10.0)
+    assert len(empty) == 1 and "2 of 3 gaps" in empty[0] and "a-b (35 um), b-c (35 um)" in empty[0]
+    assert "below 23.3 um" in empty[0]
+    assert len(costly) == 1 and "c-d (450 um) takes 45 Euler steps" in costly[0]
+    assert f"keeps every gap within {MANY_STEPS} steps" in costly[0] and "of 18 um keeps" in costly[0]
+    path = tmp_path / "wide.lamina.zarr"
+    shutil.copytree(recon.path, path)
+    atlas = lamina.Atlas.open(path, mode="r+")
+    spacing = float(np.diff(atlas.sections.z.to_numpy())[0])
+    with caplog.at_level("WARNING", logger="lamina"):
+        lamina.interpolate(atlas, dz_um=spacing / 1.2)  # every gap < 1.5 dz: nothing generated, and said
+    assert "4 of 4 gaps are narrower than 1.5 x dz_um" in caplog.text
+    record = atlas.stage_records()["interpolate"]
+    assert record["n_cells"] == 0 and record["empty_gaps"] == 4 and len(record["notes"]) == 1
+    assert lamina.mark_aligned is mark_aligned

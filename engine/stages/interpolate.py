@@ -21,6 +21,7 @@ gap's rows (voxelization reads only the gaps a z-slab needs).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,8 @@ from .options import Options, option
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("lamina")
 
 #: per-cell columns of ``/interpolated`` besides ``pcs``, in the order the tasks emit them
 COLUMNS = (
@@ -63,6 +66,40 @@ def _layers(gap_um: float, dz_um: float) -> np.ndarray:
     """Fractions ``t_j = j / (J + 1)``, j = 1..J, of the layers generated inside a gap."""
     steps = max(1, int(round(gap_um / dz_um)))
     return np.arange(1, steps) / steps
+
+
+#: Euler steps per gap above which the cost of a reconstruction is worth a word before it runs
+MANY_STEPS = 25
+
+
+def gap_messages(ids: list[str], z: np.ndarray, sec: np.ndarray, dz_um: float) -> list[str]:
+    """What a user should hear before the layers are generated, for the flow's sections ``sec`` (positions,
+    z order) of an atlas with section ``ids`` and depths ``z`` (um), at layer spacing ``dz_um``:
+
+    - gaps narrower than 1.5 ``dz_um`` get no layer (``round(gap / dz) - 1 = 0``), so the volume's slabs there
+      hold only the observed sections;
+    - the cost grows with ``gap / dz``: every cell of both sections is flowed that many Euler steps.
+    """
+    gaps = np.diff(np.asarray(z, np.float64)[sec])
+    pairs = [f"{ids[lo]}-{ids[hi]} ({gap:g} um)" for lo, hi, gap in zip(sec[:-1], sec[1:], gaps)]
+    steps = np.maximum(1, np.round(gaps / dz_um)).astype(int)
+    out = []
+    empty = [p for p, n in zip(pairs, steps) if n < 2]
+    if empty:
+        out.append(
+            f"{len(empty)} of {len(gaps)} gaps are narrower than 1.5 x dz_um = {1.5 * dz_um:g} um and get no "
+            f"interpolated layer: {', '.join(empty[:8])}{' ...' if len(empty) > 8 else ''}; the volume there holds "
+            f"the observed sections only. To fill them, set dz_um below {float(gaps.min()) / 1.5:.3g} um "
+            "(stages.train_flow.dz_um, or stages.interpolate.dz_um for the layers alone)"
+        )
+    if steps.max() > MANY_STEPS:
+        worst = int(np.argmax(steps))
+        out.append(
+            f"gap {pairs[worst]} takes {steps[worst]} Euler steps of dz_um = {dz_um:g} um for every cell of its two "
+            f"sections ({int(steps.sum())} steps over {len(gaps)} gaps): the cost grows with gap / dz_um. A dz_um of "
+            f"{float(gaps.max()) / MANY_STEPS:.3g} um keeps every gap within {MANY_STEPS} steps"
+        )
+    return out
 
 
 def _partition(a: int, b: int, parts: int, seed: int, key: int) -> list[np.ndarray]:
@@ -216,6 +253,10 @@ def _build(ctx: StageContext) -> dict:
     rows_per_task = int(opts.rows_per_task)
     sec = np.asarray(atlas.root["flow/sections"][...])
     P = int(atlas.root["pca/pcs"].shape[1])
+    ids = [str(i) for i in atlas.sections.id]
+    notes = gap_messages(ids, atlas.sections.z.to_numpy(np.float64), sec, cfg["dz_um"])
+    for note in notes:
+        log.warning("interpolate: %s", note)
     tasks = plan(atlas, sec, cfg["dz_um"], rows_per_task)
     counts = np.array([t["rows"] for t in tasks], np.int64)
     n = int(counts.sum())
@@ -260,7 +301,13 @@ def _build(ctx: StageContext) -> dict:
             copies.append(dask.delayed(_copy_chunk, pure=False)(atlas.path, group.path, a, b, cover))
         ensure(sum(ctx.compute(*copies)) == n, "interpolate: the copies did not write every row")
         del group["_parts"]
-    return {"n_cells": n, "n_tasks": len(tasks), "layers": int(sum(tasks[i]["layers"] for i in first))}
+    return {
+        "n_cells": n,
+        "n_tasks": len(tasks),
+        "layers": int(sum(tasks[i]["layers"] for i in first)),
+        "empty_gaps": int(len(sec) - 1 - len(gaps)),
+        "notes": notes,
+    }
 
 
 STAGE = Stage(

@@ -313,3 +313,24 @@ def test_gaps_without_layers_and_costly_gaps_are_named(recon, tmp_path, caplog):
     record = atlas.stage_records()["interpolate"]
     assert record["n_cells"] == 0 and record["empty_gaps"] == 4 and len(record["notes"]) == 1
     assert lamina.mark_aligned is mark_aligned
+
+
+def test_a_held_out_section_stays_out_of_the_flow_and_the_volume(recon, tmp_path):
+    """``lamina.reconstruct(..., sections=...)`` (issue 21 item 4): the option goes to train_flow and voxelize,
+    so the held-out section neither trains the flow nor puts its own cells in the volume; its depth is filled
+    by the layers interpolated across the wider gap."""
+    path = tmp_path / "loo.lamina.zarr"
+    shutil.copytree(recon.path, path)
+    atlas = lamina.Atlas.open(path, mode="r+")
+    keep = [s for s in atlas.sections.id if s != "S002"]
+    lamina.reconstruct(atlas, sections=keep, voxel_um=40.0, **FLOW)
+    assert list(atlas.root["flow/sections"][...]) == [0, 1, 3, 4]
+    n = atlas.sections.n_cells.to_numpy()
+    w = np.asarray(atlas.root["interpolated/weight"][...], np.float64)
+    dens = np.asarray(atlas.root["volume/density"][...], np.float64)
+    np.testing.assert_allclose(dens.sum(), n.sum() - n[2] + w.sum(), rtol=1e-5)
+    z = atlas.sections.z.to_numpy()
+    layers = np.unique(atlas.root["interpolated/z"][...])
+    wide = layers[(layers > z[1]) & (layers < z[3])]  # the 70 um gap: 7 steps of 10 um, 6 layers
+    assert len(wide) == 6 and np.abs(wide - z[2]).min() <= FLOW["dz_um"] / 2 + 1e-3  # S002's depth is filled
+    assert atlas.stage_records()["voxelize"]["observed_sections"] == [0, 1, 3, 4]

@@ -34,6 +34,9 @@ class VoxelizeOptions(Options):
     use_interpolated: bool | None = option(
         None, "include the interpolated layers; null: when interpolate runs or has run"
     )
+    sections: tuple[str | int, ...] | None = option(
+        None, "observed sections put in the volume (ids or positions; e.g. the flow's, to hold one out); null: all"
+    )
 
 
 def volume_chunks(P: int, shape: tuple[int, int, int], budget: int = CHUNK_BYTES) -> tuple[int, int]:
@@ -60,12 +63,18 @@ def grid(atlas: Atlas, voxel_um: float, interpolated: bool = True) -> dict:
     return {"origin": lo.tolist(), "voxel_um": float(voxel_um), "shape": (int(n[2]), int(n[1]), int(n[0]))}
 
 
-def _row_ranges(root: zarr.Group, z0: float, z1: float, interpolated: bool) -> list[tuple[str, str, int, int]]:
-    """(coordinates group, PCs array, start, stop) of every block of rows that may hold depths in [z0, z1)."""
+def _row_ranges(
+    root: zarr.Group, z0: float, z1: float, interpolated: bool, observed: list[int] | None = None
+) -> list[tuple[str, str, int, int]]:
+    """(coordinates group, PCs array, start, stop) of every block of rows that may hold depths in [z0, z1);
+    ``observed``: the sections whose own cells count (positions; None: all)."""
     sec = root["sections"]
     z = np.asarray(sec["z"][...], np.float64)
     starts, stops = np.asarray(sec["cell_start"][...]), np.asarray(sec["cell_stop"][...])
-    out = [("aligned", "pca/pcs", int(starts[s]), int(stops[s])) for s in np.flatnonzero((z >= z0) & (z < z1))]
+    inside = (z >= z0) & (z < z1)
+    if observed is not None:
+        inside &= np.isin(np.arange(len(z)), observed)
+    out = [("aligned", "pca/pcs", int(starts[s]), int(stops[s])) for s in np.flatnonzero(inside)]
     if interpolated and "interpolated" in root and root["interpolated"].attrs.get("complete"):
         g = root["interpolated"]
         lo = np.asarray(g["gap_section"][...])
@@ -78,7 +87,16 @@ def _row_ranges(root: zarr.Group, z0: float, z1: float, interpolated: bool) -> l
 
 
 def _voxelize_chunk(
-    store: str, target: str, geom: dict, zc: int, yc: int, cz: int, ty: int, read_rows: int, interpolated: bool
+    store: str,
+    target: str,
+    geom: dict,
+    zc: int,
+    yc: int,
+    cz: int,
+    ty: int,
+    read_rows: int,
+    interpolated: bool,
+    observed: list[int] | None = None,
 ) -> int:
     root = open_root(store, "r+")
     Z, Y, X = geom["shape"]
@@ -91,7 +109,7 @@ def _voxelize_chunk(
     counts = np.zeros(shape)
     n = 0
     section_z = np.asarray(root["sections/z"][...], np.float64)
-    for group, pcs_name, a0, b0 in _row_ranges(root, oz + z_lo * v, oz + z_hi * v, interpolated):
+    for group, pcs_name, a0, b0 in _row_ranges(root, oz + z_lo * v, oz + z_hi * v, interpolated, observed):
         for a in range(a0, b0, read_rows):
             b = min(b0, a + read_rows)
             if group == "aligned":
@@ -142,13 +160,15 @@ def _prepare(atlas: Atlas, opts: VoxelizeOptions) -> dict:
     voxel = opts.voxel_um
     if voxel is None:
         voxel = atlas.stage_records()["interpolate"]["params"]["layer_dz_um"] if use else DEFAULT_VOXEL_UM
-    return {"grid_voxel_um": float(voxel), "interpolated": use}
+    observed = None if opts.sections is None else sorted({atlas.section_index(s) for s in opts.sections})
+    return {"grid_voxel_um": float(voxel), "interpolated": use, "observed_sections": observed}
 
 
 def _build(ctx: StageContext) -> dict:
     """Weighted mean PCs ``[pc, z, y, x]`` and cell counts ``[z, y, x]`` on an isotropic grid -> ``/volume``."""
     atlas, group = ctx.atlas, ctx.group
     voxel_um, interpolated = ctx.prepared["grid_voxel_um"], ctx.prepared["interpolated"]
+    observed = ctx.prepared["observed_sections"]
     geom = grid(atlas, voxel_um, interpolated)
     Z, Y, X = geom["shape"]
     P = int(atlas.root["pca/pcs"].shape[1])
@@ -172,13 +192,13 @@ def _build(ctx: StageContext) -> dict:
     group.attrs.update({**attrs, "shape": [Z, Y, X], "chunks": [cz, ty], "interpolated": interpolated})
     tasks = [
         dask.delayed(_voxelize_chunk, pure=False)(
-            atlas.path, group.path, geom, zc, yc, cz, ty, atlas.cell_chunk, interpolated
+            atlas.path, group.path, geom, zc, yc, cz, ty, atlas.cell_chunk, interpolated, observed
         )
         for zc in range(-(-Z // cz))
         for yc in range(-(-Y // ty))
     ]
     n = sum(ctx.compute(*tasks))
-    return {"shape": [Z, Y, X], "voxel_um": voxel_um, "cells": int(n)}
+    return {"shape": [Z, Y, X], "voxel_um": voxel_um, "cells": int(n), "observed_sections": observed}
 
 
 STAGE = Stage(

@@ -39,27 +39,31 @@ def template_weights(n: int, k: int, sigma: float | None, usable: np.ndarray | N
     return w / total if total > 0 else w
 
 
-#: how :func:`side_weights` split a template: not at all, nearest vs farther neighbours, below vs above
-SPLIT_NONE, SPLIT_NEAR_FAR, SPLIT_SIDES = 0, 1, 2
+#: how :func:`side_weights` split a template: not at all, nearest vs farther neighbours, odd vs even distance
+SPLIT_NONE, SPLIT_NEAR_FAR, SPLIT_ALTERNATE = 0, 1, 2
 
 
 def side_weights(weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Section ``k``'s template weights ``[n]`` split into two disjoint templates, each renormalised to sum 1:
     ``(a, b, split)``.
 
-    Inside the stack (``split`` = ``SPLIT_SIDES``) ``a`` holds the sections below ``k`` and ``b`` those above.
-    At an end (``SPLIT_NEAR_FAR``) ``a`` is the nearest neighbour alone and ``b`` the farther ones. With one
-    neighbour or none (``SPLIT_NONE``) both are the whole template.
+    Inside the stack (``split`` = ``SPLIT_ALTERNATE``) ``a`` holds the neighbours at odd distance (k +- 1,
+    k +- 3, ...) and ``b`` those at even distance (k +- 2, ...): both reach below and above ``k``. At an end
+    (``SPLIT_NEAR_FAR``) ``a`` is the nearest neighbour alone and ``b`` the farther ones. With one neighbour
+    or none (``SPLIT_NONE``) both are the whole template.
 
     Why: a warp fitted towards one template and checked against the other must explain what both share (the
-    section's own distortion) and cannot explain what one shows alone (anatomy that moves or changes along
-    z, or tissue unrelated to this section); without a split the check can only hold out cells.
+    section's own distortion) and cannot explain what one shows alone (tissue unrelated to this section).
+    Anatomy that moves through the stack sits, in a template that reaches both sides, near where it is in
+    section ``k``, so a warp fitted to it is not pulled along; a below / above split pulled each fold towards
+    its side (on a phantom tube moving 45 um per gap it rejected 6 of 20 good warps; measured in RESULTS).
     """
     w = np.asarray(weights, np.float64)
     j = np.arange(len(w))
-    lower, upper = np.where(j < k, w, 0.0), np.where(j > k, w, 0.0)
-    if lower.sum() > 0 and upper.sum() > 0:
-        return lower / lower.sum(), upper / upper.sum(), SPLIT_SIDES
+    d = np.abs(j - k)
+    a, b = np.where(d % 2 == 1, w, 0.0), np.where((d % 2 == 0) & (d > 0), w, 0.0)
+    if (w[j < k] > 0).any() and (w[j > k] > 0).any() and a.sum() > 0 and b.sum() > 0:
+        return a / a.sum(), b / b.sum(), SPLIT_ALTERNATE
     used = np.flatnonzero(w > 0)
     if len(used) < 2:
         return w, w, SPLIT_NONE

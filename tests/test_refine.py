@@ -270,9 +270,11 @@ def test_mass_preserving_deformation_keeps_the_cell_count():
 
 def test_side_weights_split_the_template_into_two_disjoint_ones():
     w = groupwise.template_weights(7, 3, sigma=2.0)
-    lower, upper, split = groupwise.side_weights(w, 3)
-    assert split == groupwise.SPLIT_SIDES and lower.sum() == pytest.approx(1) and upper.sum() == pytest.approx(1)
-    assert np.all(lower[3:] == 0) and np.all(upper[:4] == 0) and lower[2] == pytest.approx(upper[4])
+    odd, even, split = groupwise.side_weights(w, 3)  # both reach below and above: k+-1 (and k+-3) vs k+-2
+    assert split == groupwise.SPLIT_ALTERNATE and odd.sum() == pytest.approx(1) and even.sum() == pytest.approx(1)
+    assert np.all(odd[[1, 3, 5]] == 0) and np.all(even[[0, 2, 3, 4, 6]] == 0)
+    assert odd[2] == pytest.approx(odd[4]) and odd[0] == pytest.approx(odd[6]) and odd[2] > odd[0] > 0
+    assert even[1] == pytest.approx(0.5) and even[5] == pytest.approx(0.5)
     end = groupwise.template_weights(7, 0, sigma=2.0)
     near, far, split = groupwise.side_weights(end, 0)  # an end: the nearest neighbour against the farther ones
     assert split == groupwise.SPLIT_NEAR_FAR and near[1] == 1 and far[1] == 0 and far.sum() == pytest.approx(1)

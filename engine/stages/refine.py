@@ -70,8 +70,9 @@ class RefineOptions(Options):
     mass_preserving: bool = option(True, "carry rasters as densities (times the Jacobian) under the warp")
     heldout_check: bool = option(
         True,
-        "fit each warp twice (half the cells each, towards the sections below / above) and keep it only where it "
-        "brings the held-out half closer to the held-out side; false: one fit of all cells, always kept (version 1)",
+        "fit each warp twice (half the cells each, towards the neighbours at odd / even distance) and keep it only "
+        "where it brings the held-out half closer to the held-out neighbours; false: one fit of all cells, always "
+        "kept (version 1)",
     )
     batch: int = option(4, "sections fitted as one batch per task (16-32 on GPU workers)", ge=1)
 
@@ -164,8 +165,9 @@ def _lddmm_task(
 ) -> list[dict]:
     """Two-fold cross-fitted LDDMM of sections ``ks`` as one batch (:func:`lddmm.register_batch`).
 
-    ``sides`` ``[len(ks), 3, S]``: each section's template weights split in two disjoint templates (below /
-    above; at an end of the stack nearest / farther: :func:`kernels.groupwise.side_weights`), and whole.
+    ``sides`` ``[len(ks), 3, S]``: each section's template weights split in two disjoint templates (the
+    neighbours at odd / even distance; at an end of the stack nearest / farther:
+    :func:`kernels.groupwise.side_weights`), and whole.
     Fold a fits the *fit half* of the section's cells to the first template, fold b the *check half* to the
     second; each fold is then scored on what it never saw: fold a moves the check half and is compared with
     the second template, fold b the reverse (normalised cross-correlation, gain over no warp). The section's
@@ -223,7 +225,7 @@ def _lddmm_task(
     if checked:
         with torch.no_grad():
             moved = lddmm.integrate_inverse(vs)
-            # fold a (fitted: fit half -> below) moves the check half towards above; fold b the reverse
+            # fold a (fitted: fit half -> first template) moves the check half towards the second; b the reverse
             held_out = [(check, upper, moved[:n]), (fit, lower, moved[n:])]
             gains = np.array(
                 [
@@ -342,8 +344,8 @@ def _build(ctx: StageContext) -> dict:
     number of workers. A reference held by ``register`` (``reference=``) is never moved.
     """
     from ..kernels.groupwise import (
+        SPLIT_ALTERNATE,
         SPLIT_NEAR_FAR,
-        SPLIT_SIDES,
         affine_gauge,
         consensus_step,
         frame_stretch,
@@ -439,7 +441,7 @@ def _build(ctx: StageContext) -> dict:
     sig = opts.z_sigma_sections
     tw = np.stack([template_weights(S, k, sig, usable) for k in range(S)])
     split = [side_weights(tw[k], k) for k in range(S)]
-    sides = np.stack([np.stack([*sw[:2], tw[k]]) for k, sw in enumerate(split)])  # [S, below / above / all, S]
+    sides = np.stack([np.stack([*sw[:2], tw[k]]) for k, sw in enumerate(split)])  # [S, a / b / all, S]
     local = smoothing_weights(S, sig, usable)
     template_moves = [bool(moving[tw[k] != 0].any()) for k in range(S)]
     steps = [consensus_step(local[k, k], template_moves=template_moves[k]) for k in range(S)]
@@ -499,7 +501,7 @@ def _build(ctx: StageContext) -> dict:
         elif rep is None:
             reasons.append("fine stage off (lddmm_rounds 0)" if n_lddmm == 0 else "no usable neighbour")
         elif not rep["kept"]:
-            sides_txt = {SPLIT_SIDES: "below / above", SPLIT_NEAR_FAR: "nearest / farther neighbours"}.get(
+            sides_txt = {SPLIT_ALTERNATE: "odd / even distance", SPLIT_NEAR_FAR: "nearest / farther neighbours"}.get(
                 split[k][2], "one neighbour only: cells held out"
             )
             reasons.append(
@@ -553,9 +555,9 @@ def _build(ctx: StageContext) -> dict:
     )
     qc.attrs["heldout_gain"] = (
         "held-out check of the last LDDMM round, gain in correlation over no warp: a = the warp fitted on the fit "
-        "half of the cells towards the sections below (at an end: the nearest neighbour), scored on the check half "
-        "against the sections above (the farther neighbours); b = the reverse; the warp is kept when their mean is "
-        "positive. fold_agreement: cosine similarity of the two folds' displacements inside the tissue"
+        "half of the cells towards the neighbours at odd distance (at an end: the nearest neighbour), scored on the "
+        "check half against those at even distance (the farther neighbours); b = the reverse; the warp is kept when "
+        "their mean is positive. fold_agreement: cosine similarity of the two folds' displacements inside the tissue"
     )
     qc.attrs["reasons"] = reasons
     data: dict[str, np.ndarray] = {
@@ -582,7 +584,7 @@ def _build(ctx: StageContext) -> dict:
         ("section",),
         {
             "codes": "how the held-out check split the neighbours: 0 none (cells held out only), 1 nearest / farther "
-            "(an end of the stack), 2 below / above"
+            "(an end of the stack), 2 odd / even distance"
         },
     )
     skipped = [str(atlas.sections.id.iloc[k]) for k in np.flatnonzero(~usable)]

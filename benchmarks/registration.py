@@ -315,6 +315,27 @@ FAMILIES = {
 }
 
 
+#: the stages every validation set compares: the affine stage, the fine stage without and with its check
+VARIANTS = (("affine", None), ("unchecked", {"heldout_check": False}), ("checked", {}))
+
+
+def _variants(atlas, client):
+    """Align ``atlas`` with the affine stage, then refine it as each of :data:`VARIANTS`; yields ``(key,
+    aligned xy [cell, 2], sections warped, fine-stage seconds)`` after each (the last two None for affine)."""
+    import lamina
+
+    lamina.align(atlas, client, fine=False)
+    for key, opts in VARIANTS:
+        warped = seconds = None
+        if opts is not None:
+            t0 = time.perf_counter()
+            lamina.refine(atlas, client, **opts)
+            lamina.warp(atlas, client, source="refined")
+            seconds = time.perf_counter() - t0
+            warped = int(np.sum(atlas.root["deformation/sections/refined"][...]))
+        yield key, _aligned(atlas), warped, seconds
+
+
 def _tube_travel(xy: np.ndarray, truth: np.ndarray, sec: np.ndarray, tube: np.ndarray, S: int) -> tuple:
     """(true, aligned) distance between the tube's cell centroid in the first and the last section holding
     tube cells (aligned positions after one global rigid fit onto the truth)."""
@@ -347,16 +368,9 @@ def family_rows(work: Path, client, n_cells: int, n_sections: int, families=None
         # section, also where the tube does not exist
         tube = ph.memberships(truth3)[:, -1] > 0.5
         row: dict = {"family": name}
-        lamina.align(atlas, client, fine=False)
-        runs = [("affine", {}), ("unchecked", {"heldout_check": False}), ("checked", {})]
-        for key, opts in runs:
-            if key != "affine":
-                t0 = time.perf_counter()
-                lamina.refine(atlas, client, **opts)
-                lamina.warp(atlas, client, source="refined")
-                row[f"{key}_s"] = time.perf_counter() - t0
-                row[f"{key}_warped"] = int(np.sum(atlas.root["deformation/sections/refined"][...]))
-            xy = _aligned(atlas)
+        for key, xy, warped, seconds in _variants(atlas, client):
+            if warped is not None:
+                row[f"{key}_s"], row[f"{key}_warped"] = seconds, warped
             err = rigid_residuals(xy, truth)
             row[key] = (float(np.median(err)), float(np.percentile(err, 95)))
             row["damaged_" + key] = (
@@ -445,13 +459,10 @@ def _holdout(work: Path, client, table, label: str, name: str, **ingest) -> dict
     rows = atlas.obs(columns=["input_row"]).input_row.to_numpy()
     truth = table[label].astype(str).to_numpy()[rows]
     out = {"hidden": hidden, "n_labels": len(labels)}
-    lamina.align(atlas, client, fine=False)
-    out["affine"] = _hidden_scores(atlas, _aligned(atlas), truth, hidden)
-    for key, opts in (("unchecked", {"heldout_check": False}), ("checked", {})):
-        lamina.refine(atlas, client, **opts)
-        lamina.warp(atlas, client, source="refined")
-        out[key] = _hidden_scores(atlas, _aligned(atlas), truth, hidden)
-        out[f"{key}_warped"] = int(np.sum(atlas.root["deformation/sections/refined"][...]))
+    for key, xy, warped, _ in _variants(atlas, client):
+        out[key] = _hidden_scores(atlas, xy, truth, hidden)
+        if warped is not None:
+            out[f"{key}_warped"] = warped
     out["sections"] = atlas.n_sections
     return out
 
@@ -545,13 +556,9 @@ def her2st_stack_rows(work: Path, client, n_genes: int = 300) -> str:
         ref = obs[["warped_x", "warped_y"]].to_numpy(np.float64)[rows]
         ok = np.isfinite(ref).all(1)
         dist, warped = {}, {}
-        lamina.align(atlas, client, fine=False)
-        for key, opts in (("affine", None), ("unchecked", {"heldout_check": False}), ("checked", {})):
-            if opts is not None:
-                lamina.refine(atlas, client, **opts)
-                lamina.warp(atlas, client, source="refined")
-                warped[key] = int(np.sum(atlas.root["deformation/sections/refined"][...]))
-            dist[key] = float(np.median(similarity_residuals(ref[ok], _aligned(atlas)[ok])))
+        for key, xy, n_warped, _ in _variants(atlas, client):
+            warped[key] = n_warped
+            dist[key] = float(np.median(similarity_residuals(ref[ok], xy[ok])))
         lines.append(
             f"| {patient} ({len(names)} sections) | {dist['affine']:.1f} | {dist['unchecked']:.1f} | "
             f"**{dist['checked']:.1f}** | {100 * (dist['checked'] / dist['affine'] - 1):+.0f}% | "

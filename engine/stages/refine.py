@@ -221,7 +221,7 @@ def _lddmm_task(
     if not checked:  # both fold slots hold the one fit; nothing is held out, every warp is kept
         vs, reps = torch.cat([vs, vs]), reps + reps
     mass = opts["mass_preserving"]
-    gains = np.full((n, 2), np.nan)
+    gains, agreement = np.full((n, 2), np.nan), np.full(n, np.nan)
     if checked:
         with torch.no_grad():
             moved = lddmm.integrate_inverse(vs)
@@ -237,9 +237,7 @@ def _lddmm_task(
                     for i in range(n)
                 ]
             )
-    agreement = np.full(n, np.nan)
-    if checked:  # split-half reproducibility: do two fits from disjoint cells and opposite sides move alike?
-        with torch.no_grad():
+            # split-half reproducibility: do two fits from disjoint cells and disjoint neighbours move alike?
             tissue = (fit + check).sum(1)
             inside = (tissue > 0.05 * tissue.flatten(1).amax(1)[:, None, None]).unsqueeze(1).to(moved)
             da, db = moved[:n] * inside, moved[n:] * inside

@@ -76,31 +76,79 @@ def _rows(atlas, s):
     return int(sec.cell_start[s]), int(sec.cell_stop[s])
 
 
-def loo(atlas, k: int, bin_um: float, flow_options: dict, client=None, truth=None) -> dict:
-    """Scores of copy / blend / lamina for held-out section ``k`` (see the module docstring)."""
-    from sklearn.neighbors import KNeighborsClassifier
+def _flowed(atlas, k: int, gap: float, options: dict, client) -> dict:
+    """Train the flow without section ``k``, fill the gap, and return the layer at z_k with time, peak RSS and
+    what train_flow recorded."""
+    import os
+
+    from _measure import PeakRSS
 
     import lamina
+
+    root = atlas.root
+    z = atlas.sections.z.to_numpy(np.float64)
+    use = [s for s in range(len(z)) if s != k]
+    t0 = time.perf_counter()
+    with PeakRSS(os.getpid()) as rss:
+        lamina.train_flow(atlas, client=client, sections=use, **{"dz_um": gap / 4, **options})
+        lamina.interpolate(atlas, client=client, dz_um=gap / 4)
+    g = root["interpolated"]
+    layer = np.flatnonzero(np.isclose(np.asarray(g["z"][...]), z[k], atol=1e-3))
+    return {
+        "xy": np.stack([g["x"].oindex[layer], g["y"].oindex[layer]], 1).astype(np.float64),
+        "pcs": np.asarray(g["pcs"].oindex[layer, :]),
+        "dir": np.asarray(g["direction"].oindex[layer]),
+        "seconds": time.perf_counter() - t0,
+        "rss_gib": rss.peak / 2**30,
+        "record": atlas.stage_records()["train_flow"],
+    }
+
+
+def tube_geometry(cells_xy: np.ndarray, weights: np.ndarray, center, radius: float, true_xy: np.ndarray) -> dict:
+    """Where a prediction puts the tube, against the true disc (um).
+
+    ``cells_xy [n, 2]``: cells the method calls tube (weights: their share of the prediction); ``true_xy``: the
+    held-out section's true tube cells. ``centroid_um``: weighted centroid to the true centre; ``boundary_um``:
+    the symmetric mean distance (predicted tube cells to the true disc, true tube cells to the nearest predicted
+    one), 0 for a perfect prediction; ``ghost``: the weighted share of predicted tube cells more than 20 um
+    outside the true disc (mass where the truth has none).
+    """
+    from scipy.spatial import cKDTree
+
+    if len(cells_xy) == 0 or weights.sum() <= 0:
+        return {"centroid_um": float("nan"), "boundary_um": float("nan"), "ghost": float("nan")}
+    w = weights / weights.sum()
+    outside = np.maximum(np.hypot(*(cells_xy - np.asarray(center)).T) - radius, 0.0)
+    cover = cKDTree(cells_xy).query(true_xy)[0] if len(true_xy) else np.zeros(1)
+    return {
+        "centroid_um": float(np.hypot(*((w[:, None] * cells_xy).sum(0) - np.asarray(center)))),
+        "boundary_um": float(0.5 * ((w * outside).sum() + cover.mean())),
+        "ghost": float((w * (outside > 20.0)).sum()),
+    }
+
+
+#: the flows each fold compares: the untrained one (zero drift, the blend with the flow's noise) and the trained one
+FLOWS = ("untrained", "lamina")
+
+
+def loo(atlas, k: int, bin_um: float, flow_options: dict, client=None, truth=None, tube=None) -> dict:
+    """Scores of copy / blend / untrained flow / lamina for held-out section ``k`` (see the module docstring).
+
+    ``tube``: ``(center, radius, type code)`` of the phantom's tube at z_k, for the geometric scores."""
+    from sklearn.neighbors import KNeighborsClassifier
+
     from lamina.kernels.pca import invert
     from lamina.stages.pca import read_pca
 
     root = atlas.root
     z = atlas.sections.z.to_numpy(np.float64)
-    S = len(z)
-    use = [s for s in range(S) if s != k]
     gap = z[k + 1] - z[k - 1]
-    t0 = time.perf_counter()
-    lamina.train_flow(atlas, client=client, sections=use, **{"dz_um": gap / 4, **flow_options})
-    lamina.interpolate(atlas, client=client, dz_um=gap / 4)
-    seconds = time.perf_counter() - t0
+    runs = {
+        name: _flowed(atlas, k, gap, {**flow_options, "steps": 0} if name == "untrained" else flow_options, client)
+        for name in FLOWS
+    }
     p = read_pca(root)
-    g = root["interpolated"]
-    gz = np.asarray(g["z"][...])
-    layer = np.flatnonzero(np.isclose(gz, z[k], atol=1e-3))
     xy = lambda grp, a, b: np.stack([root[f"{grp}/x"][a:b], root[f"{grp}/y"][a:b]], 1).astype(np.float64)  # noqa: E731
-    pred_xy = np.stack([g["x"].oindex[layer], g["y"].oindex[layer]], 1).astype(np.float64)
-    pred_pcs = np.asarray(g["pcs"].oindex[layer, :])
-    pred_dir = np.asarray(g["direction"].oindex[layer])
     a, b = _rows(atlas, k)
     true_xy = xy("aligned", a, b)
     true_X = np.asarray(root["X"][a:b], np.float64)
@@ -119,14 +167,15 @@ def loo(atlas, k: int, bin_um: float, flow_options: dict, client=None, truth=Non
     maps = {s: bin_maps(v[0], inv(v[1]), lo_mn, bin_um, shape)[0] for s, v in neighbours.items()}
     w = (z[k + 1] - z[k]) / gap
     near = k - 1 if z[k] - z[k - 1] <= z[k + 1] - z[k] else k + 1
-    flowed = {
-        d: bin_maps(pred_xy[pred_dir == d], inv(pred_pcs[pred_dir == d]), lo_mn, bin_um, shape)[0] for d in (0, 1)
-    }
-    pred = {
-        "copy": maps[near],
-        "blend": w * maps[k - 1] + (1 - w) * maps[k + 1],
-        "lamina": w * flowed[0] + (1 - w) * flowed[1],
-    }
+
+    def flowed_map(run, values):
+        return sum(
+            wd * bin_maps(run["xy"][run["dir"] == d], values[run["dir"] == d], lo_mn, bin_um, shape)[0]
+            for d, wd in ((0, w), (1, 1 - w))
+        )
+
+    pred = {"copy": maps[near], "blend": w * maps[k - 1] + (1 - w) * maps[k + 1]}
+    pred.update({name: flowed_map(run, inv(run["pcs"])) for name, run in runs.items()})
     obs_map = bin_maps(true_xy, true_X, lo_mn, bin_um, shape)[0]
     # every method is scored on the same bins: those where all of them and the truth have cells
     ok = np.isfinite(obs_map).all(0)
@@ -134,11 +183,17 @@ def loo(atlas, k: int, bin_um: float, flow_options: dict, client=None, truth=Non
         ok &= np.isfinite(m).all(0)
     out = {
         "section": str(atlas.sections.id.iloc[k]),
-        "cells_pred": len(layer),
+        "cells_pred": len(runs["lamina"]["xy"]),
         "cells_true": b - a,
         "bins": int(ok.sum()),
-        "seconds": seconds,
     }
+    for name, run in runs.items():
+        out[f"seconds_{name}"] = run["seconds"]
+        out[f"rss_gib_{name}"] = run["rss_gib"]
+    rec = runs["lamina"]["record"]
+    out["steps_run"] = rec.get("steps_run")
+    out["kept"] = "trained" if rec.get("trained") else "untrained"
+    out["heldout_gain"] = rec.get("heldout_gain", float("nan"))
     for name, m in pred.items():
         out[f"r_{name}"] = pearson_genes(m, obs_map, ok)
     if types is not None:
@@ -149,24 +204,52 @@ def loo(atlas, k: int, bin_um: float, flow_options: dict, client=None, truth=Non
             np.concatenate([neighbours[s][2] for s in neighbours]),
         )
         frac = {s: bin_maps(v[0], onehot(clf.predict(v[1])), lo_mn, bin_um, shape)[0] for s, v in neighbours.items()}
-        fl = {
-            d: bin_maps(pred_xy[pred_dir == d], onehot(clf.predict(pred_pcs[pred_dir == d])), lo_mn, bin_um, shape)[0]
-            for d in (0, 1)
-        }
-        comp = {
-            "copy": frac[near],
-            "blend": w * frac[k - 1] + (1 - w) * frac[k + 1],
-            "lamina": w * fl[0] + (1 - w) * fl[1],
-        }
+        labels = {name: clf.predict(run["pcs"]) for name, run in runs.items()}
+        comp = {"copy": frac[near], "blend": w * frac[k - 1] + (1 - w) * frac[k + 1]}
+        comp.update({name: flowed_map(run, onehot(labels[name])) for name, run in runs.items()})
         true_comp = bin_maps(true_xy, onehot(types[a:b]), lo_mn, bin_um, shape)[0]
         for name, m in comp.items():
             out[f"comp_{name}"] = composition_agreement(m, true_comp, ok)
+        if tube is not None:
+            center, radius, code = tube
+            own = {s: clf.predict(neighbours[s][1]) == code for s in neighbours}
+            cells = {
+                "copy": (neighbours[near][0][own[near]], np.ones(int(own[near].sum()))),
+                "blend": (
+                    np.concatenate([neighbours[s][0][own[s]] for s in (k - 1, k + 1)]),
+                    np.concatenate([np.full(int(own[s].sum()), ws) for s, ws in ((k - 1, w), (k + 1, 1 - w))]),
+                ),
+            }
+            for name, run in runs.items():
+                sel = labels[name] == code
+                cells[name] = (run["xy"][sel], np.where(run["dir"][sel] == 0, w, 1 - w))
+            true_tube = true_xy[np.hypot(*(true_xy - np.asarray(center)).T) < radius]
+            for name, (cxy, cw) in cells.items():
+                for key, v in tube_geometry(cxy, cw, center, radius, true_tube).items():
+                    out[f"{key}_{name}"] = v
     if truth is not None:
         field_map = bin_maps(true_xy, truth(k, a, b), lo_mn, bin_um, shape)[0]
         for name, m in pred.items():
             out[f"r_true_{name}"] = pearson_genes(m, field_map, ok)
             out[f"rmse_true_{name}"] = float(np.sqrt(np.mean((m[:, ok] - field_map[:, ok]) ** 2)))
     return out
+
+
+#: the phantom that needs a flow (issue 21): no section transforms (so the scores are about interpolation, not
+#: registration: cells are marked aligned), sections 100 um apart, a tube that travels 600 um over the depth
+#: (~100 um per gap, ~200 um across a held-out section's gap) while its radius grows by 60%, and layer
+#: boundaries whose wave moves 1/10 of a wavelength per gap
+MOVING = {
+    "section_spacing": 100.0,
+    "tube_travel_um": 600.0,
+    "tube_growth": 0.6,
+    "layer_drift_um": 80.0,
+    "layer_drift_period_um": 1000.0,
+    "max_rotation_deg": 0.0,
+    "max_translation_um": 0.0,
+    "scale_range": 0.0,
+    "warp_um": 0.0,
+}
 
 
 def phantom_rows(
@@ -178,12 +261,17 @@ def phantom_rows(
     holdouts: list[int],
     flow_options: dict,
     bin_um: float,
+    moving: bool = False,
 ) -> list[dict]:
     import lamina
 
-    ph = lamina.datasets.phantom(n_cells=n_cells, n_sections=n_sections, n_genes=n_genes, seed=5)
+    spec = MOVING if moving else {}
+    ph = lamina.datasets.phantom(n_cells=n_cells, n_sections=n_sections, n_genes=n_genes, seed=5, **spec)
     atlas = lamina.ingest(ph, work / "phantom.lamina.zarr", overwrite=True, client=client)
-    lamina.align(atlas, client=client)
+    if moving:
+        lamina.mark_aligned(atlas, client=client)
+    else:
+        lamina.align(atlas, client=client)
     lamina.pca(atlas, n_pcs=min(20, n_genes), client=client)
     true_xyz = {}
 
@@ -193,9 +281,12 @@ def phantom_rows(
         return ph.field(true_xyz[s])
 
     rows = []
+    code = ph.type_names.index("tube")
     for k in holdouts:
-        r = loo(atlas, k, bin_um, flow_options, client, truth)
-        rows.append({"dataset": "phantom", **r})
+        zk = float(ph.z[k])
+        tube = (np.array(ph.tube_center(zk)), float(ph.tube_radius(zk)), code) if moving else None
+        r = loo(atlas, k, bin_um, flow_options, client, truth, tube)
+        rows.append({"dataset": "moving" if moving else "phantom", **r})
         print(r, flush=True)
     return rows
 
@@ -237,30 +328,28 @@ def her2st_rows(work: Path, client, flow_options: dict, n_genes: int = 300, bin_
     return rows
 
 
+METHODS = ("copy", "blend") + FLOWS
+METRICS = ("r", "comp", "r_true", "rmse_true", "centroid_um", "boundary_um", "ghost", "seconds", "rss_gib")
+
+
 def table(rows: list[dict]) -> str:
-    cols = [
-        "dataset",
-        "section",
-        "r_copy",
-        "r_blend",
-        "r_lamina",
-        "comp_copy",
-        "comp_blend",
-        "comp_lamina",
-        "r_true_copy",
-        "r_true_blend",
-        "r_true_lamina",
-        "rmse_true_copy",
-        "rmse_true_blend",
-        "rmse_true_lamina",
-        "seconds",
+    """One line per (fold, method); the flows also state what train_flow kept and its held-out gain."""
+    cols = [m for m in METRICS if any(f"{m}_{x}" in r for r in rows for x in METHODS)]
+    lines = [
+        "| dataset | section | method | " + " | ".join(cols) + " | train_flow |",
+        "|" + "---|" * (len(cols) + 4),
     ]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     for r in rows:
-        lines.append(
-            "| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |"
-        )
+        for m in METHODS:
+            note = ""
+            if m == "lamina":
+                note = f"{r['kept']} after {r['steps_run']} steps, held-out gain {r['heldout_gain']:.4f}"
+            lines.append(
+                f"| {r['dataset']} | {r['section']} | {m} | "
+                + " | ".join(fmt(r.get(f"{c}_{m}")) for c in cols)
+                + f" | {note} |"
+            )
     return "\n".join(lines)
 
 
@@ -268,12 +357,20 @@ def summary(rows: list[dict]) -> str:
     out = []
     for ds in dict.fromkeys(r["dataset"].split()[0] for r in rows):
         sub = [r for r in rows if r["dataset"].split()[0] == ds]
-        wins = sum(r["r_lamina"] > max(r["r_copy"], r["r_blend"]) for r in sub)
-        means = {m: np.mean([r[f"r_{m}"] for r in sub]) for m in ("copy", "blend", "lamina")}
-        out.append(
-            f"- {ds}: lamina beats both baselines (expression r) on {wins}/{len(sub)} held-out sections; mean r "
-            + ", ".join(f"{m} {v:.3f}" for m, v in means.items())
+        key = "r_true" if all("r_true_lamina" in r for r in sub) else "r"
+        mean = lambda m, c=key, sub=sub: float(np.mean([r[f"{c}_{m}"] for r in sub]))  # noqa: E731
+        above = sum(r[f"{key}_lamina"] >= r[f"{key}_blend"] for r in sub)
+        line = (
+            f"- {ds} ({len(sub)} folds), mean {key}: "
+            + ", ".join(f"{m} {mean(m):.3f}" for m in METHODS)
+            + f"; lamina - untrained {mean('lamina') - mean('untrained'):+.4f}; lamina >= blend on {above}/{len(sub)}"
+            + f"; flow kept trained on {sum(r['kept'] == 'trained' for r in sub)}/{len(sub)}"
+            + f"; seconds per fold (train + interpolate) untrained {mean('untrained', 'seconds'):.0f}, "
+            f"lamina {mean('lamina', 'seconds'):.0f}"
         )
+        if all("boundary_um_lamina" in r for r in sub):
+            line += "; tube boundary error (um) " + ", ".join(f"{m} {mean(m, 'boundary_um'):.1f}" for m in METHODS)
+        out.append(line)
     return "\n".join(out)
 
 
@@ -285,20 +382,27 @@ def main(argv=None) -> int:
     p.add_argument("--sections", type=int, default=12)
     p.add_argument("--genes", type=int, default=40)
     p.add_argument("--holdouts", type=int, nargs="+", default=[3, 6, 9])
+    p.add_argument("--moving-sections", type=int, default=10)
+    p.add_argument("--moving-holdouts", type=int, nargs="+", default=[2, 5, 7])
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--datasets", nargs="+", default=["phantom", "her2st"])
+    p.add_argument("--datasets", nargs="+", default=["moving", "phantom", "her2st"])
     p.add_argument("--write", action="store_true")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     flow = {"steps": args.steps, "subsample": 512}
     if args.smoke:
-        args.cells, args.sections, args.genes, args.holdouts, args.datasets = 6000, 5, 12, [2], ["phantom"]
+        args.cells, args.sections, args.genes, args.holdouts, args.datasets = 6000, 5, 12, [2], ["moving"]
+        args.moving_sections, args.moving_holdouts = 5, [2]
         flow = {"steps": 6, "subsample": 256, "steps_per_task": 3}
     work = Path(tempfile.mkdtemp(prefix="lamina-interp-"))
     client = lamina.connect()
     t0 = time.perf_counter()
     try:
         rows = []
+        if "moving" in args.datasets:
+            rows += phantom_rows(
+                work, client, args.cells, args.moving_sections, args.genes, args.moving_holdouts, flow, 100.0, True
+            )
         if "phantom" in args.datasets:
             rows += phantom_rows(work, client, args.cells, args.sections, args.genes, args.holdouts, flow, 100.0)
         if "her2st" in args.datasets:

@@ -63,6 +63,7 @@ class PhantomSpec:
     layer_drift_um: float = 0.0  # amplitude of a wave in the layer boundaries that travels along x with depth
     layer_drift_period_um: float = 1000.0  # depth over which that wave travels one wavelength
     damaged_fraction: float = 0.0  # share of sections badly damaged: a tear of 25-40% of the area
+    tube_growth: float = 0.0  # the tube's radius grows from (1 - g/2) to (1 + g/2) of its default over the depth
     seed: int = 0
     chunk_rows: int = 200_000
 
@@ -151,6 +152,11 @@ class Phantom:
         travel = self.spec.tube_travel_um
         return 0.38 * self.width + travel * t, 0.58 * self.height + 0.4 * travel * np.sin(np.pi * t)
 
+    def tube_radius(self, z) -> np.ndarray:
+        """True radius (um) of the tube at depth ``z`` (um), where its membership is 0.5."""
+        t = np.asarray(z, dtype=np.float64) / self.depth
+        return 0.07 * self.width * (1.0 + self.spec.tube_growth * (t - 0.5))
+
     def memberships(self, xyz: np.ndarray) -> np.ndarray:
         """Soft cell-type memberships ``[n, n_types]`` at true positions ``xyz`` ``[n, 3]`` (um); rows sum to 1."""
         cx, cy = self._center(xyz[:, 2])
@@ -162,7 +168,7 @@ class Phantom:
         n_layers = self.spec.n_types - 1
         layers = soft_bins(depth, np.arange(1, n_layers) / n_layers, width=0.015)
         tx, ty = self.tube_center(xyz[:, 2])
-        radius = 0.07 * self.width
+        radius = self.tube_radius(xyz[:, 2])
         tube = 0.5 * (1.0 + np.tanh((radius - np.hypot(xyz[:, 0] - tx, xyz[:, 1] - ty)) / 16.0))
         t0, t1 = self.spec.tube_span
         t = xyz[:, 2] / self.depth

@@ -10,7 +10,21 @@ kNN graph is learned at; inference partitions cells at the same density.
 
 Steps run as a chain of Dask tasks of ``steps_per_task`` steps each. After every task the models and the
 Adam state are written as Zarr arrays into a checkpoint group ``_tmp/ckpt-train_flow-<hash>``, so an
-interrupted training resumes from the last finished task; the driver shows a progress bar with the loss.
+interrupted training resumes from the last finished task; the driver shows a progress bar.
+
+What the bar and ``/flow/excess`` show is the fit's divergence *beyond its noise floor*: two independent
+512-cell samples of one section are themselves a Sinkhorn divergence apart, and that floor dominated the raw
+loss (it looked flat). Each step draws a second, disjoint sample of the target section and subtracts its
+divergence from the first (:func:`lamina.kernels.sde.divergence_excess`).
+
+Validation (``validate``, on by default with >= 4 flow sections): the interior section nearest the middle of
+the stack is left out of training; after every task the flow predicts it from its two neighbours exactly as
+``interpolate`` would, and the prediction's excess over the noise floor is recorded (``/flow/heldout``). The
+untrained flow (zero drift: cells are copied and the two sides blended by distance) is scored first and is the
+incumbent: the flow written is the best-scoring state, training stops after ``patience`` tasks without a
+better score, and where training never beats the untrained flow that one is kept (with a warning), so a user
+does not pay for minutes of training that move nothing and the interpolation is never worse on the held-out
+section than the blend. The record holds the scores and the gain.
 """
 
 from __future__ import annotations
@@ -47,7 +61,7 @@ class TrainFlowOptions(Options):
     k: int = option(10, "neighbours of each cell in the flow's kNN graph", ge=1)
     hidden: int = option(64, "width of the drift networks", ge=1)
     subsample: int = option(512, "cells per side per training step (the OT loss is O(subsample^2))", ge=1)
-    steps: int = option(600, "training steps", ge=1)
+    steps: int = option(600, "training steps (0: the untrained flow: cells are copied, the sides blended)", ge=0)
     steps_per_task: int = option(25, "steps per Dask task (a checkpoint after each)", ge=1)
     lr: float = option(2e-3, "Adam learning rate", gt=0)
     eps: float = option(0.01, "Sinkhorn blur (normalised units squared)", gt=0)
@@ -62,6 +76,13 @@ class TrainFlowOptions(Options):
     sections: tuple[str | int, ...] | None = option(
         None, "sections the flow learns from (ids or positions; e.g. to leave one out); null: all"
     )
+    validate: bool = option(
+        True,
+        "hold out the interior section nearest the middle (with >= 4 flow sections), score the flow there after "
+        "every task against the untrained flow, keep the best state (the untrained one if training never beats "
+        "it) and stop after `patience` tasks without progress",
+    )
+    patience: int = option(4, "tasks without a better held-out score before training stops", ge=1)
 
 
 MIN_CELLS = 3
@@ -113,11 +134,89 @@ def build_models(cfg: dict, n_features: int) -> dict:
     return {d: FlowModel(n_features, cfg["hidden"], cfg["k"]) for d in DIRECTIONS}
 
 
-def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: int) -> list[float]:
-    """Train steps ``[a, b)`` from the checkpoint (or from scratch when ``a == 0``) and checkpoint again."""
+def validation_sections(sec: np.ndarray, validate: bool) -> tuple[int, int, int] | None:
+    """(held-out, lower, upper) positions for the held-out score, or None (fewer than 4 flow sections: the
+    remaining ones would leave no gap besides the one the held-out section sits in)."""
+    if not validate or len(sec) < 4:
+        return None
+    i = len(sec) // 2
+    return int(sec[i]), int(sec[i - 1]), int(sec[i + 1])
+
+
+def _validation_cells(root, cfg: dict, starts, stops) -> dict:
+    """Fixed samples for the held-out score: ``VAL_SAMPLE`` cells of each neighbour and two disjoint samples of
+    that size of the held-out section (the target and the noise-floor sample)."""
+    v, lo, hi = cfg["validation"]
+    rng = np.random.default_rng([cfg["seed"], 0x7A11D])
+
+    def rows(s, k):
+        a, b = int(starts[s]), int(stops[s])
+        return rng.choice(np.arange(a, b), size=min(k, b - a), replace=False)
+
+    held = rows(v, 2 * VAL_SAMPLE)
+    half = len(held) // 2
+    return {
+        "lo": read_cells(root, np.sort(rows(lo, VAL_SAMPLE))),
+        "hi": read_cells(root, np.sort(rows(hi, VAL_SAMPLE))),
+        "target": read_cells(root, np.sort(held[:half])),
+        "floor": read_cells(root, np.sort(held[half : 2 * half])),
+    }
+
+
+#: cells per sample of the held-out score; bins of the maps hold ~VAL_PER_BIN target cells on average
+VAL_SAMPLE = 4096
+VAL_PER_BIN = 16
+
+
+def heldout_excess(models: dict, val: dict, z: np.ndarray, cfg: dict, dev) -> tuple[float, float]:
+    """``(excess, floor)``: how far the flow's prediction at the held-out depth is from the observed cells.
+
+    The prediction is what ``interpolate`` puts there: lower-side cells flowed forward with weight ``w`` and
+    upper-side cells flowed backward with ``1 - w`` (``w`` = the blend's weight of the lower side), with the
+    trained noise drawn from a fixed seed, so the untrained and the trained flow are scored on the same draws.
+    Both are binned on one grid (:func:`lamina.kernels.sde.map_error`), the score a user reads off an
+    interpolated map: the mean squared difference of the per-bin mean PCs (in units of the total PC variance),
+    minus the noise floor (the same error between two disjoint samples of the held-out section, halved).
+    """
     import torch
 
-    from ..kernels.sde import flow_loss
+    from ..kernels.sde import integrate, map_error
+
+    v, lo, hi = cfg["validation"]
+    w = float((z[hi] - z[v]) / (z[hi] - z[lo]))
+    t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
+    gen = torch.Generator(device=dev).manual_seed(int(cfg["seed"]) * 1_000_003 + 0x5EED)
+    noise = (cfg["noise_pos"], cfg["noise_expr"])
+    with torch.no_grad():
+        _, pf, hf = integrate(models["forward"], *map(t, val["lo"]), z[lo], z[v], cfg["dz_um"], *noise, gen)[-1]
+        _, pb, hb = integrate(models["backward"], *map(t, val["hi"]), z[hi], z[v], cfg["dz_um"], *noise, gen)[-1]
+    pred_xy = np.concatenate([pf.cpu().numpy(), pb.cpu().numpy()])
+    pred_h = np.concatenate([hf.cpu().numpy(), hb.cpu().numpy()])
+    weights = np.concatenate([np.full(len(pf), w / len(pf)), np.full(len(pb), (1 - w) / len(pb))])
+    (txy, th), (fxy, fh) = val["target"], val["floor"]
+    scale = float(models["forward"].feature_scale[0]) ** 2
+    kw = dict(per_bin=VAL_PER_BIN)
+    floor = 0.5 * map_error(fxy, fh, np.ones(len(fxy)), txy, th, **kw) / scale
+    return map_error(pred_xy, pred_h, weights, txy, th, **kw) / scale - floor, floor
+
+
+def _save_models(group: zarr.Group, models: dict, prefix: str = "") -> None:
+    from ..store.tensors import write_state
+
+    for d, m in models.items():
+        write_state(group.require_group(prefix + d), m.state_dict())
+
+
+def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: int) -> dict:
+    """Train steps ``[a, b)`` from the checkpoint (or from scratch when ``a == 0``) and checkpoint again.
+
+    Returns the per-step ``loss`` and ``excess`` (the fit's divergence beyond the noise floor, summed over the
+    two directions), the held-out ``heldout`` excess after the block (NaN without validation) and ``stop``
+    (no better held-out score for ``patience`` tasks).
+    """
+    import torch
+
+    from ..kernels.sde import compared_space, divergence_excess, flow_loss
     from ..store.tensors import load_optimizer_state, optimizer_state, read_state, write_state
 
     root = open_root(store, "r+")
@@ -133,6 +232,7 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
     params = [p for m in models.values() for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=cfg["lr"])
     group = root.require_group(ckpt)
+    val = _validation_cells(root, cfg, starts, stops) if cfg["validation"] else None
     if a > 0:
         for d, m in models.items():
             m.load_state_dict(read_state(group[d]))
@@ -149,44 +249,78 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
         fscale = float(np.sqrt(allh.var(0).sum())) or 1.0
         for m in models.values():
             m.set_normalisation(center, length, max(neighbour, 1e-6), np.full(P, fscale))
+        if val is not None:  # the untrained flow is the first incumbent: training has to beat it
+            untrained, floor = heldout_excess(models, val, z, cfg, dev)
+            _save_models(group, models, "best_")
+            group.attrs.update(
+                {"untrained": untrained, "floor": floor, "best": untrained, "best_step": 0, "since_best": 0}
+            )
     gen = torch.Generator(device=dev).manual_seed(int(cfg["seed"]) * 1_000_003 + a)
-    losses = []
+    losses, excesses = [], []
     m_sub = cfg["subsample"]
+    kw = dict(
+        dz_um=cfg["dz_um"],
+        expression_weight=cfg["expression_weight"],
+        eps=cfg["eps"],
+        action_weight=cfg["action_weight"],
+        noise_pos=cfg["noise_pos"],
+        noise_expr=cfg["noise_expr"],
+        generator=gen,
+        parts=True,
+    )
     for _step in range(a, b):
         g = int(rng.integers(0, len(sec) - 1))
         lo, hi = int(sec[g]), int(sec[g + 1])
 
         def draw(s):
+            """Two disjoint samples of section ``s``: the one trained on and one for the noise floor."""
             xy, h = pools[s]
-            idx = rng.choice(len(xy), size=min(m_sub, len(xy)), replace=False)
-            return torch.from_numpy(xy[idx]).to(dev), torch.from_numpy(h[idx]).to(dev)
+            idx = rng.permutation(len(xy))
+            k = max(1, min(m_sub, len(xy) // 2))
+            t = lambda i: (torch.from_numpy(xy[i]).to(dev), torch.from_numpy(h[i]).to(dev))  # noqa: E731
+            return t(idx[:k]), t(idx[k : 2 * k])
 
-        (p0, h0), (p1, h1) = draw(lo), draw(hi)
-        kw = dict(
-            dz_um=cfg["dz_um"],
-            expression_weight=cfg["expression_weight"],
-            eps=cfg["eps"],
-            action_weight=cfg["action_weight"],
-            noise_pos=cfg["noise_pos"],
-            noise_expr=cfg["noise_expr"],
-            generator=gen,
-        )
-        loss = flow_loss(models["forward"], p0, h0, z[lo], z[hi], p1, h1, **kw) + flow_loss(
-            models["backward"], p1, h1, z[hi], z[lo], p0, h0, **kw
-        )
+        (p0, h0), second0 = draw(lo)
+        (p1, h1), second1 = draw(hi)
+        loss_f, _, x_f = flow_loss(models["forward"], p0, h0, z[lo], z[hi], p1, h1, **kw)
+        loss_b, _, x_b = flow_loss(models["backward"], p1, h1, z[hi], z[lo], p0, h0, **kw)
+        loss = loss_f + loss_b
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+        space = lambda p, h: compared_space(models["forward"], p, h, cfg["expression_weight"])  # noqa: E731
+        excesses.append(
+            divergence_excess(x_f.detach(), space(p1, h1), space(*second1), cfg["eps"])[0]
+            + divergence_excess(x_b.detach(), space(p0, h0), space(*second0), cfg["eps"])[0]
+        )
     for d, m in models.items():
         write_state(group.require_group(d), m.state_dict())
     write_state(group.require_group("optimizer"), optimizer_state(opt))
-    if "loss" not in group:
-        arrays.create(group, "loss", (cfg["steps"],), np.float32, (cfg["steps"],), ("step",), fill_value=np.nan)
-    group["loss"][a:b] = np.asarray(losses, np.float32)
+    n_tasks = -(-cfg["steps"] // cfg["steps_per_task"])
+    sizes = (("loss", cfg["steps"], "step"), ("excess", cfg["steps"], "step"), ("heldout", n_tasks, "task"))
+    for name, shape, dim in sizes:
+        if name not in group and shape:
+            arrays.create(group, name, (shape,), np.float32, (shape,), (dim,), fill_value=np.nan)
+    heldout, stop = float("nan"), False
+    if b > a:
+        group["loss"][a:b] = np.asarray(losses, np.float32)
+        group["excess"][a:b] = np.asarray(excesses, np.float32)
+    if val is not None and b > a:
+        heldout = heldout_excess(models, val, z, cfg, dev)[0]
+        group["heldout"][a // cfg["steps_per_task"]] = heldout
+        best = float(group.attrs["best"])
+        # a better state must remove at least 1% of what the untrained flow leaves above the noise floor
+        if heldout < best - 0.01 * max(float(group.attrs["untrained"]), 0.0):
+            _save_models(group, models, "best_")
+            group.attrs.update({"best": heldout, "best_step": int(b), "since_best": 0})
+        else:
+            group.attrs["since_best"] = int(group.attrs["since_best"]) + 1
+        stop = int(group.attrs["since_best"]) >= cfg["patience"]
+        group.attrs["stopped"] = bool(stop)
     group.attrs["steps_done"] = int(b)  # written last: the checkpoint is valid up to here
-    return losses
+    return {"loss": losses, "excess": excesses, "heldout": heldout, "stop": stop}
 
 
 def _check(atlas: Atlas, opts: TrainFlowOptions) -> None:
@@ -194,7 +328,8 @@ def _check(atlas: Atlas, opts: TrainFlowOptions) -> None:
 
 
 def _prepare(atlas: Atlas, opts: TrainFlowOptions) -> dict:
-    return {"flow_sections": flow_sections(atlas, opts.sections).tolist()}
+    sec = flow_sections(atlas, opts.sections)
+    return {"flow_sections": sec.tolist(), "validation": validation_sections(sec, opts.validate)}
 
 
 def _build(ctx: StageContext) -> dict:
@@ -204,32 +339,50 @@ def _build(ctx: StageContext) -> dict:
     from ..store.tensors import read_state, write_state
 
     atlas, group = ctx.atlas, ctx.group
-    cfg = ctx.options.to_dict()
     sec = np.asarray(ctx.prepared["flow_sections"])
+    val = ctx.prepared["validation"]
+    cfg = {**ctx.options.to_dict(), "validation": val}
+    train = sec if val is None else sec[sec != val[0]]
     records = atlas.stage_records()
     ckpt = (
         f"{SCRATCH}/ckpt-train_flow-"
         + params_hash({**cfg, "sections": sec.tolist()}, records["warp"]["hash"], records["pca"]["hash"])[:16]
     )
-    done = int(atlas.root[ckpt].attrs.get("steps_done", 0)) if ckpt in atlas.root else 0
+    state = atlas.root[ckpt].attrs if ckpt in atlas.root else {}
+    done = int(state.get("steps_done", 0))
     if done:
         log.info("train_flow: resuming from step %d of %d (checkpoint %s)", done, cfg["steps"], ckpt)
+    steps = [(a, min(cfg["steps"], a + cfg["steps_per_task"])) for a in range(0, cfg["steps"], cfg["steps_per_task"])]
+    if not steps:  # the untrained flow: normalisation only
+        steps = [(0, 0)]
     bar = tqdm(total=cfg["steps"], initial=done, desc="train_flow", unit="step", disable=None)
-    for a in range(done, cfg["steps"], cfg["steps_per_task"]):
-        b = min(cfg["steps"], a + cfg["steps_per_task"])
-        (losses,) = ctx.compute(dask.delayed(_train_block, pure=False)(atlas.path, ckpt, cfg, sec.tolist(), a, b))
+    stopped = bool(state.get("stopped", False))
+    for a, b in steps:
+        if stopped or (b <= done and done > 0):
+            continue
+        (out,) = ctx.compute(dask.delayed(_train_block, pure=False)(atlas.path, ckpt, cfg, train.tolist(), a, b))
+        stopped = out["stop"]
         bar.update(b - a)
-        bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        post = {"excess": f"{np.mean(out['excess']):.4f}"} if out["excess"] else {}
+        if np.isfinite(out["heldout"]):
+            post["held-out"] = f"{out['heldout']:.4f}"
+        bar.set_postfix(post)
         # without a terminal (a log file) there is no bar: a line every tenth of the training instead
         tenth = max(1, cfg["steps"] // 10)
         level = logging.INFO if bar.disable and (b // tenth > a // tenth or b == cfg["steps"]) else logging.DEBUG
-        log.log(level, "train_flow: step %d of %d, mean loss %.4f", b, cfg["steps"], float(np.mean(losses)))
+        log.log(level, "train_flow: step %d of %d, %s", b, cfg["steps"], post)
+        if stopped:
+            log.info("train_flow: no better held-out score for %d tasks; stopping at step %d", cfg["patience"], b)
     bar.close()
     src = atlas.root[ckpt]
+    prefix = "best_" if val is not None else ""
     for d in DIRECTIONS:
-        write_state(group.require_group(d), read_state(src[d]))
-    loss = np.asarray(src["loss"][...])
+        write_state(group.require_group(d), read_state(src[prefix + d]))
+    n_run = int(src.attrs["steps_done"])
+    loss = np.asarray(src["loss"][:n_run]) if "loss" in src else np.zeros(0, np.float32)
+    excess = np.asarray(src["excess"][:n_run]) if "excess" in src else np.zeros(0, np.float32)
     arrays.write_small(group, "loss", loss, ("step",))
+    arrays.write_small(group, "excess", excess, ("step",))
     arrays.write_small(group, "sections", sec.astype(np.int32), ("flow_section",))
     n_features = int(atlas.root["pca/pcs"].shape[1])
     group.attrs.update(
@@ -239,15 +392,52 @@ def _build(ctx: StageContext) -> dict:
             "subsample": cfg["subsample"],
         }
     )
+    tenth = max(1, len(loss) // 10)
+    mean = lambda a: float(np.nanmean(a)) if len(a) and np.isfinite(a).any() else float("nan")  # noqa: E731
+    # each step samples one gap, and gaps differ in loss: compare means over the first and last tenth
+    record = {
+        "steps_run": n_run,
+        "first_loss": mean(loss[:tenth]),
+        "final_loss": mean(loss[-tenth:]),
+        "first_excess": mean(excess[:tenth]),
+        "final_excess": mean(excess[-tenth:]),
+        "trained": bool(n_run > 0),
+    }
+    if val is not None:
+        heldout = np.asarray(src["heldout"][: -(-n_run // cfg["steps_per_task"])]) if "heldout" in src else []
+        arrays.write_small(group, "heldout", np.asarray(heldout, np.float32), ("task",))
+        ids = atlas.sections.id.to_numpy()
+        untrained, best = float(src.attrs["untrained"]), float(src.attrs["best"])
+        record.update(
+            {
+                "heldout_section": str(ids[val[0]]),
+                "heldout_floor": float(src.attrs["floor"]),
+                "heldout_untrained": untrained,
+                "heldout_trained": best,
+                "heldout_gain": untrained - best,
+                "best_step": int(src.attrs["best_step"]),
+                "stopped_early": bool(src.attrs.get("stopped", False)) and n_run < cfg["steps"],
+                "trained": int(src.attrs["best_step"]) > 0,
+            }
+        )
+        if not record["trained"] and n_run > 0:
+            log.warning(
+                "train_flow: after %d steps the flow does not predict held-out section %s better than the untrained "
+                "flow (excess over the noise floor %.4g vs %.4g); the untrained flow is kept, so interpolate blends "
+                "the two sides of each gap by distance. validate=false keeps the trained flow regardless",
+                n_run,
+                record["heldout_section"],
+                best,
+                untrained,
+            )
+    group.attrs["training"] = record
 
     def drop_checkpoint():
         if ckpt in atlas.root:
             del atlas.root[ckpt]
 
     ctx.after_commit.append(drop_checkpoint)
-    # each step samples one gap, and gaps differ in loss: compare means over the first and last tenth
-    tenth = max(1, len(loss) // 10)
-    return {"final_loss": float(np.nanmean(loss[-tenth:])), "first_loss": float(np.nanmean(loss[:tenth]))}
+    return record
 
 
 STAGE = Stage(
@@ -255,7 +445,7 @@ STAGE = Stage(
     output="flow",
     inputs=("warp", "pca"),
     options=TrainFlowOptions,
-    version=1,
+    version=2,
     summary="Forward and backward graph-SDE flows along z, trained on consecutive aligned sections.",
     build=_build,
     element="lamina.flow",

@@ -1,0 +1,136 @@
+"""train_flow's training signal and its held-out check (issue 21 items 2-3): the noise-floor-corrected excess,
+the binned map error, the untrained flow (``steps=0``), and the rule that the flow written is the best-scoring
+state on a held-out section, the untrained flow included."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import lamina
+from lamina.kernels.sde import divergence_excess, map_error
+from lamina.stages import flow as flow_stage
+from lamina.stages.flow import load_models, validation_sections
+from lamina.stages.warp import mark_aligned
+
+FLOW = {"subsample": 128, "hidden": 16, "k": 5, "dz_um": 10.0, "steps_per_task": 2}
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    """A phantom cut without section transforms, so its raw coordinates are aligned."""
+    still = {"max_rotation_deg": 0.0, "max_translation_um": 0.0, "scale_range": 0.0, "warp_um": 0.0}
+    ph = lamina.datasets.phantom(n_cells=6000, n_sections=5, n_genes=12, seed=1, **still)
+    atlas = lamina.ingest(ph, tmp_path_factory.mktemp("val") / "v.lamina.zarr", cell_chunk=1024)
+    mark_aligned(atlas)
+    lamina.pca(atlas, n_pcs=8)
+    return atlas
+
+
+def test_divergence_excess_is_zero_for_a_second_sample_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    y, y2, x = (torch.randn(400, 3, generator=g) for _ in range(3))
+    same, floor = divergence_excess(x, y, y2, eps=0.05)
+    assert floor > 0.01  # two samples of one distribution are not 0 apart: that is the floor
+    assert abs(same) < 0.5 * floor
+    shifted, _ = divergence_excess(x + torch.tensor([0.5, 0.0, 0.0]), y, y2, eps=0.05)
+    assert shifted > 0.2 > 5 * abs(same)  # |shift|^2 = 0.25, less the entropic blur
+
+
+def test_map_error_is_the_binned_squared_difference():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, (4000, 2))
+    h = np.stack([xy[:, 0] / 100, np.sin(xy[:, 1] / 20)], 1)
+    assert map_error(xy, h, np.ones(len(xy)), xy, h) == pytest.approx(0.0, abs=1e-12)
+    # an offset of 0.3 in one feature everywhere: E = 0.09 whatever the binning
+    assert map_error(xy, h + [0.3, 0.0], np.ones(len(xy)), xy, h) == pytest.approx(0.09, rel=1e-9)
+    # weights: two copies of the prediction, one off by +0.2 (weight 3) and one by -0.6 (weight 1): mean 0
+    both = np.concatenate([h + [0.2, 0], h - [0.6, 0]])
+    w = np.concatenate([np.full(len(h), 3.0), np.ones(len(h))])
+    assert map_error(np.concatenate([xy, xy]), both, w, xy, h) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_validation_section_is_the_interior_one_nearest_the_middle():
+    assert validation_sections(np.array([0, 1, 2, 3, 4, 5]), True) == (3, 2, 4)
+    assert validation_sections(np.array([0, 2, 3, 5]), True) == (3, 2, 5)
+    assert validation_sections(np.array([0, 1, 2]), True) is None  # no gap would be left besides its own
+    assert validation_sections(np.array([0, 1, 2, 3]), False) is None
+
+
+def test_untrained_flow_copies_cells(aligned, tmp_path):
+    """steps=0 is the flow with zero drift: without noise each layer holds the side's cells where they were."""
+    path = tmp_path / "u.lamina.zarr"
+    shutil.copytree(aligned.path, path)
+    atlas = lamina.Atlas.open(path, mode="r+")
+    lamina.train_flow(atlas, **{**FLOW, "steps": 0, "noise_pos": 0.0, "noise_expr": 0.0})
+    rec = atlas.stage_records()["train_flow"]
+    assert rec["steps_run"] == 0 and rec["trained"] is False
+    lamina.interpolate(atlas)
+    g = atlas.root["interpolated"]
+    fwd = np.flatnonzero((np.asarray(g["gap"][...]) == 0) & (np.asarray(g["direction"][...]) == 0))
+    z = np.asarray(g["z"].oindex[fwd])
+    first = fwd[z == z.min()]
+    a, b = int(atlas.sections.cell_start[0]), int(atlas.sections.cell_stop[0])
+    np.testing.assert_allclose(np.sort(g["x"].oindex[first]), np.sort(atlas.root["aligned/x"][a:b]), atol=1e-3)  # um
+    np.testing.assert_allclose(
+        np.sort(np.asarray(g["pcs"].oindex[first, 0])), np.sort(np.asarray(atlas.root["pca/pcs"][a:b, 0])), atol=1e-5
+    )
+
+
+def test_training_records_its_excess_and_held_out_scores(aligned, tmp_path):
+    path = tmp_path / "t.lamina.zarr"
+    shutil.copytree(aligned.path, path)
+    atlas = lamina.Atlas.open(path, mode="r+")
+    lamina.train_flow(atlas, **{**FLOW, "steps": 6, "patience": 10})
+    rec = atlas.stage_records()["train_flow"]
+    S = atlas.n_sections
+    assert rec["heldout_section"] == str(atlas.sections.id.iloc[S // 2])
+    # sections 35 um apart change almost linearly: the blend predicts the held-out one to within sampling noise
+    assert rec["heldout_floor"] > 0 and abs(rec["heldout_untrained"]) < rec["heldout_floor"]
+    assert rec["heldout_gain"] == pytest.approx(rec["heldout_untrained"] - rec["heldout_trained"])
+    assert rec["heldout_gain"] >= 0  # the incumbent starts as the untrained flow
+    assert np.isfinite(np.asarray(atlas.root["flow/excess"][...])).all() and atlas.root["flow/excess"].shape == (6,)
+    held = np.asarray(atlas.root["flow/heldout"][...])
+    assert held.shape == (3,) and np.isfinite(held).all()
+    assert rec["heldout_trained"] == pytest.approx(min(rec["heldout_untrained"], held.min()), rel=1e-5)
+    assert list(atlas.root["flow/sections"][...]) == list(range(S))  # the held-out section is still interpolated
+
+
+def _scripted(monkeypatch, scores):
+    """Replace the held-out score by ``scores`` in call order (the first call scores the untrained flow)."""
+    it = iter(scores)
+    monkeypatch.setattr(flow_stage, "heldout_excess", lambda *a, **k: (next(it), 0.01))
+
+
+def _drift_is_zero(atlas) -> bool:
+    models = load_models(atlas.root)
+    return all(float(m.shape.phi[-1].weight.abs().max()) == 0.0 for m in models.values())
+
+
+def test_flow_that_never_beats_the_untrained_one_is_not_kept(aligned, tmp_path, monkeypatch, caplog):
+    path = tmp_path / "n.lamina.zarr"
+    shutil.copytree(aligned.path, path)
+    atlas = lamina.Atlas.open(path, mode="r+")
+    _scripted(monkeypatch, [0.50, 0.52, 0.499, 0.60, 0.55, 0.51, 0.50])
+    with caplog.at_level(logging.WARNING, logger="lamina"):
+        lamina.train_flow(atlas, **{**FLOW, "steps": 20, "patience": 3})
+    rec = atlas.stage_records()["train_flow"]
+    # 0.499 is not 1% better than 0.50: three tasks without progress stop training after 6 of 20 steps
+    assert rec["steps_run"] == 6 and rec["stopped_early"] and not rec["trained"] and rec["best_step"] == 0
+    assert "the untrained flow is kept" in caplog.text
+    assert _drift_is_zero(atlas)
+    np.testing.assert_allclose(np.asarray(atlas.root["flow/heldout"][...]), [0.52, 0.499, 0.60])
+
+
+def test_the_best_held_out_state_is_written(aligned, tmp_path, monkeypatch):
+    path = tmp_path / "b.lamina.zarr"
+    shutil.copytree(aligned.path, path)
+    atlas = lamina.Atlas.open(path, mode="r+")
+    _scripted(monkeypatch, [0.50, 0.45, 0.40, 0.42, 0.41])
+    lamina.train_flow(atlas, **{**FLOW, "steps": 8, "patience": 4})
+    rec = atlas.stage_records()["train_flow"]
+    assert rec["trained"] and rec["best_step"] == 4 and rec["steps_run"] == 8 and not rec["stopped_early"]
+    assert rec["heldout_gain"] == pytest.approx(0.10)
+    assert not _drift_is_zero(atlas)

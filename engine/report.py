@@ -383,6 +383,52 @@ def deformation_qc(atlas: Atlas, path: str | Path, max_sections: int = 24) -> Pa
     return _save(deformation_figure(atlas, max_sections), path, 100)
 
 
+def flow_training_figure(atlas: Atlas):
+    """What training the flow bought: left, the fit's divergence beyond its noise floor per step (summed over the
+    two directions; the raw loss is dominated by the floor); right, the error of the prediction of the held-out
+    section after every task, with the untrained flow's (the blend's) as a line, and which state was kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = atlas.root["flow"]
+    rec = dict(g.attrs.get("training", {}))
+    excess = np.asarray(g["excess"][...]) if "excess" in g else np.zeros(0)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    if len(excess):
+        a.plot(np.arange(1, len(excess) + 1), excess, lw=0.6, color="0.6", label="per step")
+        win = max(1, len(excess) // 20)
+        smooth = np.convolve(excess, np.ones(win) / win, mode="valid")
+        a.plot(np.arange(win, len(excess) + 1), smooth, color="C0", label=f"mean of {win}")
+        a.axhline(0, color="k", lw=0.5)
+        a.legend(fontsize=7)
+    a.set(xlabel="step", ylabel="Sinkhorn divergence - noise floor", title="fit beyond sampling noise")
+    a.title.set_size(9)
+    if "heldout" in g and "heldout_section" in rec:
+        held = np.asarray(g["heldout"][...])
+        per_task = max(1, rec["steps_run"] // max(len(held), 1))
+        steps = np.minimum(np.arange(1, len(held) + 1) * per_task, rec["steps_run"])
+        b.plot(steps, held, "o-", ms=3, color="C1", label="trained flow")
+        b.axhline(rec["heldout_untrained"], color="k", ls="--", lw=0.8, label="untrained flow (blend)")
+        if rec["best_step"]:
+            b.axvline(rec["best_step"], color="C2", lw=0.8, label=f"kept: step {rec['best_step']}")
+        b.legend(fontsize=7)
+        kept = f"trained flow kept (step {rec['best_step']})" if rec["trained"] else "untrained flow kept"
+        b.set_title(f"held-out section {rec['heldout_section']}: {kept}", fontsize=9)
+        b.set(xlabel="step", ylabel="map error - noise floor")
+    else:
+        b.set_axis_off()
+        b.text(0.5, 0.5, "no held-out section (validate=false or < 4 sections)", ha="center", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def flow_training(atlas: Atlas, path: str | Path) -> Path:
+    """:func:`flow_training_figure` as a PNG."""
+    return _save(flow_training_figure(atlas), path, 100)
+
+
 def volume_slices(atlas: Atlas, path: str | Path, gene: str | None = None) -> Path:
     """Orthogonal slices (x-y at the middle z, x-z at the middle y, y-z at the middle x) through the
     expression volume of ``gene`` (default: the gene with the largest spread over the middle x-y slice) and
@@ -528,6 +574,8 @@ def write_report(atlas: Atlas, folder: str | Path) -> list[Path]:
     if atlas.group_is_complete("deformation"):
         out.append(stack_view(atlas, folder / "stack_views.png"))
         out.append(deformation_qc(atlas, folder / "deformation.png"))
+    if atlas.group_is_complete("flow"):
+        out.append(flow_training(atlas, folder / "flow_training.png"))
     if atlas.group_is_complete("volume"):
         out.append(volume_slices(atlas, folder / "volume_slices.png"))
     if atlas.group_is_complete("enhance"):

@@ -11,6 +11,7 @@ import torch
 
 import lamina
 from lamina.kernels.sde import divergence_excess, map_error
+from lamina.report import flow_training_figure
 from lamina.stages import flow as flow_stage
 from lamina.stages.flow import load_models, validation_sections
 from lamina.stages.warp import mark_aligned
@@ -96,6 +97,11 @@ def test_training_records_its_excess_and_held_out_scores(aligned, tmp_path):
     assert held.shape == (3,) and np.isfinite(held).all()
     assert rec["heldout_trained"] == pytest.approx(min(rec["heldout_untrained"], held.min()), rel=1e-5)
     assert list(atlas.root["flow/sections"][...]) == list(range(S))  # the held-out section is still interpolated
+    fig = flow_training_figure(atlas)
+    right = fig.axes[1]
+    assert right.get_title().startswith(f"held-out section {rec['heldout_section']}: ")
+    assert right.lines[1].get_ydata()[0] == pytest.approx(rec["heldout_untrained"])  # the untrained flow's line
+    np.testing.assert_allclose(right.lines[0].get_ydata(), held)
 
 
 def _scripted(monkeypatch, scores):

@@ -132,12 +132,31 @@ def child(args) -> None:
             "cells": atlas.n_cells,
             "interpolated": int(atlas.root["interpolated/x"].shape[0]),
             "expression_gb": args.genes * Z * Y * X * 4 / 1e9,
-            "final_loss": rec["train_flow"].get("final_loss"),
-            "first_loss": rec["train_flow"].get("first_loss"),
+            "training": {
+                k: v
+                for k, v in rec["train_flow"].items()
+                if k.startswith(("first_", "final_", "heldout", "steps_run", "best_step", "trained", "stopped"))
+            },
         }
         print("RESULT " + json.dumps(info), flush=True)
     finally:
         client.close()
+
+
+def _training_line(tr: dict) -> str:
+    """What train_flow did: steps run, its fit excess, and the held-out check's verdict."""
+    line = (
+        f"train_flow ran {tr['steps_run']} steps; the fit's excess over its noise floor (mean over the first -> the "
+        f"last tenth of the steps) {tr['first_excess']:.4f} -> {tr['final_excess']:.4f}."
+    )
+    if "heldout_section" in tr:
+        kept = f"the trained flow (step {tr['best_step']})" if tr["trained"] else "the untrained flow"
+        line += (
+            f" Held-out section {tr['heldout_section']}: map error over the noise floor untrained "
+            f"{tr['heldout_untrained']:.4f}, best trained {tr['heldout_trained']:.4f}; kept {kept}"
+            f"{', stopped early' if tr.get('stopped_early') else ''}."
+        )
+    return line
 
 
 def main(argv=None) -> int:
@@ -197,8 +216,7 @@ def main(argv=None) -> int:
         f"{info['cells']:,} cells, {args.sections} sections, {info['genes']} genes, {info['pcs']} PCs; "
         f"{info['interpolated']:,} interpolated (weighted) cells at dz = {args.dz:g} um; voxel grid "
         f"{X}x{Y}x{Z} (x, y, z) at {args.dz:g} um; expression volume {info['expression_gb']:.2f} GB as float32. "
-        f"Flow loss (mean over the first -> the last tenth of the steps) {info['first_loss']:.4f} -> "
-        f"{info['final_loss']:.4f}.",
+        + _training_line(info["training"]),
         "",
         "| step | seconds |",
         "|---|---|",

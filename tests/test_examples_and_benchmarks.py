@@ -185,7 +185,7 @@ def test_reconstruction_benchmark_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    assert "| invert |" in out and "inversion / floor" in out
+    assert "| invert |" in out and "inversion / floor" in out and "train_flow ran 4 steps" in out
     rss = float(out.split("Peak RSS of the process tree: **")[1].split(" GiB")[0])
     assert rss < 4.0
     assert not (tmp_path / "w").exists()  # cleaned up

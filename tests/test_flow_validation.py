@@ -61,11 +61,12 @@ def test_validation_section_is_the_interior_one_nearest_the_middle():
 
 
 def test_untrained_flow_copies_cells(aligned, tmp_path):
-    """steps=0 is the flow with zero drift: without noise each layer holds the side's cells where they were."""
+    """steps=0 is the flow with zero drift, and interpolate runs it without noise: each layer holds the side's
+    cells where they were (the distance-weighted blend)."""
     path = tmp_path / "u.lamina.zarr"
     shutil.copytree(aligned.path, path)
     atlas = lamina.Atlas.open(path, mode="r+")
-    lamina.train_flow(atlas, **{**FLOW, "steps": 0, "noise_pos": 0.0, "noise_expr": 0.0})
+    lamina.train_flow(atlas, **{**FLOW, "steps": 0})  # interpolate then runs it without noise
     rec = atlas.stage_records()["train_flow"]
     assert rec["steps_run"] == 0 and rec["trained"] is False
     lamina.interpolate(atlas)
@@ -140,3 +141,18 @@ def test_the_best_held_out_state_is_written(aligned, tmp_path, monkeypatch):
     assert rec["trained"] and rec["best_step"] == 4 and rec["steps_run"] == 8 and not rec["stopped_early"]
     assert rec["heldout_gain"] == pytest.approx(0.10)
     assert not _drift_is_zero(atlas)
+
+
+def test_unaligned_sections_are_named_and_keep_the_untrained_flow(phantom_store, tmp_path, caplog):
+    """The small phantom's raw coordinates put every section elsewhere: the held-out check finds no overlap."""
+    path = tmp_path / "raw.lamina.zarr"
+    shutil.copytree(phantom_store.path, path)
+    atlas = lamina.Atlas.open(path, mode="r+")
+    mark_aligned(atlas)
+    lamina.pca(atlas, n_pcs=4)
+    with caplog.at_level(logging.WARNING, logger="lamina"):
+        lamina.train_flow(atlas, **{**FLOW, "steps": 4, "patience": 1})
+    rec = atlas.stage_records()["train_flow"]
+    assert "the sections look unaligned" in caplog.text and rec["heldout_section"] in caplog.text
+    assert not rec["trained"] and rec["steps_run"] == 2 and np.isnan(rec["heldout_gain"])
+    assert _drift_is_zero(atlas)

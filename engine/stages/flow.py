@@ -177,12 +177,13 @@ VAL_SAMPLE = 4096
 VAL_PER_BIN = 16
 
 
-def heldout_excess(models: dict, val: dict, z: np.ndarray, cfg: dict, dev) -> tuple[float, float]:
+def heldout_excess(models: dict, val: dict, z: np.ndarray, cfg: dict, dev, noise: bool = True) -> tuple[float, float]:
     """``(excess, floor)``: how far the flow's prediction at the held-out depth is from the observed cells.
 
     The prediction is what ``interpolate`` puts there: lower-side cells flowed forward with weight ``w`` and
     upper-side cells flowed backward with ``1 - w`` (``w`` = the blend's weight of the lower side), with the
-    trained noise drawn from a fixed seed, so the untrained and the trained flow are scored on the same draws.
+    trained noise drawn from a fixed seed, so trained states are all scored on the same draws; the untrained flow
+    is scored without noise (``noise=False``), as ``interpolate`` runs it: the blend itself is the incumbent.
     Both are binned on one grid (:func:`lamina.kernels.sde.map_error`), the score a user reads off an
     interpolated map: the mean squared difference of the per-bin mean PCs (in units of the total PC variance),
     minus the noise floor (the same error between two disjoint samples of the held-out section, halved).
@@ -195,7 +196,7 @@ def heldout_excess(models: dict, val: dict, z: np.ndarray, cfg: dict, dev) -> tu
     w = float((z[hi] - z[v]) / (z[hi] - z[lo]))
     t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
     gen = torch.Generator(device=dev).manual_seed(int(cfg["seed"]) * 1_000_003 + 0x5EED)
-    noise = (cfg["noise_pos"], cfg["noise_expr"])
+    noise = (cfg["noise_pos"], cfg["noise_expr"]) if noise else (0.0, 0.0)
     with torch.no_grad():
         _, pf, hf = integrate(models["forward"], *map(t, val["lo"]), z[lo], z[v], cfg["dz_um"], *noise, gen)[-1]
         _, pb, hb = integrate(models["backward"], *map(t, val["hi"]), z[hi], z[v], cfg["dz_um"], *noise, gen)[-1]
@@ -259,7 +260,7 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
         for m in models.values():
             m.set_normalisation(center, length, max(neighbour, 1e-6), np.full(P, fscale))
         if val is not None:  # the untrained flow is the first incumbent: training has to beat it
-            untrained, floor = heldout_excess(models, val, z, cfg, dev)
+            untrained, floor = heldout_excess(models, val, z, cfg, dev, noise=False)
             _save_models(group, models, "best_")
             group.attrs.update(
                 {"untrained": untrained, "floor": floor, "best": untrained, "best_step": 0, "since_best": 0}
@@ -423,13 +424,22 @@ def _build(ctx: StageContext) -> dict:
                 "heldout_floor": float(src.attrs["floor"]),
                 "heldout_untrained": untrained,
                 "heldout_trained": best,
-                "heldout_gain": untrained - best,
+                "heldout_gain": untrained - best if np.isfinite(untrained) else float("nan"),
                 "best_step": int(src.attrs["best_step"]),
                 "stopped_early": bool(src.attrs.get("stopped", False)) and n_run < cfg["steps"],
                 "trained": int(src.attrs["best_step"]) > 0,
             }
         )
-        if not record["trained"] and n_run > 0:
+        if not np.isfinite(untrained):
+            log.warning(
+                "train_flow: held-out section %s shares no map bin with its neighbours %s and %s in the atlas frame: "
+                "the sections look unaligned (run lamina.align, or check the coordinates given to mark_aligned); "
+                "the flow cannot be checked and the untrained flow is kept",
+                record["heldout_section"],
+                ids[val[1]],
+                ids[val[2]],
+            )
+        elif not record["trained"] and n_run > 0:
             log.warning(
                 "train_flow: after %d steps the flow does not predict held-out section %s better than the untrained "
                 "flow (excess over the noise floor %.4g vs %.4g); the untrained flow is kept, so interpolate blends "

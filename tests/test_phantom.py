@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pytest
 import zarr
 
 import lamina
@@ -115,3 +116,18 @@ def test_validation_families_change_only_what_they_name():
     xyz = np.concatenate([xyz for _, xyz in base.section_chunks(3)])
     same = base.memberships(xyz).argmax(1) == drift.memberships(xyz).argmax(1)
     assert 0.5 < same.mean() < 0.97  # boundaries moved by up to 80 um, the layers' insides did not
+
+
+def test_growing_tube_has_its_radius_where_membership_is_one_half():
+    """``tube_growth`` (the moving-structure phantom of the interpolation benchmark): the radius grows linearly
+    from (1 - g/2) to (1 + g/2) of the default over the depth, and the tube's membership is 0.5 there."""
+    ph = lamina.datasets.phantom(n_cells=2000, n_sections=10, n_genes=4, seed=2, tube_growth=0.6)
+    default = 0.07 * ph.width
+    np.testing.assert_allclose(ph.tube_radius(ph.z[[0, -1]]), [0.7 * default, 1.3 * default])
+    for z in (ph.z[0], ph.z[4], ph.z[-1]):
+        cx, cy = ph.tube_center(z)
+        r = float(ph.tube_radius(z))
+        edge = np.array([[cx + r, cy, z], [cx + r - 30, cy, z], [cx + r + 30, cy, z]])
+        tube = ph.memberships(edge)[:, -1]
+        assert tube[0] == pytest.approx(0.5, abs=1e-9) and tube[1] > 0.95 and tube[2] < 0.05
+    assert lamina.datasets.phantom(n_cells=2000, n_sections=10, n_genes=4, seed=2).tube_radius(0.0) == default

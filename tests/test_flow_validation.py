@@ -156,3 +156,28 @@ def test_unaligned_sections_are_named_and_keep_the_untrained_flow(phantom_store,
     assert "the sections look unaligned" in caplog.text and rec["heldout_section"] in caplog.text
     assert not rec["trained"] and rec["steps_run"] == 2 and np.isnan(rec["heldout_gain"])
     assert _drift_is_zero(atlas)
+
+
+def test_interrupted_training_resumes_to_the_same_verdict(aligned, tmp_path, monkeypatch):
+    """The held-out bookkeeping (best state, tasks since the best) lives in the checkpoint: a run killed after its
+    first task ends where an uninterrupted one does."""
+    opts = {**FLOW, "steps": 6, "patience": 10, "seed": 4}
+    whole = lamina.Atlas.open(shutil.copytree(aligned.path, tmp_path / "whole.lamina.zarr"), mode="r+")
+    lamina.train_flow(whole, **opts)
+    cut = lamina.Atlas.open(shutil.copytree(aligned.path, tmp_path / "cut.lamina.zarr"), mode="r+")
+    real = flow_stage._train_block
+
+    def crash_on_second(store, ckpt, cfg, sec, a, b):
+        if a == 2:
+            raise KeyboardInterrupt("killed mid-training")
+        return real(store, ckpt, cfg, sec, a, b)
+
+    monkeypatch.setattr(flow_stage, "_train_block", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        lamina.train_flow(cut, **opts)
+    monkeypatch.setattr(flow_stage, "_train_block", real)
+    lamina.train_flow(cut, **opts)
+    a, b = whole.stage_records()["train_flow"], cut.stage_records()["train_flow"]
+    for key in ("heldout_untrained", "heldout_trained", "best_step", "steps_run", "trained"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6), key
+    np.testing.assert_allclose(np.asarray(cut.root["flow/heldout"][...]), np.asarray(whole.root["flow/heldout"][...]))

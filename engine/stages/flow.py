@@ -138,9 +138,15 @@ def _pools(root, sec: np.ndarray, starts, stops, size: int, rng) -> dict[int, tu
 
 
 def build_models(cfg: dict, n_features: int) -> dict:
+    """Fresh forward / backward models; their initial weights come from ``cfg["seed"]`` (torch's global generator
+    is left as it was), so the same seed trains the same flow."""
+    import torch
+
     from ..kernels.sde import FlowModel
 
-    return {d: FlowModel(n_features, cfg["hidden"], cfg["k"]) for d in DIRECTIONS}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.get("seed", 0)))
+        return {d: FlowModel(n_features, cfg["hidden"], cfg["k"]) for d in DIRECTIONS}
 
 
 def validation_sections(sec: np.ndarray, validate: bool) -> tuple[int, int, int] | None:

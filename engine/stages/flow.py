@@ -379,14 +379,15 @@ def _build(ctx: StageContext) -> dict:
         (out,) = ctx.compute(dask.delayed(_train_block, pure=False)(atlas.path, ckpt, cfg, train.tolist(), a, b))
         stopped = out["stop"]
         bar.update(b - a)
-        post = {"excess": f"{np.mean(out['excess']):.4f}"} if out["excess"] else {}
+        post = {"fit excess": f"{np.mean(out['excess']):.4f}"} if out["excess"] else {}
         if np.isfinite(out["heldout"]):
-            post["held-out"] = f"{out['heldout']:.4f}"
+            post["held-out excess"] = f"{out['heldout']:.4f}"
         bar.set_postfix(post)
         # without a terminal (a log file) there is no bar: a line every tenth of the training instead
         tenth = max(1, cfg["steps"] // 10)
         level = logging.INFO if bar.disable and (b // tenth > a // tenth or b == cfg["steps"]) else logging.DEBUG
-        log.log(level, "train_flow: step %d of %d, %s", b, cfg["steps"], post)
+        words = ", ".join(f"{k} {v}" for k, v in post.items()) or "no step run"
+        log.log(level, "train_flow: step %d of %d, %s", b, cfg["steps"], words)
         if stopped:
             log.info("train_flow: no better held-out score for %d tasks; stopping at step %d", cfg["patience"], b)
     bar.close()

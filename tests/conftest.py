@@ -81,3 +81,22 @@ def tree_digest(path: Path) -> dict:
         for p in sorted(Path(path).rglob("*"))
         if p.is_file()
     }
+
+
+def interrupt_training(monkeypatch, at_step: int | None, calls: list | None = None):
+    """Wrap train_flow's training block: the block starting at step ``at_step`` raises ``KeyboardInterrupt`` (a
+    run killed mid-training; None: none does) and every block's start step is appended to ``calls``. Returns
+    the real block function, to put back with ``monkeypatch.setattr``."""
+    from lamina.stages import flow as flow_stage
+
+    real = flow_stage._train_block
+
+    def block(store, ckpt, cfg, sec, a, b):
+        if calls is not None:
+            calls.append(a)
+        if a == at_step:
+            raise KeyboardInterrupt("killed mid-training")
+        return real(store, ckpt, cfg, sec, a, b)
+
+    monkeypatch.setattr(flow_stage, "_train_block", block)
+    return real

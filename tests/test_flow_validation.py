@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import interrupt_training
 
 import lamina
 from lamina.kernels.sde import divergence_excess, map_error
@@ -165,14 +166,7 @@ def test_interrupted_training_resumes_to_the_same_verdict(aligned, tmp_path, mon
     whole = lamina.Atlas.open(shutil.copytree(aligned.path, tmp_path / "whole.lamina.zarr"), mode="r+")
     lamina.train_flow(whole, **opts)
     cut = lamina.Atlas.open(shutil.copytree(aligned.path, tmp_path / "cut.lamina.zarr"), mode="r+")
-    real = flow_stage._train_block
-
-    def crash_on_second(store, ckpt, cfg, sec, a, b):
-        if a == 2:
-            raise KeyboardInterrupt("killed mid-training")
-        return real(store, ckpt, cfg, sec, a, b)
-
-    monkeypatch.setattr(flow_stage, "_train_block", crash_on_second)
+    real = interrupt_training(monkeypatch, at_step=2)
     with pytest.raises(KeyboardInterrupt):
         lamina.train_flow(cut, **opts)
     monkeypatch.setattr(flow_stage, "_train_block", real)

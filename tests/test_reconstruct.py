@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from conftest import interrupt_training
 
 import lamina
 from lamina.errors import InputError, StoreError, TooLargeError
@@ -101,24 +102,15 @@ def test_training_resumes_from_its_checkpoint(recon, tmp_path, monkeypatch):
     shutil.copytree(recon.path, path)
     atlas = lamina.Atlas.open(path, mode="r+")
     opts = {**FLOW, "steps": 6, "seed": 3}
-    real = flow_stage._train_block
-    calls = []
-
-    def crash_on_second(store, ckpt, cfg, sec, a, b):
-        calls.append(a)
-        if a == 2:
-            raise KeyboardInterrupt("killed mid-training")
-        return real(store, ckpt, cfg, sec, a, b)
-
-    monkeypatch.setattr(flow_stage, "_train_block", crash_on_second)
+    real = interrupt_training(monkeypatch, at_step=2)
     with pytest.raises(KeyboardInterrupt):
         lamina.train_flow(atlas, **opts)
     ckpts = [k for k in atlas.root["_tmp"].group_keys() if k.startswith("ckpt-train_flow-")]
     assert len(ckpts) == 1 and atlas.root[f"_tmp/{ckpts[0]}"].attrs["steps_done"] == 2
     first_two = np.asarray(atlas.root[f"_tmp/{ckpts[0]}/loss"][:2])
+    calls = []
     monkeypatch.setattr(flow_stage, "_train_block", real)
-    calls.clear()
-    monkeypatch.setattr(flow_stage, "_train_block", lambda *a: (calls.append(a[4]), real(*a))[1])
+    interrupt_training(monkeypatch, at_step=None, calls=calls)
     lamina.train_flow(atlas, **opts)
     assert calls == [2, 4]  # steps 0-1 were not redone
     np.testing.assert_array_equal(np.asarray(atlas.root["flow/loss"][:2]), first_two)

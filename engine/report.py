@@ -407,7 +407,7 @@ def flow_training_figure(atlas: Atlas):
     a.title.set_size(9)
     if "heldout" in g and "heldout_section" in rec:
         held = np.asarray(g["heldout"][...])
-        per_task = max(1, rec["steps_run"] // max(len(held), 1))
+        per_task = int(atlas.stage_records()["train_flow"]["params"]["steps_per_task"])
         steps = np.minimum(np.arange(1, len(held) + 1) * per_task, rec["steps_run"])
         b.plot(steps, held, "o-", ms=3, color="C1", label="trained flow")
         b.axhline(rec["heldout_untrained"], color="k", ls="--", lw=0.8, label="untrained flow (blend)")

@@ -65,9 +65,16 @@ def _ot(x: torch.Tensor, y: torch.Tensor, eps: float, iters: int) -> torch.Tenso
     return surrogate - surrogate.detach() + value
 
 
-def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, eps: float = 0.01, iters: int = 10) -> torch.Tensor:
-    """Debiased ``S_eps(x, y)`` between clouds ``x [n, d]`` and ``y [m, d]`` (uniform weights); scalar."""
-    return sinkhorn_loss(x, y, eps, iters) - 0.5 * _ot(y, y, eps, iters)
+def sinkhorn_divergence(
+    x: torch.Tensor, y: torch.Tensor, eps: float = 0.01, iters: int = 10, loss: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Debiased ``S_eps(x, y)`` between clouds ``x [n, d]`` and ``y [m, d]`` (uniform weights); scalar.
+
+    ``loss``: ``sinkhorn_loss(x, y, eps, iters)`` when the caller already has it (only ``OT_eps(y, y)`` is then
+    solved)."""
+    if loss is None:
+        loss = sinkhorn_loss(x, y, eps, iters)
+    return loss - 0.5 * _ot(y, y, eps, iters)
 
 
 def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, eps: float = 0.01, iters: int = 10) -> torch.Tensor:

@@ -199,8 +199,8 @@ def flow_loss(
     """Sinkhorn divergence (up to a constant of the target) between cells flowed from ``z0`` to ``z1`` and
     the cells observed at ``z1``, plus ``action_weight`` times the flow's kinetic action.
 
-    With ``parts=True`` returns ``(loss, fit, flowed)``: the loss, its transport term (a tensor) and the flowed
-    cells in the compared space ``[n, 2 + F]`` (for scores that need them, e.g. :func:`divergence_excess`).
+    With ``parts=True`` returns ``(loss, fit, flowed, target)``: the loss, its transport term (a tensor) and the
+    flowed and the target cells in the compared space ``[n, 2 + F]`` (for :func:`divergence_excess`).
 
     Both clouds are compared in the model's normalised space, ``[p~, w h~]`` with ``w = expression_weight``;
     positions in um ``[n, 2]``, features ``[n, F]``. The action ``sum_steps mean_i |dx_i|^2 / dz~`` (in the
@@ -219,7 +219,7 @@ def flow_loss(
     y = torch.cat([tp, th], 1) * scale
     fit = sinkhorn_loss(x, y, eps)
     loss = fit + action_weight * action
-    return (loss, fit, x) if parts else loss
+    return (loss, fit, x, y) if parts else loss
 
 
 def compared_space(model: FlowModel, p_um: torch.Tensor, h: torch.Tensor, expression_weight: float) -> torch.Tensor:
@@ -229,18 +229,21 @@ def compared_space(model: FlowModel, p_um: torch.Tensor, h: torch.Tensor, expres
 
 
 @torch.no_grad()
-def divergence_excess(x: torch.Tensor, y: torch.Tensor, y2: torch.Tensor, eps: float) -> tuple[float, float]:
+def divergence_excess(
+    x: torch.Tensor, y: torch.Tensor, y2: torch.Tensor, eps: float, fit: torch.Tensor | None = None
+) -> tuple[float, float]:
     """How far cells ``x`` are from a target sample ``y`` beyond sampling noise, in the compared space.
 
     Returns ``(S_eps(x, y) - S_eps(y2, y), S_eps(y2, y))`` where ``y2`` is a second sample of the same section as
     ``y``, disjoint from it and of the same size: ``S_eps(y2, y)`` is the noise floor, the divergence a perfect
     prediction drawn as a sample of that size would still have, so the excess is ~0 for a flow that has learnt
-    all there is to learn (the raw loss of two 512-cell samples is dominated by that floor).
+    all there is to learn (the raw loss of two 512-cell samples is dominated by that floor). ``fit``: the
+    training step's ``sinkhorn_loss(x, y)`` (from :func:`flow_loss`), so it is not solved again.
     """
     from .ot import sinkhorn_divergence
 
     floor = float(sinkhorn_divergence(y2, y, eps))
-    return float(sinkhorn_divergence(x, y, eps)) - floor, floor
+    return float(sinkhorn_divergence(x, y, eps, loss=fit)) - floor, floor
 
 
 def map_error(

@@ -284,6 +284,8 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
         generator=gen,
         parts=True,
     )
+    # both directions share one normalisation (set together, never trained): one compared space
+    space = lambda p, h: compared_space(models["forward"], p, h, cfg["expression_weight"])  # noqa: E731
     for _step in range(a, b):
         g = int(rng.integers(0, len(sec) - 1))
         lo, hi = int(sec[g]), int(sec[g + 1])
@@ -298,18 +300,17 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
 
         (p0, h0), second0 = draw(lo)
         (p1, h1), second1 = draw(hi)
-        loss_f, _, x_f = flow_loss(models["forward"], p0, h0, z[lo], z[hi], p1, h1, **kw)
-        loss_b, _, x_b = flow_loss(models["backward"], p1, h1, z[hi], z[lo], p0, h0, **kw)
+        loss_f, fit_f, x_f, y_f = flow_loss(models["forward"], p0, h0, z[lo], z[hi], p1, h1, **kw)
+        loss_b, fit_b, x_b, y_b = flow_loss(models["backward"], p1, h1, z[hi], z[lo], p0, h0, **kw)
         loss = loss_f + loss_b
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(float(loss.detach()))
-        space = lambda p, h: compared_space(models["forward"], p, h, cfg["expression_weight"])  # noqa: E731
-        excesses.append(
-            divergence_excess(x_f.detach(), space(p1, h1), space(*second1), cfg["eps"])[0]
-            + divergence_excess(x_b.detach(), space(p0, h0), space(*second0), cfg["eps"])[0]
+        excesses.append(  # the fit's own transport value is reused: only the floor terms are solved here
+            divergence_excess(x_f.detach(), y_f, space(*second1), cfg["eps"], fit_f.detach())[0]
+            + divergence_excess(x_b.detach(), y_b, space(*second0), cfg["eps"], fit_b.detach())[0]
         )
     for d, m in models.items():
         write_state(group.require_group(d), m.state_dict())

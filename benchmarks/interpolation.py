@@ -376,6 +376,19 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _flow_options(pairs: list[str]) -> dict:
+    """``["action_weight=0.1", ...]`` -> ``{"action_weight": 0.1}`` (values parsed as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--flow takes KEY=VALUE pairs, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def main(argv=None) -> int:
     import lamina
 
@@ -388,10 +401,13 @@ def main(argv=None) -> int:
     p.add_argument("--moving-holdouts", type=int, nargs="+", default=[2, 5, 7])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--datasets", nargs="+", default=["moving", "phantom", "her2st"])
+    p.add_argument(
+        "--flow", nargs="+", default=[], metavar="KEY=VALUE", help="train_flow options, e.g. action_weight=0.1"
+    )
     p.add_argument("--write", action="store_true")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
-    flow = {"steps": args.steps, "subsample": 512}
+    flow = {"steps": args.steps, "subsample": 512, **_flow_options(args.flow)}
     if args.smoke:
         args.cells, args.sections, args.genes, args.holdouts, args.datasets = 6000, 5, 12, [2], ["moving"]
         args.moving_sections, args.moving_holdouts = 5, [2]

@@ -89,9 +89,10 @@ def cmd_demo(args) -> int:
     if args.reconstruct:
         vol = atlas.root["volume"]
         Z, Y, X = vol["density"].shape
+        layer_dz = atlas.stage_records()["interpolate"]["params"]["layer_dz_um"]
         print(
             f"reconstruction: {atlas.root['interpolated/x'].shape[0]:,} interpolated cells (weighted layers "
-            f"every ~{args.dz:g} um), voxel grid {X}x{Y}x{Z} at {vol.attrs['voxel_um']:g} um, expression volume "
+            f"every ~{layer_dz:g} um), voxel grid {X}x{Y}x{Z} at {vol.attrs['voxel_um']:g} um, expression volume "
             f"of {atlas.n_genes} genes in /expression"
         )
     for p in pictures:
@@ -280,7 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sections", type=int, default=12)
     d.add_argument("--genes", type=int, default=100)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--dz", type=float, default=10.0, help="layer spacing and voxel size of the reconstruction (um)")
+    d.add_argument(
+        "--dz",
+        type=float,
+        default=None,
+        help="layer spacing and voxel size of the reconstruction (um); default: a quarter of the median section gap",
+    )
     d.add_argument("--flow-steps", type=int, default=60, help="training steps of the z-flow")
     d.add_argument(
         "--reconstruct",

@@ -175,3 +175,27 @@ def test_interrupted_training_resumes_to_the_same_verdict(aligned, tmp_path, mon
     for key in ("heldout_untrained", "heldout_trained", "best_step", "steps_run", "trained"):
         assert a[key] == pytest.approx(b[key], rel=1e-6), key
     np.testing.assert_allclose(np.asarray(cut.root["flow/heldout"][...]), np.asarray(whole.root["flow/heldout"][...]))
+
+
+def test_default_dz_is_a_quarter_of_the_median_gap(aligned, tmp_path, caplog):
+    """Without dz_um the stack's spacing sets the step: a quarter of the median gap of the flow's sections, so a
+    typical gap gets three layers and a double gap seven; interpolate and voxelize follow it."""
+    path = tmp_path / "dz.lamina.zarr"
+    shutil.copytree(aligned.path, path)
+    atlas = lamina.Atlas.open(path, mode="r+")
+    z = atlas.sections.z.to_numpy()
+    use = [0, 1, 3, 4]  # gaps 1, 2, 1 spacings: the median is one spacing
+    spacing = float(z[1] - z[0])
+    assert flow_stage.default_dz(z[use]) == pytest.approx(spacing / 4, rel=1e-3)
+    with caplog.at_level(logging.INFO, logger="lamina"):
+        lamina.train_flow(atlas, **{**{k: v for k, v in FLOW.items() if k != "dz_um"}, "steps": 0, "sections": use})
+    assert f"dz_um = {spacing / 4:g} um, a quarter of the median gap" in caplog.text
+    rec = atlas.stage_records()["train_flow"]
+    assert rec["dz_um"] == pytest.approx(spacing / 4, rel=1e-3)
+    lamina.interpolate(atlas)
+    g = atlas.root["interpolated"]
+    gap, depth = np.asarray(g["gap"][...]), np.asarray(g["z"][...])
+    layers = {int(i): len(np.unique(np.round(depth[gap == i], 3))) for i in np.unique(gap)}
+    assert layers == {0: 3, 1: 7, 3: 3}  # gaps named by their lower section
+    lamina.voxelize(atlas)
+    assert float(atlas.root["volume"].attrs["voxel_um"]) == pytest.approx(spacing / 4, rel=1e-3)

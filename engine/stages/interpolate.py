@@ -243,7 +243,8 @@ def _prepare(atlas: Atlas, opts: InterpolateOptions) -> dict:
     copies = not record.get("trained", True)
     noise = {k: 0.0 if copies else float(trained[k]) for k in ("noise_pos", "noise_expr")}
     return {
-        "layer_dz_um": float(opts.dz_um or trained["dz_um"]),
+        # flow_dz_um: the step train_flow resolved (its dz_um option may be null: from the section spacing)
+        "layer_dz_um": float(opts.dz_um or trained.get("flow_dz_um") or trained["dz_um"]),
         "layer_noise_pos": noise["noise_pos"] if opts.noise_pos is None else float(opts.noise_pos),
         "layer_noise_expr": noise["noise_expr"] if opts.noise_expr is None else float(opts.noise_expr),
     }

@@ -179,6 +179,63 @@ def integrate(
     return out
 
 
+def path_loss(
+    model: FlowModel,
+    src_p: torch.Tensor,
+    src_h: torch.Tensor,
+    depths: list[float],
+    targets: list[tuple[torch.Tensor, torch.Tensor]],
+    dz_um: float,
+    expression_weight: float = 1.0,
+    eps: float = 0.01,
+    noise_pos: float = 0.0,
+    noise_expr: float = 0.0,
+    action_weight: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Cells flowed along a path of sections, fitted to the observed cells at every section of it.
+
+    ``depths``: ``L + 1`` depths (um), the source's first; ``targets``: ``L`` pairs ``(p_um [m, 2], h [m, F])``
+    observed at ``depths[1:]``. The same cells are carried from one section to the next (not re-sampled), so
+    one drift has to explain the motion over several gaps::
+
+        loss = (sum_i S_eps(x_i, y_i) + action_weight * A) / L        x_i: cells flowed to depths[i + 1]
+
+    ``S_eps`` up to a constant of the target (:func:`lamina.kernels.ot.sinkhorn_loss`), in the normalised
+    compared space ``[p~, w h~]`` (``w = expression_weight``); ``A = sum_steps mean_i |dx_i|^2 / dz~`` the
+    kinetic action over the whole path (the dynamic-OT energy: among flows that reach the targets it prefers
+    the straightest; where the samples give no consistent signal it keeps the drift near zero). Dividing by
+    ``L`` keeps the balance of fit and action per gap the same for every path length.
+
+    Returns ``(loss, fits, flowed, observed)``: ``fits`` the ``L`` transport terms (tensors), ``flowed`` and
+    ``observed`` the cells ``[n, 2 + F]`` / ``[m, 2 + F]`` in the compared space at each target (for
+    :func:`divergence_excess`).
+    """
+    from .ot import sinkhorn_loss
+
+    if len(depths) != len(targets) + 1 or not targets:
+        raise ValueError(f"a path needs one more depth than targets, got {len(depths)} depths, {len(targets)} targets")
+    scale = torch.cat([torch.ones(2), torch.full((src_h.shape[1],), float(expression_weight))]).to(src_p)
+    p, h = src_p, src_h
+    state = torch.cat(model.encode(p, h), 1)
+    action = src_p.new_zeros(())
+    fits, flowed, observed = [], [], []
+    for z0, z1, (tp, th) in zip(depths[:-1], depths[1:], targets):
+        layers = integrate(model, p, h, z0, z1, dz_um, noise_pos, noise_expr, generator)
+        dz = abs(z1 - z0) / len(layers) / float(model.length)
+        for _, p, h in layers:
+            nxt = torch.cat(model.encode(p, h), 1)
+            action = action + (((nxt - state) * scale) ** 2).sum(1).mean() / dz
+            state = nxt
+        x = state * scale
+        y = torch.cat(model.encode(tp, th), 1) * scale
+        fits.append(sinkhorn_loss(x, y, eps))
+        flowed.append(x)
+        observed.append(y)
+    loss = (sum(fits) + action_weight * action) / len(targets)
+    return loss, fits, flowed, observed
+
+
 def flow_loss(
     model: FlowModel,
     src_p: torch.Tensor,
@@ -194,36 +251,27 @@ def flow_loss(
     noise_expr: float = 0.0,
     action_weight: float = 0.0,
     generator: torch.Generator | None = None,
-    parts: bool = False,
-):
-    """Sinkhorn divergence (up to a constant of the target) between cells flowed from ``z0`` to ``z1`` and
-    the cells observed at ``z1``, plus ``action_weight`` times the flow's kinetic action.
-
-    With ``parts=True`` returns ``(loss, fit, flowed, target)``: the loss, its transport term (a tensor) and the
-    flowed and the target cells in the compared space ``[n, 2 + F]`` (for :func:`divergence_excess`).
-
-    Both clouds are compared in the model's normalised space, ``[p~, w h~]`` with ``w = expression_weight``;
-    positions in um ``[n, 2]``, features ``[n, F]``. The action ``sum_steps mean_i |dx_i|^2 / dz~`` (in the
-    same space) is the dynamic-OT energy: among flows that reach the target it prefers the straightest, and
-    where the sample gives no consistent signal it keeps the drift near zero (the flow then copies).
-    """
-    from .ot import sinkhorn_loss
-
-    layers = integrate(model, src_p, src_h, z0, z1, dz_um, noise_pos, noise_expr, generator)
-    scale = torch.cat([torch.ones(2), torch.full((src_h.shape[1],), float(expression_weight))]).to(src_p)
-    states = [torch.cat(model.encode(src_p, src_h), 1)] + [torch.cat(model.encode(p, h), 1) for _, p, h in layers]
-    dz = abs(z1 - z0) / len(layers) / float(model.length)
-    action = sum((((b - a) * scale) ** 2).sum(1).mean() for a, b in zip(states[:-1], states[1:])) / dz
-    tp, th = model.encode(tgt_p, tgt_h)
-    x = states[-1] * scale
-    y = torch.cat([tp, th], 1) * scale
-    fit = sinkhorn_loss(x, y, eps)
-    loss = fit + action_weight * action
-    return (loss, fit, x, y) if parts else loss
+) -> torch.Tensor:
+    """:func:`path_loss` over one gap: cells flowed from ``z0`` to ``z1`` against the cells observed at ``z1``
+    (positions in um ``[n, 2]``, features ``[n, F]``)."""
+    return path_loss(
+        model,
+        src_p,
+        src_h,
+        [z0, z1],
+        [(tgt_p, tgt_h)],
+        dz_um,
+        expression_weight,
+        eps,
+        noise_pos,
+        noise_expr,
+        action_weight,
+        generator,
+    )[0]
 
 
 def compared_space(model: FlowModel, p_um: torch.Tensor, h: torch.Tensor, expression_weight: float) -> torch.Tensor:
-    """Cells ``[n, 2 + F]`` in the space the flow's transport compares: ``[p~, w h~]`` (see :func:`flow_loss`)."""
+    """Cells ``[n, 2 + F]`` in the space the flow's transport compares: ``[p~, w h~]`` (see :func:`path_loss`)."""
     p, f = model.encode(p_um, h)
     return torch.cat([p, f * float(expression_weight)], 1)
 
@@ -238,7 +286,7 @@ def divergence_excess(
     ``y``, disjoint from it and of the same size: ``S_eps(y2, y)`` is the noise floor, the divergence a perfect
     prediction drawn as a sample of that size would still have, so the excess is ~0 for a flow that has learnt
     all there is to learn (the raw loss of two 512-cell samples is dominated by that floor). ``fit``: the
-    training step's ``sinkhorn_loss(x, y)`` (from :func:`flow_loss`), so it is not solved again.
+    training step's ``sinkhorn_loss(x, y)`` (from :func:`path_loss`), so it is not solved again.
     """
     from .ot import sinkhorn_divergence
 

@@ -199,3 +199,24 @@ def test_default_dz_is_a_quarter_of_the_median_gap(aligned, tmp_path, caplog):
     assert layers == {0: 3, 1: 7, 3: 3}  # gaps named by their lower section
     lamina.voxelize(atlas)
     assert float(atlas.root["volume"].attrs["voxel_um"]) == pytest.approx(spacing / 4, rel=1e-3)
+
+
+def test_paths_across_several_gaps_train_and_are_recorded(aligned, tmp_path):
+    """path_gaps carries cells through consecutive sections: longer than the stack it is the whole stack; the
+    excess is the mean over the path's sections, finite and positive for an untrained start."""
+    path = tmp_path / "p.lamina.zarr"
+    shutil.copytree(aligned.path, path)
+    atlas = lamina.Atlas.open(path, mode="r+")
+    lamina.train_flow(atlas, **{**FLOW, "steps": 4, "path_gaps": 9, "validate": False})
+    rec = atlas.stage_records()["train_flow"]
+    assert rec["params"]["path_gaps"] == 9 and rec["steps_run"] == 4
+    excess = np.asarray(atlas.root["flow/excess"][...])
+    assert excess.shape == (4,) and np.isfinite(excess).all() and (excess > 0).all()
+    one = tmp_path / "one.lamina.zarr"
+    shutil.copytree(aligned.path, one)
+    single = lamina.Atlas.open(one, mode="r+")
+    lamina.train_flow(single, **{**FLOW, "steps": 4, "validate": False})
+    # four sections of one gap each vs the whole stack: different fits, so different weights
+    a = load_models(atlas.root)["forward"].state_dict()["shape.phi.4.bias"]
+    b = load_models(single.root)["forward"].state_dict()["shape.phi.4.bias"]
+    assert not torch.equal(a, b)

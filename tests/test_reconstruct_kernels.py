@@ -75,6 +75,33 @@ def test_untrained_flow_is_the_identity_and_seeded_noise_is_reproducible():
     assert float((a[1] - p).abs().mean()) > 0.1  # the noise did move the cells
 
 
+def test_path_loss_carries_cells_across_gaps_and_weighs_fit_and_action_per_gap():
+    """(sum of the fits at each section + action_weight * kinetic action) / gaps, with the same cells carried on."""
+    model = sde.FlowModel(4, hidden=16, k=5)
+    model.set_normalisation([500, 500], 300.0, 30.0, np.ones(4))
+    p, h = _cells(200, 1)
+    targets = [(_cells(200, 2)[0], _cells(200, 2)[1] + 0.5), (_cells(200, 3)[0] + 40.0, _cells(200, 3)[1])]
+    space = lambda q, f: torch.cat([(q - model.center) / model.length, f], 1)  # noqa: E731  (weight 1)
+    loss, fits, flowed, _ = sde.path_loss(model, p, h, [0.0, 35.0, 70.0], targets, 17.5, action_weight=0.7)
+    # the untrained flow does not move: no action, and each fit compares the source cells with that section
+    want = [ot.sinkhorn_loss(space(p, h), space(*t), 0.01) for t in targets]
+    torch.testing.assert_close(torch.stack(fits), torch.stack(want), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, (want[0] + want[1]) / 2, rtol=1e-5, atol=1e-6)
+    one = sde.flow_loss(model, p, h, 0.0, 35.0, *targets[0], 17.5, action_weight=0.7)
+    torch.testing.assert_close(one, want[0], rtol=1e-5, atol=1e-6)
+    # a constant drift v (normalised units per unit depth) in x: cells move v * depth, the action is v^2 * depth
+    v = 0.4
+    with torch.no_grad():
+        model.shape.phi[-1].bias.copy_(torch.tensor([v, 0.0]))
+    still, fits, flowed, _ = sde.path_loss(model, p, h, [0.0, 35.0, 70.0], targets, 17.5, action_weight=0.0)
+    moving, *_ = sde.path_loss(model, p, h, [0.0, 35.0, 70.0], targets, 17.5, action_weight=0.7)
+    moved = (flowed[1][:, 0] - space(p, h)[:, 0]) * model.length  # um
+    torch.testing.assert_close(moved, torch.full_like(moved, v * 70.0), atol=1e-3, rtol=0)  # carried over both gaps
+    torch.testing.assert_close(moving - still, torch.tensor(0.7 * v**2 * 70.0 / 300.0 / 2), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="one more depth than targets"):
+        sde.path_loss(model, p, h, [0.0, 35.0], targets, 17.5)
+
+
 def _field(p):
     x, y = p[:, 0], p[:, 1]
     return torch.stack(

@@ -17,6 +17,10 @@ What the bar and ``/flow/excess`` show is the fit's divergence *beyond its noise
 loss (it looked flat). Each step draws a second, disjoint sample of the target section and subtracts its
 divergence from the first (:func:`lamina.kernels.sde.divergence_excess`).
 
+``path_gaps`` > 1 draws a path of that many consecutive gaps instead of one: the same cells are carried through
+it and fitted at every section (:func:`lamina.kernels.sde.path_loss`), so one drift has to explain the motion
+over several gaps.
+
 Validation (``validate``, on by default with >= 4 flow sections): the interior section nearest the middle of
 the stack is left out of training; after every task the flow predicts it from its two neighbours exactly as
 ``interpolate`` would, and the prediction's excess over the noise floor is recorded (``/flow/heldout``). The
@@ -60,6 +64,11 @@ log = logging.getLogger("lamina")
 # With lr 2e-3 the held-out optimum comes early (20-100 steps) and the error rises after it while the fit's
 # excess still falls; 5e-4 reached it later and no better (0.969), eps 0.05 / 0.2 were worse (0.970 / 0.959).
 # Hence a held-out score every 10 steps (every 25: 0.971; every 10: 0.975-0.977; every 5: 0.972), patience 6.
+# path_gaps: carrying the cells over 2 gaps per step (one drift for the motion across both) scored 0.962 against
+# 0.971 for single gaps (held-out gains 0.005-0.016 vs 0.016-0.065), so single gaps stay the default. The flow's
+# gain there comes from expression more than from motion: trained on all 10 sections (150 steps), it moved the
+# tube's interior cells 15-20% of the tube's true travel per gap (action 0: ~30%), and the entropic plan between
+# two 512-cell samples itself carries them 20-100% of it (the growing tube takes target cells from the layers).
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,12 @@ class TrainFlowOptions(Options):
         "it) and stop after `patience` tasks without progress",
     )
     patience: int = option(6, "tasks without a better held-out score before training stops", ge=1)
+    path_gaps: int = option(
+        1,
+        "gaps each training path crosses: the same cells are flowed through that many consecutive sections and "
+        "fitted at each (1: one gap per step)",
+        ge=1,
+    )
 
 
 MIN_CELLS = 3
@@ -254,7 +269,7 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
     """
     import torch
 
-    from ..kernels.sde import compared_space, divergence_excess, flow_loss
+    from ..kernels.sde import compared_space, divergence_excess, path_loss
     from ..store.tensors import load_optimizer_state, optimizer_state, read_state, write_state
 
     root = open_root(store, "r+")
@@ -304,36 +319,47 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
         noise_pos=cfg["noise_pos"],
         noise_expr=cfg["noise_expr"],
         generator=gen,
-        parts=True,
     )
     # both directions share one normalisation (set together, never trained): one compared space
     space = lambda p, h: compared_space(models["forward"], p, h, cfg["expression_weight"])  # noqa: E731
+    n_gaps = len(sec) - 1
+    L = min(int(cfg.get("path_gaps", 1)), n_gaps)
+
+    def draw(s):
+        """Two disjoint samples of section ``s``: the one trained on and one for the noise floor."""
+        xy, h = pools[s]
+        idx = rng.permutation(len(xy))
+        k = max(1, min(m_sub, len(xy) // 2))
+        t = lambda rows: (torch.from_numpy(xy[rows]).to(dev), torch.from_numpy(h[rows]).to(dev))  # noqa: E731
+        return t(idx[:k]), t(idx[k : 2 * k])
+
     for _step in range(a, b):
-        g = int(rng.integers(0, len(sec) - 1))
-        lo, hi = int(sec[g]), int(sec[g + 1])
-
-        def draw(s):
-            """Two disjoint samples of section ``s``: the one trained on and one for the noise floor."""
-            xy, h = pools[s]
-            idx = rng.permutation(len(xy))
-            k = max(1, min(m_sub, len(xy) // 2))
-            t = lambda i: (torch.from_numpy(xy[i]).to(dev), torch.from_numpy(h[i]).to(dev))  # noqa: E731
-            return t(idx[:k]), t(idx[k : 2 * k])
-
-        (p0, h0), second0 = draw(lo)
-        (p1, h1), second1 = draw(hi)
-        loss_f, fit_f, x_f, y_f = flow_loss(models["forward"], p0, h0, z[lo], z[hi], p1, h1, **kw)
-        loss_b, fit_b, x_b, y_b = flow_loss(models["backward"], p1, h1, z[hi], z[lo], p0, h0, **kw)
-        loss = loss_f + loss_b
+        g = int(rng.integers(0, n_gaps - L + 1))
+        path = [int(s) for s in sec[g : g + L + 1]]
+        samples = [draw(s) for s in path]
+        excess, parts = 0.0, []
+        for d, order in (("forward", range(L + 1)), ("backward", range(L, -1, -1))):
+            first, *rest = order
+            part, fits, xs, ys = path_loss(
+                models[d], *samples[first][0], [z[path[i]] for i in order], [samples[i][0] for i in rest], **kw
+            )
+            parts.append(part)
+            # the fit's own transport value is reused: only the floor terms are solved here
+            excess += float(
+                np.mean(
+                    [
+                        divergence_excess(x.detach(), y, space(*samples[i][1]), cfg["eps"], f.detach())[0]
+                        for i, f, x, y in zip(rest, fits, xs, ys)
+                    ]
+                )
+            )
+        loss = parts[0] + parts[1]
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(float(loss.detach()))
-        excesses.append(  # the fit's own transport value is reused: only the floor terms are solved here
-            divergence_excess(x_f.detach(), y_f, space(*second1), cfg["eps"], fit_f.detach())[0]
-            + divergence_excess(x_b.detach(), y_b, space(*second0), cfg["eps"], fit_b.detach())[0]
-        )
+        excesses.append(excess)
     for d, m in models.items():
         write_state(group.require_group(d), m.state_dict())
     write_state(group.require_group("optimizer"), optimizer_state(opt))

@@ -118,6 +118,14 @@ class FlowModel(nn.Module):
     def decode(self, p: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return p * self.length + self.center, h * self.feature_scale
 
+    def drift(self, p, h, z_um: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shape and expression drifts ``([n, 2], [n, F])`` at normalised ``p``, ``h`` and depth ``z_um``, per
+        normalised unit of depth travelled in this model's direction."""
+        nbr = knn_graph(p.detach(), self.k)
+        rel = float(self.length / self.neighbour)
+        z = float(z_um / self.length)
+        return self.shape(h, p, z, nbr, rel), self.expression(h, p, z, nbr, rel)
+
     def step(
         self,
         p,
@@ -129,12 +137,9 @@ class FlowModel(nn.Module):
         generator: torch.Generator | None = None,
     ):
         """One Euler-Maruyama step of ``dz_um`` (> 0, in this model's direction) on normalised ``p``, ``h``."""
-        nbr = knn_graph(p.detach(), self.k)
-        rel = float(self.length / self.neighbour)
-        z = float(z_um / self.length)
+        a, b = self.drift(p, h, z_um)
         dz = float(dz_um / self.length)
-        dp = self.shape(h, p, z, nbr, rel) * dz
-        dh = self.expression(h, p, z, nbr, rel) * dz
+        dp, dh = a * dz, b * dz
         if noise_pos > 0:
             dp = dp + noise_pos * math.sqrt(dz) * torch.randn(
                 p.shape, generator=generator, device=p.device, dtype=p.dtype
@@ -268,6 +273,53 @@ def flow_loss(
         action_weight,
         generator,
     )[0]
+
+
+def matching_loss(
+    model: FlowModel,
+    src_p: torch.Tensor,
+    src_h: torch.Tensor,
+    z0: float,
+    z1: float,
+    tgt_p: torch.Tensor,
+    tgt_h: torch.Tensor,
+    expression_weight: float = 1.0,
+    eps: float = 0.01,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Flow matching on an entropic OT coupling of two samples (minibatch OT conditional flow matching).
+
+    Source cells ``x_i`` (``src_p [n, 2]`` um, ``src_h [n, F]``, at ``z0``) are paired with target cells
+    (``[m, 2]``, ``[m, F]`` at ``z1``) drawn from the rows of the entropic plan in the compared space
+    ``[p~, w h~]`` (``w = expression_weight``): ``j(i) ~ pi_ij / sum_j pi_ij``. With one ``t ~ U(0, 1)`` per call,
+    the drift is regressed on the straight path's velocity at the interpolated cells::
+
+        x_t = (1 - t) x_i + t y_j(i),     u = (y_j(i) - x_i) / |dz~|,     dz~ = (z1 - z0) / length
+        loss = mean_i |a(x_t) - u_p|^2 + w^2 |b(x_t) - u_h|^2        at depth z0 + t (z1 - z0)
+
+    (``a``, ``b``: the shape and expression drifts on the kNN graph of the interpolated positions, all normalised.)
+    Unlike the transport loss of :func:`path_loss`, no gradient runs through the integration: the drift's target
+    is the plan's own displacement, so a structure the plan moves is moved by the whole amount it moves, not
+    shrunk by an action term.
+    """
+    from .ot import sinkhorn_duals, sq_dist
+
+    w = float(expression_weight)
+    x0 = torch.cat(model.encode(src_p, src_h), 1)
+    x1 = torch.cat(model.encode(tgt_p, tgt_h), 1)
+    scale = torch.cat([torch.ones(2), torch.full((src_h.shape[1],), w)]).to(x0)
+    with torch.no_grad():
+        C = sq_dist(x0 * scale, x1 * scale)
+        _, g = sinkhorn_duals(C, eps)
+        rows = torch.softmax((g[None, :] - C) / eps, 1)  # pi_i. / pi_i.1, the f_i term cancels
+        j = torch.multinomial(rows, 1, generator=generator).squeeze(1)
+        t = float(torch.rand((), generator=generator, device=x0.device))
+    y = x1[j]
+    dz = abs(z1 - z0) / float(model.length)
+    xt = (1 - t) * x0 + t * y
+    u = (y - x0) / dz
+    a, b = model.drift(xt[:, :2], xt[:, 2:], z0 + t * (z1 - z0))
+    return ((a - u[:, :2]) ** 2).sum(1).mean() + w**2 * ((b - u[:, 2:]) ** 2).sum(1).mean()
 
 
 def compared_space(model: FlowModel, p_um: torch.Tensor, h: torch.Tensor, expression_weight: float) -> torch.Tensor:

@@ -194,6 +194,7 @@ def loo(atlas, k: int, bin_um: float, flow_options: dict, client=None, truth=Non
     out["steps_run"] = rec.get("steps_run")
     out["kept"] = "trained" if rec.get("trained") else "untrained"
     out["heldout_gain"] = rec.get("heldout_gain", float("nan"))
+    out["heldout_untrained"] = rec.get("heldout_untrained", float("nan"))
     for name, m in pred.items():
         out[f"r_{name}"] = pearson_genes(m, obs_map, ok)
     if types is not None:
@@ -344,7 +345,10 @@ def table(rows: list[dict]) -> str:
         for m in METHODS:
             note = ""
             if m == "lamina":
-                note = f"{r['kept']} after {r['steps_run']} steps, held-out gain {r['heldout_gain']:.4f}"
+                note = (
+                    f"{r['kept']} after {r['steps_run']} steps, held-out gain {r['heldout_gain']:.4f} of "
+                    f"{r['heldout_untrained']:.4f}"
+                )
             lines.append(
                 f"| {r['dataset']} | {r['section']} | {m} | "
                 + " | ".join(fmt(r.get(f"{c}_{m}")) for c in cols)

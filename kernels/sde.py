@@ -346,18 +346,20 @@ def divergence_excess(
     return float(sinkhorn_divergence(x, y, eps, loss=fit)) - floor, floor
 
 
-def map_error(
+def binned_errors(
     xy: np.ndarray, h: np.ndarray, weights: np.ndarray, target_xy: np.ndarray, target_h: np.ndarray, per_bin: int = 16
-) -> float:
-    """Mean squared difference of binned mean-feature maps of a prediction and of observed cells.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin squared differences of binned mean-feature maps of a prediction and of observed cells.
 
     ``xy [n, 2]`` (um), ``h [n, F]``, ``weights [n]`` (>= 0) are the predicted cells; ``target_xy [m, 2]``,
     ``target_h [m, F]`` the observed ones. Square bins of side ``sqrt(area / (m / per_bin))`` over the target's
-    bounding box, so a bin holds ``per_bin`` observed cells on average::
+    bounding box, so a bin holds ``per_bin`` observed cells on average (the grid depends on the target only: two
+    predictions of one target share it). Returns ``(e [B], c [B])``::
 
-        E = sum_b c_b |mean_pred_b - mean_obs_b|^2 / sum_b c_b      c_b: observed cells in bin b
+        e_b = |mean_pred_b - mean_obs_b|^2       (NaN where either map has no cell in bin b)
+        c_b = observed cells in bin b
 
-    over the bins where both have cells. Prediction cells outside the box are ignored.
+    Prediction cells outside the box are ignored.
     """
     lo, hi = target_xy.min(0), target_xy.max(0)
     side = float(np.sqrt(max(np.prod(hi - lo), 1e-12) / max(len(target_xy) / per_bin, 1.0)))
@@ -374,7 +376,43 @@ def map_error(
 
     pred, pm = binned(np.asarray(xy, np.float64), np.asarray(h, np.float64), np.asarray(weights, np.float64))
     obs, om = binned(np.asarray(target_xy, np.float64), np.asarray(target_h, np.float64), np.ones(len(target_xy)))
-    both = (pm > 0) & (om > 0)
+    e = ((pred - obs) ** 2).sum(1)
+    e[(pm <= 0) | (om <= 0)] = np.nan
+    return e, om
+
+
+def map_error(
+    xy: np.ndarray, h: np.ndarray, weights: np.ndarray, target_xy: np.ndarray, target_h: np.ndarray, per_bin: int = 16
+) -> float:
+    """Mean squared difference of binned mean-feature maps of a prediction and of observed cells
+    (:func:`binned_errors` ``e``, ``c``), over the bins where both have cells::
+
+        E = sum_b c_b e_b / sum_b c_b
+
+    ``inf`` where no bin has both.
+    """
+    e, c = binned_errors(xy, h, weights, target_xy, target_h, per_bin)
+    both = np.isfinite(e)
     if not both.any():
         return float("inf")
-    return float((om[both] * ((pred[both] - obs[both]) ** 2).sum(1)).sum() / om[both].sum())
+    return float((c[both] * e[both]).sum() / c[both].sum())
+
+
+def paired_gain(before: np.ndarray, after: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """How much a map's per-bin errors fell, and the standard error of that, over the bins where both are finite.
+
+    ``before``, ``after``, ``counts`` ``[B]`` (:func:`binned_errors` of two predictions of one target)::
+
+        d_b = before_b - after_b,   w_b = c_b / sum c,   gain = sum_b w_b d_b
+        se^2 = n / (n - 1) * sum_b w_b^2 (d_b - gain)^2          n: bins used
+
+    A gain of a few ``se`` is one the bins agree on, not a few bins' noise. ``(nan, nan)`` with fewer than 2 bins.
+    """
+    ok = np.isfinite(before) & np.isfinite(after) & (counts > 0)
+    n = int(ok.sum())
+    if n < 2:
+        return float("nan"), float("nan")
+    w = counts[ok] / counts[ok].sum()
+    d = before[ok] - after[ok]
+    gain = float((w * d).sum())
+    return gain, float(np.sqrt(n / (n - 1) * (w**2 * (d - gain) ** 2).sum()))

@@ -11,7 +11,7 @@ import torch
 from conftest import interrupt_training
 
 import lamina
-from lamina.kernels.sde import divergence_excess, integrate, map_error
+from lamina.kernels.sde import divergence_excess, integrate, map_error, paired_gain
 from lamina.report import flow_training_figure
 from lamina.stages import flow as flow_stage
 from lamina.stages.flow import load_models, validation_sections
@@ -97,7 +97,10 @@ def test_training_records_its_excess_and_held_out_scores(aligned, tmp_path):
     assert np.isfinite(np.asarray(atlas.root["flow/excess"][...])).all() and atlas.root["flow/excess"].shape == (6,)
     held = np.asarray(atlas.root["flow/heldout"][...])
     assert held.shape == (3,) and np.isfinite(held).all()
-    assert rec["heldout_trained"] == pytest.approx(min(rec["heldout_untrained"], held.min()), rel=1e-5)
+    # the state kept is the untrained one or a scored one, never one worse than the untrained flow
+    kept = rec["heldout_trained"]
+    assert np.isclose(kept, np.append(held, rec["heldout_untrained"]), rtol=1e-5).any()
+    assert kept <= rec["heldout_untrained"] and (rec["trained"] or kept == rec["heldout_untrained"])
     assert list(atlas.root["flow/sections"][...]) == list(range(S))  # the held-out section is still interpolated
     fig = flow_training_figure(atlas)
     right = fig.axes[1]
@@ -106,10 +109,20 @@ def test_training_records_its_excess_and_held_out_scores(aligned, tmp_path):
     np.testing.assert_allclose(right.lines[0].get_ydata(), held)
 
 
-def _scripted(monkeypatch, scores):
-    """Replace the held-out score by ``scores`` in call order (the first call scores the untrained flow)."""
+def _scripted(monkeypatch, scores, spread=0.0):
+    """Replace the held-out score by ``scores`` in call order (the first call scores the untrained flow): 64 bins
+    of equal counts, the untrained flow's errors ``score`` in every bin, the later ones ``score -+ spread``
+    alternating (the same mean)."""
     it = iter(scores)
-    monkeypatch.setattr(flow_stage, "heldout_excess", lambda *a, **k: (next(it), 0.01))
+    signs = np.resize([1.0, -1.0], 64)
+    calls = []
+
+    def fake(*a, **k):
+        score = next(it)
+        calls.append(score)
+        return score, 0.01, score + (spread if len(calls) > 1 else 0.0) * signs, np.ones(64)
+
+    monkeypatch.setattr(flow_stage, "heldout_excess", fake)
 
 
 def _drift_is_zero(atlas) -> bool:
@@ -142,6 +155,29 @@ def test_the_best_held_out_state_is_written(aligned, tmp_path, monkeypatch):
     assert rec["trained"] and rec["best_step"] == 4 and rec["steps_run"] == 8 and not rec["stopped_early"]
     assert rec["heldout_gain"] == pytest.approx(0.10)
     assert not _drift_is_zero(atlas)
+
+
+def test_a_gain_the_bins_do_not_agree_on_is_not_kept(aligned, tmp_path, monkeypatch):
+    """A state 10% better on average, but by +-0.4 from bin to bin (0.05 mean gain, 0.05 standard error), is not
+    two standard errors better: the untrained flow stays."""
+    path = tmp_path / "s.lamina.zarr"
+    shutil.copytree(aligned.path, path)
+    atlas = lamina.Atlas.open(path, mode="r+")
+    _scripted(monkeypatch, [0.50, 0.45, 0.45], spread=0.4)
+    lamina.train_flow(atlas, **{**FLOW, "steps": 4, "patience": 4})
+    rec = atlas.stage_records()["train_flow"]
+    assert not rec["trained"] and rec["heldout_gain"] == 0.0 and np.isnan(rec["heldout_gain_se"])
+    assert _drift_is_zero(atlas)
+
+
+def test_paired_gain_is_the_weighted_mean_difference_with_its_standard_error():
+    before = np.array([1.0, 2.0, np.nan, 4.0, 3.0])
+    after = np.array([0.5, 1.0, 1.0, np.nan, 3.0])
+    gain, se = paired_gain(before, after, np.array([2.0, 1.0, 1.0, 1.0, 1.0]))
+    # bins 0, 1, 4: d = 0.5, 1.0, 0.0 with weights 1/2, 1/4, 1/4
+    assert gain == pytest.approx(0.5)
+    assert se == pytest.approx(np.sqrt(1.5 * (0.25 * 0 + 1 / 16 * 0.25 + 1 / 16 * 0.25)))
+    assert np.isnan(paired_gain(before[:1], after[:1], np.ones(1))[0])
 
 
 def test_unaligned_sections_are_named_and_keep_the_untrained_flow(phantom_store, tmp_path, caplog):

@@ -25,8 +25,10 @@ Validation (``validate``, on by default with >= 4 flow sections): the interior s
 the stack is left out of training; after every task the flow predicts it from its two neighbours exactly as
 ``interpolate`` would, and the prediction's excess over the noise floor is recorded (``/flow/heldout``). The
 untrained flow (zero drift: cells are copied and the two sides blended by distance) is scored first and is the
-incumbent: the flow written is the best-scoring state, training stops after ``patience`` tasks without a
-better score, and where training never beats the untrained flow that one is kept (with a warning), so a user
+incumbent: a state replaces the incumbent only when the map's bins agree that it is better (a gain of
+``SIGNIFICANCE`` standard errors of the paired per-bin difference, :func:`lamina.kernels.sde.paired_gain`, and of
+1% of the untrained excess), the flow written is the last state that did, training stops after ``patience``
+tasks without one, and where training never beats the untrained flow that one is kept (with a warning), so a user
 does not pay for minutes of training that move nothing and the interpolation is never worse on the held-out
 section than the blend. The record holds the scores and the gain.
 """
@@ -226,10 +228,16 @@ def _validation_cells(root, cfg: dict, starts, stops) -> dict:
 #: cells per sample of the held-out score; bins of the maps hold ~VAL_PER_BIN target cells on average
 VAL_SAMPLE = 4096
 VAL_PER_BIN = 16
+#: a state replaces the incumbent only when its gain over it is this many standard errors across the map's bins
+SIGNIFICANCE = 2.0
 
 
-def heldout_excess(models: dict, val: dict, z: np.ndarray, cfg: dict, dev, noise: bool = True) -> tuple[float, float]:
-    """``(excess, floor)``: how far the flow's prediction at the held-out depth is from the observed cells.
+def heldout_excess(
+    models: dict, val: dict, z: np.ndarray, cfg: dict, dev, noise: bool = True
+) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """``(excess, floor, errors, counts)``: how far the flow's prediction at the held-out depth is from the
+    observed cells, and the per-bin errors and observed counts behind it (:func:`lamina.kernels.sde.binned_errors`,
+    in the same units; for the paired test of a gain).
 
     The prediction is what ``interpolate`` puts there: lower-side cells flowed forward with weight ``w`` and
     upper-side cells flowed backward with ``1 - w`` (``w`` = the blend's weight of the lower side), with the
@@ -241,7 +249,7 @@ def heldout_excess(models: dict, val: dict, z: np.ndarray, cfg: dict, dev, noise
     """
     import torch
 
-    from ..kernels.sde import integrate, map_error
+    from ..kernels.sde import binned_errors, integrate, map_error
 
     v, lo, hi = cfg["validation"]
     w = float((z[hi] - z[v]) / (z[hi] - z[lo]))
@@ -258,7 +266,12 @@ def heldout_excess(models: dict, val: dict, z: np.ndarray, cfg: dict, dev, noise
     scale = float(models["forward"].feature_scale[0]) ** 2
     kw = dict(per_bin=VAL_PER_BIN)
     floor = 0.5 * map_error(fxy, fh, np.ones(len(fxy)), txy, th, **kw) / scale
-    return map_error(pred_xy, pred_h, weights, txy, th, **kw) / scale - floor, floor
+    errors, counts = binned_errors(pred_xy, pred_h, weights, txy, th, **kw)
+    errors = errors / scale
+    both = np.isfinite(errors)
+    if not both.any():
+        return float("inf"), floor, errors, counts
+    return float((counts[both] * errors[both]).sum() / counts[both].sum()) - floor, floor, errors, counts
 
 
 def _save_models(group: zarr.Group, models: dict, prefix: str = "") -> None:
@@ -277,7 +290,7 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
     """
     import torch
 
-    from ..kernels.sde import compared_space, divergence_excess, matching_loss, path_loss
+    from ..kernels.sde import compared_space, divergence_excess, matching_loss, paired_gain, path_loss
     from ..store.tensors import load_optimizer_state, optimizer_state, read_state, write_state
 
     root = open_root(store, "r+")
@@ -311,10 +324,18 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
         for m in models.values():
             m.set_normalisation(center, length, max(neighbour, 1e-6), np.full(P, fscale))
         if val is not None:  # the untrained flow is the first incumbent: training has to beat it
-            untrained, floor = heldout_excess(models, val, z, cfg, dev, noise=False)
+            untrained, floor, errors, counts = heldout_excess(models, val, z, cfg, dev, noise=False)
             _save_models(group, models, "best_")
+            arrays.write_small(group, "best_errors", errors.astype(np.float64), ("bin",))
             group.attrs.update(
-                {"untrained": untrained, "floor": floor, "best": untrained, "best_step": 0, "since_best": 0}
+                {
+                    "untrained": untrained,
+                    "floor": floor,
+                    "best": untrained,
+                    "best_step": 0,
+                    "since_best": 0,
+                    "best_gain_se": float("nan"),
+                }
             )
     gen = torch.Generator(device=dev).manual_seed(int(cfg["seed"]) * 1_000_003 + a)
     losses, excesses = [], []
@@ -392,13 +413,17 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
         group["loss"][a:b] = np.asarray(losses, np.float32)
         group["excess"][a:b] = np.asarray(excesses, np.float32)
     if val is not None and b > a:
-        heldout = heldout_excess(models, val, z, cfg, dev)[0]
+        heldout, _, errors, counts = heldout_excess(models, val, z, cfg, dev)
         group["heldout"][a // cfg["steps_per_task"]] = heldout
         best = float(group.attrs["best"])
-        # a better state must remove at least 1% of what the untrained flow leaves above the noise floor
-        if heldout < best - 0.01 * max(float(group.attrs["untrained"]), 0.0):
+        gain, se = paired_gain(np.asarray(group["best_errors"][...]), errors, counts)
+        # a better state must remove at least 1% of what the untrained flow leaves above the noise floor, and the
+        # map's bins must agree on it: a gain of SIGNIFICANCE standard errors over the bins, not a few bins' noise
+        better = heldout < best - 0.01 * max(float(group.attrs["untrained"]), 0.0)
+        if better and gain > SIGNIFICANCE * se:
             _save_models(group, models, "best_")
-            group.attrs.update({"best": heldout, "best_step": int(b), "since_best": 0})
+            arrays.write_small(group, "best_errors", errors.astype(np.float64), ("bin",))
+            group.attrs.update({"best": heldout, "best_step": int(b), "since_best": 0, "best_gain_se": se})
         else:
             group.attrs["since_best"] = int(group.attrs["since_best"]) + 1
         stop = int(group.attrs["since_best"]) >= cfg["patience"]
@@ -508,6 +533,8 @@ def _build(ctx: StageContext) -> dict:
                 "heldout_untrained": untrained,
                 "heldout_trained": best,
                 "heldout_gain": untrained - best if np.isfinite(untrained) else float("nan"),
+                # standard error over the map's bins of the last accepted state's gain over its incumbent
+                "heldout_gain_se": float(src.attrs.get("best_gain_se", float("nan"))),
                 "best_step": int(src.attrs["best_step"]),
                 "stopped_early": bool(src.attrs.get("stopped", False)) and n_run < cfg["steps"],
                 "trained": int(src.attrs["best_step"]) > 0,
@@ -547,7 +574,7 @@ STAGE = Stage(
     output="flow",
     inputs=("warp", "pca"),
     options=TrainFlowOptions,
-    version=2,
+    version=3,
     summary="Forward and backward graph-SDE flows along z, trained on consecutive aligned sections.",
     build=_build,
     element="lamina.flow",

@@ -22,6 +22,7 @@ ask for it. Noise draws come from a ``torch.Generator``: the same seed gives the
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -250,29 +251,11 @@ def flow_loss(
     tgt_p: torch.Tensor,
     tgt_h: torch.Tensor,
     dz_um: float,
-    expression_weight: float = 1.0,
-    eps: float = 0.01,
-    noise_pos: float = 0.0,
-    noise_expr: float = 0.0,
-    action_weight: float = 0.0,
-    generator: torch.Generator | None = None,
+    **options: Any,
 ) -> torch.Tensor:
-    """:func:`path_loss` over one gap: cells flowed from ``z0`` to ``z1`` against the cells observed at ``z1``
-    (positions in um ``[n, 2]``, features ``[n, F]``)."""
-    return path_loss(
-        model,
-        src_p,
-        src_h,
-        [z0, z1],
-        [(tgt_p, tgt_h)],
-        dz_um,
-        expression_weight,
-        eps,
-        noise_pos,
-        noise_expr,
-        action_weight,
-        generator,
-    )[0]
+    """:func:`path_loss` over one gap (its keyword ``options``): cells flowed from ``z0`` to ``z1`` against the cells
+    observed at ``z1`` (positions in um ``[n, 2]``, features ``[n, F]``)."""
+    return path_loss(model, src_p, src_h, [z0, z1], [(tgt_p, tgt_h)], dz_um, **options)[0]
 
 
 def matching_loss(

@@ -19,7 +19,8 @@ divergence from the first (:func:`lamina.kernels.sde.divergence_excess`).
 
 ``path_gaps`` > 1 draws a path of that many consecutive gaps instead of one: the same cells are carried through
 it and fitted at every section (:func:`lamina.kernels.sde.path_loss`), so one drift has to explain the motion
-over several gaps.
+over several gaps. ``objective: matching`` replaces the transport loss by flow matching on the samples' entropic OT
+coupling (:func:`lamina.kernels.sde.matching_loss`). Both are measured in benchmarks/RESULTS.md and not the default.
 
 Validation (``validate``, on by default with >= 4 flow sections): the interior section nearest the middle of
 the stack is left out of training; after every task the flow predicts it from its two neighbours exactly as

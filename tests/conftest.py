@@ -1,3 +1,4 @@
+import logging
 import os
 from pathlib import Path
 
@@ -100,3 +101,14 @@ def interrupt_training(monkeypatch, at_step: int | None, calls: list | None = No
 
     monkeypatch.setattr(flow_stage, "_train_block", block)
     return real
+
+
+@pytest.fixture(autouse=True)
+def _lamina_logger():
+    """Restore lamina's logger after each test: ``lamina.cli.main`` run in-process gives it its own stderr handler
+    and stops it propagating, and a later test reading ``caplog`` would see nothing."""
+    log = logging.getLogger("lamina")
+    propagate, level, handlers = log.propagate, log.level, list(log.handlers)
+    yield
+    log.propagate, log.handlers[:] = propagate, handlers
+    log.setLevel(level)

@@ -374,7 +374,12 @@ def map_error(
 
     ``inf`` where no bin has both.
     """
-    e, c = binned_errors(xy, h, weights, target_xy, target_h, per_bin)
+    return mean_error(*binned_errors(xy, h, weights, target_xy, target_h, per_bin))
+
+
+def mean_error(e: np.ndarray, c: np.ndarray) -> float:
+    """``sum_b c_b e_b / sum_b c_b`` over the bins where ``e [B]`` is finite (:func:`binned_errors`); ``inf`` where
+    none is."""
     both = np.isfinite(e)
     if not both.any():
         return float("inf")

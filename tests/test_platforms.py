@@ -225,13 +225,8 @@ def test_orders_that_part_midway_switch_to_lookup(tmp_path, caplog):
     for folder in folders.values():  # the last 100 positions in reverse: the files agree for 200 rows only
         cells = pd.read_parquet(folder / "cells.parquet")
         pd.concat([cells.iloc[:200], cells.iloc[200:][::-1]]).to_parquet(folder / "cells.parquet", index=False)
-    log = logging.getLogger("lamina")  # the CLI's tests may have set it not to propagate
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="lamina"):
-            atlas = lamina.ingest(folders, tmp_path / "a.zarr", platform="xenium", read_rows=64)
-    finally:
-        log.removeHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="lamina"):
+        atlas = lamina.ingest(folders, tmp_path / "a.zarr", platform="xenium", read_rows=64)
     assert "from matrix row 200 on the positions list the cells in another order" in caplog.text
     both = _match(atlas, truth)
     assert (both["cell_id"] == both["cell_id_in"]).all()

@@ -291,13 +291,8 @@ def test_cells_without_a_label_stay_in_the_density_and_the_channels_are_told(tmp
     t.loc[t.sample(frac=0.3, random_state=1).index, "cell_type"] = None  # 30% unlabelled
     atlas = _table_store(tmp_path, t, "nolabel")
     lamina.section_stats(atlas)
-    log = logging.getLogger("lamina")  # the CLI's tests may have set it not to propagate
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="lamina"):
-            lamina.rasterize(atlas)
-    finally:
-        log.removeHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="lamina"):
+        lamina.rasterize(atlas)
     images = atlas.root["raster/cells"][...]
     per_section = images.sum(axis=(1, 2, 3))
     np.testing.assert_allclose(per_section, atlas.sections.n_cells.to_numpy(), rtol=1e-3)  # every cell counts

@@ -258,7 +258,7 @@ def heldout_excess(
     """
     import torch
 
-    from ..kernels.sde import binned_errors, integrate, map_error
+    from ..kernels.sde import binned_errors, integrate, map_error, mean_error
 
     v, lo, hi = cfg["validation"]
     w = float((z[hi] - z[v]) / (z[hi] - z[lo]))
@@ -277,10 +277,7 @@ def heldout_excess(
     floor = 0.5 * map_error(fxy, fh, np.ones(len(fxy)), txy, th, **kw) / scale
     errors, counts = binned_errors(pred_xy, pred_h, weights, txy, th, **kw)
     errors = errors / scale
-    both = np.isfinite(errors)
-    if not both.any():
-        return float("inf"), floor, errors, counts
-    return float((counts[both] * errors[both]).sum() / counts[both].sum()) - floor, floor, errors, counts
+    return mean_error(errors, counts) - floor, floor, errors, counts
 
 
 def _save_models(group: zarr.Group, models: dict, prefix: str = "") -> None:
@@ -361,8 +358,8 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
     # both directions share one normalisation (set together, never trained): one compared space
     space = lambda p, h: compared_space(models["forward"], p, h, cfg["expression_weight"])  # noqa: E731
     n_gaps = len(sec) - 1
-    L = min(int(cfg.get("path_gaps", 1)), n_gaps)
-    matching = cfg.get("objective", "transport") == "matching"
+    L = min(int(cfg["path_gaps"]), n_gaps)
+    matching = cfg["objective"] == "matching"
     match_kw = dict(expression_weight=cfg["expression_weight"], eps=cfg["eps"], generator=gen)
 
     def draw(s):
@@ -430,7 +427,7 @@ def _train_block(store: str, ckpt: str, cfg: dict, sec: list[int], a: int, b: in
         # a gain the map's bins agree on (SIGNIFICANCE standard errors over the bins, not a few bins' noise), and in
         # all remove min_gain of it
         untrained = max(float(group.attrs["untrained"]), 0.0)
-        better = heldout < best - 0.01 * untrained and heldout <= (1.0 - cfg.get("min_gain", 0.05)) * untrained
+        better = heldout < best - 0.01 * untrained and heldout <= (1.0 - cfg["min_gain"]) * untrained
         if better and gain > SIGNIFICANCE * se:
             _save_models(group, models, "best_")
             arrays.write_small(group, "best_errors", errors.astype(np.float64), ("bin",))

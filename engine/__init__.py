@@ -56,6 +56,8 @@ _LAZY = {
     "mark_aligned": ".stages.warp",
     "export_spatialdata": ".spatialdata_zarr",
     "export_enhanced": ".export_enhance",
+    "image_in_atlas": ".atlas_image",
+    "export_image": ".atlas_image",
     "enhance": ".stages.pipeline",  # the pipeline histology -> enhance (lamina.stages.enhance is the stage alone)
     **{
         name: ".stages"
@@ -107,7 +109,9 @@ __all__ = [
     "enhance",
     "export_expression_parquet",
     "histology",
+    "export_image",
     "export_spatialdata",
+    "image_in_atlas",
     "import_isost",
     "ingest",
     "ingest_blocks",

@@ -205,6 +205,8 @@ def cmd_export(args) -> int:
     atlas = Atlas.open(args.store)
     sections = args.sections.split(",") if args.sections else None
     genes = args.genes.split(",") if args.genes else None
+    if args.format is None and not args.images:
+        raise ConfigError("lamina export: give --format csv|parquet|anndata|spatialdata (or --images)")
     if args.enhanced:
         from .export_enhance import export_enhanced
 
@@ -213,6 +215,17 @@ def cmd_export(args) -> int:
         suffix = "-enhanced.parquet" if args.format == "parquet" else "-enhanced.h5ad"
         out = args.out or str(Path(args.store).with_suffix("")) + suffix
         print(f"wrote {export_enhanced(atlas, out, args.format, genes, sections)}")
+        return 0
+    if args.images:
+        from .atlas_image import export_image
+
+        if args.volume or args.enhanced:
+            raise ConfigError("--images exports the sections' images alone (no --volume or --enhanced)")
+        folder = Path(args.out or str(Path(args.store).with_suffix("")) + "-images")
+        folder.mkdir(parents=True, exist_ok=True)
+        wanted = sections or atlas.images()
+        for sid in wanted:
+            print(f"wrote {export_image(atlas, sid, folder / f'{sid}.tif', pixel_size_um=args.pixel_size)}")
         return 0
     if args.volume:
         from .stages import export_expression_parquet
@@ -316,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export cells (and expression) to csv, parquet, anndata or spatialdata")
     e.add_argument("store")
-    e.add_argument("--format", required=True, choices=["csv", "parquet", "anndata", "spatialdata"])
+    e.add_argument("--format", choices=["csv", "parquet", "anndata", "spatialdata"])
     e.add_argument("--out", help="output file (default: beside the store)")
     e.add_argument("--sections", help="comma-separated section ids")
     e.add_argument("--genes", help="comma-separated gene names")
@@ -328,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="export the enhanced maps (one row per superpixel of the measured tissue: x, y, z, metagenes, genes)",
     )
+    e.add_argument(
+        "--images",
+        action="store_true",
+        help="export the sections' images in the atlas frame: one tiled BigTIFF per section in --out (a folder)",
+    )
+    e.add_argument("--pixel-size", type=float, help="with --images: output pixel (um); default the image's own")
     e.set_defaults(func=cmd_export)
 
     st = sub.add_parser("stages", help="the stages lamina knows, their options and defaults")

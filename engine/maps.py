@@ -67,6 +67,7 @@ def _tile_task(
     fn,
     kwargs: dict,
     with_origin: bool = False,
+    channels: tuple[int, int] | None = None,
 ) -> int:
     root = open_root(store, "r+")
     src, dst = root[source], root[target]
@@ -76,6 +77,8 @@ def _tile_task(
     a0, a1, b0, b1 = max(0, Y0 - halo), min(H, Y1 + halo), max(0, X0 - halo), min(W, X1 + halo)
     leading = tuple(slice(a, b) for a, b in lead)
     block = np.asarray(src[(*leading, *(slice(None),) * (src.ndim - 2 - len(lead)), slice(a0, a1), slice(b0, b1))])
+    if channels is not None:
+        kwargs = {**kwargs, "channels": channels}
     out = np.asarray(fn(block, origin=(a0, b0), **kwargs) if with_origin else fn(block, **kwargs))
     oy, ox = (Y0 - a0) // factor, (X0 - b0) // factor
     core = out[..., oy : oy + (y1 - y0), ox : ox + (x1 - x0)]
@@ -83,7 +86,8 @@ def _tile_task(
         core.shape[-2:] == (y1 - y0, x1 - x0),
         f"map_tiles: {getattr(fn, '__name__', fn)} returned {out.shape[-2:]} pixels for a block of {block.shape[-2:]}",
     )
-    dst[(*leading, *(slice(None),) * (dst.ndim - 2 - len(lead)), slice(y0, y1), slice(x0, x1))] = core
+    rest = (slice(None),) * (dst.ndim - 2 - len(lead)) if channels is None else (slice(*channels),)
+    dst[(*leading, *rest, slice(y0, y1), slice(x0, x1))] = core
     return 1
 
 
@@ -98,6 +102,7 @@ def map_tiles(
     batch_dims: int | None = None,
     kwargs: dict | None = None,
     with_origin: bool = False,
+    split_channels: bool = False,
     client=None,
     label: str = "map_tiles",
 ) -> int:
@@ -110,6 +115,9 @@ def map_tiles(
     ``factor``), calls ``fn`` and writes the chunk's part of the result. Returns the number of tiles.
     ``with_origin``: ``fn`` also gets ``origin=(row, col)``, the source pixel of ``block[..., 0, 0]`` (a kernel
     that places the block in the image, e.g. next to points given in image coordinates).
+    ``split_channels``: ``target`` has one channel dim, chunked; one task per chunk of it, and ``fn`` also gets
+    ``channels=(c0, c1)``, the output channels it computes (e.g. gene maps ``[gene, y, x]`` written a few genes
+    per task, so no task holds every gene of a tile).
     """
     kwargs = dict(kwargs or {})
     if halo is None:
@@ -132,8 +140,10 @@ def map_tiles(
     nb = max(nb, 0)
     if src.shape[:nb] != dst.shape[:nb]:
         raise InputError(f"map_tiles: batch dims of {source} {src.shape[:nb]} and {target} {dst.shape[:nb]} differ")
+    if split_channels and dst.ndim - nb != 3:
+        raise InputError(f"map_tiles: split_channels needs one channel dim in {target} (shape {dst.shape})")
     for d in range(nb, dst.ndim - 2):
-        if dst.chunks[d] != dst.shape[d]:
+        if dst.chunks[d] != dst.shape[d] and not split_channels:
             raise InputError(
                 f"map_tiles: {target} must hold its channel dim {d} in one chunk "
                 f"(chunks {dst.chunks}, shape {dst.shape})"
@@ -145,9 +155,13 @@ def map_tiles(
     leads = [()]
     for d in range(nb):
         leads = [(*lead, span) for lead in leads for span in spans(dst.shape[d], dst.chunks[d])]
+    splits = spans(dst.shape[nb], dst.chunks[nb]) if split_channels else [None]
     tasks = [
-        dask.delayed(_tile_task, pure=False)(store, source, target, lead, ys, xs, halo, factor, fn, kwargs, with_origin)
+        dask.delayed(_tile_task, pure=False)(
+            store, source, target, lead, ys, xs, halo, factor, fn, kwargs, with_origin, channels
+        )
         for lead in leads
+        for channels in splits
         for ys in spans(dst.shape[-2], dst.chunks[-2])
         for xs in spans(dst.shape[-1], dst.chunks[-1])
     ]

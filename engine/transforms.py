@@ -81,7 +81,13 @@ def to_atlas(atlas: Atlas, section, xy, stage: str = "auto") -> np.ndarray:
 def to_section(atlas: Atlas, section, xy, stage: str = "auto") -> np.ndarray:
     """Atlas (x, y) um -> raw (x, y) um of ``section``: ``a = x + g(x)`` (the stored inverse grid), ``A^-1 a``."""
     src, k = _source(atlas, section, stage)
-    x = _points(xy)
+    return invert_stored(src, k, _points(xy))
+
+
+def invert_stored(src, k: int, xy: np.ndarray) -> np.ndarray:
+    """Atlas points ``[n, 2]`` um -> section ``k``'s raw um by its transform in group ``src`` (the inverse of
+    :func:`apply_stored`)."""
+    x = np.asarray(xy, np.float64)
     if "inverse" in src:
         x = x + sample_grid(np.asarray(src["inverse"][k], np.float64), x, src.attrs["origin"], src.attrs["spacing"])
     return apply_affine(np.linalg.inv(np.asarray(src["affine"][k])), x)

@@ -358,11 +358,16 @@ def gene_block(
     centres_sp: np.ndarray | None = None,
     radius_sp: float = 0.0,
     shift: np.ndarray | None = None,
+    channels: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Gene maps from metagene scores: ``[R, h, w]``, loadings ``[R, G]`` -> ``[G, h, w]`` = ``sum_r s_r H_rg``;
     with ``centres_sp`` / ``shift`` ``[m, G]``, spot ``i``'s footprint is moved by ``shift[i]`` (the gene-space
-    residual ``x_i - W_i H`` of a fitted spot: its footprint mean then equals its measurement)."""
+    residual ``x_i - W_i H`` of a fitted spot: its footprint mean then equals its measurement). ``channels``
+    ``(g0, g1)``: only genes ``g0:g1`` -> ``[g1 - g0, h, w]``."""
     R, h, w = block.shape
+    if channels is not None:
+        loadings = np.asarray(loadings)[:, channels[0] : channels[1]]
+        shift = None if shift is None else np.asarray(shift)[:, channels[0] : channels[1]]
     out = np.asarray(loadings, np.float64).T @ np.asarray(block, np.float64).reshape(R, -1)
     if centres_sp is not None and shift is not None and len(centres_sp):
         owner = footprint_mask(centres_sp, radius_sp, h, w, origin).ravel()

@@ -386,3 +386,85 @@ def test_spatialdata_reads_the_export(aligned, tmp_path):
     assert got["joined"] == n_sid and got["shape_x"] == pytest.approx(got["table_x"], abs=1e-3)
     assert np.allclose(got["image"], [[2, 0, 10], [0, 2, 20], [0, 0, 1]])
     assert got["points_z"] == pytest.approx(float(atlas.root["aligned/z"][:].max()), abs=1e-3)
+
+
+def _coordinate_image(aligned, tmp_path, sid, px=4.0):
+    """A float image of ``sid`` whose two channels hold the section's raw x and y (um) at each pixel centre."""
+    import tifffile
+
+    xy = aligned.cells().query("section == @sid")[["x", "y"]].to_numpy()
+    lo = np.floor(xy.min(0)) - 40
+    W, H = (np.ceil((xy.max(0) + 40 - lo) / px)).astype(int)
+    cols, rows = np.meshgrid(np.arange(W), np.arange(H))
+    image = np.stack([lo[0] + (cols + 0.5) * px, lo[1] + (rows + 0.5) * px]).astype(np.float32)
+    tifffile.imwrite(tmp_path / "coords.ome.tif", image, ome=True, metadata={"axes": "CYX"})
+    path = tmp_path / "coords.lamina.zarr"
+    shutil.copytree(aligned.path, path)
+    affine = [[px, 0, lo[0]], [0, px, lo[1]], [0, 0, 1]]
+    return lamina.add_image(path, sid, tmp_path / "coords.ome.tif", image_to_section=affine), xy
+
+
+def test_an_image_in_the_atlas_frame_lands_where_its_cells_do(aligned, tmp_path):
+    """The image's pixels carry their own raw position: read back at each cell's aligned position they give the
+    cell's raw position (the same transforms as the cells, refined displacement included), in um."""
+    from lamina.kernels.resample import bilinear
+
+    sid = str(aligned.sections.id.iloc[2])
+    atlas, raw = _coordinate_image(aligned, tmp_path, sid)
+    img = lamina.image_in_atlas(atlas, sid, pixel_size_um=4.0, chunk=96)
+    assert img.dims == ("c", "y", "x") and img.attrs["stage"] == "refined" and img.attrs["section"] == sid
+    assert img.attrs["z_um"] == float(atlas.sections.z.iloc[2])
+    assert img.data.chunks[1][0] == 96 and img.dtype == np.float32
+    values = img.values
+    cells = atlas.cells().query("section == @sid")
+    col = (cells.aligned_x.to_numpy() - float(img.x[0])) / 4.0
+    row = (cells.aligned_y.to_numpy() - float(img.y[0])) / 4.0
+    back = bilinear(values, col, row).T
+    err = np.linalg.norm(back - raw, axis=1)
+    assert np.median(err) < 0.5 and np.quantile(err, 0.99) < 2.0, (np.median(err), err.max())
+    # the refined frame is not the affine one: the same cells read in the affine image are off by the warp
+    affine = lamina.image_in_atlas(
+        atlas,
+        sid,
+        pixel_size_um=4.0,
+        stage="affine",
+        bounds=(float(img.x[0]) - 2, float(img.y[0]) - 2, float(img.x[-1]) + 2, float(img.y[-1]) + 2),
+    )
+    off = np.linalg.norm(bilinear(affine.values, col, row).T - raw, axis=1)
+    assert np.median(off) > 3 * np.median(err)
+    # another chunking gives the same pixels; outside the image the fill
+    again = lamina.image_in_atlas(atlas, sid, pixel_size_um=4.0, chunk=250, fill=-1).values
+    inside = values != 0
+    np.testing.assert_array_equal(again[inside], values[inside])
+    assert (again[~inside] == -1).all() and (~inside).any()
+
+
+def test_an_image_in_the_atlas_frame_exports_as_a_tiled_tiff_and_refuses_bad_requests(aligned, tmp_path):
+    import tifffile
+
+    from lamina.atlas_image import export_image
+
+    sid = str(aligned.sections.id.iloc[1])
+    tifffile.imwrite(tmp_path / "he.tif", np.full((600, 800, 3), 200, np.uint8), tile=(128, 128), photometric="rgb")
+    shutil.copytree(aligned.path, tmp_path / "img.lamina.zarr")
+    affine = [[2, 0, 10], [0, 2, 20], [0, 0, 1]]  # 2 um per pixel
+    atlas = lamina.add_image(tmp_path / "img.lamina.zarr", sid, tmp_path / "he.tif", image_to_section=affine)
+    img = lamina.image_in_atlas(atlas, sid, pixel_size_um=6.0)
+    assert img.attrs["image_level"] == 1  # 4 um pixels, shrunk 1.5x (never more than 2x)
+    assert img.dtype == np.uint8 and set(np.unique(img.values)) <= {0, 199, 200}
+    out = export_image(atlas, sid, tmp_path / "he.atlas.tif", pixel_size_um=6.0, tile=64)
+    with tifffile.TiffFile(out) as tf:
+        back = tf.asarray()
+        page = tf.pages[0]
+        assert page.is_tiled and page.tilewidth == 64 and page.photometric == tifffile.PHOTOMETRIC.RGB
+        assert f"section {sid}" in page.description
+    np.testing.assert_array_equal(np.moveaxis(back, -1, 0), img.values)
+    assert not list(tmp_path.glob("*.partial"))
+    assert main(["export", atlas.path, "--images", "--out", str(tmp_path / "imgs"), "--pixel-size", "6"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "imgs" / f"{sid}.tif"), back)
+    with pytest.raises(lamina.InputError, match="pixel_size_um"):
+        lamina.image_in_atlas(atlas, sid, pixel_size_um=0)
+    with pytest.raises(lamina.InputError, match="bounds"):
+        lamina.image_in_atlas(atlas, sid, bounds=(0, 0, -1, 5))
+    with pytest.raises(lamina.UnknownSectionError, match="has no image"):
+        lamina.image_in_atlas(atlas, str(aligned.sections.id.iloc[0]))

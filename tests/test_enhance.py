@@ -128,11 +128,14 @@ def test_embedding_is_the_same_under_two_tilings_and_matches_the_spot_scores(tmp
     g = atlas.root["enhance"]
     emb = np.asarray(g["S0/embedding"][...])
     genes = np.asarray(g["S0/genes"][...])
+    assert atlas.root["enhance/S0/genes"].chunks[0] == 2
     monkeypatch.setattr(stage, "TILE", 24)
+    monkeypatch.setattr(importlib.import_module("lamina.stages.enhancement"), "GENE_CHUNK", 1)
     lamina.enhance(atlas, fit_column="visible", genes=["G00", "G03"], project=True, force=True)
     assert atlas.root["histology/S0/features"].chunks[1] == 24
     g = atlas.root["enhance"]
     assert g["S0/embedding"].chunks[1] == 24 and emb.shape[1] > 48
+    assert g["S0/genes"].chunks[:2] == (1, 24)  # gene-chunked: one gene per chunk and per task
     np.testing.assert_allclose(np.asarray(g["S0/embedding"][...]), emb, atol=1e-5)
     np.testing.assert_allclose(np.asarray(g["S0/genes"][...]), genes, atol=1e-5)
     # /enhance/cells/scores is each spot's footprint mean of the embedding (the tiles and the driver agree)

@@ -58,6 +58,29 @@ def test_tiles_at_a_coarser_grid_and_the_kernels_own_halo(image_store):
         map_tiles(smooth, store, "src", "pooled", factor=2, kwargs={"sigma_px": 1.5})
 
 
+def _mix(block, mixing, channels=None):
+    """Output channels = a linear mix of the input's, ``channels`` (g0, g1) of them only."""
+    m = mixing if channels is None else mixing[channels[0] : channels[1]]
+    return np.einsum("gc,cyx->gyx", m, block)
+
+
+def test_split_channels_writes_a_few_output_channels_per_task(tmp_path):
+    root = zarr.open_group(str(tmp_path / "c.zarr"), mode="w")
+    img = np.random.default_rng(1).random((2, 45, 38)).astype(np.float32)
+    arrays.create(root, "src", img.shape, np.float32, (2, 20, 20), ("channel", "y", "x"))[...] = img
+    mixing = np.random.default_rng(2).random((7, 2)).astype(np.float32)
+    whole = arrays.create(root, "whole", (7, 45, 38), np.float32, (7, 20, 20), ("gene", "y", "x"))
+    split = arrays.create(root, "split", (7, 45, 38), np.float32, (3, 20, 20), ("gene", "y", "x"))
+    store = str(tmp_path / "c.zarr")
+    assert map_tiles(_mix, store, "src", "whole", halo=0, batch_dims=0, kwargs={"mixing": mixing}) == 3 * 2
+    with pytest.raises(lamina.InputError, match="one chunk"):
+        map_tiles(_mix, store, "src", "split", halo=0, batch_dims=0, kwargs={"mixing": mixing})
+    n = map_tiles(_mix, store, "src", "split", halo=0, batch_dims=0, split_channels=True, kwargs={"mixing": mixing})
+    assert n == 3 * 3 * 2  # gene chunks x tile rows x tile columns
+    np.testing.assert_array_equal(split[...], whole[...])
+    np.testing.assert_allclose(whole[...], _mix(img, mixing), rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory, phantom_store):
     path = tmp_path_factory.mktemp("nb") / "n.lamina.zarr"

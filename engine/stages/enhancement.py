@@ -39,6 +39,8 @@ log = logging.getLogger("lamina")
 
 #: gene maps written per run at most (each is [gene, y, x] per section)
 MAX_GENE_MAPS = 256
+#: genes per chunk (and per task) of the gene maps: a 256 x 256 tile of 16 genes is 4 MiB
+GENE_CHUNK = 16
 #: weight of "no residual" in the residual field (a spot at ~2.1 sigma weighs as much)
 PRIOR = 0.1
 #: ridge penalties tried by alpha=null (leave-one-out error, closed form)
@@ -270,7 +272,8 @@ def _build(ctx: StageContext) -> dict:
             if opts.project:  # the footprint of a fitted spot: its measurement, gene by gene
                 kw.update(centres_sp=centres[fit[m]], radius_sp=radius_sp, shift=(Y[fm] - W[fm] @ H)[:, maps])
             src = f"{g.path}/embedding"
-            grid_map(ctx, grid, g, gene_block, src, "genes", len(maps), "gene", halo=0, with_origin=True, kwargs=kw)
+            n = len(maps)
+            grid_map(ctx, grid, g, gene_block, src, "genes", n, "gene", GENE_CHUNK, halo=0, with_origin=True, kwargs=kw)
             arrays.write_small(g, "gene", np.asarray(list(opts.genes), dtype=str), ("gene",))
         g.attrs.update({k: hist[sid].attrs[k] for k in ("section", "superpixel_um", "grid_to_section", "image_level")})
         g.attrs["spot_radius_um"] = hist[sid].attrs["spot_radius_um"]

@@ -163,13 +163,28 @@ def _grid(atlas: Atlas, sid: str, superpixel_um: float) -> Grid:
     return Grid(sid, level, factor, px, -(-H // factor), -(-W // factor), to_um)
 
 
-def grid_map(ctx: StageContext, grid: Grid, g, fn, source: str, name: str, channels: int, dim: str, **kw) -> None:
-    """``g/<name>`` ``[channels, h, w]`` on the section's superpixel grid (chunks of ``TILE`` superpixels, the
-    channels whole), filled from ``source`` by :func:`lamina.map_tiles` (``kw``: its halo, factor, kwargs, ...)."""
+def grid_map(
+    ctx: StageContext,
+    grid: Grid,
+    g,
+    fn,
+    source: str,
+    name: str,
+    channels: int,
+    dim: str,
+    channel_chunk: int | None = None,
+    **kw,
+) -> None:
+    """``g/<name>`` ``[channels, h, w]`` on the section's superpixel grid (chunks of ``TILE`` superpixels and of
+    ``channel_chunk`` channels, default all; ``fn`` then takes ``channels=(c0, c1)``), filled from ``source`` by
+    :func:`lamina.map_tiles` (``kw``: its halo, factor, kwargs, ...)."""
     from ..maps import map_tiles
 
-    chunks = (channels, min(TILE, grid.h), min(TILE, grid.w))
+    split = channel_chunk is not None and channel_chunk < channels
+    chunks = (min(channel_chunk, channels) if split else channels, min(TILE, grid.h), min(TILE, grid.w))
     arrays.create(g, name, (channels, grid.h, grid.w), np.float32, chunks, (dim, "y", "x"))
+    if split:
+        kw["split_channels"] = True
     label = f"{ctx.stage.name}: {name} {grid.section}"
     map_tiles(fn, ctx.atlas.path, source, f"{g.path}/{name}", batch_dims=0, client=ctx.client, label=label, **kw)
 

@@ -162,7 +162,11 @@ def tesla_predict(peers_python: str, work: Path, obs, Y, images, visible) -> tup
     return P, m["seconds"], m["peak_rss"] / 2**30
 
 
-def hidden_spots(work: Path, seeds: int, peers_python: str | None = None) -> tuple[list, dict]:
+def hidden_spots(
+    work: Path, seeds: int, peers_python: str | None = None, encoder: dict | None = None
+) -> tuple[list, dict]:
+    """``encoder``: histology options of a local foundation model (``encoder``, ``encoder_heads``, ...), run on a
+    copy of the store so that its features and the weight-free ones are each computed once."""
     obs, Y, genes, sets, images = her2st_hne()
     section = obs.section.astype(str).values
     xy = np.c_[obs.pixel_x.values, obs.pixel_y.values] * PX_UM
@@ -180,6 +184,13 @@ def hidden_spots(work: Path, seeds: int, peers_python: str | None = None) -> tup
         work / "her2st-hne.lamina.zarr", table, genes, images, PX_UM, obs=[f"visible{k}" for k in range(len(masks))]
     )
     ingest_s = time.perf_counter() - t0
+    enc_atlas = None
+    if encoder:
+        import lamina
+
+        shutil.rmtree(work / "her2st-hne-encoder.lamina.zarr", ignore_errors=True)
+        shutil.copytree(atlas.path, work / "her2st-hne-encoder.lamina.zarr")
+        enc_atlas = lamina.Atlas.open(work / "her2st-hne-encoder.lamina.zarr", mode="r+")
     rows = []
     for k, (name, vis) in enumerate(masks.items()):
         hidden = ~vis
@@ -194,6 +205,9 @@ def hidden_spots(work: Path, seeds: int, peers_python: str | None = None) -> tup
                 atlas, {"fit_column": f"visible{k}", "alpha": 1e9}
             ),
         }
+        if enc_atlas is not None:
+            label = f"lamina enhance + encoder {Path(encoder['encoder']).name} ({encoder.get('encoder_dims', 16)} dims)"
+            methods[label] = lambda k=k: lamina_predict(enc_atlas, {"fit_column": f"visible{k}", **encoder})
         if peers_python:
             methods["TESLA 1.2.2 (res 50 px, k 2, 10 neighbours)"] = lambda v=vis: tesla_predict(
                 peers_python, work, obs, Y, images, v
@@ -514,6 +528,9 @@ def main(argv=None) -> None:
     ap.add_argument("--make-peers-env", metavar="DIR", help="create TESLA's environment in DIR, then exit")
     ap.add_argument("--scale", type=int, nargs="*", help="slide sizes (px) for the scale table only, e.g. 20000 40000")
     ap.add_argument("--scale-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--encoder", help="local weights of a pathology ViT (timm layout, e.g. UNI): adds a row per split")
+    ap.add_argument("--encoder-heads", type=int, help="its attention heads (default: dim / 64)")
+    ap.add_argument("--encoder-dims", type=int, default=16, help="its principal components kept as features")
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -566,7 +583,10 @@ def main(argv=None) -> None:
         print(f"skip: {DATA} not present (see ../shared/data/README.md)")
         return
     t0 = time.perf_counter()
-    rows, meta = hidden_spots(work, args.seeds, args.peers_python)
+    encoder = None
+    if args.encoder:
+        encoder = {"encoder": args.encoder, "encoder_heads": args.encoder_heads, "encoder_dims": args.encoder_dims}
+    rows, meta = hidden_spots(work, args.seeds, args.peers_python, encoder)
     sr = super_resolution(work)
     halluc = no_hallucination(work)
     alone = histology_alone(work)

@@ -3,7 +3,9 @@ does not carry) the expression, tiling invariance, the spot projection, and bad 
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -374,3 +376,42 @@ def test_residual_loo_error_matches_the_dense_leave_one_out(monkeypatch):
         np.fill_diagonal(k, 0.0)
         want.append(float(((res - k @ res / (k.sum(1) + 0.1)[:, None]) ** 2).sum()))
     np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_a_local_foundation_model_adds_its_tokens_to_the_features(tmp_path, monkeypatch):
+    """An encoder given by path (here a small random ViT in timm's layout) adds encoder_dims features per
+    superpixel; the maps stay the same under another tiling; other weights re-run the features."""
+    import importlib
+
+    from test_encoders import _tiny
+
+    stage = importlib.import_module("lamina.stages.histology")
+    weights, _ = _tiny(tmp_path)
+    ph, atlas = _store(tmp_path)
+    with pytest.raises(lamina.InputError, match="do not exist"):
+        lamina.enhance(atlas, encoder=str(tmp_path / "none.safetensors"))
+    assert "histology" not in atlas.root  # refused before anything is written
+    lamina.enhance(atlas, fit_column="visible", encoder=str(weights), encoder_heads=2, encoder_dims=5)
+    hist = atlas.root["histology"]
+    names = list(hist.attrs["feature_names"])
+    assert hist["S0/features"].shape[0] == len(names) == 3 * (K.N_FEATURES + 5)
+    assert names[K.N_FEATURES : K.N_FEATURES + 5] == [f"encoder_pc{i}" for i in range(5)]
+    record = atlas.stage_records()["histology"]
+    assert 0 < record["encoder_variance_kept"] <= 1
+    feats = np.asarray(hist["S0/features"][...])
+    tokens = feats[K.N_FEATURES : K.N_FEATURES + 5]
+    assert np.isfinite(feats).all() and tokens.std(axis=(1, 2)).min() > 1e-3  # the tokens vary over the image
+    emb = np.asarray(atlas.root["enhance/S0/embedding"][...])
+    monkeypatch.setattr(stage, "TILE", 24)
+    lamina.enhance(atlas, fit_column="visible", encoder=str(weights), encoder_heads=2, encoder_dims=5, force=True)
+    assert atlas.root["histology/S0/features"].chunks[1] == 24
+    np.testing.assert_allclose(np.asarray(atlas.root["histology/S0/features"][...]), feats, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(atlas.root["enhance/S0/embedding"][...]), emb, atol=1e-4)
+    # new weights at the same path: the features are computed again
+    first = atlas.stage_records()["histology"]["finished"]
+    (tmp_path / "r").mkdir()
+    other, _ = _tiny(tmp_path / "r", seed=1)
+    weights.write_bytes(other.read_bytes())
+    os.utime(weights, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    lamina.enhance(atlas, fit_column="visible", encoder=str(weights), encoder_heads=2, encoder_dims=5)
+    assert atlas.stage_records()["histology"]["finished"] != first

@@ -38,6 +38,9 @@ TILE = 256
 CONTEXT_RADII = (1.0, 3.0)
 #: spots of a section outside its image above which the image is taken not to match them
 MAX_OUTSIDE = 0.05
+#: the encoder's principal directions are fitted on this many windows per section, of this many superpixels a side
+BASIS_WINDOWS = 4
+BASIS_SP = 32
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,14 @@ class HistologyOptions(Options):
         None, "spot diameter (um); null: half the median distance between neighbouring spots (Visium 55 / 100)", gt=0
     )
     sections: tuple[str, ...] = option((), "sections to read; empty: every section with an image")
+    encoder: str | None = option(
+        None,
+        "local path of a pathology foundation model's weights (a ViT in timm's layout, e.g. UNI: .safetensors or a "
+        "weights-only .pt / .bin; nothing is downloaded); its patch tokens, at one patch per superpixel, are added "
+        "to the features; null: weight-free features only",
+    )
+    encoder_heads: int | None = option(None, "attention heads of the encoder; null: its embedding dim / 64", ge=1)
+    encoder_dims: int = option(16, "principal components of the encoder's tokens kept as features", ge=1)
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -68,6 +79,12 @@ def sections_with_images(atlas: Atlas, wanted: tuple[str, ...]) -> list[str]:
 
 
 def _check(atlas: Atlas, opts: HistologyOptions) -> None:
+    if opts.encoder is not None:  # a bad weights file is named before anything is computed
+        from ..encoders import vit_encoder
+
+        model = vit_encoder(opts.encoder, opts.encoder_heads)
+        if opts.encoder_dims > model.dim:
+            raise InputError(f"histology: encoder_dims={opts.encoder_dims} exceeds the encoder's {model.dim} dims")
     sections = sections_with_images(atlas, opts.sections)
     if not sections:
         raise MissingInputError(
@@ -111,7 +128,12 @@ def _prepare(atlas: Atlas, opts: HistologyOptions) -> dict:
     for sid in sections:
         g = atlas.root[f"images/{sid}"]
         images[sid] = str(g.attrs.get("written", "")) or f"{g.attrs.get('source', '')}:{g['0'].shape}"
-    return {"sections": sections, "spot_diameter_um": diameter, "spot_pitch_um": pitch, "images": images}
+    prepared = {"sections": sections, "spot_diameter_um": diameter, "spot_pitch_um": pitch, "images": images}
+    if opts.encoder is not None:  # replaced weights re-run the stage
+        from ..encoders import fingerprint
+
+        prepared["encoder"] = fingerprint(opts.encoder)
+    return prepared
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -190,6 +212,58 @@ def grid_map(
 
 
 # ------------------------------------------------------------------------------------------- tasks
+def superpixel_features(block: np.ndarray, origin=(0, 0), *, px_um: float, factor: int, encoder: dict | None = None):
+    """The weight-free features of an image block (:func:`lamina.kernels.enhance.image_features`) and, with
+    ``encoder`` (kwargs of :func:`lamina.encoders.encoder_features`), the foundation model's projected tokens
+    after them: ``[N_FEATURES (+ k), ceil(H / factor), ceil(W / factor)]``."""
+    from ..kernels.enhance import image_features
+
+    feats = image_features(block, px_um, factor)
+    if encoder is None:
+        return feats
+    from ..encoders import encoder_features
+
+    return np.concatenate([feats, encoder_features(block, origin, factor=factor, **encoder)])
+
+
+def _token_sample(store: str, image: str, corner_sp: tuple[int, int], size_sp: int, encoder: dict, factor: int):
+    """The encoder's tokens ``[n, D]`` of the central ``size_sp`` x ``size_sp`` superpixels of a window."""
+    from ..encoders import encoder_features
+
+    arr = arrays.open_root(store, "r")[image]
+    halo = encoder["halo_sp"]
+    r0, c0 = max(0, corner_sp[0] - halo), max(0, corner_sp[1] - halo)
+    r1, c1 = corner_sp[0] + size_sp + halo, corner_sp[1] + size_sp + halo
+    block = np.asarray(arr[:, r0 * factor : r1 * factor, c0 * factor : c1 * factor])
+    tokens = encoder_features(block, (r0 * factor, c0 * factor), factor=factor, **encoder)
+    a, b = corner_sp[0] - r0, corner_sp[1] - c0
+    core = tokens[:, a : a + size_sp, b : b + size_sp]
+    return core.reshape(core.shape[0], -1).T
+
+
+def _encoder_basis(ctx: StageContext, grids: list, spots_sp: list[np.ndarray], encoder: dict, k: int):
+    """Mean ``[D]`` and the top ``k`` principal directions ``[k, D]`` of the encoder's tokens over windows of
+    ``BASIS_SP`` superpixels centred on ``BASIS_WINDOWS`` random spots of each section (seeded)."""
+    rng = np.random.default_rng(0)
+    tasks = []
+    for grid, centres in zip(grids, spots_sp):
+        kw = {**encoder, "shape_sp": (grid.h, grid.w)}
+        for i in rng.choice(len(centres), min(BASIS_WINDOWS, len(centres)), replace=False):
+            col, row = centres[i]
+            corner = (int(np.clip(row - BASIS_SP // 2, 0, max(grid.h - BASIS_SP, 0))),
+                      int(np.clip(col - BASIS_SP // 2, 0, max(grid.w - BASIS_SP, 0))))  # fmt: skip
+            size = min(BASIS_SP, grid.h, grid.w)
+            image = f"images/{grid.section}/{grid.level}"
+            tasks.append(dask.delayed(_token_sample)(ctx.atlas.path, image, corner, size, kw, grid.factor))
+    tokens = np.concatenate(ctx.compute(*tasks)).astype(np.float64)
+    mean = tokens.mean(0)
+    _, sv, vt = np.linalg.svd(tokens - mean, full_matrices=False)
+    share = float((sv[:k] ** 2).sum() / max((sv**2).sum(), 1e-30))
+    log.info("histology: encoder tokens from %d superpixels; %d components hold %.1f%% of their variance",
+             len(tokens), k, 100 * share)  # fmt: skip
+    return mean, vt[:k], share
+
+
 def _footprint_task(store: str, source: str, centres_sp: np.ndarray, pick: np.ndarray, tile, halo, radius_sp):
     from ..kernels.enhance import footprint_means
 
@@ -230,24 +304,47 @@ def footprint_grid_means(ctx: StageContext, source: str, centres_sp: np.ndarray,
 
 # -------------------------------------------------------------------------------------------- build
 def _build(ctx: StageContext) -> dict:
-    from ..kernels.enhance import N_FEATURES, context_features, image_features
+    from ..kernels.enhance import N_FEATURES, context_features, feature_halo
     from ..store.elements import HistologySectionV1
 
     atlas, opts, group, prep = ctx.atlas, ctx.options, ctx.group, ctx.prepared
     sections = list(prep["sections"])
     radius_um = float(prep["spot_diameter_um"]) / 2
     secs = atlas.sections
-    n_ctx = N_FEATURES * (1 + len(CONTEXT_RADII))
+    grids = [_grid(atlas, sid, opts.superpixel_um) for sid in sections]
+    encoder, k, share = None, 0, None
+    if opts.encoder is not None:
+        from ..encoders import vit_encoder
+        from ..kernels.vit import token_halo
+
+        model = vit_encoder(opts.encoder, opts.encoder_heads)
+        encoder = {"path": opts.encoder, "heads": opts.encoder_heads, "halo_sp": token_halo(model.grid)}
+        spots_sp = []
+        for grid in grids:
+            row = secs[secs.id == grid.section].iloc[0]
+            a, b = int(row.cell_start), int(row.cell_stop)
+            spots_sp.append(grid.centres(np.c_[atlas.root["cells/x"][a:b], atlas.root["cells/y"][a:b]]))
+        k = int(opts.encoder_dims)
+        mean_t, comps, share = _encoder_basis(ctx, grids, spots_sp, encoder, k)
+        encoder.update(mean=mean_t, components=comps)
+    n_base = N_FEATURES + k
+    n_ctx = n_base * (1 + len(CONTEXT_RADII))
     n, chunk = atlas.n_cells, atlas.cell_chunk
     cells = group.create_group("cells")
     spot = arrays.create(cells, "features", (n, n_ctx), np.float32, (chunk, n_ctx), ("cell", "feature"))
     spots = 0
     moments, superpixels = np.zeros((2, n_ctx)), 0  # sums of the features and their squares over the footprints
-    for sid in sections:
-        grid = _grid(atlas, sid, opts.superpixel_um)
+    for sid, grid in zip(sections, grids):
         g = group.create_group(sid)
         image, kw = f"images/{sid}/{grid.level}", {"px_um": grid.px_um, "factor": grid.factor}
-        grid_map(ctx, grid, g, image_features, image, "pixels", N_FEATURES, "feature", factor=grid.factor, kwargs=kw)
+        halo = feature_halo(grid.px_um)
+        if encoder is not None:
+            kw["encoder"] = {**encoder, "shape_sp": (grid.h, grid.w)}
+            halo = max(halo, encoder["halo_sp"] * grid.factor)
+        grid_map(
+            ctx, grid, g, superpixel_features, image, "pixels", n_base, "feature",
+            factor=grid.factor, halo=halo, with_origin=True, kwargs=kw,
+        )  # fmt: skip
         sig_sp = {"sigmas_sp": tuple(k * radius_um / grid.sp_um for k in CONTEXT_RADII)}
         grid_map(ctx, grid, g, context_features, f"{g.path}/pixels", "features", n_ctx, "feature", kwargs=sig_sp)
         del g["pixels"]
@@ -300,13 +397,17 @@ def _build(ctx: StageContext) -> dict:
             "sections": sections,
             "spot_diameter_um": float(prep["spot_diameter_um"]),
             "spot_pitch_um": float(prep["spot_pitch_um"]),
-            "feature_names": feature_names(),
+            "feature_names": feature_names(k),
         }
     )
-    return {"sections": len(sections), "spots_inside_images": spots, "features": n_ctx}
+    out = {"sections": len(sections), "spots_inside_images": spots, "features": n_ctx}
+    if share is not None:
+        out["encoder_variance_kept"] = round(share, 4)
+    return out
 
 
-def feature_names() -> list[str]:
+def feature_names(encoder_dims: int = 0) -> list[str]:
+    """Names of the features: the weight-free ones, the encoder's components, then both at each context scale."""
     from ..kernels.enhance import CHANNELS, N_FEATURES
 
     base = []
@@ -315,6 +416,7 @@ def feature_names() -> list[str]:
         base += [f"{c}_log{k}" for k in range(2)]
     base += ["haematoxylin_sd", "eosin_sd", "grey_sd"]
     ensure(len(base) == N_FEATURES, "histology: feature names out of step with the kernel")
+    base += [f"encoder_pc{i}" for i in range(encoder_dims)]
     return base + [f"{f}@{r:g}r" for r in CONTEXT_RADII for f in base]
 
 

@@ -137,9 +137,12 @@ def build_store(path: Path, table: pd.DataFrame, genes, images: dict, pixel_size
     )
 
 
-def tesla_predict(peers_python: str, work: Path, obs, Y, images, visible) -> tuple[np.ndarray, float, float]:
-    """TESLA in its own environment (benchmarks/enhance_peers.py): predictions at the hidden spots, wall seconds
-    and peak RSS (GiB) of its process."""
+def peer_predict(
+    python: str, script: str, work: Path, obs, Y, images, visible, args=()
+) -> tuple[np.ndarray, float, float]:
+    """A peer in its own environment (``script`` in benchmarks/, run by ``python`` with ``args``): it reads the
+    job (per section: image, visible spots' pixels and expression, hidden spots' pixels) and writes predictions at
+    the hidden spots; returns them, wall seconds and peak RSS (GiB) of its process."""
     from _measure import run_measured
 
     section = obs.section.astype(str).values
@@ -151,22 +154,32 @@ def tesla_predict(peers_python: str, work: Path, obs, Y, images, visible) -> tup
         job[f"{s}/visible_px"] = px[m & visible]
         job[f"{s}/visible_y"] = Y[m & visible]
         job[f"{s}/hidden_px"] = px[m & ~visible]
-    np.savez(work / "tesla-job.npz", **job)
-    m = run_measured(
-        [peers_python, str(HERE / "enhance_peers.py"), str(work / "tesla-job.npz"), str(work / "tesla.npz")]
-    )
-    out = np.load(work / "tesla.npz")
+    name = Path(script).stem
+    np.savez(work / f"{name}-job.npz", **job)
+    m = run_measured([python, str(HERE / script), str(work / f"{name}-job.npz"), str(work / f"{name}.npz"), *args])
+    out = np.load(work / f"{name}.npz")
     P = np.zeros_like(Y, dtype=np.float64)
     for s in SECTIONS:
         P[(section == s) & ~visible] = out[s]
     return P, m["seconds"], m["peak_rss"] / 2**30
 
 
+def tesla_predict(peers_python: str, work: Path, obs, Y, images, visible) -> tuple[np.ndarray, float, float]:
+    """TESLA in its own environment (benchmarks/enhance_peers.py)."""
+    return peer_predict(peers_python, "enhance_peers.py", work, obs, Y, images, visible)
+
+
 def hidden_spots(
-    work: Path, seeds: int, peers_python: str | None = None, encoder: dict | None = None
+    work: Path,
+    seeds: int,
+    peers_python: str | None = None,
+    encoder: dict | None = None,
+    spahdmap: dict | None = None,
 ) -> tuple[list, dict]:
     """``encoder``: histology options of a local foundation model (``encoder``, ``encoder_heads``, ...), run on a
-    copy of the store so that its features and the weight-free ones are each computed once."""
+    copy of the store so that its features and the weight-free ones are each computed once. ``spahdmap``:
+    ``python`` of SpaHDmap's environment and its ``args`` (benchmarks/enhance_spahdmap.py), on ``splits`` of
+    them (its CPU cost allows few)."""
     obs, Y, genes, sets, images = her2st_hne()
     section = obs.section.astype(str).values
     xy = np.c_[obs.pixel_x.values, obs.pixel_y.values] * PX_UM
@@ -208,6 +221,10 @@ def hidden_spots(
         if enc_atlas is not None:
             label = f"lamina enhance + encoder {Path(encoder['encoder']).name} ({encoder.get('encoder_dims', 16)} dims)"
             methods[label] = lambda k=k: lamina_predict(enc_atlas, {"fit_column": f"visible{k}", **encoder})
+        if spahdmap and k < spahdmap["splits"]:
+            methods[spahdmap["label"]] = lambda v=vis: peer_predict(
+                spahdmap["python"], "enhance_spahdmap.py", work, obs, Y, images, v, spahdmap["args"]
+            )
         if peers_python:
             methods["TESLA 1.2.2 (res 50 px, k 2, 10 neighbours)"] = lambda v=vis: tesla_predict(
                 peers_python, work, obs, Y, images, v
@@ -526,8 +543,15 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--peers-python", help="python of TESLA's environment (benchmarks/enhance_peers.requirements.txt)")
     ap.add_argument("--make-peers-env", metavar="DIR", help="create TESLA's environment in DIR, then exit")
+    ap.add_argument("--make-spahdmap-env", metavar="DIR", help="create SpaHDmap's environment in DIR, then exit")
     ap.add_argument("--scale", type=int, nargs="*", help="slide sizes (px) for the scale table only, e.g. 20000 40000")
     ap.add_argument("--scale-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--spahdmap-python", help="python of SpaHDmap's environment (enhance_spahdmap.requirements.txt)")
+    ap.add_argument(
+        "--spahdmap-iters", type=int, nargs=3, default=[5000, 5000, 2000], help="its pretrain, GCN, train iterations"
+    )
+    ap.add_argument("--spahdmap-scale", type=float, default=1.0, help="its scale_rate (image downsampling)")
+    ap.add_argument("--spahdmap-splits", type=int, default=1, help="splits it runs on (checkerboard first)")
     ap.add_argument("--encoder", help="local weights of a pathology ViT (timm layout, e.g. UNI): adds a row per split")
     ap.add_argument("--encoder-heads", type=int, help="its attention heads (default: dim / 64)")
     ap.add_argument("--encoder-dims", type=int, default=16, help="its principal components kept as features")
@@ -547,6 +571,16 @@ def main(argv=None) -> None:
         subprocess.run([*pip, "--no-deps", "teslaforst==1.2.2"], check=True)
         subprocess.run([*pip, "-r", str(HERE / "enhance_peers.requirements.txt")], check=True)
         print(f"peers environment ready: --peers-python {env / 'bin' / 'python'}")
+        return
+    if args.make_spahdmap_env:
+        import subprocess
+
+        env = Path(args.make_spahdmap_env)
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+        pip = [str(env / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        subprocess.run([*pip, "-r", str(HERE / "enhance_spahdmap.requirements.txt")], check=True)
+        print(f"SpaHDmap environment ready: --spahdmap-python {env / 'bin' / 'python'}")
         return
     if args.scale_child:
         scale_child(args.scale_child, work)
@@ -586,7 +620,16 @@ def main(argv=None) -> None:
     encoder = None
     if args.encoder:
         encoder = {"encoder": args.encoder, "encoder_heads": args.encoder_heads, "encoder_dims": args.encoder_dims}
-    rows, meta = hidden_spots(work, args.seeds, args.peers_python, encoder)
+    spahdmap = None
+    if args.spahdmap_python:
+        it = args.spahdmap_iters
+        spahdmap = {
+            "python": args.spahdmap_python,
+            "splits": args.spahdmap_splits,
+            "args": ["--iters", *map(str, it), "--scale", str(args.spahdmap_scale)],
+            "label": f"SpaHDmap 0.1.7 (rank 20; iterations {it[0]} / {it[1]} / {it[2]}; scale {args.spahdmap_scale:g})",
+        }
+    rows, meta = hidden_spots(work, args.seeds, args.peers_python, encoder, spahdmap)
     sr = super_resolution(work)
     halluc = no_hallucination(work)
     alone = histology_alone(work)

@@ -112,6 +112,20 @@ def test_enhance_uses_the_image_when_it_carries_expression(tmp_path):
     assert np.asarray(g["cells/fitted"][...]).sum() == ph.table["visible"].sum()
 
 
+def test_several_seeds_are_one_model_whose_gene_maps_are_their_mean(tmp_path):
+    ph, atlas = _store(tmp_path, info=1.0)
+    one, _, _ = _scores(ph, atlas, rank=4)
+    three, _, _ = _scores(ph, atlas, rank=4, seeds=3)
+    g = atlas.root["enhance"]
+    assert g.attrs["rank"] == 12 and g["S0/embedding"].shape[0] == 12 and g["model/loadings"].shape[0] == 12
+    # each model's loadings carry 1 / 3: the three blocks of metagenes sum to about one model's total
+    H = np.asarray(g["model/loadings"][...])
+    assert np.allclose([H[k * 4 : (k + 1) * 4].sum() for k in range(3)], H.sum() / 3, rtol=0.25)
+    assert abs(three - one) < 0.03 and three > 0.85, (one, three)  # bootstrap models agree on hidden spots
+    again, _, _ = _scores(ph, atlas, rank=4, seeds=3)
+    assert again == three  # seeded: the same ensemble
+
+
 def test_enhance_does_not_invent_detail_from_an_uninformative_image(tmp_path):
     ph, atlas = _store(tmp_path, info=0.0)
     lam, idw, gauss = _scores(ph, atlas)

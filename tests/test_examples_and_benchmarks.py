@@ -114,6 +114,10 @@ def test_registration_benchmark_smoke():
     unaligned, centroid, lamina, paste, stalign = row
     assert lamina < 0.3 * centroid and paste < 0.5 * centroid and stalign < unaligned
     assert "**Targets**" in proc.stdout and "PASTE's own score" in proc.stdout
+    # the validation on a phantom family with truth: affine and both fine stages scored in um
+    family = [line for line in proc.stdout.splitlines() if line.startswith("| sections far apart")][0].split("|")
+    medians = [float(family[k].strip(" *").split(" / ")[0]) for k in (2, 3, 4)]  # affine, unchecked, checked
+    assert all(0.0 < m < 120.0 for m in medians), family
     steps = proc.stdout.split("lamina's steps, median s per pair: ")[1].splitlines()[0]
     assert steps.startswith("ingest ") and " register " in steps and " refine " in steps, steps
 

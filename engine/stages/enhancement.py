@@ -73,6 +73,13 @@ class EnhanceOptions(Options):
     )
     fit_spots: int = option(50_000, "spots the NMF is fitted on at most (a fixed random subset)", ge=10)
     seed: int = option(0, "seed of the NMF and of the fit subset")
+    seeds: int = option(
+        1,
+        "NMF models combined: each fitted on a bootstrap sample of the spots (seeds seed, seed + 1, ...), their "
+        "metagenes side by side with loadings / seeds, so the gene maps are the models' mean; rank x seeds "
+        "dimensions in the embedding",
+        ge=1,
+    )
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -185,10 +192,18 @@ def _build(ctx: StageContext) -> dict:
     fit_idx = np.flatnonzero(fit)
     nmf_idx = np.sort(np.random.default_rng(opts.seed).choice(fit_idx, min(len(fit_idx), opts.fit_spots), False))
     rank = min(opts.rank, len(gene_idx), len(nmf_idx))
-    nmf = NMF(rank, init="nndsvda", max_iter=1000, random_state=opts.seed).fit(Y[nmf_idx])
-    H = nmf.components_
-    W = np.zeros((len(rows), rank))
-    W[fit] = nmf.transform(Y[fit])
+    Hs, Ws = [], []
+    for k in range(opts.seeds):  # W H = the mean of the models' W_k H_k
+        sample = nmf_idx
+        if opts.seeds > 1:
+            sample = np.random.default_rng(opts.seed + k).choice(nmf_idx, len(nmf_idx), replace=True)
+        nmf = NMF(rank, init="nndsvda", max_iter=1000, random_state=opts.seed + k).fit(Y[sample])
+        Hs.append(nmf.components_ / opts.seeds)
+        Ws.append(nmf.transform(Y[fit]))
+    H = np.vstack(Hs)
+    W = np.zeros((len(rows), H.shape[0]))
+    W[fit] = np.hstack(Ws)
+    rank = H.shape[0]
 
     # the image head and its residuals
     # standardised at the superpixels' scale, where the head is applied: a feature that varies much within a

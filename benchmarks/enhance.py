@@ -232,9 +232,9 @@ def hidden_spots(
         for method, fn in methods.items():
             t = time.perf_counter()
             P = fn()
-            sec = time.perf_counter() - t
-            if isinstance(P, tuple):  # a peer in its own process: its wall time
-                P, sec, _ = P
+            sec, peak = time.perf_counter() - t, float("nan")
+            if isinstance(P, tuple):  # a peer in its own process: its wall time and peak RSS
+                P, sec, peak = P
             rows.append(
                 {
                     "split": name,
@@ -242,6 +242,7 @@ def hidden_spots(
                     "hvg": score(P, Y, section, hidden, sets["hvg"]),
                     "top50": score(P, Y, section, hidden, sets["top50"]),
                     "seconds": sec,
+                    "peak_gib": peak,
                     "hidden": int(hidden.sum()),
                 }
             )
@@ -552,6 +553,7 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--spahdmap-scale", type=float, default=1.0, help="its scale_rate (image downsampling)")
     ap.add_argument("--spahdmap-splits", type=int, default=1, help="splits it runs on (checkerboard first)")
+    ap.add_argument("--spahdmap-pseudo", type=int, default=5, help="its pseudo-spots per spot (ratio_pseudo_spots)")
     ap.add_argument("--encoder", help="local weights of a pathology ViT (timm layout, e.g. UNI): adds a row per split")
     ap.add_argument("--encoder-heads", type=int, help="its attention heads (default: dim / 64)")
     ap.add_argument("--encoder-dims", type=int, default=16, help="its principal components kept as features")
@@ -622,12 +624,13 @@ def main(argv=None) -> None:
         encoder = {"encoder": args.encoder, "encoder_heads": args.encoder_heads, "encoder_dims": args.encoder_dims}
     spahdmap = None
     if args.spahdmap_python:
-        it = args.spahdmap_iters
+        it, shrink, pseudo = args.spahdmap_iters, args.spahdmap_scale, args.spahdmap_pseudo
         spahdmap = {
             "python": args.spahdmap_python,
             "splits": args.spahdmap_splits,
-            "args": ["--iters", *map(str, it), "--scale", str(args.spahdmap_scale)],
-            "label": f"SpaHDmap 0.1.7 (rank 20; iterations {it[0]} / {it[1]} / {it[2]}; scale {args.spahdmap_scale:g})",
+            "args": ["--iters", *map(str, it), "--scale", str(shrink), "--pseudo", str(pseudo)],
+            "label": f"SpaHDmap 0.1.7 (rank 20; iterations {it[0]} / {it[1]} / {it[2]}, at least one epoch each; "
+            f"image scale 1/{shrink:g}; {pseudo} pseudo-spots per spot)",
         }
     rows, meta = hidden_spots(work, args.seeds, args.peers_python, encoder, spahdmap)
     sr = super_resolution(work)
@@ -650,9 +653,13 @@ def main(argv=None) -> None:
         "Hidden spots, checkerboard (scored on the hidden spots only; mean per-gene Pearson r per section, then "
         "over the 6 sections):",
         "",
-        "| method | r, 250 hvg | r, top-50 | seconds |",
-        "|---|---|---|---|",
-        *[f"| {r.method} | {r.hvg:.3f} | {r.top50:.3f} | {r.seconds:.1f} |" for r in checker.itertuples()],
+        "| method | r, 250 hvg | r, top-50 | seconds | peak RSS of its process (GiB) |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r.method} | {r.hvg:.3f} | {r.top50:.3f} | {r.seconds:.1f} | "
+            f"{'in-process' if np.isnan(r.peak_gib) else f'{r.peak_gib:.2f}'} |"
+            for r in checker.itertuples()
+        ],
         "",
         f"Hidden spots, random 50% ({args.seeds} seeds; mean ± sd over the seeds):",
         "",

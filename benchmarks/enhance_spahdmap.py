@@ -31,19 +31,20 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="SpaHDmap's scale_rate (image downsampling)")
     ap.add_argument("--rank", type=int, default=20)
     ap.add_argument("--seed", type=int, default=123)
+    ap.add_argument("--pseudo", type=int, default=5, help="its ratio_pseudo_spots (pseudo-spots per spot)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     job = dict(np.load(args.job, allow_pickle=False))
-    names = [str(s) for s in job["sections"]]
+    ids = [str(s) for s in job["sections"]]
     radius = int(round(float(job["radius_px"])))
     t0 = time.perf_counter()
     sections = []
-    for s in names:
+    for s in ids:
         px = job[f"{s}/visible_px"]
         a = ad.AnnData(job[f"{s}/visible_y"].astype(np.float32))
         a.obs_names = [f"{s}_{i}" for i in range(a.n_obs)]
-        a.var_names = [f"g{j}" for j in range(a.n_vars)]
+        a.var_names = [f"g{j:05d}" for j in range(a.n_vars)]  # it sorts the genes of several sections by name
         # integer pixels, 1-based, (x, y): what SpaHDmap reads from Visium (it fails on float positions)
         a.obsm["spatial"] = np.rint(px).astype(np.int64) + 1
         sections.append(
@@ -59,15 +60,16 @@ def main() -> None:
             )
         )
     with tempfile.TemporaryDirectory() as tmp:
-        mapper = hdmap.Mapper(section=sections, results_path=tmp, rank=args.rank)
+        mapper = hdmap.Mapper(section=sections, results_path=tmp, rank=args.rank, ratio_pseudo_spots=args.pseudo)
         mapper.args.total_iter_pretrain, mapper.args.total_iter_gcn, mapper.args.total_iter_train = args.iters
         mapper.args.fix_iter_train = args.iters[2] // 2
         mapper.args.num_workers = 0
         mapper.run_SpaHDmap(save_score=False, save_model=False, load_model=False, visualize=False)
-        genes = list(mapper.genes)
-        metagene = mapper.metagene.loc[genes].to_numpy(np.float64)  # [gene, rank]
+        names = list(mapper.genes)
+        order = [names.index(f"g{j:05d}") for j in range(job[f"{ids[0]}/visible_y"].shape[1])]
+        metagene = np.asarray(mapper.metagene, np.float64)[order]  # [gene, rank] in the job's gene order
         out = {}
-        for s in names:
+        for s in ids:
             st = mapper.section[s]
             hid = job[f"{s}/hidden_px"].astype(np.float64)
             rc = (np.rint(np.c_[hid[:, 1], hid[:, 0]]) + 1.0) / args.scale - 1.0  # (row, col) as its spot_coord

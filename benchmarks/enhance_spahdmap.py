@@ -61,8 +61,13 @@ def main() -> None:
         )
     with tempfile.TemporaryDirectory() as tmp:
         mapper = hdmap.Mapper(section=sections, results_path=tmp, rank=args.rank, ratio_pseudo_spots=args.pseudo)
-        mapper.args.total_iter_pretrain, mapper.args.total_iter_gcn, mapper.args.total_iter_train = args.iters
-        mapper.args.fix_iter_train = args.iters[2] // 2
+        pretrain, gcn, train = args.iters
+        # its training keeps the encoder fixed for the first half, then restarts a cosine schedule over what is left:
+        # both parts need at least one iteration (a schedule of 0 divides by zero)
+        fix = max(1, train // 2)
+        train = max(train, fix + 2)
+        mapper.args.total_iter_pretrain, mapper.args.total_iter_gcn, mapper.args.total_iter_train = pretrain, gcn, train
+        mapper.args.fix_iter_train = fix
         mapper.args.num_workers = 0
         mapper.run_SpaHDmap(save_score=False, save_model=False, load_model=False, visualize=False)
         names = list(mapper.genes)

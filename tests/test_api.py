@@ -468,3 +468,19 @@ def test_an_image_in_the_atlas_frame_exports_as_a_tiled_tiff_and_refuses_bad_req
         lamina.image_in_atlas(atlas, sid, bounds=(0, 0, -1, 5))
     with pytest.raises(lamina.UnknownSectionError, match="has no image"):
         lamina.image_in_atlas(atlas, str(aligned.sections.id.iloc[0]))
+
+
+def test_images_of_an_unregistered_atlas_are_refused_by_the_cli_with_exit_2(tmp_path, capsys):
+    import tifffile
+
+    ph = lamina.datasets.phantom(n_cells=1200, n_sections=2, n_genes=4, seed=1)
+    atlas = lamina.ingest(ph, tmp_path / "raw.lamina.zarr")
+    sid = str(atlas.sections.id.iloc[0])
+    tifffile.imwrite(tmp_path / "he.tif", np.full((64, 64, 3), 200, np.uint8), photometric="rgb")
+    lamina.add_image(atlas.path, sid, tmp_path / "he.tif", pixel_size_um=10.0)
+    assert main(["export", atlas.path, "--images", "--out", str(tmp_path / "imgs")]) == 2
+    err = capsys.readouterr().err
+    assert "no registration yet" in err and "Traceback" not in err
+    assert not list((tmp_path / "imgs").glob("*.tif"))
+    assert main(["export", atlas.path]) == 2  # neither --format nor --images
+    assert "--format" in capsys.readouterr().err

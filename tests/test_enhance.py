@@ -76,6 +76,17 @@ def test_residual_field_matches_the_dense_formula():
     np.testing.assert_allclose(K.residual_field(pts, spots, res, 40.0, 0.1), k @ res / (k.sum(1) + 0.1)[:, None])
 
 
+def test_histology_phantom_fields_on_its_grid_equal_the_pointwise_sum():
+    """The phantom's image evaluates its Gaussian bumps separably on the pixel grid; the same values as the sum
+    over bumps at each point (the form its truth uses at the spots)."""
+    from lamina.datasets.histology import _fields
+
+    at, on_grid = _fields(np.random.default_rng(0), 2, 300.0)
+    c = np.linspace(1.0, 299.0, 37)
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    np.testing.assert_allclose(on_grid(c), at(xx.ravel(), yy.ravel()).reshape(2, 37, 37), rtol=1e-10, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------- stage
 def _store(tmp_path, info=1.0, seed=0, name="ph.lamina.zarr", **kw):
     from lamina.datasets.histology import histology_phantom

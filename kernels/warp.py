@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .geometry import apply_affine
+from .resample import bilinear
 
 
 def sample_grid(field: np.ndarray, xy: np.ndarray, origin, spacing: float) -> np.ndarray:
@@ -13,15 +14,8 @@ def sample_grid(field: np.ndarray, xy: np.ndarray, origin, spacing: float) -> np
     Uses the grid convention of :mod:`lamina.kernels.raster`; points outside the grid take the value of the
     nearest edge pixel (the field is extended by clamping), so no point ever gets NaN.
     """
-    K, H, W = field.shape
-    fx = np.clip((xy[:, 0] - origin[0]) / spacing, 0, W - 1)
-    fy = np.clip((xy[:, 1] - origin[1]) / spacing, 0, H - 1)
-    j0 = np.minimum(np.floor(fx).astype(np.int64), max(W - 2, 0))
-    i0 = np.minimum(np.floor(fy).astype(np.int64), max(H - 2, 0))
-    wx, wy = (fx - j0)[:, None], (fy - i0)[:, None]
-    j1, i1 = np.minimum(j0 + 1, W - 1), np.minimum(i0 + 1, H - 1)
-    f = field.transpose(1, 2, 0)
-    return (1 - wy) * ((1 - wx) * f[i0, j0] + wx * f[i0, j1]) + wy * ((1 - wx) * f[i1, j0] + wx * f[i1, j1])
+    cols, rows = (xy[:, 0] - origin[0]) / spacing, (xy[:, 1] - origin[1]) / spacing
+    return bilinear(field, cols, rows, fill=None, dtype=np.float64).T
 
 
 def warp_points(

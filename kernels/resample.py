@@ -1,4 +1,5 @@
-"""Resample an image at arbitrary points (NumPy): what moves a section's histology into the atlas frame.
+"""Resample an image at arbitrary points (NumPy): what moves a section's histology into the atlas frame, and
+what samples the registration's displacement grids at cells (``kernels.warp.sample_grid``, clamped at the border).
 
 Convention: continuous pixel coordinates ``(col, row)`` put pixel ``(i, j)``'s centre at ``(j, i)``; a point
 is inside an ``[.., H, W]`` image when ``-0.5 <= col <= W - 0.5`` and ``-0.5 <= row <= H - 0.5`` (the pixels'

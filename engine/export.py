@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError, MissingInputError, UnknownGeneError
-from .store.arrays import as_text
+from .store.arrays import as_text, read_columns
 from .store.atlas import Atlas
 
 FORMATS = ("csv", "parquet", "anndata", "spatialdata")
@@ -41,7 +41,7 @@ def iter_frames(atlas: Atlas, sections=None, genes=None, embeddings: bool = True
                 cols = [f"{key}_{j}" for j in range(values.shape[1])]
                 frame = pd.concat([frame, pd.DataFrame(values, columns=cols, index=frame.index)], axis=1)
             if len(gidx) and "X" in atlas.root:
-                block = np.asarray(atlas.root["X"][a:b])[:, gidx]
+                block = read_columns(atlas.root["X"], a, b, gidx)
                 frame = pd.concat([frame, pd.DataFrame(block, columns=names[gidx], index=frame.index)], axis=1)
             yield frame
 

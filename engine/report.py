@@ -501,7 +501,7 @@ def enhance_figure(atlas: Atlas, path: str | Path, genes: list[str] | None = Non
     import matplotlib.pyplot as plt
     from scipy.spatial import cKDTree
 
-    from .store.arrays import as_text
+    from .store.arrays import as_text, read_columns
 
     g = atlas.root["enhance"]
     names = list(as_text(g["model/gene"][...]))
@@ -537,7 +537,7 @@ def enhance_figure(atlas: Atlas, path: str | Path, genes: list[str] | None = Non
         row = secs[secs.id == sid].iloc[0]
         a, b = int(row.cell_start), int(row.cell_stop)
         x, y = np.asarray(atlas.root["cells/x"][a:b]), np.asarray(atlas.root["cells/y"][a:b])
-        measured = np.asarray(atlas.root["X"][a:b])[:, gene_idx]
+        measured = read_columns(atlas.root["X"], a, b, gene_idx)
         # the tissue the spots cover (within one pitch of a spot, as the export), framed with a pitch of margin
         pitch = float(g.attrs["spot_pitch_um"])
         rr, cc = np.mgrid[0:h, 0:w]

@@ -275,7 +275,7 @@ def _write(atlas: Atlas, path: Path, picks: list[int], gidx: np.ndarray, radius_
                 )
             obs.write(r0, r1, values)
             if len(gidx) and "X" in atlas.root:
-                X[r0:r1] = np.asarray(atlas.root["X"][a:b], np.float32)[:, gidx]
+                X[r0:r1] = arrays.read_columns(atlas.root["X"], a, b, gidx).astype(np.float32)
             raw = frame[["x", "y"]].to_numpy(np.float32)
             spatial_raw[r0:r1] = raw
             xyz = frame[["aligned_x", "aligned_y", "aligned_z"]].to_numpy(np.float32) if aligned else raw

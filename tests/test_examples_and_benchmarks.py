@@ -162,6 +162,22 @@ def test_scaling_benchmark_smoke(tmp_path):
     assert not (tmp_path / "s").exists()  # cleaned up
 
 
+def test_wide_pca_benchmark_smoke(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "wide_pca.py"), "--cells", "2048", "--genes", "700"]
+        + ["--n-pcs", "10", "--work", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| this checkout | 2,048 | 700 |")][0]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[3] == "2,048 x 512"  # /X chunks: two gene chunks, so the products go block by block
+    assert float(cells[5]) > 0 and float(cells[6]) >= float(cells[5])  # pca within the child's wall
+    assert 0.1 < float(cells[7]) < 2.0  # peak RSS (GiB)
+
+
 def test_interpolation_benchmark_smoke():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "interpolation.py"), "--smoke"],

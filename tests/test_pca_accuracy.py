@@ -54,3 +54,47 @@ def test_pca_matches_the_exact_subspace_on_her2st(tmp_path, data_dir):
     lamina.pca(atlas, n_pcs=50)
     # 2,065 spots x 16,938 genes: the flat spectrum where 4 passes of subspace iteration reached 0.37
     assert _overlap(atlas, np.asarray(atlas.root["X"][...], np.float64), 50) >= 0.95
+
+
+def test_pca_reads_x_gene_chunk_by_gene_chunk(tmp_path, monkeypatch):
+    """A wide store (1200 genes in chunks of 64): the same components and PCs whether a task keeps its cell chunk's
+    gene blocks or reads each one twice, the PCs equal the projection of the whole matrix, and one product holds
+    a few gene blocks, not the whole rows."""
+    import importlib
+    import tracemalloc
+
+    from lamina.kernels.pca import project
+
+    pca_stage = importlib.import_module("lamina.stages.pca")  # the module: lamina.stages.pca is its function
+
+    ph = lamina.datasets.phantom(n_cells=4000, n_sections=2, n_genes=1200, seed=4)
+    atlas = lamina.ingest(ph, tmp_path / "wide.lamina.zarr", gene_chunk=64, cell_chunk=2048)
+    assert atlas.root["X"].chunks == (2048, 64)
+    lamina.pca(atlas, n_pcs=20)
+    held = {k: np.asarray(atlas.root[f"pca/{k}"][...]) for k in ("components", "pcs")}
+    X = np.asarray(atlas.root["X"][...], np.float64)
+    assert _overlap(atlas, X, 20) >= 0.95
+    g = atlas.root["pca"]
+    whole = project(X, *(np.asarray(g[k][...]) for k in ("mean", "scale", "components")))
+    assert np.abs(held["pcs"] - whole).max() <= 1e-3 * np.abs(whole).max()
+
+    monkeypatch.setattr(pca_stage, "HOLD_BYTES", 0)  # every block read twice
+    reads = []
+    blocks = pca_stage.arrays.column_blocks
+    monkeypatch.setattr(pca_stage.arrays, "column_blocks", lambda *a, **k: reads.append(a[1:3]) or blocks(*a, **k))
+    lamina.pca(atlas, n_pcs=20, force=True)
+    # per cell chunk (2): 8 Krylov products and the Rayleigh-Ritz one read it twice each, the projection once
+    assert len(reads) == 2 * (2 * 9 + 1), len(reads)
+    for k, v in held.items():
+        np.testing.assert_allclose(np.asarray(atlas.root[f"pca/{k}"][...]), v, rtol=0, atol=1e-5)
+
+    mean, scale = np.asarray(g["mean"][...], np.float64), np.asarray(g["scale"][...], np.float64)
+    W = np.linalg.qr(np.random.default_rng(0).normal(size=(1200, 30)))[0]
+    tracemalloc.start()
+    out = pca_stage._gram_times(atlas.path, 0, 2048, mean, scale, W)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    Z = (X[:2048] - mean) / scale
+    np.testing.assert_allclose(out, Z.T @ (Z @ W), rtol=1e-9, atol=1e-6)
+    row_chunk = 2048 * 1200 * 8  # 19.7 MB: a task held it (and its standardised copy) before
+    assert peak < row_chunk / 4, peak

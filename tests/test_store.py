@@ -83,3 +83,36 @@ def test_info_lists_sections_cells_genes_stages_sizes(phantom_store):
     text = phantom_store.info()
     for needle in ("cells 6,000", "sections 5", "genes 24", "ingest", "complete", "MiB", "S004"):
         assert needle in text
+
+
+def test_column_blocks_and_read_columns_read_only_the_chunks_asked_for():
+    import zarr
+
+    from lamina.store.arrays import column_blocks, read_columns
+
+    values = np.arange(12 * 10, dtype=np.float32).reshape(12, 10)
+    z = zarr.create_array(store={}, shape=values.shape, chunks=(5, 4), dtype="f4")
+    z[:] = values
+    blocks = list(column_blocks(z, 3, 11))
+    assert [(c0, c1) for c0, c1, _ in blocks] == [(0, 4), (4, 8), (8, 10)]
+    assert all(b.dtype == np.float64 for *_, b in blocks)
+    np.testing.assert_array_equal(np.concatenate([b for *_, b in blocks], 1), values[3:11])
+    assert [(c0, c1) for c0, c1, _ in column_blocks(z, 0, 12, skip=[0, 8])] == [(4, 8)]
+    cols = np.array([9, 2, 2, 5])
+    np.testing.assert_array_equal(read_columns(z, 3, 11, cols), values[3:11][:, cols])
+    assert read_columns(z, 3, 11, []).shape == (8, 0)
+    # columns 2 and 5 only: the chunks of columns 8-9 and the rows past 11 are never read
+    reads = []
+    store = zarr.storage.MemoryStore()
+    z2 = zarr.create_array(store=store, shape=values.shape, chunks=(5, 4), dtype="f4")
+    z2[:] = values
+    get = store.get
+
+    async def counting(key, *a, **k):
+        reads.append(key)
+        return await get(key, *a, **k)
+
+    store.get = counting
+    read_columns(z2, 3, 9, [2, 5])
+    chunk_keys = sorted(k for k in reads if k.startswith("c/"))
+    assert chunk_keys == ["c/0/0", "c/0/1", "c/1/0", "c/1/1"], chunk_keys

@@ -111,8 +111,8 @@ def _expression(atlas: Atlas, rows: np.ndarray, genes: np.ndarray) -> np.ndarray
     chunk = X.chunks[0]
     for c in np.unique(rows // chunk):
         sel = (rows // chunk) == c
-        block = np.asarray(X[c * chunk : min(X.shape[0], (c + 1) * chunk)])
-        out[sel] = block[rows[sel] - c * chunk][:, genes]
+        block = arrays.read_columns(X, c * chunk, min(X.shape[0], (c + 1) * chunk), genes)
+        out[sel] = block[rows[sel] - c * chunk]
     return out
 
 
@@ -123,10 +123,10 @@ def _model_genes(atlas: Atlas, rows: np.ndarray, opts: EnhanceOptions) -> np.nda
     s1, s2 = np.zeros(G), np.zeros(G)
     chunk = X.chunks[0]
     for c in np.unique(rows // chunk):
-        block = np.asarray(X[c * chunk : min(X.shape[0], (c + 1) * chunk)], np.float64)
         sel = rows[(rows // chunk) == c] - c * chunk
-        s1 += block[sel].sum(0)
-        s2 += (block[sel] ** 2).sum(0)
+        for g0, g1, block in arrays.column_blocks(X, c * chunk, min(X.shape[0], (c + 1) * chunk)):
+            s1[g0:g1] += block[sel].sum(0)
+            s2[g0:g1] += (block[sel] ** 2).sum(0)
     var = s2 / len(rows) - (s1 / len(rows)) ** 2
     top = np.argsort(-var, kind="stable")[: opts.n_genes]
     name = {g: i for i, g in enumerate(atlas.genes)}

@@ -8,11 +8,12 @@ space ``Q = orth([W_0 ... W_q])``: the small eigenproblem ``Q^T Z^T Z Q`` (one m
 Plain subspace iteration keeps only ``W_q``; on expression, whose spectrum past the first PCs is flat, it converges
 slowly (her2st patient A, 50 PCs: subspace overlap with the exact PCA 0.37 after 4 passes, 0.78 after 14), while
 the Krylov space reaches 0.98 with ``q = 8`` (9 passes of width 60 and one of 540). Memory is
-``O(genes x (k + 10))`` plus one cell chunk per task, whatever the number of cells. (dask's
-``svd_compressed`` reuses the standardised matrix across its passes inside one graph, and the scheduler
-keeps all of it in memory to do so: 12 GB at 3M cells x 500 genes.) Per-cell PCs are then written one task
-per cell chunk, chunk-aligned with ``/cells``. The per-cell PCs live inside ``/pca`` (not a separate ``/pcs``)
-so the stage commits one group atomically.
+``O(genes x (k + 10))`` plus, per task, the ``[cell chunk, gene chunk]`` blocks of ``/X`` up to ``HOLD_BYTES``
+(the others are read twice), whatever the number of cells and genes. (dask's ``svd_compressed`` reuses the
+standardised matrix across its passes inside one graph, and the scheduler keeps all of it in memory to do so:
+12 GB at 3M cells x 500 genes.) Per-cell PCs are then written one task per cell chunk, chunk-aligned with
+``/cells``, summed over the gene chunks. The per-cell PCs live inside ``/pca`` (not a separate ``/pcs``) so the
+stage commits one group atomically.
 """
 
 from __future__ import annotations
@@ -55,10 +56,36 @@ def _nonfinite_error(atlas: Atlas, row: int, count: int) -> None:
     )
 
 
+#: raw (float32) gene blocks of one cell chunk a task keeps between the two halves of a product; the blocks past it
+#: are read again for the second half
+HOLD_BYTES = 512 * 2**20
+
+
 def _gram_times(store: str, a: int, b: int, mean: np.ndarray, scale: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """``Z_c^T (Z_c W)`` ``[gene, l]`` for the standardised rows ``[a, b)`` of ``/X``."""
-    Z = (np.asarray(open_root(store, "r")["X"][a:b], np.float64) - mean) / scale
-    return Z.T @ (Z @ W)
+    """``Z_c^T (Z_c W)`` ``[gene, l]`` for the standardised rows ``[a, b)`` of ``/X``, gene chunk by gene chunk:
+    ``V = sum_g Z_cg W_g``, then ``Z_cg^T V`` per gene chunk ``g``. A task holds the raw blocks that fit in
+    ``HOLD_BYTES`` and one standardised block at a time, never the whole ``[cell chunk, gene]`` rows."""
+    X = open_root(store, "r")["X"]
+
+    def standardised(g0: int, g1: int, raw: np.ndarray) -> np.ndarray:
+        return (raw - mean[g0:g1]) / scale[g0:g1]
+
+    V = np.zeros((b - a, W.shape[1]))
+    held, room = [], HOLD_BYTES
+    for g0, g1, raw in arrays.column_blocks(X, a, b, np.float32):
+        V += standardised(g0, g1, raw) @ W[g0:g1]
+        if raw.nbytes <= room:
+            held.append((g0, g1, raw))
+            room -= raw.nbytes
+    out = np.zeros(W.shape)
+    done = [g0 for g0, _, _ in held]
+    while held:
+        g0, g1, raw = held.pop()
+        out[g0:g1] = standardised(g0, g1, raw).T @ V
+    if len(done) * X.chunks[1] < X.shape[1]:
+        for g0, g1, raw in arrays.column_blocks(X, a, b, np.float32, skip=done):
+            out[g0:g1] = standardised(g0, g1, raw).T @ V
+    return out
 
 
 def _covariance_times(ctx: StageContext, mean, scale, W) -> np.ndarray:
@@ -80,7 +107,10 @@ def _project_chunk(store: str, target: str, a: int, b: int) -> int:
     root = open_root(store, "r+")
     g = root[target]
     comp, mean, scale = (np.asarray(g[k][...]) for k in ("components", "mean", "scale"))
-    g["pcs"][a:b] = project(np.asarray(root["X"][a:b]), mean, scale, comp)
+    pcs = np.zeros((b - a, comp.shape[0]), np.float32)
+    for g0, g1, block in arrays.column_blocks(root["X"], a, b, np.float32):  # project is linear in the genes
+        pcs += project(block, mean[g0:g1], scale[g0:g1], comp[:, g0:g1])
+    g["pcs"][a:b] = pcs
     return b - a
 
 

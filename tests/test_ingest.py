@@ -172,3 +172,33 @@ def test_rerun_is_skipped_and_changed_input_needs_overwrite(tmp_path, phantom_ta
     c = lamina.ingest(path, store, overwrite=True, **{**OPTS, "genes": GENES[:3]})
     assert c.n_genes == 3
     assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob("*.old-*"))
+
+
+def test_x_is_written_gene_chunk_by_gene_chunk(tmp_path, monkeypatch):
+    """A wide table: /X is written one [cell chunk, gene chunk] block at a time (a task never gathers the whole
+    rows of a cell chunk) and holds exactly the input."""
+    import importlib
+
+    write = importlib.import_module("lamina.ingest.write")
+    rng = np.random.default_rng(0)
+    n, G = 3000, 300
+    frame = pd.DataFrame(rng.gamma(1.0, 1.0, (n, G)).astype(np.float32), columns=[f"g{j}" for j in range(G)])
+    frame.insert(0, "section", np.repeat(["a", "b"], n // 2))
+    frame.insert(1, "x", rng.uniform(0, 500, n))
+    frame.insert(2, "y", rng.uniform(0, 500, n))
+    shapes = []
+    gather = write._gather
+
+    def recording(staging, pieces, name, columns=None):
+        out = gather(staging, pieces, name, columns)
+        if name == "X":
+            shapes.append(out.shape)
+        return out
+
+    monkeypatch.setattr(write, "_gather", recording)
+    atlas = lamina.ingest(frame, tmp_path / "w.lamina.zarr", genes="rest", gene_chunk=64, cell_chunk=1024)
+    X = np.asarray(atlas.root["X"][...])
+    order = np.asarray(atlas.root["cells/input_row"][...])
+    np.testing.assert_array_equal(X, frame.iloc[order, 3:].to_numpy())
+    # 3 cell chunks x 5 gene chunks (4 of 64 genes, one of 44), each gathered alone
+    assert len(shapes) == 15 and max(w for _, w in shapes) == 64 and sum(w for _, w in shapes) == 3 * G

@@ -26,8 +26,13 @@ def pieces_for_rows(pieces: list[tuple], starts: np.ndarray, a: int, b: int) -> 
     return out
 
 
-def _gather(staging: Path, pieces: list[tuple], name: str) -> np.ndarray:
-    parts = [np.load(staging / d / f"{name}.npy", mmap_mode="r", allow_pickle=False)[lo:hi] for d, lo, hi, _ in pieces]
+def _gather(staging: Path, pieces: list[tuple], name: str, columns: slice | None = None) -> np.ndarray:
+    """The staged rows of ``pieces`` of array ``name`` (and only ``columns`` of a 2-D one), concatenated."""
+    index = (slice(None),) if columns is None else (slice(None), columns)
+    parts = []
+    for d, lo, hi, _ in pieces:
+        staged = np.load(staging / d / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        parts.append(staged[lo:hi][index])
     return np.concatenate(parts) if parts else np.empty(0)
 
 
@@ -57,6 +62,9 @@ def write_block(store: str, staging: str, a: int, b: int, pieces: list[tuple], p
         root[f"cells/{col}"][a:b] = _gather(staging, pieces, f"obs.{col}").astype(str)
     for col, dtype in plan["nums"].items():
         root[f"cells/{col}"][a:b] = _gather(staging, pieces, f"obs.{col}").astype(dtype)
-    if plan["genes"]:
-        root["X"][a:b, :] = _gather(staging, pieces, "X")
+    if plan["genes"]:  # gene chunk by gene chunk: a task holds [cell chunk, gene chunk], not the whole rows
+        X = root["X"]
+        for g0 in range(0, X.shape[1], X.chunks[1]):
+            g1 = min(X.shape[1], g0 + X.chunks[1])
+            X[a:b, g0:g1] = _gather(staging, pieces, "X", slice(g0, g1))
     return b - a

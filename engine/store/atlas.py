@@ -22,7 +22,7 @@ import zarr
 
 from .._version import __version__
 from ..errors import StoreError, TooLargeError, UnknownGeneError, UnknownSectionError
-from .arrays import as_text, get_array, get_group
+from .arrays import as_text, get_array, get_group, read_columns
 from .elements import EmbeddingV1, ImageV1, expect
 from .format import FORMAT_NAME, FORMAT_VERSION, UNITS, check_format, require_current
 
@@ -455,7 +455,7 @@ class Atlas:
         for a, b in ranges:
             for lo in range((a // step) * step, b, step):
                 lo_, hi_ = max(a, lo), min(b, lo + step)
-                block = np.asarray(arr[lo_:hi_], np.float32)[:, gene_idx]
+                block = read_columns(arr, lo_, hi_, gene_idx).astype(np.float32, copy=False)
                 blocks.append(sp.csr_matrix(block) if sparse is not False else block)
         if sparse is False:
             return np.concatenate(blocks)

@@ -23,6 +23,23 @@ import SpaHDmap as hdmap
 import torch
 
 
+def float32_on_cpu() -> None:
+    """SpaHDmap casts its model and the image to float16 for the whole-slide pass (``get_SpaHDmap_score``), which is
+    meant for GPUs: on a CPU a float16 convolution is ~65x slower than a float32 one (measured here with torch
+    2.13), so that pass did not finish one of six sections in 20 min. On CPU the model stays float32 there and its
+    patches are handed over as float32 (its accumulators stay float16, as SpaHDmap has them)."""
+    import SpaHDmap.train as spahd_train
+
+    spahd_train.SpaHDmapUnet.half = lambda self: self
+    get = spahd_train.HE_Score_Dataset.__getitem__
+
+    def as_float32(self, idx):
+        image, score, row, col = get(self, idx)
+        return image.float(), score.float(), row, col
+
+    spahd_train.HE_Score_Dataset.__getitem__ = as_float32
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("job")
@@ -33,6 +50,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--pseudo", type=int, default=5, help="its ratio_pseudo_spots (pseudo-spots per spot)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        float32_on_cpu()
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     job = dict(np.load(args.job, allow_pickle=False))

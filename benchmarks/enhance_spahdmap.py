@@ -26,8 +26,9 @@ import torch
 def float32_on_cpu() -> None:
     """SpaHDmap casts its model and the image to float16 for the whole-slide pass (``get_SpaHDmap_score``), which is
     meant for GPUs: on a CPU a float16 convolution is ~65x slower than a float32 one (measured here with torch
-    2.13), so that pass did not finish one of six sections in 20 min. On CPU the model stays float32 there and its
-    patches are handed over as float32 (its accumulators stay float16, as SpaHDmap has them)."""
+    2.13): a run was still on the first of six sections 65 min after its start (in float32 the whole run takes 50).
+    On CPU the model stays float32 there and its patches are handed over as float32 (its accumulators stay
+    float16, as SpaHDmap has them)."""
     import SpaHDmap.train as spahd_train
 
     spahd_train.SpaHDmapUnet.half = lambda self: self

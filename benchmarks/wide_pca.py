@@ -118,7 +118,7 @@ def main(argv=None) -> None:
         if r["code"] == "against":
             r["code"] = args.against_label
     lines = [
-        "## PCA of wide stores (benchmarks/wide_pca.py)",
+        "## Ingest and PCA of wide stores (benchmarks/wide_pca.py)",
         "",
         f"{dt.date.today()} · {platform.machine()}, {os.cpu_count()} cores, no GPU · Python "
         f"{platform.python_version()} · command: `python benchmarks/wide_pca.py "

@@ -82,9 +82,8 @@ def _gram_times(store: str, a: int, b: int, mean: np.ndarray, scale: np.ndarray,
     while held:
         g0, g1, raw = held.pop()
         out[g0:g1] = standardised(g0, g1, raw).T @ V
-    if len(done) * X.chunks[1] < X.shape[1]:
-        for g0, g1, raw in arrays.column_blocks(X, a, b, np.float32, skip=done):
-            out[g0:g1] = standardised(g0, g1, raw).T @ V
+    for g0, g1, raw in arrays.column_blocks(X, a, b, np.float32, skip=done):  # nothing when all were held
+        out[g0:g1] = standardised(g0, g1, raw).T @ V
     return out
 
 

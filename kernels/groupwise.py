@@ -141,3 +141,34 @@ def remove_common(
     fwd = forward - sample(common, grid + forward)
     inv = common + sample(inverse, grid + common)
     return fwd, inv
+
+
+def channel_weights(template: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Per-channel weights ``[..., C]`` of a multi-channel fit of ``image`` to ``template`` (both ``[..., C, H, W]``),
+    from how well the template predicts each channel of the image, largest weight 1.
+
+    Convention: ``r_c`` is the Pearson correlation of channel ``c`` of the two images over the pixels, clipped to
+    ``[0, 0.999]``; the weight multiplies the channel's pixel values, so its squared error is weighted by
+    ``w_c^2 ∝ r_c^2 / (1 - r_c^2)``, the share of the channel the template explains over the share it does not
+    (its signal-to-residual ratio)::
+
+        w_c = q_c / max_c' q_c',    q_c = r_c / sqrt(1 - r_c^2)
+
+    All weights are 1 where every ``r_c`` is 0 (nothing to prefer). Why: a template made from all other sections
+    of a stack predicts the tissue that stays (layers, outline) well and a structure that moves through the
+    stack poorly (its image in the template is smeared along its path); an unweighted fit lets that structure
+    pull every section towards its mean position, a drift along z. With one channel the weight is 1.
+    """
+    if template.shape != image.shape or template.dim() < 3:
+        raise ValueError(
+            f"template and image must share one shape [..., C, H, W], got {tuple(template.shape)} and "
+            f"{tuple(image.shape)}"
+        )
+    a = template - template.mean((-2, -1), keepdim=True)
+    b = image - image.mean((-2, -1), keepdim=True)
+    den = (a.square().sum((-2, -1)) * b.square().sum((-2, -1))).sqrt()
+    r = torch.where(den > 0, (a * b).sum((-2, -1)) / den.clamp_min(1e-300), torch.zeros_like(den))
+    r = r.clamp(0.0, 0.999)
+    q = r / (1 - r * r).sqrt()
+    top = q.amax(-1, keepdim=True)
+    return torch.where(top > 0, q / top.clamp_min(1e-300), torch.ones_like(q))

@@ -5,7 +5,9 @@ the driver handles only ``[S, 3, 3]`` matrices)::
 
     /raster/cells + /transforms/affine --> canvas_k: section k resampled onto the atlas canvas
     affine rounds:  template_k = mean of the other sections' current images (global)
-                    canvas_k --(refine_affine vs template_k)--> B_k, a step (S-1)/S of the way;  gauge: mean(B) = I
+                    channel weights w_kc from corr(current_kc, template_kc)
+                    canvas_k --(refine_affine vs template_k, channel c scaled by w_kc)--> B_k,
+                    a step (S-1)/S of the way;  gauge: mean(B) = I
     frame gauge:    the atlas frame loses the mean shear of the raw -> atlas maps (kernels.groupwise)
     LDDMM rounds:   template_k = Gaussian-in-z mean of the neighbours' current images (self excluded)
                     canvas_k --(lddmm.register, warm start)--> v_k, a step 1 - w_kk of the way --> flow_k (tiled)
@@ -18,6 +20,9 @@ overshoots the consensus (two sections would just swap places), see ``kernels.gr
 Why two templates: the affine part is fixed against all sections, because a rotation or shear that grows
 steadily along z is almost always accumulated error; the non-linear part only against nearby sections,
 so that structures that really move through the stack (vessels, layers that fold) are not straightened.
+Such a structure still pulls on the affine fit against all sections (it is smeared along its path in that
+template), so each channel weighs there by how well the other sections predict it
+(``kernels.groupwise.channel_weights``).
 Sections too blank to register keep the identity and are left out of every template.
 
 A reference section named at ``register`` is *held*: it is never moved, it serves in the others' templates,
@@ -62,6 +67,12 @@ class RefineOptions(Options):
     lddmm_iterations: tuple[int, ...] = option((100, 50), "Adam steps of the LDDMM per scale (coarse, fine)", ge=0)
     time_steps: int = option(5, "time steps of the velocity fields", ge=1)
     affine_iterations: tuple[int, ...] = option((120, 60), "Adam steps of the group-wise affine per scale", ge=0)
+    channel_weights: bool = option(
+        True,
+        "weight each raster channel of the group-wise affine fit by how well the other sections predict it "
+        "(r^2 / (1 - r^2)), so a structure that moves through the stack does not drag every section along; "
+        "false: channels weigh by their mass only (version 2)",
+    )
     min_mass_ratio: float = option(
         0.02,
         "sections with fewer cells than this share of the largest keep the identity and stay out of every template",
@@ -119,12 +130,23 @@ def _sum_task(store: str, g: str, usable: np.ndarray) -> int:
 
 
 def _affine_task(
-    store: str, g: str, ks: list[int], B: np.ndarray, n_usable: int, scales, iterations, rigid: bool = False
+    store: str,
+    g: str,
+    ks: list[int],
+    B: np.ndarray,
+    n_usable: int,
+    scales,
+    iterations,
+    rigid: bool = False,
+    weighted: bool = True,
 ) -> tuple:
-    """Affine corrections ``[len(ks), 3, 3]`` (starting from ``B``) and losses of sections ``ks``, each against the
-    mean of the other usable sections, refined as one batch (:func:`refine_affine_batch`)."""
+    """Affine corrections ``[len(ks), 3, 3]`` (starting from ``B``), losses ``[len(ks)]`` and channel weights
+    ``[len(ks), C]`` of sections ``ks``, each against the mean of the other usable sections, refined as one batch
+    (:func:`refine_affine_batch`). ``weighted``: each channel of both images is scaled by
+    :func:`kernels.groupwise.channel_weights` of the section's current image against its template (all 1 if not)."""
     import torch
 
+    from ..kernels.groupwise import channel_weights
     from ..kernels.image_align import refine_affine_batch
 
     root = _open(store)
@@ -133,7 +155,15 @@ def _affine_task(
     own = np.stack([np.asarray(root[f"{g}/current"][k], np.float64) for k in ks])
     templates = torch.from_numpy((total[None] - own) / (n_usable - 1)).to(dev)
     canvases = torch.from_numpy(np.stack([np.asarray(root[f"{g}/canvas"][k], np.float64) for k in ks])).to(dev)
-    return refine_affine_batch(templates, canvases, B, scales=scales, iterations=iterations, rigid=rigid)
+    weights = torch.ones(templates.shape[:2], dtype=templates.dtype, device=dev)
+    if weighted:
+        current = torch.from_numpy(np.stack([np.asarray(root[f"{g}/current"][k], np.float64) for k in ks])).to(dev)
+        weights = channel_weights(templates, current)
+    w = weights[..., None, None]
+    found, losses = refine_affine_batch(
+        templates * w, canvases * w, B, scales=scales, iterations=iterations, rigid=rigid
+    )
+    return found, losses, weights.cpu().numpy()
 
 
 def _apply_affine_task(store: str, g: str, k: int, B: np.ndarray) -> int:
@@ -397,6 +427,7 @@ def _build(ctx: StageContext) -> dict:
     to_canvas(np.repeat(np.eye(3)[None], S, 0))
     B = np.repeat(np.eye(3)[None], S, 0)
     affine_loss = np.full(S, np.nan)
+    affine_weights = np.full((S, C), np.nan)
     # the affine template (all usable sections) moves unless k is the only section that moves; rounds let
     # a moving template settle, against a held one a single round is the whole fit
     affine_template_moves = moving.sum() > 1
@@ -410,15 +441,23 @@ def _build(ctx: StageContext) -> dict:
             ctx.compute(dask.delayed(_sum_task, pure=False)(store, g, usable))
             tasks = [
                 dask.delayed(_affine_task, pure=False)(
-                    store, g, ks, B[ks], int(usable.sum()), (2 * f_aff, f_aff), tuple(opts.affine_iterations), rigid
+                    store,
+                    g,
+                    ks,
+                    B[ks],
+                    int(usable.sum()),
+                    (2 * f_aff, f_aff),
+                    tuple(opts.affine_iterations),
+                    rigid,
+                    opts.channel_weights,
                 )
                 for ks in affine_batches
             ]
             step = consensus_step(1.0 / usable.sum(), template_moves=affine_template_moves)
-            for ks, (found, losses) in zip(affine_batches, ctx.compute(*tasks)):
-                for k, Bk, loss in zip(ks, found, losses):
+            for ks, (found, losses, weights) in zip(affine_batches, ctx.compute(*tasks)):
+                for k, Bk, loss, wk in zip(ks, found, losses, weights):
                     if np.all(np.isfinite(Bk)):
-                        B[k], affine_loss[k] = B[k] + step * (Bk - B[k]), loss
+                        B[k], affine_loss[k], affine_weights[k] = B[k] + step * (Bk - B[k]), loss, wk
             if not held:
                 B = affine_gauge(B, usable)
             if rigid:  # the gauge's mean correction is not a rotation in general
@@ -574,6 +613,13 @@ def _build(ctx: StageContext) -> dict:
         )
     for name, values in data.items():
         arrays.write_small(qc, name, np.asarray(values, np.float64), ("section",))
+    arrays.write_small(
+        qc,
+        "affine_channel_weights",
+        affine_weights,
+        ("section", "channel"),
+        {"description": "each raster channel's weight in the last group-wise affine round (NaN: not fitted)"},
+    )
     arrays.write_small(qc, "refined", warped, ("section",))
     arrays.write_small(
         qc,
@@ -601,7 +647,9 @@ STAGE = Stage(
     output="deformation",
     inputs=("register",),
     options=RefineOptions,
-    version=2,  # 2: two-fold cross-fitted LDDMM, a warp kept only where the held-out check says it helps
+    # 2: two-fold cross-fitted LDDMM, a warp kept only where the held-out check says it helps
+    # 3: the group-wise affine weighs each channel by how well the other sections predict it
+    version=3,
     summary="Group-wise affine consistency, then LDDMM of each section against its neighbours in z, kept only "
     "where a held-out check confirms it.",
     build=_build,

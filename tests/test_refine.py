@@ -338,7 +338,8 @@ def test_channel_weights_keep_a_moving_tube_from_dragging_the_stack(tmp_path):
     assert weights.shape == (8, len(channels)) and np.allclose(weights.max(1), 1.0)
     assert np.all(weights.argmin(1) == channels.index("tube")), weights
     (kept0, err0), (kept1, err1) = out[False], out[True]
-    # measured: 71.1% -> 73.7% of the travel, median 20.35 -> 19.48 um (20 sections, RESULTS: 80% -> 88%, 22.0 -> 18.9 um)
+    # measured: 71.1% -> 73.7% of the travel, median 20.35 -> 19.48 um
+    # (20 sections, benchmarks/RESULTS.md: 80% -> 88%, 22.0 -> 18.9 um)
     assert kept1 > kept0 + 0.015 and err1 < err0 - 0.5, out
 
 

@@ -156,9 +156,8 @@ def _affine_task(
     templates = torch.from_numpy((total[None] - own) / (n_usable - 1)).to(dev)
     canvases = torch.from_numpy(np.stack([np.asarray(root[f"{g}/canvas"][k], np.float64) for k in ks])).to(dev)
     weights = torch.ones(templates.shape[:2], dtype=templates.dtype, device=dev)
-    if weighted:
-        current = torch.from_numpy(np.stack([np.asarray(root[f"{g}/current"][k], np.float64) for k in ks])).to(dev)
-        weights = channel_weights(templates, current)
+    if weighted:  # judged on where the section is now (its current image), as its template is
+        weights = channel_weights(templates, torch.from_numpy(own).to(dev))
     w = weights[..., None, None]
     found, losses = refine_affine_batch(
         templates * w, canvases * w, B, scales=scales, iterations=iterations, rigid=rigid

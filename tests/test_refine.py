@@ -316,7 +316,7 @@ def test_the_check_half_is_half_of_the_cells_fixed_by_row_and_unrelated_to_neigh
     assert abs(np.mean(pick[1:] == pick[:-1]) - 0.5) < 0.01  # consecutive cells are not paired up
 
 
-def test_channel_weights_keep_a_moving_tube_from_dragging_the_stack(tmp_path):
+def test_channel_weights_keep_a_moving_tube_from_dragging_the_stack(tmp_path, caplog):
     """The tube is the only structure that tells x apart in the phantom (its layers are bands along x), and it
     moves 300 um in x through the stack: against the mean of all sections it pulls each section towards its
     mean path. Weighted by how well that template predicts them, the tube channel weighs least and the stack
@@ -326,7 +326,8 @@ def test_channel_weights_keep_a_moving_tube_from_dragging_the_stack(tmp_path):
     truth = np.concatenate([xyz for s in range(8) for _, xyz in ph.section_chunks(s)])[:, :2]
     out = {}
     for flag in (False, True):
-        lamina.align(atlas, channel_weights=flag)
+        with caplog.at_level("INFO", logger="lamina"):
+            lamina.align(atlas, channel_weights=flag)
         aligned, true = _tube_path(ph, atlas, truth)
         xy = np.stack([atlas.root[f"aligned/{k}"][...] for k in ("x", "y")], 1).astype(np.float64)
         out[flag] = (
@@ -337,6 +338,8 @@ def test_channel_weights_keep_a_moving_tube_from_dragging_the_stack(tmp_path):
     channels = list(atlas.root["raster/cells"].attrs["channels"])
     assert weights.shape == (8, len(channels)) and np.allclose(weights.max(1), 1.0)
     assert np.all(weights.argmin(1) == channels.index("tube")), weights
+    said = [r.getMessage() for r in caplog.records if "predict least" in r.getMessage()]
+    assert len(said) == 1 and said[0].split(": ", 2)[-1].startswith("tube 0."), said
     (kept0, err0), (kept1, err1) = out[False], out[True]
     # measured: 71.1% -> 73.7% of the travel, median 20.35 -> 19.48 um
     # (20 sections, benchmarks/RESULTS.md: 80% -> 88%, 22.0 -> 18.9 um)

@@ -468,7 +468,7 @@ def _build(ctx: StageContext) -> dict:
             # a channel that weighs little across the stack is one the sections disagree on: anatomy that moves
             # or changes through the stack, or noise; worth a line for whoever reads the log
             mean = np.nanmean(affine_weights, 0)
-            names = list(raster["cells"].attrs.get("channels", [f"channel {c}" for c in range(C)]))
+            names = raster["cells"].attrs["channels"]  # rasterize names every channel
             low = ", ".join(f"{names[c]} {mean[c]:.2f}" for c in np.argsort(mean)[: min(3, C - 1)])
             log.info("refine: channels the other sections predict least (mean weight in the affine rounds): %s", low)
     # raw -> atlas after the affine rounds, then the frame's mean shear removed about the reference centre

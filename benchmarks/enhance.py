@@ -268,7 +268,6 @@ def super_resolution_case(work, name, section, x, y, bx, by, Y, truth, genes, se
     r over spots and within-block deviation r against ``truth`` (the measurement, or a phantom's noise-free
     truth), next to copying the block value."""
     import lamina
-    from lamina.kernels.enhance import footprint_mask, footprint_means
 
     codes, count, pseudo, px, py, psec = pooled(section, x, y, bx, by, Y)
     table = pd.DataFrame(pseudo.astype(np.float32), columns=genes)
@@ -278,35 +277,15 @@ def super_resolution_case(work, name, section, x, y, bx, by, Y, truth, genes, se
     atlas = build_store(work / f"{name}-pseudo.lamina.zarr", table, genes, images, px_um)
     xy = np.c_[x, y] * px_um
 
+    # the original spots are the cells inside the pseudo-spots: lamina.enhance_cells averages the embedding over
+    # each one's disc and shifts the cells of each pseudo-spot so that their mean is its measurement
+    cells = pd.DataFrame({"section": section, "x": xy[:, 0], "y": xy[:, 1]})
+
     def predict(options: dict) -> tuple[np.ndarray, float]:
         t = time.perf_counter()
         lamina.enhance(atlas, spot_diameter_um=pitch * np.sqrt(2) + spot, project=True, **options)
-        seconds = time.perf_counter() - t
-        g = atlas.root["enhance"]
-        mgenes = [str(v) for v in g["model/gene"][...]]
-        cols = [mgenes.index(v) for v in genes]
-        H = np.asarray(g["model/loadings"][...])[:, cols]
-        # each pseudo-spot's measurement minus its metagenes, spread over its footprint (project=True)
-        E = np.asarray(g["cells/residuals"][...], np.float64)[:, cols]
-        prow = np.asarray(atlas.root["cells/input_row"][...])
-        P = np.zeros_like(truth, dtype=np.float64)
-        for s in np.unique(section):
-            m = section == s
-            grp = g[s]
-            sp_um = float(grp.attrs["superpixel_um"])
-            A = np.asarray(grp.attrs["grid_to_section"])
-            c = (np.c_[xy[m], np.ones(m.sum())] @ np.linalg.inv(A).T)[:, :2]
-            emb = np.asarray(grp["embedding"][...], np.float64)
-            means, _ = footprint_means(emb, c, spot / 2 / sp_um)
-            # the pseudo-spot whose footprint holds each spot's centre
-            pm = np.flatnonzero(psec[prow] == s)
-            pc = (np.c_[px[prow[pm]], py[prow[pm]], np.ones(len(pm))] * [px_um, px_um, 1] @ np.linalg.inv(A).T)[:, :2]
-            owner = footprint_mask(pc, float(grp.attrs["spot_radius_um"]) / sp_um, *emb.shape[1:])
-            hit = owner[
-                np.clip(c[:, 1].astype(int), 0, emb.shape[1] - 1), np.clip(c[:, 0].astype(int), 0, emb.shape[2] - 1)
-            ]
-            P[m] = means @ H + np.where(hit[:, None] >= 0, E[pm[np.maximum(hit, 0)]], 0.0)
-        return P, seconds
+        out = lamina.enhance_cells(atlas, cells, radius_um=spot / 2, genes=list(genes), project=True)
+        return out[list(genes)].to_numpy(np.float64), time.perf_counter() - t
 
     copy = pseudo[codes]
     n = len(count)

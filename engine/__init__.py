@@ -56,6 +56,7 @@ _LAZY = {
     "mark_aligned": ".stages.warp",
     "export_spatialdata": ".spatialdata_zarr",
     "export_enhanced": ".export_enhance",
+    "enhance_cells": ".enhance_cells",
     "image_in_atlas": ".atlas_image",
     "export_image": ".atlas_image",
     "enhance": ".stages.pipeline",  # the pipeline histology -> enhance (lamina.stages.enhance is the stage alone)
@@ -107,6 +108,7 @@ __all__ = [
     "embed",
     "encoder",
     "enhance",
+    "enhance_cells",
     "export_expression_parquet",
     "histology",
     "export_image",

@@ -213,9 +213,18 @@ def cmd_export(args) -> int:
         if args.format not in ("parquet", "anndata"):
             raise ConfigError("--enhanced exports the enhanced maps as parquet or anndata")
         suffix = "-enhanced.parquet" if args.format == "parquet" else "-enhanced.h5ad"
+        if args.cells:
+            from .enhance_cells import export_enhanced_cells
+
+            out = args.out or str(Path(args.store).with_suffix("")) + "-cells" + suffix
+            opts = {"frame": args.cells_frame, "radius_um": args.cell_radius, "genes": genes}
+            print(f"wrote {export_enhanced_cells(atlas, args.cells, out, args.format, **opts)}")
+            return 0
         out = args.out or str(Path(args.store).with_suffix("")) + suffix
         print(f"wrote {export_enhanced(atlas, out, args.format, genes, sections)}")
         return 0
+    if args.cells:
+        raise ConfigError("--cells goes with --enhanced: the enhanced expression of the given cells")
     if args.images:
         from .atlas_image import export_image
 
@@ -340,6 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--enhanced",
         action="store_true",
         help="export the enhanced maps (one row per superpixel of the measured tissue: x, y, z, metagenes, genes)",
+    )
+    e.add_argument(
+        "--cells",
+        metavar="TABLE",
+        help="with --enhanced: one row per cell of this CSV / Parquet table (columns section, x, y), each measured "
+        "spot's cells averaging to its measurement (lamina.enhance_cells)",
+    )
+    e.add_argument(
+        "--cells-frame",
+        choices=["section", "image"],
+        default="section",
+        help="with --cells: x, y in the section's um (default) or in pixels of its image",
+    )
+    e.add_argument(
+        "--cell-radius",
+        type=float,
+        help="with --cells: the cells' radius (um); default the superpixel under each centre",
     )
     e.add_argument(
         "--images",

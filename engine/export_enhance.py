@@ -107,7 +107,7 @@ def export_enhanced(
                         f"export fewer sections / genes, or as parquet (streamed)"
                     )
                 frames.append(frame)
-            _anndata(pd.concat(frames, ignore_index=True)).write_h5ad(tmp)
+            anndata_of(pd.concat(frames, ignore_index=True)).write_h5ad(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -115,14 +115,19 @@ def export_enhanced(
     return out
 
 
-def _anndata(df: pd.DataFrame):
+def anndata_of(df: pd.DataFrame, extra_obs=(), index=None):
+    """AnnData of enhanced rows (superpixels, or cells with ``extra_obs=("spot",)``): X = the gene columns, obs
+    ``section``, ``z`` and ``extra_obs``, obsm ``spatial`` (atlas x, y, z when aligned, else raw), ``spatial_raw``,
+    ``X_enhance`` (the metagene columns). ``index``: obs names (default ``section:row``)."""
     import anndata as ad
 
-    meta = ["section", "x", "y", "z", "atlas_x", "atlas_y"]
+    meta = ["section", "x", "y", "z", "atlas_x", "atlas_y", *extra_obs]
     scores = [c for c in df.columns if c.startswith("metagene_")]
     genes = [c for c in df.columns if c not in meta and c not in scores]
     obs = pd.DataFrame({"section": pd.Categorical(df["section"]), "z": df["z"].to_numpy()})
-    obs.index = [f"{s}:{i}" for i, s in enumerate(df["section"])]
+    for c in extra_obs:
+        obs[c] = df[c].to_numpy()
+    obs.index = [f"{s}:{i}" for i, s in enumerate(df["section"])] if index is None else list(index)
     adata = ad.AnnData(X=df[genes].to_numpy(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
     raw = df[["x", "y", "z"]].to_numpy(np.float32)
     adata.obsm["spatial_raw"] = raw

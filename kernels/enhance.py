@@ -222,6 +222,66 @@ def ridge_loo_error(Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: i
     return np.asarray(out)
 
 
+def spatial_blocks(xy: np.ndarray, group: np.ndarray, side: float) -> np.ndarray:
+    """Square blocks of side ``side`` (um) within each group (section): ``[n]`` int labels. A group that would
+    fall in one block gets one block per row (a left-out block must leave rows to fix the group's offset)."""
+    xy = np.asarray(xy, np.float64)
+    group = np.asarray(group, np.int64)
+    labels = np.arange(len(xy), dtype=np.int64)
+    if side <= 0 or not len(xy):
+        return labels
+    cell = np.floor(xy / side).astype(np.int64)
+    _, blocks = np.unique(np.c_[group, cell], axis=0, return_inverse=True)
+    blocks = blocks.ravel()
+    for g in np.unique(group):
+        m = group == g
+        if len(np.unique(blocks[m])) < 2:
+            blocks[m] = blocks.max() + 1 + np.arange(int(m.sum()))
+    return blocks
+
+
+def ridge_block_error(
+    Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, alphas, blocks: np.ndarray
+) -> np.ndarray:
+    """Leave-block-out squared error of :func:`fit_ridge` for each of ``alphas``: ``[len(alphas)]``.
+
+    Rows that share a label of ``blocks`` ``[n]`` are left out together (spatial blocks: a spot's neighbours,
+    whose features overlap its own, leave with it, so the error measures what the image predicts at a place
+    the fit has not seen). Closed form (no refits): with the hat matrix ``H = A M^-1 A^T`` (``A = [Z, G]``,
+    ``M = A^T A + diag(alpha, 0)``) and in-sample residuals ``e``, block B's left-out residuals are
+    ``(I - H_BB)^-1 e_B``. One row per block is :func:`ridge_loo_error`.
+    """
+    Z = np.asarray(Z, np.float64)
+    W = np.asarray(W, np.float64)
+    blocks = np.asarray(blocks)
+    if Z.ndim != 2 or W.ndim != 2 or len(W) != len(Z) or blocks.shape != (len(Z),):
+        raise ValueError(f"Z [n, F], W [n, R] and blocks [n] must share n; got {Z.shape}, {W.shape}, {blocks.shape}")
+    G = np.zeros((len(Z), n_groups))
+    G[np.arange(len(Z)), np.asarray(group, np.int64)] = 1.0
+    A = np.concatenate([Z, G[:, G.sum(0) > 0]], 1)
+    AtA, AtW = A.T @ A, A.T @ W
+    order = np.argsort(blocks, kind="stable")
+    b = blocks[order]
+    starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+    sizes = np.diff(np.r_[starts, len(b)])
+    which = np.repeat(np.arange(len(starts)), sizes)
+    pos = np.arange(len(b)) - np.repeat(starts, sizes)
+    # blocks padded to the largest with zero rows: their hat rows are 0, so I - H is the identity there
+    Ab = np.zeros((len(starts), int(sizes.max()), A.shape[1]))
+    Ab[which, pos] = A[order]
+    eye = np.eye(Ab.shape[1])
+    out = []
+    for alpha in alphas:
+        pen = np.concatenate([np.full(Z.shape[1], float(alpha)), np.zeros(A.shape[1] - Z.shape[1])])
+        Minv = np.linalg.inv(AtA + np.diag(pen) + 1e-9 * np.eye(A.shape[1]))
+        e = W - A @ (Minv @ AtW)
+        Eb = np.zeros((len(starts), Ab.shape[1], W.shape[1]))
+        Eb[which, pos] = e[order]
+        Hbb = Ab @ Minv @ Ab.transpose(0, 2, 1)
+        out.append(float((np.linalg.solve(eye - Hbb + 1e-9 * eye, Eb) ** 2).sum()))
+    return np.asarray(out)
+
+
 def residual_loo_error(spots: np.ndarray, residuals: np.ndarray, sigmas, prior: float = 0.1) -> np.ndarray:
     """Leave-one-out squared error of :func:`residual_field` at the spots themselves, each spot predicted from
     the others, for each of ``sigmas``: ``[len(sigmas)]``. ``sigma = 0`` is "no field" (the error of 0).
@@ -304,6 +364,39 @@ def footprint_mask(centres_sp: np.ndarray, radius_sp: float, h: int, w: int, ori
     rows, cols, inside = footprints(centres_sp, radius_sp, h, w, origin)
     spot = np.broadcast_to(np.arange(len(rows))[:, None], cols.shape)
     out[rows[inside], cols[inside]] = spot[inside]
+    return out
+
+
+def project_to_spots(pred: np.ndarray, owner: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """Shift the cells of each spot so that their mean equals the spot's measurement.
+
+    Convention: ``pred [n, G]`` the cells' predicted expression, ``owner [n]`` the spot holding each cell
+    (-1: none), ``measured [m, G]`` the spots' measurements. Returns ``[n, G]``::
+
+        out_c = pred_c + measured_s - mean_{c' : owner(c') = s} pred_c'     for owner(c) = s >= 0
+        out_c = pred_c                                                        for owner(c) = -1
+
+    so ``mean_{c : owner(c) = s} out_c = measured_s`` for every spot that holds a cell, and the detail among
+    a spot's cells (``pred_c - pred_c'``) is the prediction's.
+    """
+    pred = np.asarray(pred, np.float64)
+    owner = np.asarray(owner, np.int64)
+    measured = np.asarray(measured, np.float64)
+    if pred.ndim != 2 or owner.shape != (len(pred),):
+        raise ValueError(f"pred must be [n, G] and owner [n]; got {pred.shape} and {owner.shape}")
+    if measured.ndim != 2 or measured.shape[1] != pred.shape[1] or (owner >= len(measured)).any():
+        raise ValueError(f"measured must be [m, {pred.shape[1]}] with m > max(owner); got {measured.shape}")
+    held = owner >= 0
+    out = pred.copy()
+    if not held.any():
+        return out
+    m = len(measured)
+    count = np.bincount(owner[held], minlength=m).astype(np.float64)
+    total = np.zeros((m, pred.shape[1]))
+    np.add.at(total, owner[held], pred[held])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shift = measured - total / count[:, None]
+    out[held] += shift[owner[held]]
     return out
 
 

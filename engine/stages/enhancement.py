@@ -9,7 +9,8 @@ For the whole atlas at once (spots are few: a Visium section has <= 5k)::
         loadings H [rank, gene] (metagenes) and spot scores W [spot, rank]
     /histology/cells/features --ridge, one unpenalised offset per section--> W ~ standardised features @ coef
         + offset: the forward-sum objective of a linear head (a spot's mean over its footprint is the head at its
-        footprint-mean features); residuals r = W - fitted, of the fitted spots only
+        footprint-mean features), its penalty by cross-validation with spots left out in spatial blocks;
+        residuals r = W - fitted, of the fitted spots only
 
 and per section, tile by tile::
 
@@ -19,7 +20,8 @@ and per section, tile by tile::
 
 ``/enhance/cells/scores [cell, rank]``: every spot's (cell's) footprint mean of the embedding; its expression is
 ``scores @ model/loadings``. Spots left out of the fit (``fit_column``) are predicted, never seen: the
-benchmark scores them.
+benchmark scores them. Cells given apart from the spots (a segmentation of the image): ``lamina.enhance_cells``
+(:mod:`lamina.enhance_cells`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ MAX_GENE_MAPS = 256
 GENE_CHUNK = 16
 #: weight of "no residual" in the residual field (a spot at ~2.1 sigma weighs as much)
 PRIOR = 0.1
-#: ridge penalties tried by alpha=null (leave-one-out error, closed form)
+#: ridge penalties tried by alpha=null (cross-validated error, closed form)
 ALPHAS = tuple(10.0**k for k in range(-1, 7))
 #: residual spreads tried by residual_sigma_um=null, in spot pitches (0: none)
 SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
@@ -53,7 +55,16 @@ SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 class EnhanceOptions(Options):
     rank: int = option(10, "metagenes (NMF rank of the spots): dimensions of /enhance/<section>/embedding", ge=1)
     alpha: float | None = option(
-        None, "ridge penalty of the image head (standardised features); null: the least leave-one-out error", ge=0
+        None,
+        "ridge penalty of the image head (standardised features); null: the least cross-validated error, spots "
+        "left out in blocks of cv_block_pitches",
+        ge=0,
+    )
+    cv_block_pitches: float = option(
+        3.0,
+        "side (spot pitches) of the square blocks of spots left out together when alpha is chosen; 0: one spot at "
+        "a time (version 1)",
+        ge=0,
     )
     residual_sigma_um: float | None = option(
         None,
@@ -104,7 +115,7 @@ def _check(atlas: Atlas, opts: EnhanceOptions) -> None:
 
 
 # ---------------------------------------------------------------------------------------- expression
-def _expression(atlas: Atlas, rows: np.ndarray, genes: np.ndarray) -> np.ndarray:
+def read_expression(atlas: Atlas, rows: np.ndarray, genes: np.ndarray) -> np.ndarray:
     """/X at sorted ``rows`` and ``genes`` (small: spots x model genes), float64, read chunk by chunk."""
     X = atlas.root["X"]
     out = np.empty((len(rows), len(genes)))
@@ -159,7 +170,8 @@ def _build(ctx: StageContext) -> dict:
         gene_block,
         residual_field,
         residual_loo_error,
-        ridge_loo_error,
+        ridge_block_error,
+        spatial_blocks,
     )
     from ..store.elements import EnhanceSectionV1
     from .histology import Grid, grid_map
@@ -181,7 +193,7 @@ def _build(ctx: StageContext) -> dict:
 
     # metagenes of the fitted spots
     gene_idx = _model_genes(atlas, rows[fit], opts)
-    Y = _expression(atlas, rows, gene_idx)
+    Y = read_expression(atlas, rows, gene_idx)
     bad = ~np.isfinite(Y) | (Y < 0)
     if bad[fit].any():
         raise InputError(
@@ -213,10 +225,19 @@ def _build(ctx: StageContext) -> dict:
     Z = np.where(usable[:, None], (np.nan_to_num(Zraw) - mean) / scale, 0.0)
     alpha = opts.alpha
     if alpha is None:  # the image earns its weight: with no information in it the head shrinks to the offsets
-        loo = ridge_loo_error(Z[fit], W[fit], sec[fit], len(sections), ALPHAS)
-        alpha = ALPHAS[int(np.argmin(loo))]
+        # a spot's context features overlap its neighbours': left out alone, the neighbours still in the fit
+        # carry its place, and the error rewards a head that interpolates between spots (the residual field's
+        # job) rather than one that reads the image; blocks leave the neighbours out with it
+        blocks = spatial_blocks(xy[fit], sec[fit], opts.cv_block_pitches * pitch)
+        cv = ridge_block_error(Z[fit], W[fit], sec[fit], len(sections), ALPHAS, blocks)
+        alpha = ALPHAS[int(np.argmin(cv))]
         log.info(
-            "enhance: ridge penalty %g (leave-one-out error %.4g; %g: %.4g)", alpha, loo.min(), ALPHAS[-1], loo[-1]
+            "enhance: ridge penalty %g (cross-validated error %.4g, blocks of %g pitches; %g: %.4g)",
+            alpha,
+            cv.min(),
+            opts.cv_block_pitches,
+            ALPHAS[-1],
+            cv[-1],
         )
     coef, offsets = fit_ridge(Z[fit], W[fit], sec[fit], len(sections), alpha)
     head = Z @ coef + offsets[sec]
@@ -351,7 +372,8 @@ STAGE = Stage(
     output="enhance",
     inputs=("histology",),
     options=EnhanceOptions,
-    version=1,
+    # 2: alpha=null chosen by leaving spots out in spatial blocks (cv_block_pitches), not one at a time
+    version=2,
     summary=(
         "Histology-guided high-definition expression: NMF metagenes of the spots, a ridge head on the histology "
         "features fitted by the forward-sum objective, plus the spots' residuals spread by a Gaussian -> "

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         notes.append(
             f"Marginal cost from {a['cells']:,} to {b['cells']:,} cells: {growth:.1f} s per million cells "
             f"(the rest is fixed cost: cluster start and the raster-based register/refine, which do not "
-            f"grow with cells). Peak RSS grows {(b['peak'] - a['peak']) / 2**30:.2f} GiB over "
+            f"grow with cells). Peak RSS changes by {(b['peak'] - a['peak']) / 2**30:+.2f} GiB over "
             f"{b['cells'] / a['cells']:.0f}x the cells."
         )
     big = [r for r in rows if r["cells"] >= 10_000_000]

@@ -87,7 +87,7 @@ def enhance_cells(
     """
     from scipy.spatial import cKDTree
 
-    from .export_enhance import _aligned
+    from .export_enhance import is_aligned
     from .kernels.enhance import footprint_means, project_to_spots
     from .stages.enhancement import read_expression
     from .transforms import to_atlas
@@ -113,7 +113,7 @@ def enhance_cells(
     store_gene = {v: i for i, v in enumerate(atlas.genes)}
     gene_idx = np.array([store_gene[v] for v in genes], np.int64)
     secs = atlas.sections
-    aligned = _aligned(atlas)
+    aligned = is_aligned(atlas)
     out = {
         "xy": np.full((n, 2), np.nan),
         "atlas": np.full((n, 2), np.nan),

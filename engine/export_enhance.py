@@ -20,7 +20,8 @@ from .store.arrays import as_text
 from .store.atlas import Atlas
 
 
-def _aligned(atlas: Atlas) -> bool:
+def is_aligned(atlas: Atlas) -> bool:
+    """Whether the sections have transforms to the atlas frame (register, or refine): rows get atlas x, y."""
     return atlas.group_is_complete("deformation") or atlas.group_is_complete("transforms")
 
 
@@ -45,7 +46,7 @@ def iter_enhanced(atlas: Atlas, genes=None, sections=None) -> Iterator[pd.DataFr
     wanted = [s for s in done if sections is None or s in set(map(str, sections))]
     pitch = float(g.attrs["spot_pitch_um"])
     secs = atlas.sections
-    aligned = _aligned(atlas)
+    aligned = is_aligned(atlas)
     for sid in wanted:
         grp = g[sid]
         emb = grp["embedding"]

@@ -353,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--cells",
         metavar="TABLE",
-        help="with --enhanced: one row per cell of this CSV / Parquet table (columns section, x, y), each measured "
-        "spot's cells averaging to its measurement (lamina.enhance_cells)",
+        help="with --enhanced: one row per cell of this CSV / Parquet table (columns section, x, y; a cell_id or "
+        "cell column names the cells), each measured spot's cells averaging to its measurement (lamina.enhance_cells)",
     )
     e.add_argument(
         "--cells-frame",

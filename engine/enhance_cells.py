@@ -178,38 +178,55 @@ def enhance_cells(
     return pd.DataFrame(frame_out, index=cells.index)
 
 
+#: a column of a cell table file with one of these names becomes the cells' index (their ids in the output)
+ID_COLUMNS = ("cell_id", "cell")
+
+
 def read_cells(path) -> pd.DataFrame:
-    """A cell table from CSV or Parquet (by suffix), with a clear error for what cannot be read."""
+    """A cell table from CSV or Parquet (by suffix), indexed by its ``cell_id`` or ``cell`` column when it has
+    one, with a clear error for what cannot be read."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"enhance_cells: no cell table at {path}")
+    table = None
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-        if path.suffix.lower() in (".csv", ".tsv", ".txt"):
-            return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+            table = pd.read_parquet(path)
+        elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
+            table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise InputError(f"enhance_cells: {path} could not be read as a table ({err}); give CSV or Parquet") from err
-    raise InputError(f"enhance_cells: {path} is neither CSV (.csv, .tsv) nor Parquet (.parquet); convert it")
+    if table is None:
+        raise InputError(f"enhance_cells: {path} is neither CSV (.csv, .tsv) nor Parquet (.parquet); convert it")
+    ids = next((c for c in ID_COLUMNS if c in table.columns), None)
+    return table.set_index(ids) if ids is not None else table
 
 
 def export_enhanced_cells(atlas: Atlas, cells, out, fmt: str = "parquet", **options):
-    """:func:`enhance_cells` of ``cells`` (a table or a CSV / Parquet path) written to ``out`` as ``parquet`` or
-    ``anndata`` (``.h5ad``: X = genes, obsm ``X_enhance`` (metagenes), ``spatial`` (atlas x, y, z when aligned,
-    else raw)); written to ``out.partial`` and renamed when complete."""
+    """:func:`enhance_cells` of ``cells`` (a table or a CSV / Parquet path) written to ``out`` as ``parquet``
+    (one row group per section, computed and written one section at a time; the cells' index as column ``cell``)
+    or ``anndata`` (``.h5ad``: X = genes, obs names the cells' index, obsm ``X_enhance`` (metagenes), ``spatial``
+    (atlas x, y, z when aligned, else raw)); written to ``out.partial`` and renamed when complete."""
+    from .export import write_parquet_frames
     from .export_enhance import anndata_of
 
     if fmt not in ("parquet", "anndata"):
         raise ConfigError(f"the enhanced cells export as parquet or anndata, not {fmt!r}")
     table = cells if isinstance(cells, pd.DataFrame) else read_cells(cells)
-    df = enhance_cells(atlas, table, **options)
+    column = options.get("section", "section")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     try:
         if fmt == "parquet":
-            df.to_parquet(tmp)
+            if column not in table.columns:  # enhance_cells names what is missing
+                enhance_cells(atlas, table, **options)
+            parts = (part for _, part in table.groupby(table[column].astype(str), sort=False))
+            frames = (enhance_cells(atlas, part, **options).reset_index(names="cell") for part in parts)
+            if not write_parquet_frames(frames, tmp):
+                raise InputError(f"enhance_cells: the cell table of {out} holds no cell")
         else:
+            df = enhance_cells(atlas, table, **options)
             anndata_of(df, ("spot",), df.index.astype(str)).write_h5ad(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -313,6 +313,7 @@ def test_enhanced_cells_export_as_parquet_and_anndata_from_the_cli(tmp_path, cap
     argv = ["export", atlas.path, "--enhanced", "--cells", str(tmp_path / "nuclei.csv"), "--cell-radius", "4"]
     assert main([*argv, "--format", "parquet", "--genes", "G01,G03", "--out", str(tmp_path / "c.parquet")]) == 0
     got = pd.read_parquet(tmp_path / "c.parquet")
+    assert list(got.cell) == list(table.index)
     np.testing.assert_allclose(got[["G01", "G03"]].to_numpy(), want[["G01", "G03"]].to_numpy(), atol=1e-6)
     assert main([*argv, "--format", "anndata", "--out", str(tmp_path / "c.h5ad")]) == 0
     a = ad.read_h5ad(tmp_path / "c.h5ad")

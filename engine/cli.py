@@ -218,7 +218,7 @@ def cmd_export(args) -> int:
 
             out = args.out or str(Path(args.store).with_suffix("")) + "-cells" + suffix
             opts = {"frame": args.cells_frame, "radius_um": args.cell_radius, "genes": genes}
-            print(f"wrote {export_enhanced_cells(atlas, args.cells, out, args.format, **opts)}")
+            print(f"wrote {export_enhanced_cells(atlas, args.cells, out, args.format, sections, **opts)}")
             return 0
         out = args.out or str(Path(args.store).with_suffix("")) + suffix
         print(f"wrote {export_enhanced(atlas, out, args.format, genes, sections)}")

@@ -202,8 +202,9 @@ def read_cells(path) -> pd.DataFrame:
     return table.set_index(ids) if ids is not None else table
 
 
-def export_enhanced_cells(atlas: Atlas, cells, out, fmt: str = "parquet", **options):
-    """:func:`enhance_cells` of ``cells`` (a table or a CSV / Parquet path) written to ``out`` as ``parquet``
+def export_enhanced_cells(atlas: Atlas, cells, out, fmt: str = "parquet", sections=None, **options):
+    """:func:`enhance_cells` of ``cells`` (a table or a CSV / Parquet path; only the rows of ``sections`` when
+    given) written to ``out`` as ``parquet``
     (one row group per section, computed and written one section at a time; the cells' index as column ``cell``)
     or ``anndata`` (``.h5ad``: X = genes, obs names the cells' index, obsm ``X_enhance`` (metagenes), ``spatial``
     (atlas x, y, z when aligned, else raw)); written to ``out.partial`` and renamed when complete."""
@@ -214,6 +215,9 @@ def export_enhanced_cells(atlas: Atlas, cells, out, fmt: str = "parquet", **opti
         raise ConfigError(f"the enhanced cells export as parquet or anndata, not {fmt!r}")
     table = cells if isinstance(cells, pd.DataFrame) else read_cells(cells)
     column = options.get("section", "section")
+    if sections is not None and column in table.columns:
+        wanted = [str(atlas.sections.id.iloc[atlas.section_index(str(v))]) for v in sections]
+        table = table[table[column].astype(str).isin(wanted)]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")

@@ -316,6 +316,12 @@ def test_enhanced_cells_export_as_parquet_and_anndata_from_the_cli(tmp_path, cap
     assert list(got.cell) == list(table.index)
     np.testing.assert_allclose(got[["G01", "G03"]].to_numpy(), want[["G01", "G03"]].to_numpy(), atol=1e-6)
     assert main([*argv, "--format", "anndata", "--out", str(tmp_path / "c.h5ad")]) == 0
+    # --sections keeps the table's rows of those sections; an unknown one is named
+    assert main([*argv, "--format", "parquet", "--sections", "S0", "--out", str(tmp_path / "s.parquet")]) == 0
+    assert len(pd.read_parquet(tmp_path / "s.parquet")) == 40
+    capsys.readouterr()
+    assert main([*argv, "--format", "parquet", "--sections", "S9", "--out", str(tmp_path / "s9.parquet")]) == 2
+    assert "no section 'S9'" in capsys.readouterr().err
     a = ad.read_h5ad(tmp_path / "c.h5ad")
     assert (
         a.n_obs == 40 and "G01" in a.var_names and a.obsm["X_enhance"].shape[1] == atlas.root["enhance"].attrs["rank"]

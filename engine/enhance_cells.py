@@ -223,8 +223,16 @@ def export_enhanced_cells(atlas: Atlas, cells, out, fmt: str = "parquet", sectio
     tmp = out.with_name(out.name + ".partial")
     try:
         if fmt == "parquet":
-            if column not in table.columns:  # enhance_cells names what is missing
-                enhance_cells(atlas, table, **options)
+            # the whole table is checked before the first section is written (each part is checked again, cheaply)
+            _checked(
+                atlas,
+                table,
+                column,
+                options.get("x", "x"),
+                options.get("y", "y"),
+                options.get("frame", "section"),
+                options.get("radius_um"),
+            )
             parts = (part for _, part in table.groupby(table[column].astype(str), sort=False))
             frames = (enhance_cells(atlas, part, **options).reset_index(names="cell") for part in parts)
             if not write_parquet_frames(frames, tmp):

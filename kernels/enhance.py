@@ -176,6 +176,17 @@ def footprint_means(
     return means, cnt
 
 
+def _ridge_design(Z: np.ndarray, group: np.ndarray, n_groups: int, alpha: float):
+    """``A = [Z, G]`` (``G`` the one-hot of the groups that hold rows), the penalty diagonal ``diag(alpha, 0)``
+    and which groups hold rows."""
+    G = np.zeros((len(Z), n_groups))
+    G[np.arange(len(Z)), np.asarray(group, np.int64)] = 1.0
+    present = G.sum(0) > 0
+    A = np.concatenate([Z, G[:, present]], 1)
+    pen = np.concatenate([np.full(Z.shape[1], float(alpha)), np.zeros(int(present.sum()))])
+    return A, pen, present
+
+
 def fit_ridge(Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, alpha: float):
     """Ridge regression with an unpenalised offset per group: ``W [n, R] ~ Z [n, F] B + O[group]``.
 
@@ -184,11 +195,7 @@ def fit_ridge(Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, al
     """
     Z = np.asarray(Z, np.float64)
     W = np.asarray(W, np.float64)
-    G = np.zeros((len(Z), n_groups))
-    G[np.arange(len(Z)), np.asarray(group, np.int64)] = 1.0
-    present = G.sum(0) > 0
-    A = np.concatenate([Z, G[:, present]], 1)
-    pen = np.concatenate([np.full(Z.shape[1], float(alpha)), np.zeros(int(present.sum()))])
+    A, pen, present = _ridge_design(Z, group, n_groups, alpha)
     coef = np.linalg.solve(A.T @ A + np.diag(pen) + 1e-9 * np.eye(A.shape[1]), A.T @ W)
     B = coef[: Z.shape[1]]
     O = np.zeros((n_groups, W.shape[1]))
@@ -196,30 +203,6 @@ def fit_ridge(Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, al
     if not present.all():
         O[~present] = O[present].mean(0)
     return B, O
-
-
-def ridge_loo_error(Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, alphas) -> np.ndarray:
-    """Leave-one-out squared error of :func:`fit_ridge` for each of ``alphas``: ``[len(alphas)]``.
-
-    Closed form (no refits): with ``A = [Z, G]``, ``M = A^T A + diag(alpha, 0)``, the hat diagonal
-    ``h_i = a_i^T M^-1 a_i`` and the in-sample residual ``e_i``, the left-out residual is ``e_i / (1 - h_i)``;
-    the error is ``sum_i |e_i|^2 / (1 - h_i)^2``.
-    """
-    Z = np.asarray(Z, np.float64)
-    W = np.asarray(W, np.float64)
-    G = np.zeros((len(Z), n_groups))
-    G[np.arange(len(Z)), np.asarray(group, np.int64)] = 1.0
-    A = np.concatenate([Z, G[:, G.sum(0) > 0]], 1)
-    AtA, AtW = A.T @ A, A.T @ W
-    out = []
-    for alpha in alphas:
-        pen = np.concatenate([np.full(Z.shape[1], float(alpha)), np.zeros(A.shape[1] - Z.shape[1])])
-        M = AtA + np.diag(pen) + 1e-9 * np.eye(A.shape[1])
-        coef = np.linalg.solve(M, AtW)
-        h = np.einsum("ij,ji->i", A, np.linalg.solve(M, A.T))
-        e = W - A @ coef
-        out.append(float(((e / np.maximum(1.0 - h, 1e-6)[:, None]) ** 2).sum()))
-    return np.asarray(out)
 
 
 def spatial_blocks(xy: np.ndarray, group: np.ndarray, side: float) -> np.ndarray:
@@ -249,16 +232,14 @@ def ridge_block_error(
     whose features overlap its own, leave with it, so the error measures what the image predicts at a place
     the fit has not seen). Closed form (no refits): with the hat matrix ``H = A M^-1 A^T`` (``A = [Z, G]``,
     ``M = A^T A + diag(alpha, 0)``) and in-sample residuals ``e``, block B's left-out residuals are
-    ``(I - H_BB)^-1 e_B``. One row per block is :func:`ridge_loo_error`.
+    ``(I - H_BB)^-1 e_B``. One row per block (``blocks = arange(n)``) is leave-one-out: ``e_i / (1 - h_i)``.
     """
     Z = np.asarray(Z, np.float64)
     W = np.asarray(W, np.float64)
     blocks = np.asarray(blocks)
     if Z.ndim != 2 or W.ndim != 2 or len(W) != len(Z) or blocks.shape != (len(Z),):
         raise ValueError(f"Z [n, F], W [n, R] and blocks [n] must share n; got {Z.shape}, {W.shape}, {blocks.shape}")
-    G = np.zeros((len(Z), n_groups))
-    G[np.arange(len(Z)), np.asarray(group, np.int64)] = 1.0
-    A = np.concatenate([Z, G[:, G.sum(0) > 0]], 1)
+    A, unit, _ = _ridge_design(Z, group, n_groups, 1.0)  # the penalty diagonal of alpha = 1
     AtA, AtW = A.T @ A, A.T @ W
     order = np.argsort(blocks, kind="stable")
     b = blocks[order]
@@ -272,8 +253,7 @@ def ridge_block_error(
     eye = np.eye(Ab.shape[1])
     out = []
     for alpha in alphas:
-        pen = np.concatenate([np.full(Z.shape[1], float(alpha)), np.zeros(A.shape[1] - Z.shape[1])])
-        Minv = np.linalg.inv(AtA + np.diag(pen) + 1e-9 * np.eye(A.shape[1]))
+        Minv = np.linalg.inv(AtA + np.diag(float(alpha) * unit) + 1e-9 * np.eye(A.shape[1]))
         e = W - A @ (Minv @ AtW)
         Eb = np.zeros((len(starts), Ab.shape[1], W.shape[1]))
         Eb[which, pos] = e[order]

@@ -85,6 +85,14 @@ class RefineOptions(Options):
         "where it brings the held-out half closer to the held-out neighbours; false: one fit of all cells, always "
         "kept (version 1)",
     )
+    min_heldout_share: float = option(
+        0.25,
+        "share of the folds' own (in-sample) correlation gain that must carry over to the held-out halves for a "
+        "warp to be kept; a warp fitted to noise or to anatomy that moves gains on its own cells and hardly on "
+        "the held-out ones; 0: any positive held-out gain (version 3)",
+        ge=0,
+        le=1,
+    )
     batch: int = option(4, "sections fitted as one batch per task (16-32 on GPU workers)", ge=1)
 
 
@@ -199,9 +207,10 @@ def _lddmm_task(
     :func:`kernels.groupwise.side_weights`), and whole.
     Fold a fits the *fit half* of the section's cells to the first template, fold b the *check half* to the
     second; each fold is then scored on what it never saw: fold a moves the check half and is compared with
-    the second template, fold b the reverse (normalised cross-correlation, gain over no warp). The section's
-    warp is the mean of the two folds' velocities when the mean of the two gains is positive, else none (it
-    keeps its affine; ``kept`` False). ``agreement``: the cosine similarity of the two folds' displacement
+    the second template, fold b the reverse (normalised cross-correlation, gain over no warp), and on what it
+    was fitted to (the in-sample gains). The section's warp is the mean of the two folds' velocities when the
+    held-out gains sum to more than 0 and to at least ``min_heldout_share`` of the in-sample gains' sum, else
+    none (it keeps its affine; ``kept`` False). ``agreement``: the cosine similarity of the two folds' displacement
     fields inside the tissue (split-half reproducibility; recorded, not used to decide).
     """
     import torch
@@ -250,22 +259,21 @@ def _lddmm_task(
     if not checked:  # both fold slots hold the one fit; nothing is held out, every warp is kept
         vs, reps = torch.cat([vs, vs]), reps + reps
     mass = opts["mass_preserving"]
-    gains, agreement = np.full((n, 2), np.nan), np.full(n, np.nan)
+    gains, fitted, agreement = np.full((n, 2), np.nan), np.full((n, 2), np.nan), np.full(n, np.nan)
     if checked:
         with torch.no_grad():
             moved = lddmm.integrate_inverse(vs)
             # fold a (fitted: fit half -> first template) moves the check half towards the second; b the reverse
             held_out = [(check, upper, moved[:n]), (fit, lower, moved[n:])]
-            gains = np.array(
-                [
-                    [
-                        ncc(lddmm.deform(img[i].double(), d[i].double(), mass), tpl[i].double())
-                        - ncc(img[i].double(), tpl[i].double())
-                        for img, tpl, d in held_out
-                    ]
-                    for i in range(n)
-                ]
-            )
+            in_sample = [(fit, lower, moved[:n]), (check, upper, moved[n:])]
+
+            def gain(img, tpl, d, i):
+                return ncc(lddmm.deform(img[i].double(), d[i].double(), mass), tpl[i].double()) - ncc(
+                    img[i].double(), tpl[i].double()
+                )
+
+            gains = np.array([[gain(*fold, i) for fold in held_out] for i in range(n)])
+            fitted = np.array([[gain(*fold, i) for fold in in_sample] for i in range(n)])
             # split-half reproducibility: do two fits from disjoint cells and disjoint neighbours move alike?
             tissue = (fit + check).sum(1)
             inside = (tissue > 0.05 * tissue.flatten(1).amax(1)[:, None, None]).unsqueeze(1).to(moved)
@@ -273,7 +281,9 @@ def _lddmm_task(
             num = (da * db).flatten(1).sum(1)
             den = (da.square().flatten(1).sum(1) * db.square().flatten(1).sum(1)).sqrt().clamp_min(1e-12)
             agreement = (num / den).cpu().numpy()
-    kept = gains.sum(1) > 0 if checked else np.ones(n, bool)  # cross-validation: the mean out-of-fold gain
+    # cross-validation: the out-of-fold gain, and enough of what the folds gained on their own cells carries over
+    share = float(opts["min_heldout_share"])
+    kept = (gains.sum(1) > 0) & (gains.sum(1) >= share * fitted.sum(1)) if checked else np.ones(n, bool)
     v = 0.5 * (vs[:n] + vs[n:]) * torch.from_numpy(kept).to(vs).reshape(-1, 1, 1, 1, 1)
     N = moving.shape[-1]
     inverse = lddmm.integrate_inverse(v).cpu().numpy()
@@ -292,6 +302,8 @@ def _lddmm_task(
                 "kept": bool(kept[i]),
                 "gain_a": float(gains[i, 0]),
                 "gain_b": float(gains[i, 1]),
+                "fitted_a": float(fitted[i, 0]),
+                "fitted_b": float(fitted[i, 1]),
                 "agreement": float(agreement[i]),
                 "data_before": 0.5 * (reps[i]["data_before"] + reps[n + i]["data_before"]),
                 "data_after": 0.5 * (reps[i]["data_after"] + reps[n + i]["data_after"]),
@@ -547,11 +559,20 @@ def _build(ctx: StageContext) -> dict:
             sides_txt = {SPLIT_ALTERNATE: "odd / even distance", SPLIT_NEAR_FAR: "nearest / farther neighbours"}.get(
                 split[k][2], "one neighbour only: cells held out"
             )
-            reasons.append(
-                f"held-out check failed: the warp fitted on half of the cells did not bring the other half closer "
-                f"to the sections it was not fitted to ({sides_txt}; correlation gains {rep['gain_a']:+.4f}, "
-                f"{rep['gain_b']:+.4f}); keeps its affine"
-            )
+            held_gain, own_gain = rep["gain_a"] + rep["gain_b"], rep["fitted_a"] + rep["fitted_b"]
+            if held_gain > 0:
+                reasons.append(
+                    f"held-out check failed: the warp fitted on half of the cells brought the other half closer to "
+                    f"the sections it was not fitted to by {held_gain:+.4f} in correlation, less than "
+                    f"{opts.min_heldout_share:g} of its gain on its own cells ({own_gain:+.4f}; {sides_txt}); "
+                    f"keeps its affine"
+                )
+            else:
+                reasons.append(
+                    f"held-out check failed: the warp fitted on half of the cells did not bring the other half closer "
+                    f"to the sections it was not fitted to ({sides_txt}; correlation gains {rep['gain_a']:+.4f}, "
+                    f"{rep['gain_b']:+.4f}); keeps its affine"
+                )
         elif gau is not None and gau["folded"]:
             reasons.append(f"folded warp (Jacobian determinant down to {gau['jacobian_min']:.3f}); keeps its affine")
         elif k in fell:
@@ -599,8 +620,10 @@ def _build(ctx: StageContext) -> dict:
     qc.attrs["heldout_gain"] = (
         "held-out check of the last LDDMM round, gain in correlation over no warp: a = the warp fitted on the fit "
         "half of the cells towards the neighbours at odd distance (at an end: the nearest neighbour), scored on the "
-        "check half against those at even distance (the farther neighbours); b = the reverse; the warp is kept when "
-        "their mean is positive. fold_agreement: cosine similarity of the two folds' displacements inside the tissue"
+        "check half against those at even distance (the farther neighbours); b = the reverse. insample_gain_a / b: "
+        "the same folds scored on the cells and neighbours they were fitted to. The warp is kept when the held-out "
+        "gains sum to more than 0 and to at least min_heldout_share of the in-sample ones. fold_agreement: cosine "
+        "similarity of the two folds' displacements inside the tissue"
     )
     qc.attrs["reasons"] = reasons
     data: dict[str, np.ndarray] = {
@@ -608,10 +631,15 @@ def _build(ctx: StageContext) -> dict:
         "ncc_after": scores[:, 1],
         "affine_loss": affine_loss,
     }
-    for key in ("gain_a", "gain_b", "agreement", "data_before", "data_after"):
-        name = {"gain_a": "heldout_gain_a", "gain_b": "heldout_gain_b", "agreement": "fold_agreement"}.get(
-            key, f"lddmm_{key}"
-        )
+    names = {
+        "gain_a": "heldout_gain_a",
+        "gain_b": "heldout_gain_b",
+        "fitted_a": "insample_gain_a",
+        "fitted_b": "insample_gain_b",
+        "agreement": "fold_agreement",
+    }
+    for key in ("gain_a", "gain_b", "fitted_a", "fitted_b", "agreement", "data_before", "data_after"):
+        name = names.get(key, f"lddmm_{key}")
         data[name] = np.array([reports[k][key] if k in reports else np.nan for k in range(S)])
     for key in ("jacobian_min", "jacobian_max", "displacement_max_um"):
         data[key] = np.array(
@@ -655,7 +683,8 @@ STAGE = Stage(
     options=RefineOptions,
     # 2: two-fold cross-fitted LDDMM, a warp kept only where the held-out check says it helps
     # 3: the group-wise affine weighs each channel by how well the other sections predict it
-    version=3,
+    # 4: a warp is kept only when a share (min_heldout_share) of its in-sample gain carries over to the held-out half
+    version=4,
     summary="Group-wise affine consistency, then LDDMM of each section against its neighbours in z, kept only "
     "where a held-out check confirms it.",
     build=_build,

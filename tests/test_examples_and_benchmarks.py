@@ -115,9 +115,12 @@ def test_registration_benchmark_smoke():
     assert lamina < 0.3 * centroid and paste < 0.5 * centroid and stalign < unaligned
     assert "**Targets**" in proc.stdout and "PASTE's own score" in proc.stdout
     # the validation on a phantom family with truth: affine and both fine stages scored in um
-    family = [line for line in proc.stdout.splitlines() if line.startswith("| sections far apart")][0].split("|")
+    family = [line for line in proc.stdout.splitlines() if line.startswith("| no non-linear warp")][0].split("|")
     medians = [float(family[k].strip(" *").split(" / ")[0]) for k in (2, 3, 4)]  # affine, unchecked, checked
     assert all(0.0 < m < 120.0 for m in medians), family
+    warped = [int(w) for w in family[6].split(" of ")[0].split(" / ")]  # unchecked, checked
+    assert warped[1] <= warped[0] == 4, family  # measured 4 / 1 of 4: the check drops warps with nothing to find
+    assert 0.0 < float(family[8].split(" / ")[2]) < 1.5, family  # the tube's track kept by the checked stage
     steps = proc.stdout.split("lamina's steps, median s per pair: ")[1].splitlines()[0]
     assert steps.startswith("ingest ") and " register " in steps and " refine " in steps, steps
 

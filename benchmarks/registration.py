@@ -89,7 +89,9 @@ def _label_rows(atlas, labels_col: str = "cell_type", client=None) -> dict:
 def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str, dict]:
     import lamina
     from lamina.kernels.geometry import fourier_displacement
+    from lamina.kernels.groupwise import smoothing_weights
     from lamina.kernels.ransac import fit_affine, rigid_residuals
+    from lamina.stages.refine import RefineOptions
 
     def true_xy(phantom):
         return np.concatenate([xyz for s in range(n_sections) for _, xyz in phantom.section_chunks(s)])[:, :2]
@@ -118,7 +120,8 @@ def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str
     oracle = affine_residuals(obs[["x", "y"]].to_numpy(np.float64))
     # the gauge bound: even perfect pairwise knowledge cannot see a deformation shared by all sections; an
     # estimator that sets the mean deformation to zero is off by the mean of the sections' warps
-    sub = truth[:: max(1, len(truth) // 50_000)]
+    step = max(1, len(truth) // 50_000)
+    sub, sub_sec = truth[::step], sec[::step]
     warps = np.stack(
         [fourier_displacement(sub, ph.warp_k[s], ph.warp_phase[s], ph.warp_amp[s]) for s in range(n_sections)]
     )
@@ -126,11 +129,7 @@ def phantom_rows(work: Path, client, n_cells: int, n_sections: int) -> tuple[str
     bound = rigid_residuals(sub + shared, sub)
     # the same bound for a template of neighbours (refine's z_sigma_sections): a warp shared by the sections
     # near k is invisible against them, so what is left is each section's Gaussian-in-z local mean of the warps
-    from lamina.kernels.groupwise import smoothing_weights
-    from lamina.stages.refine import RefineOptions
-
     sigma = RefineOptions().z_sigma_sections
-    sub_sec = sec[:: max(1, len(truth) // 50_000)]
     local = np.einsum("kj,jnd->knd", smoothing_weights(n_sections, sigma), warps)[sub_sec, np.arange(len(sub))]
     local_bound = rigid_residuals(sub + local, sub)
 

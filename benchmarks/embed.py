@@ -15,10 +15,12 @@ pybanksy 1.3.5, squidpy 1.8.2, cellcharter 0.3.7, stagate-modern 1.0.0.post1, gr
 torch-geometric 2.8.1, as benchmarks/embed_peers.requirements.txt lists; ``--make-peers-env DIR`` creates
 it). Wall time and peak RSS of each child.
 
-Phantom: a stack cut without transforms (raw = true positions), 4 curved layers and a tube constant in z,
-sparse sections (300 cells each) and noisy expression: the niche with 0, 1, 2 adjacent sections on each side
-(``z_sections``). Scores: k-means layer ARI (k = 5, 3 seeds) and a layer probe fitted on the even sections
-and scored on the odd ones (held out).
+Phantom: 12 stacks (``--phantom-seeds``, 20-31: seeds not used while the niche's 3D design was chosen) cut
+without transforms (raw = true positions), 4 curved layers and a tube constant in z, sparse sections (300
+cells each) and noisy expression: the niche with 0, 1, 2 adjacent sections on each side (``z_sections``;
+pooled into the disks, and the separate z block). Scores: k-means layer ARI (k = 5, 3 seeds) and a layer
+probe fitted on the even sections and scored on the odd ones (held out), each paired with the 2D niche of
+the same stack.
 
 Scale: phantoms of 1M / 3M (/ 10M) cells in 32 sections, positions taken as aligned, 10 PCs, the niche with
 its defaults (5 radii to 480 um, gradient, composition of 16 k-means types, the adjacent sections) on a
@@ -183,7 +185,16 @@ def run_osmfish(args, peers_python: str | None) -> list[dict]:
     return rows
 
 
+PHANTOM_VARIANTS = (
+    ("niche, z_sections=0 (2D)", {"z_sections": 0}),
+    ("niche, z_sections=1", {"z_sections": 1}),
+    ("niche, z_sections=1, z_mode=block", {"z_sections": 1, "z_mode": "block"}),
+    ("niche, z_sections=2", {"z_sections": 2}),
+)
+
+
 def run_phantom(args) -> list[dict]:
+    """One row per (phantom seed, embedding): layer ARI (k-means, 3 seeds) and the held-out-section probe."""
     from sklearn.cluster import KMeans
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import adjusted_rand_score
@@ -191,44 +202,42 @@ def run_phantom(args) -> list[dict]:
     import lamina
     from lamina.stages.warp import mark_aligned
 
-    work = Path(args.work) / "phantom"
     n, S = (1_200, 4) if args.smoke else (4_800, 16)
-    ph = lamina.datasets.phantom(
-        n_cells=n,
-        n_sections=S,
-        n_genes=16,
-        seed=5,
-        max_rotation_deg=0,
-        max_translation_um=0,
-        scale_range=0,
-        warp_um=0,
-        noise=1.5,
-    )
-    atlas = lamina.ingest(ph, work / "p.lamina.zarr", cell_chunk=1000, overwrite=True)
-    mark_aligned(atlas)
-    lamina.pca(atlas, n_pcs=10)
-    layers = np.asarray(atlas.root["cells/cell_type"][...])
-    train = np.asarray(atlas.root["cells/section"][...]) % 2 == 0
-
-    def scores(v):
-        ari = np.mean(
-            [adjusted_rand_score(layers, KMeans(5, n_init=5, random_state=s).fit_predict(v)) for s in range(3)]
+    rows = []
+    for seed in args.phantom_seeds:
+        work = Path(args.work) / f"phantom-{seed}"
+        ph = lamina.datasets.phantom(
+            n_cells=n,
+            n_sections=S,
+            n_genes=16,
+            seed=seed,
+            max_rotation_deg=0,
+            max_translation_um=0,
+            scale_range=0,
+            warp_um=0,
+            noise=1.5,
         )
-        acc = LogisticRegression(max_iter=2000).fit(v[train], layers[train]).score(v[~train], layers[~train])
-        return {"ari": float(ari), "probe": float(acc)}
+        atlas = lamina.ingest(ph, work / "p.lamina.zarr", cell_chunk=1000, overwrite=True)
+        mark_aligned(atlas)
+        lamina.pca(atlas, n_pcs=10)
+        layers = np.asarray(atlas.root["cells/cell_type"][...])
+        train = np.asarray(atlas.root["cells/section"][...]) % 2 == 0
 
-    rows = [{"what": "own PCs (10)", "seconds": 0.0, **scores(np.asarray(atlas.root["pca/pcs"][...]))}]
-    for z in (0, 1, 2):
-        t = time.perf_counter()
-        lamina.niche(atlas, radii_um=[30.0, 60.0, 120.0], z_sections=z)
-        rows.append(
-            {
-                "what": f"niche, z_sections={z}" + (" (2D)" if z == 0 else ""),
-                "seconds": time.perf_counter() - t,
-                **scores(np.asarray(atlas.embedding("niche")[0])),
-            }
-        )
-        print(rows[-1], flush=True)
+        def scores(v):
+            ari = np.mean(
+                [adjusted_rand_score(layers, KMeans(5, n_init=5, random_state=s).fit_predict(v)) for s in range(3)]
+            )
+            acc = LogisticRegression(max_iter=2000).fit(v[train], layers[train]).score(v[~train], layers[~train])
+            return {"ari": float(ari), "probe": float(acc)}
+
+        rows.append({"seed": seed, "what": "own PCs (10)", "seconds": 0.0, **scores(np.asarray(atlas.root["pca/pcs"][...]))})
+        for what, kw in PHANTOM_VARIANTS:
+            t = time.perf_counter()
+            lamina.niche(atlas, radii_um=[30.0, 60.0, 120.0], **kw)
+            seconds = time.perf_counter() - t
+            rows.append({"seed": seed, "what": what, "seconds": seconds, **scores(np.asarray(atlas.embedding("niche")[0]))})
+            print(rows[-1], flush=True)
+        shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
@@ -271,7 +280,7 @@ def _fmt(x, nd=3):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
-def render(osm: list[dict], phantom: list[dict], argv, peers_python) -> str:
+def render(osm: list[dict], argv, peers_python) -> str:
     lines = [
         "## Niche embeddings (benchmarks/embed.py)",
         "",
@@ -308,16 +317,43 @@ def render(osm: list[dict], phantom: list[dict], argv, peers_python) -> str:
         lines += ["", f"Targets (lamina niche, mean of {len(niches)} seeds): " + "; ".join(met) + "."]
     if peers_python is None:
         lines += ["", "Peers not run: no peers environment on this machine."]
-    lines += [
+    return "\n".join(lines) + "\n"
+
+
+def render_phantom(phantom: list[dict], argv, smoke: bool) -> str:
+    """Per embedding: mean (sd) over the phantom seeds, and the paired change against the 2D niche."""
+    seeds = sorted({r["seed"] for r in phantom})
+    n, S = (1_200, 4) if smoke else (4_800, 16)
+    lines = [
+        "## Niche embeddings in 3D: the layered phantom (benchmarks/embed.py)",
         "",
-        "Phantom stack (4,800 cells in 16 sections 35 um apart, 300 per section, noise sd 1.5, no transforms): "
-        "layers by k-means (ARI, 3 seeds) and a layer probe fitted on the even sections, scored on the odd "
-        "(held-out) ones; radii 30 / 60 / 120 um.",
+        f"{dt.date.today()} · {platform.machine()}, {len(os.sched_getaffinity(0))} cores, no GPU · Python "
+        f"{platform.python_version()} · command: `python benchmarks/embed.py {' '.join(argv)}`",
         "",
-        "| embedding | ARI | held-out probe accuracy | niche (s) |",
-        "|---|---|---|---|",
+        f"{len(seeds)} phantom stacks (seeds {', '.join(map(str, seeds))}; each {n:,} cells in {S} sections 35 um "
+        f"apart, {n // S} per section, noise sd 1.5, no transforms; 4 curved layers and a tube, constant in z): "
+        "layers by k-means with k = 5 (ARI, mean of 3 k-means seeds) and a layer probe fitted on the even "
+        "sections, scored on the odd (held-out) ones; radii 30 / 60 / 120 um, other options at their defaults.",
+        "",
+        "| embedding | ARI, mean (sd) | ARI - 2D, mean (sd) | stacks above 2D | held-out probe accuracy | "
+        "probe - 2D | niche (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['what']} | {r['ari']:.3f} | {r['probe']:.3f} | {r['seconds']:.1f} |" for r in phantom]
+    by = {}
+    for r in phantom:
+        by.setdefault(r["what"], {})[r["seed"]] = r
+    flat = by.get(PHANTOM_VARIANTS[0][0], {})
+    for what, rs in by.items():
+        ari = np.array([rs[s]["ari"] for s in seeds])
+        probe = np.array([rs[s]["probe"] for s in seeds])
+        d = ari - np.array([flat[s]["ari"] for s in seeds])
+        dp = probe - np.array([flat[s]["probe"] for s in seeds])
+        sd = lambda x: f"{x.std(ddof=1):.3f}" if len(x) > 1 else "-"  # noqa: E731
+        lines.append(
+            f"| {what} | {ari.mean():.3f} ({sd(ari)}) | {d.mean():+.3f} ({sd(d)}) | {int((d > 0).sum())} / "
+            f"{len(seeds)} | {probe.mean():.3f} | {dp.mean():+.3f} | "
+            f"{np.mean([rs[s]['seconds'] for s in seeds]):.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -359,6 +395,9 @@ def main(argv=None) -> int:
     p.add_argument("--write", action="store_true")
     p.add_argument("--scale-section", default="embed-scale", help="RESULTS.md section of the scale table")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument(
+        "--phantom-seeds", nargs="+", type=int, default=list(range(20, 32)), help="seeds of the 3D phantom stacks"
+    )
     p.add_argument("--child", choices=["osmfish", "scale"], help=argparse.SUPPRESS)
     p.add_argument("--variant", default="niche", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -380,7 +419,7 @@ def main(argv=None) -> int:
         print(f"peers environment ready: --peers-python {env / 'bin' / 'python'}")
         return 0
     if args.smoke:
-        args.sizes, args.sections, args.peers = [20_000], 4, []
+        args.sizes, args.sections, args.peers, args.phantom_seeds = [20_000], 4, [], [5]
     peers_python = args.peers_python or default_peers_python()
     osm, phantom, scale = [], [], []
     try:
@@ -395,11 +434,16 @@ def main(argv=None) -> int:
             scale = run_scale(args)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
-    if osm or phantom:
-        text = render(osm, phantom, argv, peers_python if args.peers else None)
+    if osm:
+        text = render(osm, argv, peers_python if args.peers else None)
         print(text)
         if args.write and not args.smoke:
             write_results(text, section="embed")
+    if phantom:
+        text = render_phantom(phantom, argv, args.smoke)
+        print(text)
+        if args.write and not args.smoke:
+            write_results(text, section="embed-3d")
     if scale:
         text = render_scale(scale, argv, args.sections)
         print(text)

@@ -223,19 +223,21 @@ def run_phantom(args) -> list[dict]:
         layers = np.asarray(atlas.root["cells/cell_type"][...])
         train = np.asarray(atlas.root["cells/section"][...]) % 2 == 0
 
-        def scores(v):
+        def scores(v, layers=layers, train=train):
             ari = np.mean(
                 [adjusted_rand_score(layers, KMeans(5, n_init=5, random_state=s).fit_predict(v)) for s in range(3)]
             )
             acc = LogisticRegression(max_iter=2000).fit(v[train], layers[train]).score(v[~train], layers[~train])
             return {"ari": float(ari), "probe": float(acc)}
 
-        rows.append({"seed": seed, "what": "own PCs (10)", "seconds": 0.0, **scores(np.asarray(atlas.root["pca/pcs"][...]))})
+        own = scores(np.asarray(atlas.root["pca/pcs"][...]))
+        rows.append({"seed": seed, "what": "own PCs (10)", "seconds": 0.0, **own})
         for what, kw in PHANTOM_VARIANTS:
             t = time.perf_counter()
             lamina.niche(atlas, radii_um=[30.0, 60.0, 120.0], **kw)
             seconds = time.perf_counter() - t
-            rows.append({"seed": seed, "what": what, "seconds": seconds, **scores(np.asarray(atlas.embedding("niche")[0]))})
+            found = scores(np.asarray(atlas.embedding("niche")[0]))
+            rows.append({"seed": seed, "what": what, "seconds": seconds, **found})
             print(rows[-1], flush=True)
         shutil.rmtree(work, ignore_errors=True)
     return rows

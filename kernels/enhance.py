@@ -176,22 +176,31 @@ def footprint_means(
     return means, cnt
 
 
-def _ridge_design(Z: np.ndarray, group: np.ndarray, n_groups: int, alpha: float):
+def _ridge_design(Z: np.ndarray, group: np.ndarray, n_groups: int, alpha):
     """``A = [Z, G]`` (``G`` the one-hot of the groups that hold rows), the penalty diagonal ``diag(alpha, 0)``
     and which groups hold rows."""
     G = np.zeros((len(Z), n_groups))
     G[np.arange(len(Z)), np.asarray(group, np.int64)] = 1.0
     present = G.sum(0) > 0
     A = np.concatenate([Z, G[:, present]], 1)
-    pen = np.concatenate([np.full(Z.shape[1], float(alpha)), np.zeros(int(present.sum()))])
-    return A, pen, present
+    return A, _penalty(alpha, Z.shape[1], int(present.sum())), present
+
+
+def _penalty(alpha, F: int, n_offsets: int) -> np.ndarray:
+    """The penalty diagonal ``[F + n_offsets]``: ``alpha`` (a number, or one per column of ``Z``), 0 for the
+    offsets."""
+    a = np.asarray(alpha, np.float64)
+    if a.ndim and a.shape != (F,):
+        raise ValueError(f"alpha must be a number or one per feature ({F}); got shape {a.shape}")
+    return np.concatenate([np.broadcast_to(a, (F,)), np.zeros(n_offsets)])
 
 
 def fit_ridge(Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, alpha: float):
     """Ridge regression with an unpenalised offset per group: ``W [n, R] ~ Z [n, F] B + O[group]``.
 
-    Solves ``min |W - Z B - G O|^2 + alpha |B|^2`` in closed form (``G`` the one-hot of ``group``). Returns
-    ``(B [F, R], O [n_groups, R])``; a group without rows gets the mean offset.
+    Solves ``min |W - Z B - G O|^2 + sum_f alpha_f |B_f|^2`` in closed form (``G`` the one-hot of ``group``;
+    ``alpha`` a number or ``[F]``, one penalty per feature). Returns ``(B [F, R], O [n_groups, R])``; a group
+    without rows gets the mean offset.
     """
     Z = np.asarray(Z, np.float64)
     W = np.asarray(W, np.float64)
@@ -226,7 +235,8 @@ def spatial_blocks(xy: np.ndarray, group: np.ndarray, side: float) -> np.ndarray
 def ridge_block_error(
     Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, alphas, blocks: np.ndarray
 ) -> np.ndarray:
-    """Leave-block-out squared error of :func:`fit_ridge` for each of ``alphas``: ``[len(alphas)]``.
+    """Leave-block-out squared error of :func:`fit_ridge` for each of ``alphas`` (numbers, or ``[F]`` penalties
+    per feature): ``[len(alphas)]``.
 
     Rows that share a label of ``blocks`` ``[n]`` are left out together (spatial blocks: a spot's neighbours,
     whose features overlap its own, leave with it, so the error measures what the image predicts at a place
@@ -239,7 +249,7 @@ def ridge_block_error(
     blocks = np.asarray(blocks)
     if Z.ndim != 2 or W.ndim != 2 or len(W) != len(Z) or blocks.shape != (len(Z),):
         raise ValueError(f"Z [n, F], W [n, R] and blocks [n] must share n; got {Z.shape}, {W.shape}, {blocks.shape}")
-    A, unit, _ = _ridge_design(Z, group, n_groups, 1.0)  # the penalty diagonal of alpha = 1
+    A, _, present = _ridge_design(Z, group, n_groups, 1.0)
     AtA, AtW = A.T @ A, A.T @ W
     order = np.argsort(blocks, kind="stable")
     b = blocks[order]
@@ -253,13 +263,78 @@ def ridge_block_error(
     eye = np.eye(Ab.shape[1])
     out = []
     for alpha in alphas:
-        Minv = np.linalg.inv(AtA + np.diag(float(alpha) * unit) + 1e-9 * np.eye(A.shape[1]))
+        pen = _penalty(alpha, Z.shape[1], int(present.sum()))
+        Minv = np.linalg.inv(AtA + np.diag(pen) + 1e-9 * np.eye(A.shape[1]))
         e = W - A @ (Minv @ AtW)
         Eb = np.zeros((len(starts), Ab.shape[1], W.shape[1]))
         Eb[which, pos] = e[order]
         Hbb = Ab @ Minv @ Ab.transpose(0, 2, 1)
         out.append(float((np.linalg.solve(eye - Hbb + 1e-9 * eye, Eb) ** 2).sum()))
     return np.asarray(out)
+
+
+def neighbour_design(
+    xy: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, sigmas, prior: float = 0.1, points=None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The neighbour features of spots ``[n, 2]`` (um) with scores ``W [n, R]`` in groups (sections): at the
+    spots themselves, each left out of its own, ``[n, R * len(sigmas)]``, and at ``points = (xy [k, 2],
+    group [k])`` from all ``n`` spots (None without points); ``base [n_groups, R]``, each group's mean score
+    (the mean of all spots for a group without any)."""
+    R = W.shape[1]
+    overall = W.mean(0) if len(W) else np.zeros(R)
+    base = np.array([W[group == g].mean(0) if (group == g).any() else overall for g in range(n_groups)])
+    own = np.zeros((len(W), R * len(sigmas)))
+    at = None if points is None else np.zeros((len(points[0]), R * len(sigmas)))
+    for g in range(n_groups):
+        m = np.flatnonzero(group == g)
+        own[m] = neighbour_features(xy[m], xy[m], W[m], base[g], sigmas, prior, exclude=np.arange(len(m)))
+        if points is not None:
+            p = np.flatnonzero(points[1] == g)
+            at[p] = neighbour_features(points[0][p], xy[m], W[m], base[g], sigmas, prior)
+    return own, at, base
+
+
+def neighbour_ridge_cv(
+    Z: np.ndarray,
+    W: np.ndarray,
+    xy: np.ndarray,
+    group: np.ndarray,
+    n_groups: int,
+    folds: np.ndarray,
+    sigmas,
+    penalties,
+    prior: float = 0.1,
+) -> np.ndarray:
+    """Cross-validated squared error of the head ``W ~ [Z, N] B + O[group]`` (:func:`fit_ridge`), ``N`` the
+    standardised neighbour features (:func:`neighbour_design`), for each of ``penalties`` ``[F + F_nb]``:
+    ``[len(penalties)]``.
+
+    Each fold (``folds [n]``, labels) is hidden as the spots a user hides are: the neighbour features of every
+    spot are recomputed from the other folds' spots only, so a held-out spot's neighbours say what they would
+    say about a spot never measured (the closed form of :func:`ridge_block_error` would keep the held-out spots
+    inside their neighbours' features).
+    """
+    Z, W = np.asarray(Z, np.float64), np.asarray(W, np.float64)
+    group = np.asarray(group, np.int64)
+    err = np.zeros(len(penalties))
+    for k in np.unique(folds):
+        held = folds == k
+        if held.all() or not held.any():
+            continue
+        tr = ~held
+        own, at, _ = neighbour_design(xy[tr], W[tr], group[tr], n_groups, sigmas, prior, (xy[held], group[held]))
+        mu, sd = own.mean(0), own.std(0)
+        sd = np.where(sd > 1e-12, sd, 1.0)
+        A_tr, _, present = _ridge_design(np.c_[Z[tr], (own - mu) / sd], group[tr], n_groups, 0.0)
+        G = np.zeros((int(held.sum()), n_groups))
+        G[np.arange(len(G)), group[held]] = 1.0
+        A_ho = np.c_[Z[held], (at - mu) / sd, G[:, present]]
+        AtA, AtW = A_tr.T @ A_tr, A_tr.T @ W[tr]
+        for j, pen in enumerate(penalties):
+            d = _penalty(pen, Z.shape[1] + own.shape[1], int(present.sum()))
+            coef = np.linalg.solve(AtA + np.diag(d) + 1e-9 * np.eye(len(d)), AtW)
+            err[j] += float(((W[held] - A_ho @ coef) ** 2).sum())
+    return err
 
 
 def residual_loo_error(spots: np.ndarray, residuals: np.ndarray, sigmas, prior: float = 0.1) -> np.ndarray:
@@ -334,6 +409,43 @@ def residual_field(
     return out
 
 
+def neighbour_features(
+    points: np.ndarray,
+    spots: np.ndarray,
+    scores: np.ndarray,
+    base: np.ndarray,
+    sigmas,
+    prior: float = 0.1,
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
+    """The spots' scores smoothed around each point, one block per width: ``[n, 2]`` points (um), ``[m, 2]``
+    spots, ``[m, R]`` scores, ``[R]`` base -> ``[n, R * len(sigmas)]`` (width-major).
+
+    ``n_sigma(p) = base + sum_s k(p, s) (w_s - base) / (sum_s k(p, s) + prior)``, ``k`` a Gaussian of width
+    ``sigma`` (um): the kernel-weighted mean of the nearby spots' scores, falling back to ``base`` (the section's
+    mean) where no spot is within a few sigma. ``exclude [n]``: the spot left out for each point (-1: none), so
+    that a fitted spot is not its own neighbour when the head learns how far to trust its neighbours.
+    """
+    from scipy.spatial import cKDTree
+
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    scores = np.asarray(scores, np.float64)
+    base = np.asarray(base, np.float64)
+    out = np.repeat(base[None], len(points), 0)
+    out = np.tile(out, (1, len(sigmas)))
+    if not len(spots) or not len(points):
+        return out
+    spots = np.asarray(spots, np.float64)
+    tree = cKDTree(spots)
+    R = scores.shape[1]
+    for j, sigma in enumerate(sigmas):
+        for a in range(0, len(points), BLOCK_POINTS):
+            b = min(len(points), a + BLOCK_POINTS)
+            ex = None if exclude is None else np.asarray(exclude)[a:b]
+            out[a:b, j * R : (j + 1) * R] += _kernel_mean(tree, spots, points[a:b], scores - base, sigma, prior, ex)
+    return out
+
+
 def footprint_mask(centres_sp: np.ndarray, radius_sp: float, h: int, w: int, origin=(0, 0)) -> np.ndarray:
     """Which spot's footprint each superpixel of an ``h x w`` block lies in: ``[h, w]`` int64, -1 for none.
 
@@ -404,18 +516,26 @@ def embedding_block(
     centres_sp: np.ndarray | None = None,
     radius_sp: float = 0.0,
     shift: np.ndarray | None = None,
+    neighbours: dict | None = None,
 ) -> np.ndarray:
     """Metagene scores of a block of context features: ``[F, h, w]`` -> ``[R, h, w]`` (float32).
 
-    ``s_p = ((z_p - mean) / scale) coef + offset + residual_field(p)``; with ``centres_sp`` / ``shift``
-    ``[m, R]``, every superpixel in spot ``i``'s footprint is moved by ``shift[i]`` (the projection that makes
-    each measured spot's footprint mean equal its scores).
+    ``s_p = ((z_p - mean) / scale) coef + ((n_p - nb.mean) / nb.scale) nb.coef + offset + residual_field(p)``,
+    ``n_p`` the fitted spots' scores smoothed around ``p`` (:func:`neighbour_features` with ``neighbours``'
+    ``spots_um, scores, base, sigmas_um, prior``; no term when ``neighbours`` is None); with ``centres_sp`` /
+    ``shift`` ``[m, R]``, every superpixel in spot ``i``'s footprint is moved by ``shift[i]`` (the projection
+    that makes each measured spot's footprint mean equal its scores).
     """
     F, h, w = block.shape
     z = (np.asarray(block, np.float64).reshape(F, -1).T - mean) / scale
     s = z @ coef + offset
+    pts = grid_points(origin, h, w, grid_to_um) if (len(spots_um) or neighbours) else None
+    if neighbours:
+        nb = neighbours
+        feats = neighbour_features(pts, nb["spots_um"], nb["scores"], nb["base"], nb["sigmas_um"], nb["prior"])
+        s += ((feats - nb["mean"]) / nb["scale"]) @ nb["coef"]
     if len(spots_um):
-        s += residual_field(grid_points(origin, h, w, grid_to_um), spots_um, residuals, sigma_um, prior)
+        s += residual_field(pts, spots_um, residuals, sigma_um, prior)
     if centres_sp is not None and shift is not None and len(centres_sp):
         owner = footprint_mask(centres_sp, radius_sp, h, w, origin).ravel()
         hit = owner >= 0

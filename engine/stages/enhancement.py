@@ -7,15 +7,19 @@ For the whole atlas at once (spots are few: a Visium section has <= 5k)::
 
     /X (log-normalised, non-negative) of the model genes --NMF (rank, fitted on <= fit_spots spots)-->
         loadings H [rank, gene] (metagenes) and spot scores W [spot, rank]
-    /histology/cells/features --ridge, one unpenalised offset per section--> W ~ standardised features @ coef
-        + offset: the forward-sum objective of a linear head (a spot's mean over its footprint is the head at its
-        footprint-mean features), its penalty by cross-validation with spots left out in spatial blocks;
+    W of the fitted spots --Gaussian means at neighbour_pitches, each spot left out of its own--> neighbour
+        features N [spot, rank x widths] (what the spots around a place say about it)
+    /histology/cells/features, N --ridge, one unpenalised offset per section--> W ~ standardised features @ coef
+        + standardised N @ neighbour_coef + offset: the forward-sum objective of a linear head (a spot's mean
+        over its footprint is the head at its footprint-mean features), one penalty for the image and one for
+        the neighbours, chosen by cross-validation over folds of spatial blocks that are hidden from N as well;
         residuals r = W - fitted, of the fitted spots only
 
 and per section, tile by tile::
 
     /histology/<section>/features --map_tiles(embedding_block)--> /enhance/<section>/embedding [rank, y, x]:
-        head + the residuals spread by a Gaussian of residual_sigma_um (+ with ``project``, each fitted spot's
+        head (image + the neighbour features of each superpixel) + the residuals spread by a Gaussian of
+        residual_sigma_um (+ with ``project``, each fitted spot's
         footprint shifted so its mean equals its scores) --map_tiles(gene_block)--> genes [gene, y, x]
 
 ``/enhance/cells/scores [cell, rank]``: every spot's (cell's) footprint mean of the embedding; its expression is
@@ -47,6 +51,8 @@ GENE_CHUNK = 16
 PRIOR = 0.1
 #: ridge penalties tried by alpha=null (cross-validated error, closed form)
 ALPHAS = tuple(10.0**k for k in range(-1, 7))
+#: folds (of whole spatial blocks) that choose the penalties when the head has a neighbour block
+CV_FOLDS = 10
 #: residual spreads tried by residual_sigma_um=null, in spot pitches (0: none)
 SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
@@ -56,8 +62,8 @@ class EnhanceOptions(Options):
     rank: int = option(10, "metagenes (NMF rank of the spots): dimensions of /enhance/<section>/embedding", ge=1)
     alpha: float | None = option(
         None,
-        "ridge penalty of the image head (standardised features); null: the least cross-validated error, spots "
-        "left out in blocks of cv_block_pitches",
+        "ridge penalty of the image features in the head (standardised); null: the least cross-validated error, "
+        "spots left out in blocks of cv_block_pitches (the neighbour block's penalty is always chosen so)",
         ge=0,
     )
     cv_block_pitches: float = option(
@@ -65,6 +71,12 @@ class EnhanceOptions(Options):
         "side (spot pitches) of the square blocks of spots left out together when alpha is chosen; 0: one spot at "
         "a time (version 1)",
         ge=0,
+    )
+    neighbour_pitches: tuple[float, ...] = option(
+        (0.75, 1.5, 3.0),
+        "Gaussian widths (spot pitches) at which the fitted spots' metagene scores, smoothed around each place, join "
+        "the image features in the head (a fitted spot is left out of its own when the head is fitted); (): the image "
+        "alone (version 2)",
     )
     residual_sigma_um: float | None = option(
         None,
@@ -168,6 +180,9 @@ def _build(ctx: StageContext) -> dict:
         fit_ridge,
         footprints,
         gene_block,
+        neighbour_design,
+        neighbour_features,
+        neighbour_ridge_cv,
         residual_field,
         residual_loo_error,
         ridge_block_error,
@@ -223,25 +238,50 @@ def _build(ctx: StageContext) -> dict:
     mean, scale = np.asarray(hist["feature_mean"][...]), np.asarray(hist["feature_scale"][...])
     scale = np.where(scale > 1e-12, scale, 1.0)
     Z = np.where(usable[:, None], (np.nan_to_num(Zraw) - mean) / scale, 0.0)
-    alpha = opts.alpha
-    if alpha is None:  # the image earns its weight: with no information in it the head shrinks to the offsets
+    # the neighbours' scores as features: the head learns, per metagene, how far to trust the image and how far
+    # the spots around (fitted on the fitted spots with each left out of its own smoothing, so the weight it
+    # learns is what a spot's neighbours say about it, not what it says about itself)
+    nb = {}
+    if opts.neighbour_pitches:
+        sig_nb = [float(k * pitch) for k in opts.neighbour_pitches]
+        own, _, base = neighbour_design(xy[fit], W[fit], sec[fit], len(sections), sig_nb, PRIOR)
+        sd = own.std(0)
+        nb = {"mean": own.mean(0), "scale": np.where(sd > 1e-12, sd, 1.0), "base": base, "sigmas_um": sig_nb}
+        nb["fit"] = (own - nb["mean"]) / nb["scale"]
+    Z_fit = np.c_[Z[fit], nb["fit"]] if nb else Z[fit]
+    # one penalty for the image features, one for the neighbour block: with a single one, informative neighbours
+    # would pull the penalty down and let an image that carries nothing into the head
+    F, F_nb = Z.shape[1], Z_fit.shape[1] - Z.shape[1]
+    pairs = [(a, b) for a in (ALPHAS if opts.alpha is None else (opts.alpha,)) for b in (ALPHAS if nb else (0.0,))]
+    alpha, alpha_nb = pairs[0]
+    if len(pairs) > 1:  # the image earns its weight: with no information in it the head shrinks to the offsets
         # a spot's context features overlap its neighbours': left out alone, the neighbours still in the fit
         # carry its place, and the error rewards a head that interpolates between spots (the residual field's
         # job) rather than one that reads the image; blocks leave the neighbours out with it
         blocks = spatial_blocks(xy[fit], sec[fit], opts.cv_block_pitches * pitch)
-        cv = ridge_block_error(Z[fit], W[fit], sec[fit], len(sections), ALPHAS, blocks)
-        alpha = ALPHAS[int(np.argmin(cv))]
+        penalties = [np.r_[np.full(F, a), np.full(F_nb, b)] for a, b in pairs]
+        if nb:  # folds of whole blocks, hidden from the neighbour features as well (see neighbour_ridge_cv)
+            _, label = np.unique(blocks, return_inverse=True)
+            folds = np.random.default_rng(opts.seed).permutation(label.max() + 1)[label] % CV_FOLDS
+            cv = neighbour_ridge_cv(Z[fit], W[fit], xy[fit], sec[fit], len(sections), folds, sig_nb, penalties, PRIOR)
+        else:
+            cv = ridge_block_error(Z_fit, W[fit], sec[fit], len(sections), penalties, blocks)
+        alpha, alpha_nb = pairs[int(np.argmin(cv))]
         log.info(
-            "enhance: ridge penalty %g (cross-validated error %.4g, blocks of %g pitches; %g: %.4g)",
+            "enhance: ridge penalties %g (image), %g (neighbours) (cross-validated error %.4g, blocks of %g pitches)",
             alpha,
+            alpha_nb,
             cv.min(),
             opts.cv_block_pitches,
-            ALPHAS[-1],
-            cv[-1],
         )
-    coef, offsets = fit_ridge(Z[fit], W[fit], sec[fit], len(sections), alpha)
-    head = Z @ coef + offsets[sec]
-    resid = np.where(fit[:, None], W - head, 0.0)
+    coef_all, offsets = fit_ridge(
+        Z_fit, W[fit], sec[fit], len(sections), np.r_[np.full(F, alpha), np.full(F_nb, alpha_nb)]
+    )
+    coef, coef_nb = coef_all[:F], coef_all[F:]
+    head = Z @ coef + offsets[sec]  # the image part (linear: its footprint mean is the head at the mean features)
+    head_fit = Z_fit @ coef_all + offsets[sec[fit]]  # the fitted spots as the head was fitted (left out)
+    resid = np.zeros_like(W)
+    resid[fit] = W[fit] - head_fit
     sigma_um = opts.residual_sigma_um
     if sigma_um is None:  # per section: residuals spread only within their own section
         sigmas = [k * pitch for k in SIGMAS]
@@ -251,7 +291,7 @@ def _build(ctx: StageContext) -> dict:
         )
         sigma_um = float(sigmas[int(np.argmin(loo))])
         log.info("enhance: residual sigma %g um (leave-one-out error %.4g; none: %.4g)", sigma_um, loo.min(), loo[0])
-    r2 = 1 - ((W[fit] - head[fit]) ** 2).sum() / max(((W[fit] - W[fit].mean(0)) ** 2).sum(), 1e-30)
+    r2 = 1 - ((W[fit] - head_fit) ** 2).sum() / max(((W[fit] - W[fit].mean(0)) ** 2).sum(), 1e-30)
 
     # per section: the embedding (and gene maps); each spot's scores = the footprint mean of the embedding
     scores = np.full((len(rows), rank), np.nan)
@@ -263,15 +303,23 @@ def _build(ctx: StageContext) -> dict:
         m, fm = sec == si, fit & (sec == si)
         radius_sp = float(hist[sid].attrs["spot_radius_um"]) / grid.sp_um
         centres = grid.centres(xy[m])
-        # the residual field's mean over each footprint (the head's is linear: head[m])
+        # the neighbour term and the residual field, each a mean over the footprint's superpixels (as the tiles
+        # apply them), so that a spot's scores are its footprint mean of the embedding
         field_mean = np.zeros((int(m.sum()), rank))
-        if sigma_um > 0 and fm.any():
+        if (sigma_um > 0 or nb) and fm.any():
             rr, cc, inside = footprints(centres, radius_sp, grid.h, grid.w)
-            pts = np.stack([cc + 0.5, rr + 0.5, np.ones(rr.shape)], -1) @ grid.grid_to_um.T
-            field = residual_field(pts[..., :2].reshape(-1, 2), xy[fm], resid[fm], sigma_um, PRIOR)
+            pts = (np.stack([cc + 0.5, rr + 0.5, np.ones(rr.shape)], -1) @ grid.grid_to_um.T)[..., :2].reshape(-1, 2)
+            field = np.zeros((len(pts), rank))
+            if nb:
+                near = neighbour_features(pts, xy[fm], W[fm], nb["base"][si], nb["sigmas_um"], PRIOR)
+                field += ((near - nb["mean"]) / nb["scale"]) @ coef_nb
+            if sigma_um > 0:
+                field += residual_field(pts, xy[fm], resid[fm], sigma_um, PRIOR)
             field = field.reshape(*rr.shape, rank)
             with np.errstate(invalid="ignore"):
                 field_mean = (field * inside[..., None]).sum(1) / inside.sum(1)[:, None]
+        elif nb:  # no fitted spot in this section: every place gets the base
+            field_mean += ((np.tile(nb["base"][si], len(nb["sigmas_um"])) - nb["mean"]) / nb["scale"]) @ coef_nb
         before = head[m] + field_mean
         shift = np.where(fit[m][:, None], W[m] - before, 0.0) if opts.project else None
         scores[m] = before if shift is None else before + shift
@@ -288,6 +336,18 @@ def _build(ctx: StageContext) -> dict:
             "centres_sp": centres[fit[m]] if shift is not None else None,
             "radius_sp": radius_sp,
             "shift": shift[fit[m]] if shift is not None else None,
+            "neighbours": None
+            if not nb
+            else {
+                "spots_um": xy[fm],
+                "scores": W[fm],
+                "base": nb["base"][si],
+                "sigmas_um": nb["sigmas_um"],
+                "prior": PRIOR,
+                "mean": nb["mean"],
+                "scale": nb["scale"],
+                "coef": coef_nb,
+            },
         }
         source = f"histology/{sid}/features"
         grid_map(
@@ -342,6 +402,11 @@ def _build(ctx: StageContext) -> dict:
     arrays.write_small(model, "feature_mean", mean, ("feature",))
     arrays.write_small(model, "feature_scale", scale, ("feature",))
     arrays.write_small(model, "coef", coef, ("feature", "metagene"))
+    if nb:
+        arrays.write_small(model, "neighbour_coef", coef_nb, ("neighbour_feature", "metagene"))
+        arrays.write_small(model, "neighbour_mean", nb["mean"], ("neighbour_feature",))
+        arrays.write_small(model, "neighbour_scale", nb["scale"], ("neighbour_feature",))
+        arrays.write_small(model, "neighbour_base", nb["base"], ("section", "metagene"))
     arrays.write_small(model, "offsets", offsets, ("section", "metagene"))
     arrays.write_small(model, "section", np.asarray(sections, dtype=str), ("section",))
     group.attrs.update(
@@ -350,7 +415,9 @@ def _build(ctx: StageContext) -> dict:
             "spot_diameter_um": float(hist.attrs["spot_diameter_um"]),
             "spot_pitch_um": pitch,
             "residual_sigma_um": sigma_um,
+            "neighbour_sigmas_um": nb["sigmas_um"] if nb else [],
             "alpha": alpha,
+            "neighbour_alpha": alpha_nb,
             "rank": rank,
         }
     )
@@ -363,6 +430,7 @@ def _build(ctx: StageContext) -> dict:
         "rank": rank,
         "head_r2": round(float(r2), 4),
         "alpha": alpha,
+        "neighbour_alpha": alpha_nb,
         "residual_sigma_um": round(sigma_um, 2),
     }
 
@@ -373,7 +441,8 @@ STAGE = Stage(
     inputs=("histology",),
     options=EnhanceOptions,
     # 2: alpha=null chosen by leaving spots out in spatial blocks (cv_block_pitches), not one at a time
-    version=2,
+    # 3: the neighbours' smoothed scores join the image features in the head (neighbour_pitches)
+    version=3,
     summary=(
         "Histology-guided high-definition expression: NMF metagenes of the spots, a ridge head on the histology "
         "features fitted by the forward-sum objective, plus the spots' residuals spread by a Gaussian -> "

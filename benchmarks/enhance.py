@@ -11,9 +11,10 @@ per-gene Pearson r between prediction and measurement over a section's scored sp
 Hidden spots: the model is fitted on the visible spots only (``fit_column``); scored on the hidden ones only.
 Checkerboard: (array_x + array_y) odd hidden; random: half of the spots, 5 seeds. Side by side in one run:
 inverse-distance interpolation of the visible spots (k = 4, the issue's baseline), Gaussian smoothing of the
-visible spots (sigma = the spot pitch), lamina enhance with defaults, and two ablations of it: the image head
-alone (``residual_sigma_um=0``) and the spots alone (``alpha=1e9``: the head keeps only its per-section offsets,
-so what is left is the low-rank smoothing of the spots).
+visible spots (sigma = the spot pitch), lamina enhance with defaults, and three ablations of it: the image alone
+(``neighbour_pitches=[]``, ``residual_sigma_um=0``), the spots alone (``alpha=1e9``: the image features leave the
+head, so what is left is the low-rank smoothing of the spots: its neighbour block and residual field), and
+version 2 (``neighbour_pitches=[]``: the image head and the spread residuals, without the neighbour block).
 
 Super-resolution: 2 x 2 blocks of array positions pooled into pseudo-spots (mean log expression, at the block's
 centroid, footprint diameter pitch * sqrt(2) + spot diameter); lamina is fitted on the pseudo-spots only and
@@ -211,11 +212,14 @@ def hidden_spots(
             "IDW k=4 (visible spots)": lambda v=vis: idw(Y, xy, section, v),
             "Gaussian smoothing, sigma = pitch (200 um)": lambda v=vis: gauss(Y, xy, section, v, 200.0),
             "lamina enhance (defaults)": lambda k=k: lamina_predict(atlas, {"fit_column": f"visible{k}"}),
-            "lamina: image head only (residual_sigma_um=0)": lambda k=k: lamina_predict(
-                atlas, {"fit_column": f"visible{k}", "residual_sigma_um": 0.0}
+            "lamina: image only (neighbour_pitches=[], residual_sigma_um=0)": lambda k=k: lamina_predict(
+                atlas, {"fit_column": f"visible{k}", "residual_sigma_um": 0.0, "neighbour_pitches": []}
             ),
             "lamina: spots only (alpha=1e9)": lambda k=k: lamina_predict(
                 atlas, {"fit_column": f"visible{k}", "alpha": 1e9}
+            ),
+            "lamina version 2 (neighbour_pitches=[])": lambda k=k: lamina_predict(
+                atlas, {"fit_column": f"visible{k}", "neighbour_pitches": []}
             ),
         }
         if enc_atlas is not None:
@@ -297,6 +301,7 @@ def super_resolution_case(work, name, section, x, y, bx, by, Y, truth, genes, se
     methods = {
         "copy the block value": (copy, 0.0),
         "lamina: spots only (alpha=1e9)": predict({"alpha": 1e9}),
+        "lamina version 2 (neighbour_pitches=[], project=true)": predict({"neighbour_pitches": []}),
         "lamina enhance (project=true)": predict({}),
     }
     for method, (pred, seconds) in methods.items():

@@ -583,12 +583,26 @@ def test_a_small_second_section_is_enhanced_with_the_shared_model(tmp_path):
     ph = histology_phantom(seed=2, folder=tmp_path / "img")
     two = ph.table.copy()
     two.loc[two.index[:12], "section"] = "S1"  # a second section of 12 spots (ingest refuses fewer than 10)
+    two["not_s1"] = (two["section"] != "S1").astype(np.int8)
     images = {"S0": ph.images["S0"], "S1": ph.images["S0"]}
-    atlas = bench.build_store(tmp_path / "two.lamina.zarr", two, ph.genes, images, ph.pixel_size_um)
+    atlas = bench.build_store(tmp_path / "two.lamina.zarr", two, ph.genes, images, ph.pixel_size_um, obs=["not_s1"])
     lamina.enhance(atlas)  # one model across the sections, an offset per section
     scores = np.asarray(atlas.root["enhance/cells/scores"][...])
     assert np.isfinite(scores).all() and scores.shape[0] == len(two)
     assert atlas.root["enhance/model/offsets"].shape[0] == 2
+    # a section with no fitted spot has no neighbours to read: the image-only head (version 2's, without the
+    # residuals it would not have either) predicts it, and the sections with spots keep the joint head
+    lamina.enhance(atlas, fit_column="not_s1")
+    g = atlas.root["enhance"]
+    assert g.attrs["image_only_sections"] == ["S1"] and "image_only_coef" in g["model"]
+    s1 = np.asarray(atlas.root["cells/not_s1"][...]) == 0
+    assert s1.sum() == 12
+    joint = np.asarray(g["cells/scores"][...])
+    lamina.enhance(atlas, fit_column="not_s1", neighbour_pitches=[], residual_sigma_um=0.0)
+    assert atlas.root["enhance"].attrs["image_only_sections"] == []
+    image_only = np.asarray(atlas.root["enhance/cells/scores"][...])
+    np.testing.assert_allclose(joint[s1], image_only[s1], rtol=1e-5, atol=1e-6)
+    assert np.abs(joint[~s1] - image_only[~s1]).max() > 1e-3
 
 
 def test_the_her2st_enhance_example_builds(tmp_path, data_dir):

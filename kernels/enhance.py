@@ -284,14 +284,14 @@ def neighbour_design(
     overall = W.mean(0) if len(W) else np.zeros(R)
     base = np.array([W[group == g].mean(0) if (group == g).any() else overall for g in range(n_groups)])
     own = np.zeros((len(W), R * len(sigmas)))
-    at = None if points is None else np.zeros((len(points[0]), R * len(sigmas)))
+    at = np.zeros((0 if points is None else len(points[0]), R * len(sigmas)))
     for g in range(n_groups):
         m = np.flatnonzero(group == g)
         own[m] = neighbour_features(xy[m], xy[m], W[m], base[g], sigmas, prior, exclude=np.arange(len(m)))
         if points is not None:
             p = np.flatnonzero(points[1] == g)
             at[p] = neighbour_features(points[0][p], xy[m], W[m], base[g], sigmas, prior)
-    return own, at, base
+    return own, (None if points is None else at), base
 
 
 def neighbour_ridge_cv(
@@ -529,7 +529,7 @@ def embedding_block(
     F, h, w = block.shape
     z = (np.asarray(block, np.float64).reshape(F, -1).T - mean) / scale
     s = z @ coef + offset
-    pts = grid_points(origin, h, w, grid_to_um) if (len(spots_um) or neighbours) else None
+    pts = grid_points(origin, h, w, grid_to_um)
     if neighbours:
         nb = neighbours
         feats = neighbour_features(pts, nb["spots_um"], nb["scores"], nb["base"], nb["sigmas_um"], nb["prior"])

@@ -195,7 +195,7 @@ def _penalty(alpha, F: int, n_offsets: int) -> np.ndarray:
     return np.concatenate([np.broadcast_to(a, (F,)), np.zeros(n_offsets)])
 
 
-def fit_ridge(Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, alpha: float):
+def fit_ridge(Z: np.ndarray, W: np.ndarray, group: np.ndarray, n_groups: int, alpha: float | np.ndarray):
     """Ridge regression with an unpenalised offset per group: ``W [n, R] ~ Z [n, F] B + O[group]``.
 
     Solves ``min |W - Z B - G O|^2 + sum_f alpha_f |B_f|^2`` in closed form (``G`` the one-hot of ``group``;

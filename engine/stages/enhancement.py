@@ -461,7 +461,8 @@ STAGE = Stage(
     version=3,
     summary=(
         "Histology-guided high-definition expression: NMF metagenes of the spots, a ridge head on the histology "
-        "features fitted by the forward-sum objective, plus the spots' residuals spread by a Gaussian -> "
+        "features and the neighbouring spots' smoothed scores fitted by the forward-sum objective, plus the spots' "
+        "residuals spread by a Gaussian -> "
         "/enhance/<section>/embedding [rank, y, x] (+ gene maps), /enhance/cells/scores."
     ),
     build=_build,

@@ -6,10 +6,11 @@ the composition of cell types at each radius (a categorical cell column, or ``au
 of the PCs, which uses no labels). In a stack of aligned sections the cells of the ``z_sections`` adjacent
 sections on each side (in-plane distance in the atlas frame) join the disks: ``z_mode="pool"`` (default)
 counts them in the means and compositions (a cylinder through the stack instead of a disk), ``"block"`` keeps
-the disk means over them apart, as a ``z`` block. Pooling was chosen because the separate block, at any
-weight, did not lift the phantom's layer ARI over 2D (12 phantoms: +0.002 mean), while pooling did
-(+0.034, 8 of 12 up; RESULTS.md): the adjacent sections' cells are more samples of the same niche, and
-a block of their own is one more direction for the PCA to spend its dimensions on. Each block (own,
+the disk means over them apart, as a ``z`` block. Pooling was chosen on 12 phantom stacks, where the
+separate block lifted the layer ARI over 2D by +0.002 on average and pooling by +0.034 (8 of 12 up), and
+holds on 12 other stacks (+0.021, 12 of 12; RESULTS.md ``embed-3d``): the adjacent sections' cells are more
+samples of the same niche, and a block of their own is one more direction for the PCA to spend its
+dimensions on. Each block (own,
 means at one radius, ...) is scaled to a total variance given by ``weights`` (split evenly over a block's
 radii), then the neighbourhood blocks are compressed to ``dim`` dimensions by PCA and the cell's own PCs,
 whitened, are appended at ``own_weight`` times the neighbourhood part's RMS

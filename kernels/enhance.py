@@ -431,8 +431,7 @@ def neighbour_features(
     points = np.asarray(points, np.float64).reshape(-1, 2)
     scores = np.asarray(scores, np.float64)
     base = np.asarray(base, np.float64)
-    out = np.repeat(base[None], len(points), 0)
-    out = np.tile(out, (1, len(sigmas)))
+    out = np.tile(base, (len(points), len(sigmas)))
     if not len(spots) or not len(points):
         return out
     spots = np.asarray(spots, np.float64)

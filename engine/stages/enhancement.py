@@ -253,12 +253,12 @@ def _build(ctx: StageContext) -> dict:
     # would pull the penalty down and let an image that carries nothing into the head
     F, F_nb = Z.shape[1], Z_fit.shape[1] - Z.shape[1]
     pairs = [(a, b) for a in (ALPHAS if opts.alpha is None else (opts.alpha,)) for b in (ALPHAS if nb else (0.0,))]
+    blocks = spatial_blocks(xy[fit], sec[fit], opts.cv_block_pitches * pitch)
     alpha, alpha_nb = pairs[0]
     if len(pairs) > 1:  # the image earns its weight: with no information in it the head shrinks to the offsets
         # a spot's context features overlap its neighbours': left out alone, the neighbours still in the fit
         # carry its place, and the error rewards a head that interpolates between spots (the residual field's
         # job) rather than one that reads the image; blocks leave the neighbours out with it
-        blocks = spatial_blocks(xy[fit], sec[fit], opts.cv_block_pitches * pitch)
         penalties = [np.r_[np.full(F, a), np.full(F_nb, b)] for a, b in pairs]
         if nb:  # folds of whole blocks, hidden from the neighbour features as well (see neighbour_ridge_cv)
             _, label = np.unique(blocks, return_inverse=True)
@@ -278,7 +278,6 @@ def _build(ctx: StageContext) -> dict:
         Z_fit, W[fit], sec[fit], len(sections), np.r_[np.full(F, alpha), np.full(F_nb, alpha_nb)]
     )
     coef, coef_nb = coef_all[:F], coef_all[F:]
-    head = Z @ coef + offsets[sec]  # the image part (linear: its footprint mean is the head at the mean features)
     head_fit = Z_fit @ coef_all + offsets[sec[fit]]  # the fitted spots as the head was fitted (left out)
     resid = np.zeros_like(W)
     resid[fit] = W[fit] - head_fit
@@ -299,12 +298,9 @@ def _build(ctx: StageContext) -> dict:
     if alone:
         alpha_alone = opts.alpha
         if alpha_alone is None:
-            blocks = spatial_blocks(xy[fit], sec[fit], opts.cv_block_pitches * pitch)
             cv = ridge_block_error(Z[fit], W[fit], sec[fit], len(sections), ALPHAS, blocks)
             alpha_alone = ALPHAS[int(np.argmin(cv))]
         coef_alone, offsets_alone = fit_ridge(Z[fit], W[fit], sec[fit], len(sections), alpha_alone)
-        for i in alone:
-            head[sec == i] = Z[sec == i] @ coef_alone + offsets_alone[i]
 
     # per section: the embedding (and gene maps); each spot's scores = the footprint mean of the embedding
     scores = np.full((len(rows), rank), np.nan)
@@ -314,7 +310,8 @@ def _build(ctx: StageContext) -> dict:
         grid = Grid.of(hist[sid])
         g = group.create_group(sid)
         m, fm = sec == si, fit & (sec == si)
-        nb_s = nb if si not in alone else {}
+        # the image part of the head (linear: its footprint mean is the head at the mean features)
+        c_img, off, nb_s = (coef_alone, offsets_alone[si], {}) if si in alone else (coef, offsets[si], nb)
         radius_sp = float(hist[sid].attrs["spot_radius_um"]) / grid.sp_um
         centres = grid.centres(xy[m])
         # the neighbour term and the residual field, each a mean over the footprint's superpixels (as the tiles
@@ -332,14 +329,14 @@ def _build(ctx: StageContext) -> dict:
             field = field.reshape(*rr.shape, rank)
             with np.errstate(invalid="ignore"):
                 field_mean = (field * inside[..., None]).sum(1) / inside.sum(1)[:, None]
-        before = head[m] + field_mean
+        before = Z[m] @ c_img + off + field_mean
         shift = np.where(fit[m][:, None], W[m] - before, 0.0) if opts.project else None
         scores[m] = before if shift is None else before + shift
         kwargs = {
             "mean": mean,
             "scale": scale,
-            "coef": coef if si not in alone else coef_alone,
-            "offset": offsets[si] if si not in alone else offsets_alone[si],
+            "coef": c_img,
+            "offset": off,
             "grid_to_um": grid.grid_to_um,
             "spots_um": xy[fm] if sigma_um > 0 else np.zeros((0, 2)),
             "residuals": resid[fm],

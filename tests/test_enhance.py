@@ -139,6 +139,41 @@ def test_neighbour_features_match_the_dense_formula_and_leave_a_spot_out_of_its_
     np.testing.assert_allclose(at, K.neighbour_features(pts, spots[:20], W[:20], b[0], sigmas, 0.1))
 
 
+def test_on_lattice_is_bilinear_between_its_nodes_and_the_same_for_any_tiling():
+    calls = []
+
+    def fn(nodes):
+        calls.append(len(nodes))
+        return np.c_[3.0 * nodes[:, 0] - 2.0 * nodes[:, 1] + 1.0, np.sin(nodes[:, 0] / 7.0)]
+
+    rc = np.stack(np.meshgrid(np.arange(40) + 0.5, np.arange(30) + 0.5), -1).reshape(-1, 2)
+    whole = K.on_lattice(rc, 6.0, fn)
+    np.testing.assert_allclose(whole[:, 0], 3.0 * rc[:, 0] - 2.0 * rc[:, 1] + 1.0, atol=1e-10)  # linear: exact
+    assert calls[-1] == 8 * 6  # the nodes 0, 6, ..., 42 by 0, 6, ..., 30: each once
+    at_node = K.on_lattice(np.array([[12.0, 18.0]]), 6.0, fn)
+    np.testing.assert_allclose(at_node, fn(np.array([[12.0, 18.0]])), atol=1e-12)
+    parts = np.concatenate([K.on_lattice(rc[i : i + 97], 6.0, fn) for i in range(0, len(rc), 97)])
+    np.testing.assert_array_equal(parts, whole)
+    # a smooth field: within the bilinear bound h^2 / 8 max |f''|
+    np.testing.assert_allclose(whole[:, 1], np.sin(rc[:, 0] / 7.0), atol=36 / (8 * 49) + 1e-9)
+
+
+def test_neighbour_field_interpolates_the_neighbour_features_within_a_small_error():
+    rng = np.random.default_rng(4)
+    g = np.arange(0, 2000, 100.0) + 50
+    spots = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    W = np.c_[(spots[:, 0] > 1000).astype(float) * 2.0, rng.uniform(0, 1, len(spots))]  # a step edge and noise
+    base, sigmas = W.mean(0), [20.0, 75.0, 300.0]
+    grid_to_um = np.array([[8.0, 0, 0], [0, 8.0, 0], [0, 0, 1]])  # 8 um superpixels
+    rc = rng.uniform(0, 250, (3000, 2))
+    exact = K.neighbour_features(K.to_um(rc, grid_to_um), spots, W, base, sigmas, 0.1)
+    got = K.neighbour_field(rc, grid_to_um, 8.0, spots, W, base, sigmas, 0.1)
+    np.testing.assert_allclose(got[:, :2], exact[:, :2], rtol=1e-12)  # 20 um: a step under a superpixel, exact
+    err = np.abs(got - exact)[:, 2:]
+    assert err[:, 0].max() < 0.01 * 2.0  # the step edge of height 2, to within 1%
+    assert err.max() < 0.05 and err.mean() < 0.005
+
+
 def test_neighbour_ridge_cv_hides_each_fold_from_the_neighbour_features():
     rng = np.random.default_rng(10)
     n = 90

@@ -18,7 +18,8 @@ For the whole atlas at once (spots are few: a Visium section has <= 5k)::
 and per section, tile by tile::
 
     /histology/<section>/features --map_tiles(embedding_block)--> /enhance/<section>/embedding [rank, y, x]:
-        head (image + the neighbour features of each superpixel) + the residuals spread by a Gaussian of
+        head (image + the neighbour features of each superpixel, each width interpolated from a lattice of
+        nodes a quarter of its sigma apart) + the residuals spread by a Gaussian of
         residual_sigma_um (+ with ``project``, each fitted spot's
         footprint shifted so its mean equals its scores) --map_tiles(gene_block)--> genes [gene, y, x]
 
@@ -181,12 +182,13 @@ def _build(ctx: StageContext) -> dict:
         footprints,
         gene_block,
         neighbour_design,
-        neighbour_features,
+        neighbour_field,
         neighbour_ridge_cv,
         residual_field,
         residual_loo_error,
         ridge_block_error,
         spatial_blocks,
+        to_um,
     )
     from ..store.elements import EnhanceSectionV1
     from .histology import Grid, grid_map
@@ -319,10 +321,13 @@ def _build(ctx: StageContext) -> dict:
         field_mean = np.zeros((int(m.sum()), rank))
         if (sigma_um > 0 or nb_s) and fm.any():
             rr, cc, inside = footprints(centres, radius_sp, grid.h, grid.w)
-            pts = (np.stack([cc + 0.5, rr + 0.5, np.ones(rr.shape)], -1) @ grid.grid_to_um.T)[..., :2].reshape(-1, 2)
+            rc = np.stack([cc + 0.5, rr + 0.5], -1).reshape(-1, 2)
+            pts = to_um(rc, grid.grid_to_um)
             field = np.zeros((len(pts), rank))
             if nb_s:
-                near = neighbour_features(pts, xy[fm], W[fm], nb["base"][si], nb["sigmas_um"], PRIOR)
+                near = neighbour_field(
+                    rc, grid.grid_to_um, grid.sp_um, xy[fm], W[fm], nb["base"][si], nb["sigmas_um"], PRIOR
+                )
                 field += ((near - nb["mean"]) / nb["scale"]) @ coef_nb
             if sigma_um > 0:
                 field += residual_field(pts, xy[fm], resid[fm], sigma_um, PRIOR)
@@ -348,6 +353,7 @@ def _build(ctx: StageContext) -> dict:
             "neighbours": None
             if not nb_s
             else {
+                "superpixel_um": grid.sp_um,
                 "spots_um": xy[fm],
                 "scores": W[fm],
                 "base": nb["base"][si],
@@ -455,7 +461,8 @@ STAGE = Stage(
     options=EnhanceOptions,
     # 2: alpha=null chosen by leaving spots out in spatial blocks (cv_block_pitches), not one at a time
     # 3: the neighbours' smoothed scores join the image features in the head (neighbour_pitches)
-    version=3,
+    # 4: the neighbour features of the maps interpolated from a lattice sigma / 4 apart (402 s -> ... at 40k px)
+    version=4,
     summary=(
         "Histology-guided high-definition expression: NMF metagenes of the spots, a ridge head on the histology "
         "features and the neighbouring spots' smoothed scores fitted by the forward-sum objective, plus the spots' "

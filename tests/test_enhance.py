@@ -322,6 +322,9 @@ def test_embedding_is_the_same_under_two_tilings_and_matches_the_spot_scores(tmp
     ph, atlas = _store(tmp_path)
     lamina.enhance(atlas, fit_column="visible", genes=["G00", "G03"], project=True)
     g = atlas.root["enhance"]
+    sp_um = atlas.root["histology/S0"].attrs["superpixel_um"]
+    # every neighbour width is interpolated from its lattice here, so the tiles must share its nodes
+    assert min(g.attrs["neighbour_sigmas_um"]) / (K.LATTICE_PER_SIGMA * sp_um) > 1.0
     emb = np.asarray(g["S0/embedding"][...])
     genes = np.asarray(g["S0/genes"][...])
     assert atlas.root["enhance/S0/genes"].chunks[0] == 2

@@ -173,26 +173,254 @@ def _spots(atlas: Atlas, sections: list[str]) -> tuple[np.ndarray, np.ndarray, n
 
 
 # -------------------------------------------------------------------------------------------- build
-def _build(ctx: StageContext) -> dict:
+def _metagenes(Y: np.ndarray, fit: np.ndarray, opts: EnhanceOptions) -> tuple[np.ndarray, np.ndarray]:
+    """NMF of the fitted spots' expression ``Y [spot, gene]``: loadings ``H [rank * seeds, gene]`` and scores
+    ``W [spot, rank * seeds]`` (0 for the spots not fitted); with ``seeds`` > 1, ``W H`` is the mean of the
+    bootstrap models' ``W_k H_k``."""
     from sklearn.decomposition import NMF
 
+    fit_idx = np.flatnonzero(fit)
+    nmf_idx = np.sort(np.random.default_rng(opts.seed).choice(fit_idx, min(len(fit_idx), opts.fit_spots), False))
+    rank = min(opts.rank, Y.shape[1], len(nmf_idx))
+    Hs, Ws = [], []
+    for k in range(opts.seeds):
+        sample = nmf_idx
+        if opts.seeds > 1:
+            sample = np.random.default_rng(opts.seed + k).choice(nmf_idx, len(nmf_idx), replace=True)
+        nmf = NMF(rank, init="nndsvda", max_iter=1000, random_state=opts.seed + k).fit(Y[sample])
+        Hs.append(nmf.components_ / opts.seeds)
+        Ws.append(nmf.transform(Y[fit]))
+    H = np.vstack(Hs)
+    W = np.zeros((len(Y), H.shape[0]))
+    W[fit] = np.hstack(Ws)
+    return H, W
+
+
+@dataclass
+class Head:
+    """The fitted head and what the maps need of it (``R`` metagenes, ``F`` image features, ``S`` sections)."""
+
+    coef: np.ndarray  # [F, R] on the standardised image features
+    offsets: np.ndarray  # [S, R]
+    alpha: float
+    #: {} or the neighbour block: mean, scale [R * widths], base [S, R], sigmas_um, coef [R * widths, R]
+    nb: dict
+    alpha_nb: float
+    resid: np.ndarray  # [spot, R]: W - head of the fitted spots (0 elsewhere)
+    sigma_um: float  # of the residual field (0: none)
+    r2: float
+    alone: list[int]  # sections without a fitted spot: an image-only head
+    coef_alone: np.ndarray | None = None
+    offsets_alone: np.ndarray | None = None
+
+    def of_section(self, si: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """The image coefficients, offset and neighbour block that section ``si``'s maps use."""
+        if si in self.alone:
+            ensure(self.coef_alone is not None and self.offsets_alone is not None, "enhance: no image-only head")
+            return np.asarray(self.coef_alone), np.asarray(self.offsets_alone)[si], {}
+        return self.coef, self.offsets[si], self.nb
+
+
+def _fit_head(
+    Z: np.ndarray, W: np.ndarray, xy: np.ndarray, sec: np.ndarray, fit: np.ndarray, n_sec: int, pitch: float, opts
+) -> Head:
+    """The ridge head ``W ~ Z coef + N coef_nb + offset[section]`` on the fitted spots (``Z [spot, F]``
+    standardised footprint features, ``N`` the neighbour features), its penalties, residuals and residual width."""
     from ..kernels.enhance import (
-        embedding_block,
         fit_ridge,
-        footprints,
-        gene_block,
         neighbour_design,
-        neighbour_field,
         neighbour_ridge_cv,
-        residual_field,
         residual_loo_error,
         ridge_block_error,
         spatial_blocks,
-        to_um,
     )
+
+    # the neighbours' scores as features: the head learns, per metagene, how far to trust the image and how far
+    # the spots around (fitted on the fitted spots with each left out of its own smoothing, so the weight it
+    # learns is what a spot's neighbours say about it, not what it says about itself)
+    nb: dict = {}
+    if opts.neighbour_pitches:
+        sig_nb = [float(k * pitch) for k in opts.neighbour_pitches]
+        own, _, base = neighbour_design(xy[fit], W[fit], sec[fit], n_sec, sig_nb, PRIOR)
+        sd = own.std(0)
+        nb = {"mean": own.mean(0), "scale": np.where(sd > 1e-12, sd, 1.0), "base": base, "sigmas_um": sig_nb}
+        nb["fit"] = (own - nb["mean"]) / nb["scale"]
+    Z_fit = np.c_[Z[fit], nb["fit"]] if nb else Z[fit]
+    # one penalty for the image features, one for the neighbour block: with a single one, informative neighbours
+    # would pull the penalty down and let an image that carries nothing into the head
+    F, F_nb = Z.shape[1], Z_fit.shape[1] - Z.shape[1]
+    pairs = [(a, b) for a in (ALPHAS if opts.alpha is None else (opts.alpha,)) for b in (ALPHAS if nb else (0.0,))]
+    blocks = spatial_blocks(xy[fit], sec[fit], opts.cv_block_pitches * pitch)
+    alpha, alpha_nb = pairs[0]
+    if len(pairs) > 1:  # the image earns its weight: with no information in it the head shrinks to the offsets
+        # a spot's context features overlap its neighbours': left out alone, the neighbours still in the fit
+        # carry its place, and the error rewards a head that interpolates between spots (the residual field's
+        # job) rather than one that reads the image; blocks leave the neighbours out with it
+        penalties = [np.r_[np.full(F, a), np.full(F_nb, b)] for a, b in pairs]
+        if nb:  # folds of whole blocks, hidden from the neighbour features as well (see neighbour_ridge_cv)
+            _, label = np.unique(blocks, return_inverse=True)
+            folds = np.random.default_rng(opts.seed).permutation(label.max() + 1)[label] % CV_FOLDS
+            cv = neighbour_ridge_cv(Z[fit], W[fit], xy[fit], sec[fit], n_sec, folds, nb["sigmas_um"], penalties, PRIOR)
+        else:
+            cv = ridge_block_error(Z_fit, W[fit], sec[fit], n_sec, penalties, blocks)
+        alpha, alpha_nb = pairs[int(np.argmin(cv))]
+        log.info(
+            "enhance: ridge penalties %g (image), %g (neighbours) (cross-validated error %.4g, blocks of %g pitches)",
+            alpha,
+            alpha_nb,
+            cv.min(),
+            opts.cv_block_pitches,
+        )
+    coef_all, offsets = fit_ridge(Z_fit, W[fit], sec[fit], n_sec, np.r_[np.full(F, alpha), np.full(F_nb, alpha_nb)])
+    if nb:
+        nb["coef"] = coef_all[F:]
+        del nb["fit"]
+    head_fit = Z_fit @ coef_all + offsets[sec[fit]]  # the fitted spots as the head was fitted (left out)
+    resid = np.zeros_like(W)
+    resid[fit] = W[fit] - head_fit
+    sigma_um = opts.residual_sigma_um
+    if sigma_um is None:  # per section: residuals spread only within their own section
+        sigmas = [k * pitch for k in SIGMAS]
+        loo = sum(
+            residual_loo_error(xy[fit & (sec == i)], resid[fit & (sec == i)], sigmas, PRIOR) for i in range(n_sec)
+        )
+        sigma_um = float(sigmas[int(np.argmin(loo))])
+        log.info("enhance: residual sigma %g um (leave-one-out error %.4g; none: %.4g)", sigma_um, loo.min(), loo[0])
+    r2 = 1 - ((W[fit] - head_fit) ** 2).sum() / max(((W[fit] - W[fit].mean(0)) ** 2).sum(), 1e-30)
+    head = Head(coef_all[:F], offsets, alpha, nb, alpha_nb, resid, float(sigma_um), float(r2), [])
+    # a section without a fitted spot has no neighbours to read: it gets a head fitted on the image alone (the
+    # joint head leans on its neighbour block, and its image part alone under-predicts: on her2st's held-out
+    # sections r fell by up to 0.05 with it)
+    head.alone = [i for i in range(n_sec) if nb and not (fit & (sec == i)).any()]
+    if head.alone:
+        alpha_alone = opts.alpha
+        if alpha_alone is None:
+            cv = ridge_block_error(Z[fit], W[fit], sec[fit], n_sec, ALPHAS, blocks)
+            alpha_alone = ALPHAS[int(np.argmin(cv))]
+        head.coef_alone, head.offsets_alone = fit_ridge(Z[fit], W[fit], sec[fit], n_sec, alpha_alone)
+    return head
+
+
+def _enhance_section(
+    ctx: StageContext,
+    si: int,
+    head: Head,
+    spots: dict,
+    H: np.ndarray,
+    Y: np.ndarray,
+    maps: list[int],
+    feature_mean: np.ndarray,
+    feature_scale: np.ndarray,
+) -> np.ndarray:
+    """Section ``si``'s embedding (and gene maps), tile by tile; returns its spots' scores ``[spot, R]``, each the
+    footprint mean of the embedding. ``spots``: the enhanced sections' ``sec, xy, Z, W, fit`` (all spots)."""
+    from ..kernels.enhance import embedding_block, footprints, gene_block, neighbour_field, residual_field, to_um
     from ..store.elements import EnhanceSectionV1
     from .histology import Grid, grid_map
 
+    opts, group = ctx.options, ctx.group
+    hist = ctx.atlas.root["histology"]
+    sid = str(hist.attrs["sections"][si])
+    sec, xy, Z, W, fit = (spots[k] for k in ("sec", "xy", "Z", "W", "fit"))
+    rank, sigma_um = W.shape[1], head.sigma_um
+    grid = Grid.of(hist[sid])
+    g = group.create_group(sid)
+    m, fm = sec == si, fit & (sec == si)
+    # the image part of the head (linear: its footprint mean is the head at the mean features)
+    c_img, off, nb = head.of_section(si)
+    radius_sp = float(hist[sid].attrs["spot_radius_um"]) / grid.sp_um
+    centres = grid.centres(xy[m])
+    # the neighbour term and the residual field, each a mean over the footprint's superpixels (as the tiles
+    # apply them), so that a spot's scores are its footprint mean of the embedding
+    field_mean = np.zeros((int(m.sum()), rank))
+    if (sigma_um > 0 or nb) and fm.any():
+        rr, cc, inside = footprints(centres, radius_sp, grid.h, grid.w)
+        rc = np.stack([cc + 0.5, rr + 0.5], -1).reshape(-1, 2)
+        pts = to_um(rc, grid.grid_to_um)
+        field = np.zeros((len(pts), rank))
+        if nb:
+            near = neighbour_field(
+                rc, grid.grid_to_um, grid.sp_um, xy[fm], W[fm], nb["base"][si], nb["sigmas_um"], PRIOR
+            )
+            field += ((near - nb["mean"]) / nb["scale"]) @ nb["coef"]
+        if sigma_um > 0:
+            field += residual_field(pts, xy[fm], head.resid[fm], sigma_um, PRIOR)
+        field = field.reshape(*rr.shape, rank)
+        with np.errstate(invalid="ignore"):
+            field_mean = (field * inside[..., None]).sum(1) / inside.sum(1)[:, None]
+    before = Z[m] @ c_img + off + field_mean
+    shift = np.where(fit[m][:, None], W[m] - before, 0.0) if opts.project else None
+    kwargs = {
+        "mean": feature_mean,
+        "scale": feature_scale,
+        "coef": c_img,
+        "offset": off,
+        "grid_to_um": grid.grid_to_um,
+        "spots_um": xy[fm] if sigma_um > 0 else np.zeros((0, 2)),
+        "residuals": head.resid[fm],
+        "sigma_um": max(sigma_um, 1e-9),
+        "prior": PRIOR,
+        "centres_sp": centres[fit[m]] if shift is not None else None,
+        "radius_sp": radius_sp,
+        "shift": shift[fit[m]] if shift is not None else None,
+        "neighbours": None
+        if not nb
+        else {
+            "superpixel_um": grid.sp_um,
+            "spots_um": xy[fm],
+            "scores": W[fm],
+            "base": nb["base"][si],
+            "sigmas_um": nb["sigmas_um"],
+            "prior": PRIOR,
+            "mean": nb["mean"],
+            "scale": nb["scale"],
+            "coef": nb["coef"],
+        },
+    }
+    source = f"histology/{sid}/features"
+    grid_map(
+        ctx, grid, g, embedding_block, source, "embedding", rank, "metagene", halo=0, with_origin=True, kwargs=kwargs
+    )
+    if maps:
+        kw = {"loadings": H[:, maps]}
+        if opts.project:  # the footprint of a fitted spot: its measurement, gene by gene
+            kw.update(centres_sp=centres[fit[m]], radius_sp=radius_sp, shift=(Y[fm] - W[fm] @ H)[:, maps])
+        src = f"{g.path}/embedding"
+        grid_map(
+            ctx, grid, g, gene_block, src, "genes", len(maps), "gene", GENE_CHUNK, halo=0, with_origin=True, kwargs=kw
+        )
+        arrays.write_small(g, "gene", np.asarray(list(opts.genes), dtype=str), ("gene",))
+    g.attrs.update({k: hist[sid].attrs[k] for k in ("section", "superpixel_um", "grid_to_section", "image_level")})
+    g.attrs["spot_radius_um"] = hist[sid].attrs["spot_radius_um"]
+    EnhanceSectionV1.stamp(g)
+    return before if shift is None else before + shift
+
+
+def _write_cells(atlas: Atlas, group, rows: np.ndarray, scores: np.ndarray, fit: np.ndarray, E) -> None:
+    """``/enhance/cells``: scores [cell, R] and fitted [cell] (NaN / False outside the enhanced sections) and, with
+    ``E [spot, gene]`` (``project``), residuals [cell, gene]; written whole cell chunks at a time, in order."""
+    n, chunk, rank = atlas.n_cells, atlas.cell_chunk, scores.shape[1]
+    cells = group.create_group("cells")
+    target = arrays.create(cells, "scores", (n, rank), np.float32, (chunk, rank), ("cell", "metagene"))
+    fitted = arrays.create(cells, "fitted", (n,), bool, (chunk,), ("cell",))
+    resid_x = None
+    if E is not None:  # what the metagenes miss of each fitted spot's measurement: x - W H (0 elsewhere)
+        G = E.shape[1]
+        resid_x = arrays.create(cells, "residuals", (n, G), np.float32, (chunk, min(G, 256)), ("cell", "gene"))
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        sel = (rows >= a) & (rows < b)
+        block, flag = np.full((b - a, rank), np.nan, np.float32), np.zeros(b - a, bool)
+        block[rows[sel] - a] = scores[sel]
+        flag[rows[sel] - a] = fit[sel]
+        target[a:b], fitted[a:b] = block, flag
+        if resid_x is not None:
+            res = np.zeros((b - a, E.shape[1]), np.float32)
+            res[rows[sel] - a] = E[sel]
+            resid_x[a:b] = res
+
+
+def _build(ctx: StageContext) -> dict:
     atlas, opts, group = ctx.atlas, ctx.options, ctx.group
     hist = atlas.root["histology"]
     sections = [str(s) for s in hist.attrs["sections"]]
@@ -218,20 +446,7 @@ def _build(ctx: StageContext) -> dict:
             f"{int(rows[fit][np.argmax(bad[fit].any(1))])}); enhance needs counts or log-normalised expression "
             f"(ingest with normalize='log1p', not scaled values)"
         )
-    fit_idx = np.flatnonzero(fit)
-    nmf_idx = np.sort(np.random.default_rng(opts.seed).choice(fit_idx, min(len(fit_idx), opts.fit_spots), False))
-    rank = min(opts.rank, len(gene_idx), len(nmf_idx))
-    Hs, Ws = [], []
-    for k in range(opts.seeds):  # W H = the mean of the models' W_k H_k
-        sample = nmf_idx
-        if opts.seeds > 1:
-            sample = np.random.default_rng(opts.seed + k).choice(nmf_idx, len(nmf_idx), replace=True)
-        nmf = NMF(rank, init="nndsvda", max_iter=1000, random_state=opts.seed + k).fit(Y[sample])
-        Hs.append(nmf.components_ / opts.seeds)
-        Ws.append(nmf.transform(Y[fit]))
-    H = np.vstack(Hs)
-    W = np.zeros((len(rows), H.shape[0]))
-    W[fit] = np.hstack(Ws)
+    H, W = _metagenes(Y, fit, opts)
     rank = H.shape[0]
 
     # the image head and its residuals
@@ -240,203 +455,44 @@ def _build(ctx: StageContext) -> dict:
     mean, scale = np.asarray(hist["feature_mean"][...]), np.asarray(hist["feature_scale"][...])
     scale = np.where(scale > 1e-12, scale, 1.0)
     Z = np.where(usable[:, None], (np.nan_to_num(Zraw) - mean) / scale, 0.0)
-    # the neighbours' scores as features: the head learns, per metagene, how far to trust the image and how far
-    # the spots around (fitted on the fitted spots with each left out of its own smoothing, so the weight it
-    # learns is what a spot's neighbours say about it, not what it says about itself)
-    nb = {}
-    if opts.neighbour_pitches:
-        sig_nb = [float(k * pitch) for k in opts.neighbour_pitches]
-        own, _, base = neighbour_design(xy[fit], W[fit], sec[fit], len(sections), sig_nb, PRIOR)
-        sd = own.std(0)
-        nb = {"mean": own.mean(0), "scale": np.where(sd > 1e-12, sd, 1.0), "base": base, "sigmas_um": sig_nb}
-        nb["fit"] = (own - nb["mean"]) / nb["scale"]
-    Z_fit = np.c_[Z[fit], nb["fit"]] if nb else Z[fit]
-    # one penalty for the image features, one for the neighbour block: with a single one, informative neighbours
-    # would pull the penalty down and let an image that carries nothing into the head
-    F, F_nb = Z.shape[1], Z_fit.shape[1] - Z.shape[1]
-    pairs = [(a, b) for a in (ALPHAS if opts.alpha is None else (opts.alpha,)) for b in (ALPHAS if nb else (0.0,))]
-    blocks = spatial_blocks(xy[fit], sec[fit], opts.cv_block_pitches * pitch)
-    alpha, alpha_nb = pairs[0]
-    if len(pairs) > 1:  # the image earns its weight: with no information in it the head shrinks to the offsets
-        # a spot's context features overlap its neighbours': left out alone, the neighbours still in the fit
-        # carry its place, and the error rewards a head that interpolates between spots (the residual field's
-        # job) rather than one that reads the image; blocks leave the neighbours out with it
-        penalties = [np.r_[np.full(F, a), np.full(F_nb, b)] for a, b in pairs]
-        if nb:  # folds of whole blocks, hidden from the neighbour features as well (see neighbour_ridge_cv)
-            _, label = np.unique(blocks, return_inverse=True)
-            folds = np.random.default_rng(opts.seed).permutation(label.max() + 1)[label] % CV_FOLDS
-            cv = neighbour_ridge_cv(Z[fit], W[fit], xy[fit], sec[fit], len(sections), folds, sig_nb, penalties, PRIOR)
-        else:
-            cv = ridge_block_error(Z_fit, W[fit], sec[fit], len(sections), penalties, blocks)
-        alpha, alpha_nb = pairs[int(np.argmin(cv))]
-        log.info(
-            "enhance: ridge penalties %g (image), %g (neighbours) (cross-validated error %.4g, blocks of %g pitches)",
-            alpha,
-            alpha_nb,
-            cv.min(),
-            opts.cv_block_pitches,
-        )
-    coef_all, offsets = fit_ridge(
-        Z_fit, W[fit], sec[fit], len(sections), np.r_[np.full(F, alpha), np.full(F_nb, alpha_nb)]
-    )
-    coef, coef_nb = coef_all[:F], coef_all[F:]
-    head_fit = Z_fit @ coef_all + offsets[sec[fit]]  # the fitted spots as the head was fitted (left out)
-    resid = np.zeros_like(W)
-    resid[fit] = W[fit] - head_fit
-    sigma_um = opts.residual_sigma_um
-    if sigma_um is None:  # per section: residuals spread only within their own section
-        sigmas = [k * pitch for k in SIGMAS]
-        loo = sum(
-            residual_loo_error(xy[fit & (sec == i)], resid[fit & (sec == i)], sigmas, PRIOR)
-            for i in range(len(sections))
-        )
-        sigma_um = float(sigmas[int(np.argmin(loo))])
-        log.info("enhance: residual sigma %g um (leave-one-out error %.4g; none: %.4g)", sigma_um, loo.min(), loo[0])
-    r2 = 1 - ((W[fit] - head_fit) ** 2).sum() / max(((W[fit] - W[fit].mean(0)) ** 2).sum(), 1e-30)
-    # a section without a fitted spot has no neighbours to read: it gets a head fitted on the image alone (the
-    # joint head leans on its neighbour block, and its image part alone under-predicts: on her2st's held-out
-    # sections r fell by up to 0.05 with it)
-    alone = [i for i in range(len(sections)) if nb and not (fit & (sec == i)).any()]
-    if alone:
-        alpha_alone = opts.alpha
-        if alpha_alone is None:
-            cv = ridge_block_error(Z[fit], W[fit], sec[fit], len(sections), ALPHAS, blocks)
-            alpha_alone = ALPHAS[int(np.argmin(cv))]
-        coef_alone, offsets_alone = fit_ridge(Z[fit], W[fit], sec[fit], len(sections), alpha_alone)
+    head = _fit_head(Z, W, xy, sec, fit, len(sections), pitch, opts)
 
     # per section: the embedding (and gene maps); each spot's scores = the footprint mean of the embedding
-    scores = np.full((len(rows), rank), np.nan)
     model_genes = list(atlas.genes[gene_idx])
     maps = [model_genes.index(g) for g in opts.genes]
-    for si, sid in enumerate(sections):
-        grid = Grid.of(hist[sid])
-        g = group.create_group(sid)
-        m, fm = sec == si, fit & (sec == si)
-        # the image part of the head (linear: its footprint mean is the head at the mean features)
-        c_img, off, nb_s = (coef_alone, offsets_alone[si], {}) if si in alone else (coef, offsets[si], nb)
-        radius_sp = float(hist[sid].attrs["spot_radius_um"]) / grid.sp_um
-        centres = grid.centres(xy[m])
-        # the neighbour term and the residual field, each a mean over the footprint's superpixels (as the tiles
-        # apply them), so that a spot's scores are its footprint mean of the embedding
-        field_mean = np.zeros((int(m.sum()), rank))
-        if (sigma_um > 0 or nb_s) and fm.any():
-            rr, cc, inside = footprints(centres, radius_sp, grid.h, grid.w)
-            rc = np.stack([cc + 0.5, rr + 0.5], -1).reshape(-1, 2)
-            pts = to_um(rc, grid.grid_to_um)
-            field = np.zeros((len(pts), rank))
-            if nb_s:
-                near = neighbour_field(
-                    rc, grid.grid_to_um, grid.sp_um, xy[fm], W[fm], nb["base"][si], nb["sigmas_um"], PRIOR
-                )
-                field += ((near - nb["mean"]) / nb["scale"]) @ coef_nb
-            if sigma_um > 0:
-                field += residual_field(pts, xy[fm], resid[fm], sigma_um, PRIOR)
-            field = field.reshape(*rr.shape, rank)
-            with np.errstate(invalid="ignore"):
-                field_mean = (field * inside[..., None]).sum(1) / inside.sum(1)[:, None]
-        before = Z[m] @ c_img + off + field_mean
-        shift = np.where(fit[m][:, None], W[m] - before, 0.0) if opts.project else None
-        scores[m] = before if shift is None else before + shift
-        kwargs = {
-            "mean": mean,
-            "scale": scale,
-            "coef": c_img,
-            "offset": off,
-            "grid_to_um": grid.grid_to_um,
-            "spots_um": xy[fm] if sigma_um > 0 else np.zeros((0, 2)),
-            "residuals": resid[fm],
-            "sigma_um": max(sigma_um, 1e-9),
-            "prior": PRIOR,
-            "centres_sp": centres[fit[m]] if shift is not None else None,
-            "radius_sp": radius_sp,
-            "shift": shift[fit[m]] if shift is not None else None,
-            "neighbours": None
-            if not nb_s
-            else {
-                "superpixel_um": grid.sp_um,
-                "spots_um": xy[fm],
-                "scores": W[fm],
-                "base": nb["base"][si],
-                "sigmas_um": nb["sigmas_um"],
-                "prior": PRIOR,
-                "mean": nb["mean"],
-                "scale": nb["scale"],
-                "coef": coef_nb,
-            },
-        }
-        source = f"histology/{sid}/features"
-        grid_map(
-            ctx,
-            grid,
-            g,
-            embedding_block,
-            source,
-            "embedding",
-            rank,
-            "metagene",
-            halo=0,
-            with_origin=True,
-            kwargs=kwargs,
-        )
-        if maps:
-            kw = {"loadings": H[:, maps]}
-            if opts.project:  # the footprint of a fitted spot: its measurement, gene by gene
-                kw.update(centres_sp=centres[fit[m]], radius_sp=radius_sp, shift=(Y[fm] - W[fm] @ H)[:, maps])
-            src = f"{g.path}/embedding"
-            n = len(maps)
-            grid_map(ctx, grid, g, gene_block, src, "genes", n, "gene", GENE_CHUNK, halo=0, with_origin=True, kwargs=kw)
-            arrays.write_small(g, "gene", np.asarray(list(opts.genes), dtype=str), ("gene",))
-        g.attrs.update({k: hist[sid].attrs[k] for k in ("section", "superpixel_um", "grid_to_section", "image_level")})
-        g.attrs["spot_radius_um"] = hist[sid].attrs["spot_radius_um"]
-        EnhanceSectionV1.stamp(g)
+    spots = {"sec": sec, "xy": xy, "Z": Z, "W": W, "fit": fit}
+    scores = np.full((len(rows), rank), np.nan)
+    for si in range(len(sections)):
+        scores[sec == si] = _enhance_section(ctx, si, head, spots, H, Y, maps, mean, scale)
+    _write_cells(atlas, group, rows, scores, fit, np.where(fit[:, None], Y - W @ H, 0.0) if opts.project else None)
 
-    n, chunk = atlas.n_cells, atlas.cell_chunk
-    cells = group.create_group("cells")
-    target = arrays.create(cells, "scores", (n, rank), np.float32, (chunk, rank), ("cell", "metagene"))
-    fitted = arrays.create(cells, "fitted", (n,), bool, (chunk,), ("cell",))
-    for a in range(0, n, chunk):  # whole chunks, in order; rows of sections not enhanced stay NaN
-        b = min(n, a + chunk)
-        block, flag = np.full((b - a, rank), np.nan, np.float32), np.zeros(b - a, bool)
-        sel = (rows >= a) & (rows < b)
-        block[rows[sel] - a] = scores[sel]
-        flag[rows[sel] - a] = fit[sel]
-        target[a:b], fitted[a:b] = block, flag
-    if opts.project:  # what the metagenes miss of each fitted spot's measurement: x - W H (0 elsewhere)
-        G = len(gene_idx)
-        resid_x = arrays.create(cells, "residuals", (n, G), np.float32, (chunk, min(G, 256)), ("cell", "gene"))
-        E = np.where(fit[:, None], Y - W @ H, 0.0)
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            block = np.zeros((b - a, G), np.float32)
-            sel = (rows >= a) & (rows < b)
-            block[rows[sel] - a] = E[sel]
-            resid_x[a:b] = block
     model = group.create_group("model")
     arrays.write_small(model, "loadings", H.astype(np.float32), ("metagene", "gene"))
     arrays.write_small(model, "gene", np.asarray(model_genes, dtype=str), ("gene",))
     arrays.write_small(model, "feature_mean", mean, ("feature",))
     arrays.write_small(model, "feature_scale", scale, ("feature",))
-    arrays.write_small(model, "coef", coef, ("feature", "metagene"))
-    if alone:  # the image-only head of the sections without fitted spots
-        arrays.write_small(model, "image_only_coef", coef_alone, ("feature", "metagene"))
-        arrays.write_small(model, "image_only_offsets", offsets_alone, ("section", "metagene"))
+    arrays.write_small(model, "coef", head.coef, ("feature", "metagene"))
+    if head.alone:  # the image-only head of the sections without fitted spots
+        arrays.write_small(model, "image_only_coef", head.coef_alone, ("feature", "metagene"))
+        arrays.write_small(model, "image_only_offsets", head.offsets_alone, ("section", "metagene"))
+    nb = head.nb
     if nb:
-        arrays.write_small(model, "neighbour_coef", coef_nb, ("neighbour_feature", "metagene"))
+        arrays.write_small(model, "neighbour_coef", nb["coef"], ("neighbour_feature", "metagene"))
         arrays.write_small(model, "neighbour_mean", nb["mean"], ("neighbour_feature",))
         arrays.write_small(model, "neighbour_scale", nb["scale"], ("neighbour_feature",))
         arrays.write_small(model, "neighbour_base", nb["base"], ("section", "metagene"))
-    arrays.write_small(model, "offsets", offsets, ("section", "metagene"))
+    arrays.write_small(model, "offsets", head.offsets, ("section", "metagene"))
     arrays.write_small(model, "section", np.asarray(sections, dtype=str), ("section",))
     group.attrs.update(
         {
             "sections": sections,
             "spot_diameter_um": float(hist.attrs["spot_diameter_um"]),
             "spot_pitch_um": pitch,
-            "residual_sigma_um": sigma_um,
+            "residual_sigma_um": head.sigma_um,
             "neighbour_sigmas_um": nb["sigmas_um"] if nb else [],
-            "alpha": alpha,
-            "neighbour_alpha": alpha_nb,
-            "image_only_sections": [sections[i] for i in alone],
+            "alpha": head.alpha,
+            "neighbour_alpha": head.alpha_nb,
+            "image_only_sections": [sections[i] for i in head.alone],
             "rank": rank,
         }
     )
@@ -447,10 +503,10 @@ def _build(ctx: StageContext) -> dict:
         "spots_predicted": int((usable & ~fit).sum()),
         "model_genes": len(gene_idx),
         "rank": rank,
-        "head_r2": round(float(r2), 4),
-        "alpha": alpha,
-        "neighbour_alpha": alpha_nb,
-        "residual_sigma_um": round(sigma_um, 2),
+        "head_r2": round(head.r2, 4),
+        "alpha": head.alpha,
+        "neighbour_alpha": head.alpha_nb,
+        "residual_sigma_um": round(head.sigma_um, 2),
     }
 
 

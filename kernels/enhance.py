@@ -518,12 +518,21 @@ def neighbour_field(
     out = np.empty((len(rc), R * len(sigmas)))
     for j, sigma in enumerate(sigmas):
 
-        def at(nodes, sigma=sigma):
-            return neighbour_features(to_um(nodes, grid_to_um), spots, scores, base, [sigma], prior)
+        def at(points_um, sigma=sigma):
+            return neighbour_features(points_um, spots, scores, base, [sigma], prior)
 
-        step = float(sigma) / (LATTICE_PER_SIGMA * float(superpixel_um))
-        out[:, j * R : (j + 1) * R] = on_lattice(rc, step, at) if step > 1.0 else at(rc)
+        out[:, j * R : (j + 1) * R] = smooth_at_grid(rc, grid_to_um, superpixel_um, sigma, at)
     return out
+
+
+def smooth_at_grid(rc: np.ndarray, grid_to_um: np.ndarray, superpixel_um: float, sigma: float, fn) -> np.ndarray:
+    """A field smooth at the scale ``sigma`` (um) at grid positions ``rc [n, 2]`` (col, row): ``fn: [k, 2] um ->
+    [k, C]`` evaluated at lattice nodes ``sigma / LATTICE_PER_SIGMA`` apart and interpolated (:func:`on_lattice`),
+    or at every position where that step would be under one superpixel -> ``[n, C]``."""
+    step = float(sigma) / (LATTICE_PER_SIGMA * float(superpixel_um))
+    if step > 1.0:
+        return on_lattice(rc, step, lambda nodes: fn(to_um(nodes, grid_to_um)))
+    return fn(to_um(rc, grid_to_um))
 
 
 def footprint_mask(centres_sp: np.ndarray, radius_sp: float, h: int, w: int, origin=(0, 0)) -> np.ndarray:
@@ -572,14 +581,6 @@ def project_to_spots(pred: np.ndarray, owner: np.ndarray, measured: np.ndarray) 
     return out
 
 
-def grid_points(origin: tuple[int, int], h: int, w: int, grid_to_um: np.ndarray) -> np.ndarray:
-    """Centres of the superpixels of a block (first at grid ``origin`` (row, col)) in um: ``[h * w, 2]`` (x, y),
-    through the 3x3 ``grid_to_um`` on (col, row, 1)."""
-    rr, cc = np.mgrid[origin[0] : origin[0] + h, origin[1] : origin[1] + w]
-    pts = np.stack([cc.ravel() + 0.5, rr.ravel() + 0.5, np.ones(h * w)], 1)
-    return (pts @ np.asarray(grid_to_um, np.float64).T)[:, :2]
-
-
 def embedding_block(
     block: np.ndarray,
     origin: tuple[int, int],
@@ -597,6 +598,7 @@ def embedding_block(
     radius_sp: float = 0.0,
     shift: np.ndarray | None = None,
     neighbours: dict | None = None,
+    superpixel_um: float | None = None,
 ) -> np.ndarray:
     """Metagene scores of a block of context features: ``[F, h, w]`` -> ``[R, h, w]`` (float32).
 
@@ -604,22 +606,29 @@ def embedding_block(
     ``n_p`` the fitted spots' scores smoothed around ``p`` (:func:`neighbour_field` with ``neighbours``'
     ``superpixel_um, spots_um, scores, base, sigmas_um, prior``; no term when ``neighbours`` is None); with
     ``centres_sp`` / ``shift`` ``[m, R]``, every superpixel in spot ``i``'s footprint is moved by ``shift[i]`` (the
-    projection that makes each measured spot's footprint mean equal its scores).
+    projection that makes each measured spot's footprint mean equal its scores). With ``superpixel_um`` the residual
+    field, like the neighbour term, is interpolated from its lattice (:func:`smooth_at_grid`); without, it is exact.
     """
     F, h, w = block.shape
     z = (np.asarray(block, np.float64).reshape(F, -1).T - mean) / scale
     s = z @ coef + offset
-    pts = grid_points(origin, h, w, grid_to_um)
+    rr, cc = np.mgrid[origin[0] : origin[0] + h, origin[1] : origin[1] + w]
+    rc = np.stack([cc.ravel() + 0.5, rr.ravel() + 0.5], 1)
     if neighbours:
         nb = neighbours
-        rr, cc = np.mgrid[origin[0] : origin[0] + h, origin[1] : origin[1] + w]
-        rc = np.stack([cc.ravel() + 0.5, rr.ravel() + 0.5], 1)
         feats = neighbour_field(
             rc, grid_to_um, nb["superpixel_um"], nb["spots_um"], nb["scores"], nb["base"], nb["sigmas_um"], nb["prior"]
         )
         s += ((feats - nb["mean"]) / nb["scale"]) @ nb["coef"]
     if len(spots_um):
-        s += residual_field(pts, spots_um, residuals, sigma_um, prior)
+
+        def field(points_um):
+            return residual_field(points_um, spots_um, residuals, sigma_um, prior)
+
+        if superpixel_um is None:
+            s += field(to_um(rc, grid_to_um))
+        else:
+            s += smooth_at_grid(rc, grid_to_um, superpixel_um, sigma_um, field)
     if centres_sp is not None and shift is not None and len(centres_sp):
         owner = footprint_mask(centres_sp, radius_sp, h, w, origin).ravel()
         hit = owner >= 0

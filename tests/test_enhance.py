@@ -320,17 +320,20 @@ def test_embedding_is_the_same_under_two_tilings_and_matches_the_spot_scores(tmp
     stage = importlib.import_module("lamina.stages.histology")  # the module, not the function it exports
 
     ph, atlas = _store(tmp_path)
-    lamina.enhance(atlas, fit_column="visible", genes=["G00", "G03"], project=True)
+    opts = {"fit_column": "visible", "genes": ["G00", "G03"], "project": True, "residual_sigma_um": 150.0}
+    lamina.enhance(atlas, **opts)
     g = atlas.root["enhance"]
     sp_um = atlas.root["histology/S0"].attrs["superpixel_um"]
-    # every neighbour width is interpolated from its lattice here, so the tiles must share its nodes
+    # every neighbour width and the residual field are interpolated from lattices here, so the tiles must share
+    # their nodes
     assert min(g.attrs["neighbour_sigmas_um"]) / (K.LATTICE_PER_SIGMA * sp_um) > 1.0
+    assert g.attrs["residual_sigma_um"] / (K.LATTICE_PER_SIGMA * sp_um) > 1.0
     emb = np.asarray(g["S0/embedding"][...])
     genes = np.asarray(g["S0/genes"][...])
     assert atlas.root["enhance/S0/genes"].chunks[0] == 2
     monkeypatch.setattr(stage, "TILE", 24)
     monkeypatch.setattr(importlib.import_module("lamina.stages.enhancement"), "GENE_CHUNK", 1)
-    lamina.enhance(atlas, fit_column="visible", genes=["G00", "G03"], project=True, force=True)
+    lamina.enhance(atlas, **opts, force=True)
     assert atlas.root["histology/S0/features"].chunks[1] == 24
     g = atlas.root["enhance"]
     assert g["S0/embedding"].chunks[1] == 24 and emb.shape[1] > 48

@@ -18,9 +18,9 @@ For the whole atlas at once (spots are few: a Visium section has <= 5k)::
 and per section, tile by tile::
 
     /histology/<section>/features --map_tiles(embedding_block)--> /enhance/<section>/embedding [rank, y, x]:
-        head (image + the neighbour features of each superpixel, each width interpolated from a lattice of
-        nodes a quarter of its sigma apart) + the residuals spread by a Gaussian of
-        residual_sigma_um (+ with ``project``, each fitted spot's
+        head (image + the neighbour features of each superpixel) + the residuals spread by a Gaussian of
+        residual_sigma_um (each width interpolated from a lattice of nodes a quarter of its sigma apart, on the
+        section's global grid) (+ with ``project``, each fitted spot's
         footprint shifted so its mean equals its scores) --map_tiles(gene_block)--> genes [gene, y, x]
 
 ``/enhance/cells/scores [cell, rank]``: every spot's (cell's) footprint mean of the embedding; its expression is
@@ -314,7 +314,14 @@ def _enhance_section(
 ) -> np.ndarray:
     """Section ``si``'s embedding (and gene maps), tile by tile; returns its spots' scores ``[spot, R]``, each the
     footprint mean of the embedding. ``spots``: the enhanced sections' ``sec, xy, Z, W, fit`` (all spots)."""
-    from ..kernels.enhance import embedding_block, footprints, gene_block, neighbour_field, residual_field, to_um
+    from ..kernels.enhance import (
+        embedding_block,
+        footprints,
+        gene_block,
+        neighbour_field,
+        residual_field,
+        smooth_at_grid,
+    )
     from ..store.elements import EnhanceSectionV1
     from .histology import Grid, grid_map
 
@@ -336,15 +343,18 @@ def _enhance_section(
     if (sigma_um > 0 or nb) and fm.any():
         rr, cc, inside = footprints(centres, radius_sp, grid.h, grid.w)
         rc = np.stack([cc + 0.5, rr + 0.5], -1).reshape(-1, 2)
-        pts = to_um(rc, grid.grid_to_um)
-        field = np.zeros((len(pts), rank))
+        field = np.zeros((len(rc), rank))
         if nb:
             near = neighbour_field(
                 rc, grid.grid_to_um, grid.sp_um, xy[fm], W[fm], nb["base"][si], nb["sigmas_um"], PRIOR
             )
             field += ((near - nb["mean"]) / nb["scale"]) @ nb["coef"]
         if sigma_um > 0:
-            field += residual_field(pts, xy[fm], head.resid[fm], sigma_um, PRIOR)
+
+            def spread(points_um):
+                return residual_field(points_um, xy[fm], head.resid[fm], sigma_um, PRIOR)
+
+            field += smooth_at_grid(rc, grid.grid_to_um, grid.sp_um, sigma_um, spread)
         field = field.reshape(*rr.shape, rank)
         with np.errstate(invalid="ignore"):
             field_mean = (field * inside[..., None]).sum(1) / inside.sum(1)[:, None]
@@ -363,6 +373,7 @@ def _enhance_section(
         "centres_sp": centres[fit[m]] if shift is not None else None,
         "radius_sp": radius_sp,
         "shift": shift[fit[m]] if shift is not None else None,
+        "superpixel_um": grid.sp_um,
         "neighbours": None
         if not nb
         else {
@@ -517,7 +528,7 @@ STAGE = Stage(
     options=EnhanceOptions,
     # 2: alpha=null chosen by leaving spots out in spatial blocks (cv_block_pitches), not one at a time
     # 3: the neighbours' smoothed scores join the image features in the head (neighbour_pitches)
-    # 4: the neighbour features of the maps interpolated from a lattice sigma / 4 apart (402 s -> ... at 40k px)
+    # 4: the neighbour features and the residual field of the maps interpolated from lattices sigma / 4 apart
     version=4,
     summary=(
         "Histology-guided high-definition expression: NMF metagenes of the spots, a ridge head on the histology "

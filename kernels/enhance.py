@@ -447,7 +447,8 @@ def neighbour_features(
     return out
 
 
-#: lattice nodes per Gaussian width at which :func:`neighbour_field` evaluates the neighbour features
+#: lattice nodes per Gaussian width at which :func:`smooth_at_grid` evaluates the neighbour features and the residual
+#: field of the maps
 LATTICE_PER_SIGMA = 4.0
 
 
@@ -470,8 +471,9 @@ def on_lattice(rc: np.ndarray, step: float, fn) -> np.ndarray:
     corners = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.int64)
     if not len(rc):
         return np.asarray(fn(np.zeros((0, 2))), np.float64)
-    # the nodes needed, marked on their bounding rectangle of the lattice (coarse: at most one node per
-    # superpixel of the positions' bounding box), so finding the distinct ones costs no sort
+    # the nodes needed, marked on their bounding rectangle of the lattice (with steps of a superpixel or more, as
+    # smooth_at_grid uses it, at most one node per superpixel of the positions' bounding box), so finding the
+    # distinct ones costs no sort
     lo = base.min(0)
     extent = base.max(0) - lo + 2
     local = (base - lo)[:, None, :] + corners[None]  # [n, 4, 2]

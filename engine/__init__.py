@@ -57,6 +57,7 @@ _LAZY = {
     "export_spatialdata": ".spatialdata_zarr",
     "export_enhanced": ".export_enhance",
     "enhance_cells": ".enhance_cells",
+    "export_enhanced_cells": ".enhance_cells",
     "image_in_atlas": ".atlas_image",
     "export_image": ".atlas_image",
     "enhance": ".stages.pipeline",  # the pipeline histology -> enhance (lamina.stages.enhance is the stage alone)
@@ -109,6 +110,8 @@ __all__ = [
     "encoder",
     "enhance",
     "enhance_cells",
+    "export_enhanced",
+    "export_enhanced_cells",
     "export_expression_parquet",
     "histology",
     "export_image",

@@ -15,6 +15,7 @@ measurement is its genes). Memory: one band of the embedding and the cells' own 
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -202,6 +203,12 @@ def read_cells(path) -> pd.DataFrame:
     return table.set_index(ids) if ids is not None else table
 
 
+#: enhance_cells' keyword options and their defaults (read from its signature: one place states them)
+CELL_OPTIONS = {
+    name: p.default for name, p in inspect.signature(enhance_cells).parameters.items() if p.kind is p.KEYWORD_ONLY
+}
+
+
 def export_enhanced_cells(atlas: Atlas, cells, out, fmt: str = "parquet", sections=None, **options):
     """:func:`enhance_cells` of ``cells`` (a table or a CSV / Parquet path; only the rows of ``sections`` when
     given) written to ``out`` as ``parquet``
@@ -214,7 +221,11 @@ def export_enhanced_cells(atlas: Atlas, cells, out, fmt: str = "parquet", sectio
     if fmt not in ("parquet", "anndata"):
         raise ConfigError(f"the enhanced cells export as parquet or anndata, not {fmt!r}")
     table = cells if isinstance(cells, pd.DataFrame) else read_cells(cells)
-    column = options.get("section", "section")
+    unknown = sorted(set(options) - set(CELL_OPTIONS))
+    if unknown:
+        raise ConfigError(f"export_enhanced_cells: unknown option(s) {unknown}; options: {', '.join(CELL_OPTIONS)}")
+    opts = {**CELL_OPTIONS, **options}  # enhance_cells' own defaults, so the check below reads what it will use
+    column = opts["section"]
     if sections is not None and column in table.columns:
         wanted = [str(atlas.sections.id.iloc[atlas.section_index(str(v))]) for v in sections]
         table = table[table[column].astype(str).isin(wanted)]
@@ -224,15 +235,7 @@ def export_enhanced_cells(atlas: Atlas, cells, out, fmt: str = "parquet", sectio
     try:
         if fmt == "parquet":
             # the whole table is checked before the first section is written (each part is checked again, cheaply)
-            _checked(
-                atlas,
-                table,
-                column,
-                options.get("x", "x"),
-                options.get("y", "y"),
-                options.get("frame", "section"),
-                options.get("radius_um"),
-            )
+            _checked(atlas, table, column, opts["x"], opts["y"], opts["frame"], opts["radius_um"])
             parts = (part for _, part in table.groupby(table[column].astype(str), sort=False))
             frames = (enhance_cells(atlas, part, **options).reset_index(names="cell") for part in parts)
             if not write_parquet_frames(frames, tmp):

@@ -450,6 +450,10 @@ def test_enhanced_cells_export_as_parquet_and_anndata_from_the_cli(tmp_path, cap
     capsys.readouterr()
     assert main([*argv, "--format", "parquet", "--sections", "S9", "--out", str(tmp_path / "s9.parquet")]) == 2
     assert "no section 'S9'" in capsys.readouterr().err
+    # from Python: an option enhance_cells does not take is named before anything is written
+    with pytest.raises(lamina.ConfigError, match="unknown option.*radius"):
+        lamina.export_enhanced_cells(atlas, table, tmp_path / "o.parquet", radius=4.0)
+    assert not (tmp_path / "o.parquet").exists() and not (tmp_path / "o.parquet.partial").exists()
     a = ad.read_h5ad(tmp_path / "c.h5ad")
     assert (
         a.n_obs == 40 and "G01" in a.var_names and a.obsm["X_enhance"].shape[1] == atlas.root["enhance"].attrs["rank"]

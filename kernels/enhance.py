@@ -500,7 +500,7 @@ def to_um(rc: np.ndarray, grid_to_um: np.ndarray) -> np.ndarray:
 def neighbour_field(
     rc: np.ndarray,
     grid_to_um: np.ndarray,
-    superpixel_um: float,
+    superpixel_um: float | None,
     spots: np.ndarray,
     scores: np.ndarray,
     base: np.ndarray,
@@ -512,11 +512,12 @@ def neighbour_field(
 
     A width ``sigma`` smooths over many superpixels, so it is evaluated at nodes ``sigma / LATTICE_PER_SIGMA``
     apart (:func:`on_lattice`) and interpolated between (bilinear error <= ~0.2% of a step edge's height for a
-    Gaussian mean of width sigma); a width whose step would be under one superpixel is evaluated at every
-    position. The cost per width is then the same whatever its width, not growing with sigma^2.
+    Gaussian mean of width sigma); a width whose step would be under one superpixel (or every width, with
+    ``superpixel_um`` None) is evaluated at every position. The cost per width is then the same whatever its
+    width, not growing with sigma^2.
     """
     rc = np.asarray(rc, np.float64).reshape(-1, 2)
-    R = np.asarray(scores).shape[1] if np.ndim(scores) == 2 else len(base)
+    R = len(base)
     out = np.empty((len(rc), R * len(sigmas)))
     for j, sigma in enumerate(sigmas):
 
@@ -527,14 +528,54 @@ def neighbour_field(
     return out
 
 
-def smooth_at_grid(rc: np.ndarray, grid_to_um: np.ndarray, superpixel_um: float, sigma: float, fn) -> np.ndarray:
+def smooth_at_grid(rc: np.ndarray, grid_to_um: np.ndarray, superpixel_um: float | None, sigma: float, fn) -> np.ndarray:
     """A field smooth at the scale ``sigma`` (um) at grid positions ``rc [n, 2]`` (col, row): ``fn: [k, 2] um ->
     [k, C]`` evaluated at lattice nodes ``sigma / LATTICE_PER_SIGMA`` apart and interpolated (:func:`on_lattice`),
-    or at every position where that step would be under one superpixel -> ``[n, C]``."""
-    step = float(sigma) / (LATTICE_PER_SIGMA * float(superpixel_um))
+    or at every position where that step would be under one superpixel (always with ``superpixel_um`` None)
+    -> ``[n, C]``."""
+    step = 0.0 if superpixel_um is None else float(sigma) / (LATTICE_PER_SIGMA * float(superpixel_um))
     if step > 1.0:
         return on_lattice(rc, step, lambda nodes: fn(to_um(nodes, grid_to_um)))
     return fn(to_um(rc, grid_to_um))
+
+
+def spatial_field(
+    rc: np.ndarray,
+    R: int,
+    *,
+    grid_to_um: np.ndarray,
+    spots_um: np.ndarray,
+    residuals: np.ndarray,
+    sigma_um: float,
+    prior: float,
+    neighbours: dict | None = None,
+    superpixel_um: float | None = None,
+) -> np.ndarray:
+    """The spatial part of the head at grid positions ``rc [n, 2]`` (col, row): ``[n, R]``::
+
+        f_p = ((n_p - nb.mean) / nb.scale) nb.coef + residual_field(p)
+
+    ``n_p`` the fitted spots' scores smoothed around ``p`` (:func:`neighbour_field` with ``neighbours``'
+    ``spots_um, scores, base, sigmas_um, prior``; no term when ``neighbours`` is None), the residual field of
+    ``residuals [m, R]`` at ``spots_um [m, 2]`` with width ``sigma_um`` (no term without spots). With
+    ``superpixel_um`` both are interpolated from their lattices (:func:`smooth_at_grid`); without, they are exact.
+    The tiles (:func:`embedding_block`) and the spots' footprint means both take it from here.
+    """
+    rc = np.asarray(rc, np.float64).reshape(-1, 2)
+    out = np.zeros((len(rc), R))
+    if neighbours:
+        nb = neighbours
+        feats = neighbour_field(
+            rc, grid_to_um, superpixel_um, nb["spots_um"], nb["scores"], nb["base"], nb["sigmas_um"], nb["prior"]
+        )
+        out += ((feats - nb["mean"]) / nb["scale"]) @ nb["coef"]
+    if len(spots_um):
+
+        def field(points_um):
+            return residual_field(points_um, spots_um, residuals, sigma_um, prior)
+
+        out += smooth_at_grid(rc, grid_to_um, superpixel_um, sigma_um, field)
+    return out
 
 
 def footprint_mask(centres_sp: np.ndarray, radius_sp: float, h: int, w: int, origin=(0, 0)) -> np.ndarray:
@@ -604,33 +645,28 @@ def embedding_block(
 ) -> np.ndarray:
     """Metagene scores of a block of context features: ``[F, h, w]`` -> ``[R, h, w]`` (float32).
 
-    ``s_p = ((z_p - mean) / scale) coef + ((n_p - nb.mean) / nb.scale) nb.coef + offset + residual_field(p)``,
-    ``n_p`` the fitted spots' scores smoothed around ``p`` (:func:`neighbour_field` with ``neighbours``'
-    ``superpixel_um, spots_um, scores, base, sigmas_um, prior``; no term when ``neighbours`` is None); with
-    ``centres_sp`` / ``shift`` ``[m, R]``, every superpixel in spot ``i``'s footprint is moved by ``shift[i]`` (the
-    projection that makes each measured spot's footprint mean equal its scores). With ``superpixel_um`` the residual
-    field, like the neighbour term, is interpolated from its lattice (:func:`smooth_at_grid`); without, it is exact.
+    ``s_p = ((z_p - mean) / scale) coef + offset + f_p``, ``f_p`` the spatial part of the head
+    (:func:`spatial_field` with ``grid_to_um, spots_um, residuals, sigma_um, prior, neighbours, superpixel_um``);
+    with ``centres_sp`` / ``shift`` ``[m, R]``, every superpixel in spot ``i``'s footprint is moved by ``shift[i]``
+    (the projection that makes each measured spot's footprint mean equal its scores).
     """
     F, h, w = block.shape
     z = (np.asarray(block, np.float64).reshape(F, -1).T - mean) / scale
     s = z @ coef + offset
-    rr, cc = np.mgrid[origin[0] : origin[0] + h, origin[1] : origin[1] + w]
-    rc = np.stack([cc.ravel() + 0.5, rr.ravel() + 0.5], 1)
-    if neighbours:
-        nb = neighbours
-        feats = neighbour_field(
-            rc, grid_to_um, nb["superpixel_um"], nb["spots_um"], nb["scores"], nb["base"], nb["sigmas_um"], nb["prior"]
+    if neighbours or len(spots_um):
+        rr, cc = np.mgrid[origin[0] : origin[0] + h, origin[1] : origin[1] + w]
+        rc = np.stack([cc.ravel() + 0.5, rr.ravel() + 0.5], 1)
+        s += spatial_field(
+            rc,
+            s.shape[1],
+            grid_to_um=grid_to_um,
+            spots_um=spots_um,
+            residuals=residuals,
+            sigma_um=sigma_um,
+            prior=prior,
+            neighbours=neighbours,
+            superpixel_um=superpixel_um,
         )
-        s += ((feats - nb["mean"]) / nb["scale"]) @ nb["coef"]
-    if len(spots_um):
-
-        def field(points_um):
-            return residual_field(points_um, spots_um, residuals, sigma_um, prior)
-
-        if superpixel_um is None:
-            s += field(to_um(rc, grid_to_um))
-        else:
-            s += smooth_at_grid(rc, grid_to_um, superpixel_um, sigma_um, field)
     if centres_sp is not None and shift is not None and len(centres_sp):
         owner = footprint_mask(centres_sp, radius_sp, h, w, origin).ravel()
         hit = owner >= 0

@@ -239,13 +239,13 @@ def _fit_head(
     # the spots around (fitted on the fitted spots with each left out of its own smoothing, so the weight it
     # learns is what a spot's neighbours say about it, not what it says about itself)
     nb: dict = {}
+    Z_fit = Z[fit]
     if opts.neighbour_pitches:
         sig_nb = [float(k * pitch) for k in opts.neighbour_pitches]
         own, _, base = neighbour_design(xy[fit], W[fit], sec[fit], n_sec, sig_nb, PRIOR)
         sd = own.std(0)
         nb = {"mean": own.mean(0), "scale": np.where(sd > 1e-12, sd, 1.0), "base": base, "sigmas_um": sig_nb}
-        nb["fit"] = (own - nb["mean"]) / nb["scale"]
-    Z_fit = np.c_[Z[fit], nb["fit"]] if nb else Z[fit]
+        Z_fit = np.c_[Z_fit, (own - nb["mean"]) / nb["scale"]]
     # one penalty for the image features, one for the neighbour block: with a single one, informative neighbours
     # would pull the penalty down and let an image that carries nothing into the head
     F, F_nb = Z.shape[1], Z_fit.shape[1] - Z.shape[1]
@@ -274,7 +274,6 @@ def _fit_head(
     coef_all, offsets = fit_ridge(Z_fit, W[fit], sec[fit], n_sec, np.r_[np.full(F, alpha), np.full(F_nb, alpha_nb)])
     if nb:
         nb["coef"] = coef_all[F:]
-        del nb["fit"]
     head_fit = Z_fit @ coef_all + offsets[sec[fit]]  # the fitted spots as the head was fitted (left out)
     resid = np.zeros_like(W)
     resid[fit] = W[fit] - head_fit
@@ -287,12 +286,12 @@ def _fit_head(
         sigma_um = float(sigmas[int(np.argmin(loo))])
         log.info("enhance: residual sigma %g um (leave-one-out error %.4g; none: %.4g)", sigma_um, loo.min(), loo[0])
     r2 = 1 - ((W[fit] - head_fit) ** 2).sum() / max(((W[fit] - W[fit].mean(0)) ** 2).sum(), 1e-30)
-    head = Head(coef_all[:F], offsets, alpha, nb, alpha_nb, resid, float(sigma_um), float(r2), [])
     # a section without a fitted spot has no neighbours to read: it gets a head fitted on the image alone (the
     # joint head leans on its neighbour block, and its image part alone under-predicts: on her2st's held-out
     # sections r fell by up to 0.05 with it)
-    head.alone = [i for i in range(n_sec) if nb and not (fit & (sec == i)).any()]
-    if head.alone:
+    alone = [i for i in range(n_sec) if nb and not (fit & (sec == i)).any()]
+    head = Head(coef_all[:F], offsets, alpha, nb, alpha_nb, resid, float(sigma_um), float(r2), alone)
+    if alone:
         alpha_alone = opts.alpha
         if alpha_alone is None:
             cv = ridge_block_error(Z[fit], W[fit], sec[fit], n_sec, ALPHAS, blocks)
@@ -314,14 +313,7 @@ def _enhance_section(
 ) -> np.ndarray:
     """Section ``si``'s embedding (and gene maps), tile by tile; returns its spots' scores ``[spot, R]``, each the
     footprint mean of the embedding. ``spots``: the enhanced sections' ``sec, xy, Z, W, fit`` (all spots)."""
-    from ..kernels.enhance import (
-        embedding_block,
-        footprints,
-        gene_block,
-        neighbour_field,
-        residual_field,
-        smooth_at_grid,
-    )
+    from ..kernels.enhance import embedding_block, footprints, gene_block, spatial_field
     from ..store.elements import EnhanceSectionV1
     from .histology import Grid, grid_map
 
@@ -337,47 +329,17 @@ def _enhance_section(
     c_img, off, nb = head.of_section(si)
     radius_sp = float(hist[sid].attrs["spot_radius_um"]) / grid.sp_um
     centres = grid.centres(xy[m])
-    # the neighbour term and the residual field, each a mean over the footprint's superpixels (as the tiles
-    # apply them), so that a spot's scores are its footprint mean of the embedding
-    field_mean = np.zeros((int(m.sum()), rank))
-    if (sigma_um > 0 or nb) and fm.any():
-        rr, cc, inside = footprints(centres, radius_sp, grid.h, grid.w)
-        rc = np.stack([cc + 0.5, rr + 0.5], -1).reshape(-1, 2)
-        field = np.zeros((len(rc), rank))
-        if nb:
-            near = neighbour_field(
-                rc, grid.grid_to_um, grid.sp_um, xy[fm], W[fm], nb["base"][si], nb["sigmas_um"], PRIOR
-            )
-            field += ((near - nb["mean"]) / nb["scale"]) @ nb["coef"]
-        if sigma_um > 0:
-
-            def spread(points_um):
-                return residual_field(points_um, xy[fm], head.resid[fm], sigma_um, PRIOR)
-
-            field += smooth_at_grid(rc, grid.grid_to_um, grid.sp_um, sigma_um, spread)
-        field = field.reshape(*rr.shape, rank)
-        with np.errstate(invalid="ignore"):
-            field_mean = (field * inside[..., None]).sum(1) / inside.sum(1)[:, None]
-    before = Z[m] @ c_img + off + field_mean
-    shift = np.where(fit[m][:, None], W[m] - before, 0.0) if opts.project else None
-    kwargs = {
-        "mean": feature_mean,
-        "scale": feature_scale,
-        "coef": c_img,
-        "offset": off,
+    # the spatial part of the head (neighbour term and residual field), as the tiles apply it
+    spatial = {
         "grid_to_um": grid.grid_to_um,
         "spots_um": xy[fm] if sigma_um > 0 else np.zeros((0, 2)),
         "residuals": head.resid[fm],
         "sigma_um": max(sigma_um, 1e-9),
         "prior": PRIOR,
-        "centres_sp": centres[fit[m]] if shift is not None else None,
-        "radius_sp": radius_sp,
-        "shift": shift[fit[m]] if shift is not None else None,
         "superpixel_um": grid.sp_um,
         "neighbours": None
         if not nb
         else {
-            "superpixel_um": grid.sp_um,
             "spots_um": xy[fm],
             "scores": W[fm],
             "base": nb["base"][si],
@@ -387,6 +349,27 @@ def _enhance_section(
             "scale": nb["scale"],
             "coef": nb["coef"],
         },
+    }
+    # ... and its mean over each footprint's superpixels, so that a spot's scores are its footprint mean of the
+    # embedding
+    field_mean = np.zeros((int(m.sum()), rank))
+    if spatial["neighbours"] or len(spatial["spots_um"]):
+        rr, cc, inside = footprints(centres, radius_sp, grid.h, grid.w)
+        rc = np.stack([cc + 0.5, rr + 0.5], -1).reshape(-1, 2)
+        field = spatial_field(rc, rank, **spatial).reshape(*rr.shape, rank)
+        with np.errstate(invalid="ignore"):
+            field_mean = (field * inside[..., None]).sum(1) / inside.sum(1)[:, None]
+    before = Z[m] @ c_img + off + field_mean
+    shift = np.where(fit[m][:, None], W[m] - before, 0.0) if opts.project else None
+    kwargs = {
+        "mean": feature_mean,
+        "scale": feature_scale,
+        "coef": c_img,
+        "offset": off,
+        "centres_sp": centres[fit[m]] if shift is not None else None,
+        "radius_sp": radius_sp,
+        "shift": shift[fit[m]] if shift is not None else None,
+        **spatial,
     }
     source = f"histology/{sid}/features"
     grid_map(
